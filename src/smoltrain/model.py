@@ -1,0 +1,233 @@
+"""SmolLM2: the Llama decoder exactly as transformers' LlamaForCausalLM computes it, with its parameter names.
+
+Shape legend: B batch, T sequence (this call), S cache length, D hidden_size, H query heads,
+K key/value heads, E head_dim (D / H), F intermediate_size, V vocab_size.
+
+Build on the meta device, then either `init_weights()` (fresh training) or
+`load_state_dict(..., assign=True)` followed by `init_rope()` (loaded weights): no memory is spent on
+random weights that are about to be overwritten.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smoltrain.config import ModelConfig
+from smoltrain.loss import chunked_cross_entropy
+
+IGNORE_INDEX = -100
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back, as HF LlamaRMSNorm does (bf16 statistics lose precision)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+def rope_cache(cfg: ModelConfig, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (max_position_embeddings, E) for rotate-half RoPE, computed in fp32 like HF."""
+    e = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, e, 2, dtype=torch.int64, device=device).float() / e))
+    pos = torch.arange(cfg.max_position_embeddings, device=device).float()
+    freqs = torch.outer(pos, inv_freq)  # (P, E/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (P, E): rotate-half layout, not interleaved
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x (B, h, T, E); cos/sin (T, E) already gathered for these positions
+    return (x * cos + rotate_half(x) * sin).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """A preallocated per-layer cache (B, K, S, E), written in place at the given positions."""
+
+    def __init__(self, batch: int, num_kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, num_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int):
+        self.k[:, :, pos] = k
+        self.v[:, :, pos] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, e = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, e
+        self.q_proj = nn.Linear(d, self.num_heads * e, bias=False)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * e, bias=False)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * e, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * e, d, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, E)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, E)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, E)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask, causal = None, True
+        if self.kv_cache is not None:
+            end = int(pos[-1]) + 1
+            k, v = self.kv_cache.update(pos, k, v, end)  # (B, K, S, E) with S = end
+            if t == 1:
+                causal = False  # one new token sees the whole prefix
+            elif end != t:  # a chunk after an existing prefix: explicit causal mask
+                mask = torch.arange(end, device=x.device)[None, :] <= pos[:, None]  # (T, S)
+                causal = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, T, E)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, pos):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """HF's `LlamaModel`: the `model.` prefix of every parameter name."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class SmolLM2(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        problems = cfg.validate()
+        assert not problems, problems
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.gradient_checkpointing = False
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Fresh weights, nanotron's StandardParametrizator: N(0, std) for embeddings and input-side
+        projections, N(0, std / sqrt(2 * num_layers)) for the projections that write into the residual
+        stream (o_proj, down_proj), ones for the norms. std is `initializer_range` (init_method.std)."""
+        std = self.config.initializer_range
+        out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=out_std)
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+        self.init_rope()
+
+    def init_rope(self) -> None:
+        """(Re)compute the RoPE tables on the model's device; they are not part of the state dict."""
+        device = self.model.embed_tokens.weight.device
+        self.rope_cos, self.rope_sin = rope_cache(self.config, device)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # parameters() counts a tied weight once
+
+    def setup_kv_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
+        cfg, w = self.config, self.model.embed_tokens.weight
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = KVCache(batch, cfg.num_key_value_heads, max_len, cfg.head_dim,
+                                               dtype or w.dtype, w.device)
+
+    def clear_kv_cache(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = None
+
+    def hidden_states(self, input_ids: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Final normed hidden states (B, T, D). `pos` (T,) are absolute positions, needed with a KV cache."""
+        t = input_ids.shape[1]
+        if pos is None:
+            cos, sin = self.rope_cos[:t], self.rope_sin[:t]  # (T, E)
+        else:
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+        x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, pos, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, pos)
+        return self.model.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, pos: torch.Tensor | None = None,
+                loss_chunk: int = 0, reduction: str = "mean") -> torch.Tensor:
+        """Logits (B, T, V) when `labels` is None, else the cross-entropy loss over labels != -100.
+
+        labels are already aligned with input_ids (labels[t] is the token after input_ids[t]).
+        loss_chunk > 0 computes the loss `loss_chunk` tokens at a time without ever holding the full
+        (B*T, V) logits (see loss.py); the result equals the plain loss.
+        """
+        h = self.hidden_states(input_ids, pos)
+        if labels is None:
+            return self.lm_head(h)
+        if loss_chunk > 0:
+            return chunked_cross_entropy(h.flatten(0, 1), self.lm_head.weight, labels.flatten(),
+                                         loss_chunk, IGNORE_INDEX, reduction)
+        logits = self.lm_head(h).float()
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction=reduction)
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", init: bool = True) -> SmolLM2:
+    """A model on `device`; built on meta first so the weights are materialised once."""
+    with torch.device("meta"):
+        model = SmolLM2(cfg)
+    model.to_empty(device=device)
+    if cfg.tie_word_embeddings:  # to_empty keeps the tie, but be explicit: it is the contract
+        model.lm_head.weight = model.model.embed_tokens.weight
+    if init:
+        model.init_weights()
+    else:
+        model.init_rope()
+    return model
