@@ -1,0 +1,136 @@
+"""Resolve a tokenizer from a hub id, a directory, a tokenizer.json or a .gguf file.
+
+Everything downstream uses HF `tokenizers` directly (fast to import, fast batch encoding); transformers
+is only imported to convert a GGUF's embedded tokenizer and to write files `AutoTokenizer` can load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+from smoltrain.errors import UserError
+
+EOT = "<|endoftext|>"  # document separator in SmolLM2's cosmo2 tokenizer (id 0)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def cache_dir() -> Path:
+    """Where smoltrain keeps fetched assets and converted artifacts (SMOLTRAIN_CACHE overrides)."""
+    return Path(os.environ.get("SMOLTRAIN_CACHE", Path.home() / ".cache" / "smoltrain"))
+
+
+class Tokenizer:
+    """A thin wrapper: encode without special tokens, the `<|endoftext|>` id, and a stable identity."""
+
+    def __init__(self, directory: Path, source: str):
+        self.directory = Path(directory)
+        self.source = source
+        path = self.directory / "tokenizer.json"
+        self.backend = _HFTokenizer.from_file(str(path))
+        self.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+        config = self.directory / "tokenizer_config.json"
+        self.config = json.loads(config.read_text()) if config.exists() else {}
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eot_id(self) -> int:
+        """Id of `<|endoftext|>`, appended after every document when preparing data."""
+        tid = self.backend.token_to_id(EOT)
+        if tid is None:
+            raise UserError(f"Tokenizer {self.source} has no {EOT} token; smoltrain separates documents with it. "
+                            "Add it as a special token (smoltrain tokenizer train does).")
+        return tid
+
+    def token_id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    @property
+    def identity(self) -> dict:
+        return {"source": self.source, "sha256": self.sha256, "vocab_size": self.vocab_size}
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def save(self, out: str | Path) -> None:
+        """Copy the tokenizer files into `out` (a checkpoint or HF directory)."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in TOKENIZER_FILES:
+            if (self.directory / name).exists():
+                shutil.copyfile(self.directory / name, out / name)
+        if not (out / "tokenizer_config.json").exists():  # a bare tokenizer.json: make AutoTokenizer happy
+            cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 8192}
+            for key, tok in (("eos_token", EOT), ("bos_token", EOT), ("unk_token", EOT)):
+                if self.backend.token_to_id(tok) is not None:
+                    cfg[key] = tok
+            (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def _from_gguf(path: Path) -> Path:
+    """Convert the tokenizer embedded in a GGUF file once, into the cache, keyed by the file's identity."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "tokenizers" / f"{path.stem}-{key}"
+    if (target / "tokenizer.json").exists():
+        return target
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:  # gguf without a usable tokenizer, or not a gguf at all
+        raise UserError(f"Could not read a tokenizer from {path}: {e}") from None
+    staging = target.with_name(target.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    tok.save_pretrained(str(staging))
+    os.replace(staging, target)
+    return target
+
+
+def _from_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=list(TOKENIZER_FILES)))
+    except Exception as e:
+        raise UserError(f"Tokenizer {repo_id!r} is not a local path, and fetching it from the Hugging Face hub "
+                        f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Pass a "
+                        "directory, a tokenizer.json or a .gguf file, or run where the hub is reachable.") from None
+
+
+def load_tokenizer(spec: str | Path) -> Tokenizer:
+    """Resolve `spec`: a directory holding tokenizer.json, a tokenizer.json, a .gguf, or a hub id."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "tokenizer.json").exists():
+            raise UserError(f"Directory {path} holds no tokenizer.json.")
+        return Tokenizer(path, str(spec))
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return Tokenizer(_from_gguf(path), str(spec))
+        if path.name.endswith(".json"):
+            tmp = cache_dir() / "tokenizers" / ("json-" + hashlib.sha256(path.read_bytes()).hexdigest()[:16])
+            tmp.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, tmp / "tokenizer.json")
+            try:
+                return Tokenizer(tmp, str(spec))
+            except Exception as e:
+                raise UserError(f"{path} is not a valid tokenizers JSON file: {e}") from None
+        raise UserError(f"Tokenizer {path} is neither a directory, a tokenizer.json nor a .gguf file.")
+    if str(spec).count("/") == 1 and not str(spec).startswith((".", "/", "~")):
+        return Tokenizer(_from_hub(str(spec)), str(spec))
+    raise UserError(f"Tokenizer path {spec} does not exist.")
