@@ -71,7 +71,6 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
     p.add_argument("--no-stream", action="store_true", help="print when done instead of token by token")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.set_defaults(func=_cmd_generate)
 
 

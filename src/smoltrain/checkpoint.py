@@ -1,0 +1,225 @@
+"""Checkpoint directories: atomic commit, sha256 manifest, discovery, and loading a model from one.
+
+A checkpoint directory is also a Hugging Face model directory (config.json + model.safetensors with HF
+names + tokenizer files); training checkpoints add the trainer's state beside it. It is staged under a
+hidden name, fsynced, given a manifest with the sha256 of every file, and only then renamed into place:
+a directory with the final name is always complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from smoltrain.config import ModelConfig
+from smoltrain.errors import UserError
+from smoltrain.model import SmolLM2
+from smoltrain.tokenizer import Tokenizer, load_tokenizer
+
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(directory: Path, info: dict | None = None) -> None:
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {"format": "smoltrain-checkpoint", "version": 1, **(info or {}),
+                "files": {str(p.relative_to(directory)): {"sha256": sha256_file(p), "size": p.stat().st_size}
+                          for p in files}}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    for p in [*files, directory / MANIFEST]:
+        _fsync(p)
+
+
+def read_manifest(directory: Path) -> dict:
+    try:
+        return json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"Checkpoint {directory} has a missing or unreadable {MANIFEST} ({e}).") from None
+
+
+def verify_checkpoint(directory: Path) -> dict:
+    """The manifest, after checking every file it lists exists with the recorded size and sha256."""
+    manifest = read_manifest(directory)
+    for name, rec in manifest.get("files", {}).items():
+        path = directory / name
+        if not path.is_file():
+            raise UserError(f"Checkpoint {directory} is incomplete: {name} is missing.")
+        if path.stat().st_size != rec["size"] or sha256_file(path) != rec["sha256"]:
+            raise UserError(f"Checkpoint {directory} is corrupted: {name} does not match its sha256 in {MANIFEST}.")
+    return manifest
+
+
+@contextlib.contextmanager
+def staged_dir(final: Path, info: dict | None = None, replace: bool = False) -> Iterator[Path]:
+    """Yield a hidden staging directory beside `final`; on success write the manifest, fsync, rename.
+
+    On an exception the staging directory is removed and `final` is untouched. With `replace`, an
+    existing `final` is swapped out only after the new one is complete.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.parent / f".staging-{final.name}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        yield staging
+        write_manifest(staging, info)
+        old = None
+        if final.exists():
+            if not replace:
+                raise UserError(f"{final} already exists (pass --force to replace it).")
+            old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+        os.replace(staging, final)
+        _fsync(final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def model_state(model: SmolLM2) -> dict[str, torch.Tensor]:
+    """The unwrapped model's weights with HF names, the tied head dropped (as HF saves it)."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def save_model_files(directory: Path, state: dict[str, torch.Tensor], cfg: ModelConfig,
+                     tokenizer: Tokenizer | None) -> None:
+    """config.json + model.safetensors (+ tokenizer files): what transformers needs to load the model."""
+    save_file(state, str(directory / WEIGHTS), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
+    if tokenizer is not None:
+        tokenizer.save(directory)
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Committed checkpoint directories of a run, oldest first (staging debris is ignored)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name))
+
+
+def newest_valid(run_dir: Path) -> Path | None:
+    """The newest checkpoint that passes its manifest; corrupt newer ones are reported and skipped."""
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(ckpt)
+            return ckpt
+        except UserError as e:
+            warnings.warn(f"Skipping checkpoint: {e}", stacklevel=2)
+    return None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir, a run dir (-> its newest valid checkpoint) or an HF model dir."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"{p} does not exist.")
+    if (p / MANIFEST).exists():
+        verify_checkpoint(p)
+        return p
+    if (p / "checkpoints").is_dir():
+        ckpt = newest_valid(p)
+        if ckpt is None:
+            raise UserError(f"Run directory {p} has no valid checkpoint yet.")
+        return ckpt
+    if p.is_dir() and (p / "config.json").exists():
+        return p
+    raise UserError(f"{p} is not a smoltrain checkpoint, a run directory or a Hugging Face model directory.")
+
+
+def read_hf_config(directory: Path) -> ModelConfig:
+    try:
+        hf = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{directory}/config.json is missing or not valid JSON ({e}).") from None
+    return ModelConfig.from_hf(hf, source=f"{directory}/config.json")
+
+
+def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """Tensors of an HF directory: model.safetensors, a sharded safetensors index, or pytorch_model*.bin."""
+    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
+    if not files:
+        raise UserError(f"{directory} has no model weights (model.safetensors or pytorch_model.bin).")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            part = load_file(str(f)) if f.suffix == ".safetensors" else torch.load(f, map_location="cpu",
+                                                                                   weights_only=True)
+        except Exception as e:
+            raise UserError(f"Could not read weights file {f}: {e}") from None
+        state.update(part)
+    return state
+
+
+def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str,
+                     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> SmolLM2:
+    """Build the model on meta and assign `state` into it, with errors that name what does not fit."""
+    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    with torch.device("meta"):
+        model = SmolLM2(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(s)}" for k, s in expected.items()
+             if k in state and state[k].shape != s]
+    if missing or unexpected or wrong:
+        parts = [f"missing {missing[:4]}" * bool(missing), f"unexpected {unexpected[:4]}" * bool(unexpected),
+                 f"wrong shapes {wrong[:4]}" * bool(wrong)]
+        raise UserError(f"Weights in {source} do not fit the model its config describes: "
+                        + "; ".join(p for p in parts if p) + ".")
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=False,
+                          assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.init_rope()
+    return model
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               need_tokenizer: bool = True) -> tuple[SmolLM2, Tokenizer | None, Path]:
+    """Model (+ tokenizer) from a checkpoint dir, run dir or HF dir; returns the directory used."""
+    directory = resolve_checkpoint(path)
+    cfg = read_hf_config(directory)
+    model = model_from_state(cfg, read_hf_weights(directory), str(directory), device, dtype)
+    tokenizer = None
+    if need_tokenizer:
+        if not (directory / "tokenizer.json").exists():
+            raise UserError(f"{directory} holds no tokenizer.json; import it again with --tokenizer.")
+        tokenizer = load_tokenizer(directory)
+    return model.eval(), tokenizer, directory

@@ -1,0 +1,165 @@
+"""Text generation with a preallocated KV cache: sample -> prefill -> decode_one_token -> generate.
+
+Greedy decoding (temperature 0) gives exactly transformers' greedy `generate` tokens for the same model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from smoltrain.config import eos_ids
+from smoltrain.errors import UserError
+from smoltrain.model import SmolLM2
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    repetition_penalty: float = 1.0  # 1.0 = off; HF semantics (divide positive logits, multiply negative)
+
+    def validate(self) -> None:
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
+            raise UserError("Sampling needs temperature >= 0, top_k >= 0, 0 < top_p <= 1 and "
+                            f"repetition_penalty > 0 (got {self})")
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """cuda > mps > cpu for 'auto'; an explicit device that is not there is a user error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available() or dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"Device {name!r} is not available on this machine.")
+    return dev
+
+
+def sample(logits: torch.Tensor, cfg: SamplingConfig, history: torch.Tensor | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (B,) from the last-position logits (B, V); `history` (B, S) for the penalty."""
+    logits = logits.float()
+    if cfg.repetition_penalty != 1.0 and history is not None:
+        seen = logits.gather(1, history)
+        seen = torch.where(seen < 0, seen * cfg.repetition_penalty, seen / cfg.repetition_penalty)
+        logits = logits.scatter(1, history, seen)
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / cfg.temperature
+    if cfg.top_k > 0:
+        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:  # keep the smallest set whose probability reaches top_p (always >= 1 token)
+        sorted_logits, idx = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= cfg.top_p
+        logits = logits.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def prefill(model: SmolLM2, ids: torch.Tensor) -> torch.Tensor:
+    """Run the prompt (B, T) through the model, filling the cache; logits of the last position (B, V)."""
+    h = model.hidden_states(ids, start_pos=0)
+    return model.lm_head(h[:, -1])
+
+
+def decode_one_token(model: SmolLM2, token: torch.Tensor, pos: int) -> torch.Tensor:
+    """One step: token (B, 1) at absolute position `pos` -> next-token logits (B, V)."""
+    h = model.hidden_states(token, start_pos=pos)
+    return model.lm_head(h[:, -1])
+
+
+@torch.inference_mode()
+def generate(model: SmolLM2, prompt: list[int], max_new_tokens: int, cfg: SamplingConfig,
+             seed: int | None = None, stop_ids: list[int] | None = None) -> Iterator[int]:
+    """Yield new token ids one at a time (stops after max_new_tokens or at a stop id, not yielded)."""
+    cfg.validate()
+    limit = model.config.max_position_embeddings
+    if not prompt:
+        raise UserError("The prompt is empty.")
+    if len(prompt) >= limit:
+        raise UserError(f"The prompt is {len(prompt)} tokens long; this model's context "
+                        f"(max_position_embeddings) is {limit} tokens.")
+    max_new_tokens = min(max_new_tokens, limit - len(prompt))
+    device = model.model.embed_tokens.weight.device
+    stop = set(eos_ids(model.config) if stop_ids is None else stop_ids)
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=device).manual_seed(seed)
+    ids = torch.tensor([prompt], device=device)
+    model.setup_kv_cache(1, len(prompt) + max_new_tokens)
+    try:
+        logits = prefill(model, ids)
+        history = ids
+        for i in range(max_new_tokens):
+            token = sample(logits, cfg, history, gen)  # (1,)
+            tid = int(token)
+            if tid in stop:
+                return
+            yield tid
+            if i + 1 == max_new_tokens:
+                return
+            history = torch.cat([history, token[:, None]], dim=1) if cfg.repetition_penalty != 1.0 else history
+            logits = decode_one_token(model, token[:, None], len(prompt) + i)
+    finally:
+        model.clear_kv_cache()
+
+
+def stream_text(tokens: Iterator[int], decode: Callable[[list[int]], str]) -> Iterator[str]:
+    """Turn token ids into text pieces; holds back incomplete UTF-8 sequences (shown as U+FFFD)."""
+    ids: list[int] = []
+    shown = ""
+    for t in tokens:
+        ids.append(t)
+        text = decode(ids)
+        if text.endswith("\ufffd"):
+            continue
+        yield text[len(shown):]
+        shown = text
+    text = decode(ids)
+    if len(text) > len(shown):
+        yield text[len(shown):]
+
+
+def generate_cli(a: argparse.Namespace) -> int:
+    from smoltrain.checkpoint import load_model
+
+    if a.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1.")
+    cfg = SamplingConfig(a.temperature, a.top_k, a.top_p, a.repetition_penalty)
+    cfg.validate()
+    if a.prompt is not None:
+        prompts = [a.prompt]
+    else:
+        try:
+            prompts = [line.replace("\\n", "\n") for line in open(a.prompt_file, encoding="utf-8").read().splitlines()
+                       if line.strip()]
+        except OSError as e:
+            raise UserError(f"Cannot read --prompt-file: {e}") from None
+        if not prompts:
+            raise UserError(f"--prompt-file {a.prompt_file} holds no prompts.")
+    device = pick_device(a.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, tok, _ = load_model(a.ckpt, device=device, dtype=dtype)
+    for n, prompt in enumerate(prompts):
+        if len(prompts) > 1:
+            print(f"=== prompt {n + 1}/{len(prompts)} ===")
+        seed = None if a.seed is None else a.seed + n
+        tokens = generate(model, tok.encode(prompt), a.max_new_tokens, cfg, seed)
+        sys.stdout.write(prompt)
+        if a.no_stream:
+            sys.stdout.write(tok.decode(list(tokens)))
+        else:
+            for piece in stream_text(tokens, tok.decode):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+    return 0
