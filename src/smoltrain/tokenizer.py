@@ -70,8 +70,9 @@ class Tokenizer:
         """Copy the tokenizer files into `out` (a checkpoint or HF directory)."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
+        same = out.resolve() == self.directory.resolve()
         for name in TOKENIZER_FILES:
-            if (self.directory / name).exists():
+            if not same and (self.directory / name).exists():
                 shutil.copyfile(self.directory / name, out / name)
         if not (out / "tokenizer_config.json").exists():  # a bare tokenizer.json: make AutoTokenizer happy
             cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 8192}

@@ -1,0 +1,110 @@
+"""Generation: the KV cache changes nothing, greedy equals transformers, sampling knobs behave."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from smoltrain.checkpoint import load_model
+from smoltrain.generate import SamplingConfig, generate, sample, stream_text
+from smoltrain.model import build_model
+from smoltrain.presets import get_preset
+
+from .conftest import assert_user_error, run_cli
+
+GREEDY = SamplingConfig(temperature=0)
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return build_model(get_preset("tiny").replace(eos_token_id=None)).eval()
+
+
+def _greedy_no_cache(model, prompt, n):
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_kv_cache_greedy_equals_no_cache_greedy():
+    model = _model()
+    prompt = [5, 17, 200, 3, 99, 42, 7]
+    assert list(generate(model, prompt, 40, GREEDY)) == _greedy_no_cache(model, prompt, 40)
+
+
+def test_greedy_equals_transformers_generate():
+    model = _model(1)
+    hf = LlamaForCausalLM(LlamaConfig(**model.config.to_hf())).eval()
+    hf.load_state_dict(model.state_dict())
+    prompt = [11, 22, 33, 44]
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False, eos_token_id=None,
+                      pad_token_id=0)
+    assert list(generate(model, prompt, 30, GREEDY)) == out[0, len(prompt):].tolist()
+
+
+def test_stops_at_eos_and_respects_max_new_tokens():
+    model = _model()
+    prompt = [5, 17, 200]
+    free = list(generate(model, prompt, 20, GREEDY))
+    assert len(free) == 20
+    stop = free[5]
+    first = free.index(stop)
+    assert list(generate(model, prompt, 20, GREEDY, stop_ids=[stop])) == free[:first]
+
+
+def test_seeded_sampling_is_reproducible():
+    model = _model()
+    cfg = SamplingConfig(temperature=1.0, top_k=50, top_p=0.9)
+    a = list(generate(model, [1, 2, 3], 25, cfg, seed=7))
+    assert a == list(generate(model, [1, 2, 3], 25, cfg, seed=7))
+    assert a != list(generate(model, [1, 2, 3], 25, cfg, seed=8))
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    seen_k = {int(sample(logits, SamplingConfig(1.0, top_k=2), generator=g)) for _ in range(200)}
+    assert seen_k == {0, 1}
+    # softmax ~ [.64, .24, .09, .03, .01]: top_p .8 keeps the first two only
+    seen_p = {int(sample(logits, SamplingConfig(1.0, top_p=0.8), generator=g)) for _ in range(200)}
+    assert seen_p == {0, 1}
+
+
+def test_repetition_penalty_matches_hf():
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    torch.manual_seed(0)
+    logits, history = torch.randn(1, 50), torch.tensor([[3, 7, 7, 20]])
+    ref = RepetitionPenaltyLogitsProcessor(1.3)(history, logits.clone())
+    assert int(sample(logits, SamplingConfig(0, repetition_penalty=1.3), history)) == int(ref.argmax())
+    cfg = SamplingConfig(temperature=1.0, repetition_penalty=1.3)
+    probs_ref = ref.softmax(-1)
+    g = torch.Generator().manual_seed(0)
+    draws = torch.cat([sample(logits, cfg, history, g) for _ in range(3000)])
+    freq = torch.bincount(draws, minlength=50).float() / 3000
+    assert (freq - probs_ref[0]).abs().max() < 0.03
+
+
+def test_stream_text_holds_back_partial_utf8(tiny_ckpt):
+    _, tok, _ = load_model(tiny_ckpt)
+    ids = tok.encode("naïve 東京 café")
+    assert "".join(stream_text(iter(ids), tok.decode)) == tok.decode(ids)
+
+
+def test_generate_cli_greedy_and_prompt_file(tiny_ckpt, tmp_path):
+    proc = run_cli("generate", tiny_ckpt, "--prompt", "To be", "--temperature", "0", "--max-new-tokens", "8")
+    assert proc.returncode == 0, proc.stderr
+    model, tok, _ = load_model(tiny_ckpt)
+    expected = "To be" + tok.decode(list(generate(model, tok.encode("To be"), 8, GREEDY)))
+    assert proc.stdout.rstrip("\n") == expected
+    f = tmp_path / "prompts.txt"
+    f.write_text("To be\nThe quick\n")
+    proc = run_cli("generate", tiny_ckpt, "--prompt-file", f, "--temperature", "0", "--max-new-tokens", "4")
+    assert proc.returncode == 0 and proc.stdout.count("=== prompt") == 2
+
+
+def test_prompt_longer_than_context_is_a_user_error(tiny_ckpt):
+    proc = run_cli("generate", tiny_ckpt, "--prompt", "To be, or not to be " * 200, "--max-new-tokens", "2")
+    assert_user_error(proc, "max_position_embeddings")

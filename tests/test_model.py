@@ -1,0 +1,101 @@
+"""The model is SmolLM2 exactly: parity with transformers' Llama, parameter counts, losses, init."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from smoltrain.loss import chunked_cross_entropy
+from smoltrain.model import SmolLM2, build_model
+from smoltrain.presets import PRESETS, get_preset
+
+
+def _hf_twin(model: SmolLM2) -> LlamaForCausalLM:
+    hf = LlamaForCausalLM(LlamaConfig(**model.config.to_hf())).eval()
+    hf.load_state_dict(model.state_dict(), strict=True)
+    return hf
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_logits_match_transformers(tied):
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny").replace(tie_word_embeddings=tied)).eval()
+    hf = _hf_twin(model)
+    ids = torch.randint(0, model.config.vocab_size, (3, 50))
+    with torch.no_grad():
+        diff = (model(ids) - hf(ids).logits).abs().max().item()
+    assert diff < 1e-5
+
+
+def test_loss_matches_transformers():
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny")).eval()
+    hf = _hf_twin(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 33))
+    with torch.no_grad():
+        ours = model(ids[:, :-1], labels=ids[:, 1:])
+        theirs = hf(ids, labels=ids).loss  # HF shifts internally
+    assert abs(ours.item() - theirs.item()) < 1e-5
+
+
+def test_parameter_counts():
+    with torch.device("meta"):
+        assert SmolLM2(get_preset("smollm2-135m")).num_params() == 134_515_008
+        for name in PRESETS:
+            cfg = get_preset(name)
+            hf = LlamaForCausalLM(LlamaConfig(**cfg.to_hf()))
+            assert SmolLM2(cfg).num_params() == sum(p.numel() for p in hf.parameters()), name
+
+
+def test_presets_follow_released_configs():
+    p = get_preset("smollm2-1.7b")
+    assert p.num_key_value_heads == p.num_attention_heads == 32 and p.rope_theta == 130000.0
+    assert get_preset("smollm2-360m").num_key_value_heads == 5
+    assert all(PRESETS[n].max_position_embeddings == 8192 for n in PRESETS if n.startswith("smollm2"))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_chunked_loss_equals_plain_loss_and_grads(tied):
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny").replace(tie_word_embeddings=tied))
+    ids = torch.randint(0, model.config.vocab_size, (2, 41))
+    labels = torch.randint(0, model.config.vocab_size, (2, 41))
+    labels[0, :7] = -100  # ignored positions count in neither loss
+    plain = model(ids, labels=labels)
+    plain.backward()
+    g_plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    chunked = model(ids, labels=labels, loss_chunk=16)  # 82 tokens: 6 chunks, the last one partial
+    chunked.backward()
+    assert abs(plain.item() - chunked.item()) < 1e-6
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, g_plain[n], atol=1e-7, rtol=1e-5), n
+
+
+def test_chunked_loss_sum_and_no_grad():
+    torch.manual_seed(0)
+    h, w = torch.randn(20, 8), torch.randn(30, 8)
+    y = torch.randint(0, 30, (20,))
+    ref = torch.nn.functional.cross_entropy(h @ w.T, y, reduction="sum")
+    with torch.no_grad():
+        assert torch.allclose(chunked_cross_entropy(h, w, y, chunk=7, reduction="sum"), ref, atol=1e-5)
+
+
+def test_init_weights_uses_config_std():
+    torch.manual_seed(0)
+    cfg = get_preset("tiny").replace(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                                     num_key_value_heads=2, initializer_range=0.05, vocab_size=2048)
+    model = build_model(cfg)
+    assert abs(model.model.embed_tokens.weight.std().item() - 0.05) < 0.003
+    assert abs(model.model.layers[0].mlp.up_proj.weight.std().item() - 0.05) < 0.003
+    out_std = 0.05 / (2 * cfg.num_hidden_layers) ** 0.5
+    assert abs(model.model.layers[0].self_attn.o_proj.weight.std().item() - out_std) < 0.003
+    assert torch.all(model.model.norm.weight == 1)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_meta_build_allocates_once_and_rope_not_in_state():
+    model = build_model(get_preset("tiny"), init=False)
+    assert "rope_cos" not in model.state_dict()
+    assert model.rope_cos.shape == (256, 16) and model.rope_cos.device.type == "cpu"
