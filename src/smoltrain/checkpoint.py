@@ -223,3 +223,115 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             raise UserError(f"{directory} holds no tokenizer.json; import it again with --tokenizer.")
         tokenizer = load_tokenizer(directory)
     return model.eval(), tokenizer, directory
+
+
+# --- training checkpoints: RUN/checkpoints/step_NNNNNNNN ---------------------------------------------
+
+TRAIN_STATE, OPTIMIZER, RNG, RUN_CONFIG = "train_state.json", "optimizer.pt", "rng.pt", "config.yaml"
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
+
+
+def rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_train_checkpoint(run_dir: Path, step: int, model: SmolLM2, tokenizer: Tokenizer | None, config_yaml: str,
+                          optimizer_state: dict, train_state: dict, export_hf: bool = False) -> Path:
+    """Stage, fsync, manifest and commit a full training checkpoint (weights + everything to resume)."""
+    final = step_dir(run_dir, step)
+    if final.exists():  # e.g. a corrupt one that resume skipped: set it aside, never delete it
+        quarantine(final)
+    with staged_dir(final, {"kind": "train", "step": step}) as d:
+        save_model_files(d, model_state(model), model.config, tokenizer)
+        (d / RUN_CONFIG).write_text(config_yaml)
+        torch.save(optimizer_state, d / OPTIMIZER)
+        torch.save(rng_state(), d / RNG)
+        (d / TRAIN_STATE).write_text(json.dumps(train_state, indent=2))
+        if export_hf:
+            from smoltrain.interop import write_hf_extras
+
+            hf = d / "hf"
+            hf.mkdir()
+            save_model_files(hf, model_state(model), model.config, tokenizer)
+            write_hf_extras(hf, model, final)
+    return final
+
+
+def load_train_state(ckpt: Path) -> dict:
+    """Everything but the weights: train_state.json, optimizer, rng, and the run config it was saved with."""
+    try:
+        return {
+            "train_state": json.loads((ckpt / TRAIN_STATE).read_text()),
+            "optimizer": torch.load(ckpt / OPTIMIZER, map_location="cpu", weights_only=False),
+            "rng": torch.load(ckpt / RNG, map_location="cpu", weights_only=False),
+            "config_yaml": (ckpt / RUN_CONFIG).read_text(),
+        }
+    except (OSError, ValueError) as e:
+        raise UserError(f"{ckpt} is not a training checkpoint that can be resumed ({e}).") from None
+
+
+def quarantine(ckpt: Path) -> Path:
+    """Rename a bad checkpoint out of discovery's sight (kept for inspection, never deleted)."""
+    target = ckpt.parent / f".corrupt-{ckpt.name}-{uuid.uuid4().hex[:6]}"
+    os.replace(ckpt, target)
+    return target
+
+
+def retain(run_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` committed checkpoints (called after a commit)."""
+    if keep_last <= 0:
+        return
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        doomed = old.parent / f".deleting-{old.name}"
+        os.replace(old, doomed)  # leaves discovery at once, even if the delete is interrupted
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def clean_debris(run_dir: Path) -> None:
+    """Remove staging and half-deleted directories left by a kill (never committed checkpoints)."""
+    root = Path(run_dir) / "checkpoints"
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith((".staging-", ".deleting-")):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def find_resume_checkpoint(run_dir: Path) -> Path | None:
+    """Newest valid checkpoint; corrupt newer ones are warned about and quarantined.
+
+    If checkpoints exist but none is valid, refuse: starting fresh silently would discard the run.
+    """
+    found = list_checkpoints(run_dir)
+    for ckpt in reversed(found):
+        try:
+            verify_checkpoint(ckpt)
+            return ckpt
+        except UserError as e:
+            moved = quarantine(ckpt)
+            warnings.warn(f"{e} Skipping it (moved to {moved.name}) and trying the previous one.", stacklevel=2)
+    if found:
+        raise UserError(f"Every checkpoint in {run_dir}/checkpoints is corrupt (moved aside as .corrupt-*); "
+                        "refusing to start fresh over them. Inspect them, or use a new run.dir.")
+    return None

@@ -7,3 +7,7 @@ class UserError(ValueError):
     The CLI prints the message (one paragraph, no traceback) and exits with code 2.
     Internal bugs raise anything else and exit 1 with a traceback.
     """
+
+
+class TrainingError(RuntimeError):
+    """The run had to stop for a reason that is not a bug (non-finite loss, disk full): exit 1, no traceback."""

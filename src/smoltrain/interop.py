@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -149,12 +148,14 @@ def export_hf(ckpt: str | Path, out: str | Path, force: bool = False, card: str 
     model, tok, _ = load_model(src)  # validates the checkpoint fully
     with staged_dir(out, {"kind": "export", "source": str(src)}, replace=force) as d:
         save_model_files(d, model_state(model), model.config, tok)
-        (d / "generation_config.json").write_text(json.dumps(generation_config(model.config), indent=2))
-        (d / "README.md").write_text(card or model_card(model, src))
-        for extra in ("metrics.json",):
-            if (src / extra).exists():
-                shutil.copyfile(src / extra, d / extra)
+        write_hf_extras(d, model, src, card)
     return out
+
+
+def write_hf_extras(d: Path, model, src: Path, card: str | None = None) -> None:
+    """generation_config.json and the model card beside the weights of an HF folder."""
+    (d / "generation_config.json").write_text(json.dumps(generation_config(model.config), indent=2))
+    (d / "README.md").write_text(card or model_card(model, src))
 
 
 def model_card(model, src: Path) -> str:

@@ -1,0 +1,127 @@
+"""Throughput, FLOPs and MFU, and the run's logs: console progress, metrics.jsonl, TensorBoard, wandb."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from smoltrain.config import ModelConfig
+
+# Dense bf16 tensor-core peaks (FLOP/s) from NVIDIA datasheets; GeForce cards at fp32 accumulate
+# (what PyTorch's bf16 matmuls use). Sparse figures are never a fair MFU denominator.
+PEAK_BF16_FLOPS = {
+    "H200": 989.5e12,
+    "H100 PCIe": 756e12,
+    "H100": 989.5e12,  # SXM (HBM3)
+    "A100": 312e12,
+    "L4": 121e12,
+    "A10G": 125e12,  # A10 datasheet: the AWS A10G is the same GA102 part
+    "A10": 125e12,
+    "RTX 4090": 165.2e12,
+    "RTX 3090": 71e12,
+}
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The device's peak for this dtype, or None where unknown (CPU, MPS, unlisted GPUs, fp32)."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_BF16_FLOPS.items():  # most specific names first
+        if key in name:
+            return flops
+    return None
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token, PaLM / nanoGPT convention: 6 * N + 12 * L * H * Q * T.
+
+    N counts the matmul weights a token passes through: every projection (GQA's smaller k/v
+    projections at their real size) plus the LM head once, whether tied or not; the embedding
+    lookup costs no FLOPs. 12 * L * H * Q * T is attention's QK^T and AV (forward + backward),
+    with H query heads of size Q and context T, not halved for the causal mask (as PaLM).
+    """
+    d, f, h, k, q = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    per_layer = d * h * q * 2 + d * k * q * 2 + 3 * d * f  # q, o; k, v; gate, up, down
+    n = cfg.num_hidden_layers * per_layer + d * cfg.vocab_size  # + LM head
+    return 6 * n + 12 * cfg.num_hidden_layers * h * q * seq_len
+
+
+class RunLog:
+    """Appends events to RUN/metrics.jsonl and mirrors scalars to TensorBoard / wandb (rank 0 only)."""
+
+    def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool, wandb_project: str | None,
+                 config: dict[str, Any]):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.samples_path = Path(run_dir) / "samples.jsonl"
+        for p in (self.path, self.samples_path):
+            rewind_jsonl(p, resume_step)
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                # purge_step drops events after the resumed step, as if the run had never stopped
+                self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step + 1)
+            except ImportError:
+                self.tb = None
+        self.wandb = None
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                from smoltrain.errors import UserError
+
+                raise UserError("log.wandb_project is set but wandb is not installed: pip install wandb") from None
+            self.wandb = wandb.init(project=wandb_project, config=config, dir=str(run_dir),
+                                    name=Path(run_dir).name, resume="allow")
+
+    def log(self, record: dict[str, Any]) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(clean) + "\n")
+        step = record.get("step", 0)
+        scalars = {k: v for k, v in clean.items() if isinstance(v, (int, float)) and k != "step" and v is not None}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def sample(self, record: dict[str, Any]) -> None:
+        with open(self.samples_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            self.tb.add_text(f"samples/{record['mode']}/{record['prompt'][:40]}", record["text"], record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def rewind_jsonl(path: Path, step: int) -> None:
+    """Keep only the records with step <= `step` (a resumed run continues its history seamlessly)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except ValueError:
+            continue  # a line torn by a kill mid-write
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+
+
+def memory_gb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return None

@@ -1,0 +1,89 @@
+"""AdamW with SmolLM2's parameter groups, and learning-rate schedules as pure functions of the step.
+
+The schedule keeps no state of its own: lr_at(step) is recomputed from the config, so a resumed run
+(or one whose max_steps was raised, or a WSD cooldown branched from a stable-phase checkpoint) gets
+exactly the learning rate the config says, with nothing to drift.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from smoltrain.config import OptimConfig
+from smoltrain.errors import UserError
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Weight decay on 2-d projection weights; optionally none on norms and the (tied) embedding.
+
+    Decaying RMSNorm gains pulls them toward 0 (not their init of 1), and decaying a tied
+    embedding shrinks the input and output vocabulary together; most LLM recipes exclude both.
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():  # a tied weight appears once
+        if not p.requires_grad:
+            continue
+        exempt = p.ndim < 2 or "embed_tokens" in name or name.startswith("lm_head")
+        (no_decay if cfg.no_decay_norms_and_embeddings and exempt else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW: fused kernel on CUDA, foreach elsewhere; bitsandbytes AdamW8bit when asked (CUDA only)."""
+    groups = param_groups(model, cfg)
+    kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if cfg.eight_bit:
+        if device.type != "cuda":
+            raise UserError("optim.eight_bit needs CUDA (bitsandbytes AdamW8bit); set it false on this device.")
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError("optim.eight_bit needs bitsandbytes: pip install bitsandbytes") from None
+        return bnb.optim.AdamW8bit(groups, **kw)
+    if device.type == "cuda":
+        return torch.optim.AdamW(groups, fused=True, **kw)
+    return torch.optim.AdamW(groups, foreach=True, **kw)
+
+
+def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """Learning rate for update number `step` (0-based).
+
+    warmup: linear from lr/warmup to lr over `warmup_steps`. Then
+    - constant: lr;  cosine / linear: from lr to min_lr over the remaining steps up to max_steps;
+    - wsd: lr until decay_start_step (default 80% of max_steps), then decay to min_lr over
+      decay_steps (default: until max_steps) with decay_style linear | cosine | 1-sqrt, then min_lr.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "wsd":
+        start = cfg.decay_start_step if cfg.decay_start_step is not None else int(0.8 * max_steps)
+        start = max(start, cfg.warmup_steps)
+        length = cfg.decay_steps if cfg.decay_steps is not None else max_steps - start
+        if step < start:
+            return cfg.lr
+        progress = min(1.0, (step - start + 1) / max(1, length))
+        style = cfg.decay_style
+    else:
+        span = max(1, max_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps + 1) / span)
+        style = cfg.schedule
+    if style == "cosine":
+        frac = 0.5 * (1 + math.cos(math.pi * progress))
+    elif style == "1-sqrt":
+        frac = 1 - math.sqrt(progress)
+    else:
+        frac = 1 - progress
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * frac
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr

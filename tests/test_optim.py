@@ -1,0 +1,47 @@
+"""Schedules and parameter groups."""
+
+from __future__ import annotations
+
+import pytest
+
+from smoltrain.config import OptimConfig
+from smoltrain.model import build_model
+from smoltrain.optim import lr_at, param_groups
+from smoltrain.presets import get_preset
+
+
+def test_warmup_then_wsd_like_nanotron():
+    cfg = OptimConfig(lr=1.0, min_lr=0.0, schedule="wsd", warmup_steps=10, decay_start_step=80, decay_steps=20)
+    lrs = [lr_at(s, cfg, 100) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(lr == 1.0 for lr in lrs[10:80])  # stable phase
+    assert lrs[80] == pytest.approx(0.95) and lrs[99] == pytest.approx(0.0)
+    assert all(a >= b for a, b in zip(lrs[80:], lrs[81:]))
+
+
+def test_wsd_defaults_decay_last_20_percent_and_extension():
+    cfg = OptimConfig(lr=1.0, schedule="wsd")
+    assert lr_at(79, cfg, 100) == 1.0 and lr_at(99, cfg, 100) == pytest.approx(0.0)
+    # a cooldown branched at step 60 of a stable run: decay over 10 steps from there
+    branch = OptimConfig(lr=1.0, schedule="wsd", decay_start_step=60, decay_steps=10)
+    assert lr_at(59, branch, 70) == 1.0 and lr_at(69, branch, 70) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_decays_reach_min_lr(schedule):
+    cfg = OptimConfig(lr=1.0, min_lr=0.1, schedule=schedule, warmup_steps=5)
+    assert lr_at(4, cfg, 50) == pytest.approx(1.0)
+    assert lr_at(49, cfg, 50) == pytest.approx(0.1)
+    assert 0.1 < lr_at(27, cfg, 50) < 1.0
+
+
+def test_param_groups_exclude_norms_and_embeddings():
+    model = build_model(get_preset("tiny"))
+    groups = param_groups(model, OptimConfig(weight_decay=0.1))
+    decayed = {id(p) for p in groups[0]["params"]}
+    assert id(model.model.embed_tokens.weight) not in decayed
+    assert id(model.model.norm.weight) not in decayed
+    assert id(model.model.layers[0].mlp.up_proj.weight) in decayed
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    flat = param_groups(model, OptimConfig(weight_decay=0.1, no_decay_norms_and_embeddings=False))
+    assert len(flat) == 1
