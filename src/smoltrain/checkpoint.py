@@ -269,6 +269,9 @@ def save_train_checkpoint(run_dir: Path, step: int, model: SmolLM2, tokenizer: T
         torch.save(optimizer_state, d / OPTIMIZER)
         torch.save(rng_state(), d / RNG)
         (d / TRAIN_STATE).write_text(json.dumps(train_state, indent=2))
+        from smoltrain.runinfo import fault_point
+
+        fault_point("in_save", step)  # crash tests: die with a half-written checkpoint
         if export_hf:
             from smoltrain.interop import write_hf_extras
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 import traceback
 
-from smoltrain.errors import UserError
+from smoltrain.errors import TrainingError, UserError
 
 
 def _cmd_assets(a: argparse.Namespace) -> int:
@@ -38,6 +38,37 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     from smoltrain.generate import generate_cli
 
     return generate_cli(a)
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from smoltrain.trainer import train_cli
+
+    return train_cli(a)
+
+
+def _cmd_eval(a: argparse.Namespace) -> int:
+    from smoltrain.evaluate import eval_cli
+
+    return eval_cli(a)
+
+
+def _add_train_commands(sub) -> None:
+    p = sub.add_parser("train", help="train (or resume) a run from a YAML recipe")
+    p.add_argument("--config", default=None, help="YAML recipe (configs/*.yaml); defaults apply without one")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value by dotted path, e.g. --set train.max_steps=100 (repeatable)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="loss, perplexity and bits-per-byte of models on a prepared split")
+    p.add_argument("models", nargs="+", help="checkpoint, run directory or HF model directory (several: a table)")
+    p.add_argument("--data", required=True, help="prepared data directory (smoltrain prepare)")
+    p.add_argument("--split", default="val", choices=["val", "train"])
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-batches", type=int, default=50)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_eval)
 
 
 def _add_model_commands(sub) -> None:
@@ -75,8 +106,58 @@ def _add_model_commands(sub) -> None:
 
 
 # --- data commands (prepare, tokenizer) ---
+def _cmd_prepare(a: argparse.Namespace) -> int:
+    from smoltrain.data.prepare import prepare
+
+    prepare(a.source, a.tokenizer, a.out, text_key=a.text_key, val_fraction=a.val_fraction, val_docs=a.val_docs,
+            max_documents=a.max_documents, num_proc=a.num_proc, force=a.force, shard_tokens=a.shard_tokens,
+            model_vocab_size=a.model_vocab_size, progress=not a.no_progress)
+    return 0
+
+
+def _cmd_tokenizer_train(a: argparse.Namespace) -> int:
+    from smoltrain.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(a.source, a.vocab_size, a.out, text_key=a.text_key, max_documents=a.max_documents,
+                          min_frequency=a.min_frequency, extra_special_tokens=a.special_token, force=a.force,
+                          show_progress=True)
+    print(f"Trained a byte-level BPE with {tok.vocab_size} tokens -> {a.out} (<|endoftext|> is id {tok.eot_id})")
+    return 0
+
+
 def _add_data_commands(sub) -> None:
-    pass
+    src_help = "a .txt/.jsonl/.jsonl.gz/.parquet file, a directory of them, or hf:NAME[:CONFIG[:SPLIT]] (repeatable)"
+    p = sub.add_parser("prepare", help="tokenize documents into token shards + meta.json for training")
+    p.add_argument("--source", action="append", required=True, metavar="SRC", help=src_help)
+    p.add_argument("--tokenizer", required=True, metavar="TOK", help="hub id, directory, tokenizer.json or .gguf")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (appears only when complete)")
+    val = p.add_mutually_exclusive_group()
+    val.add_argument("--val-fraction", type=float, default=0.01,
+                     help="fraction of documents held out for validation, evenly spaced (default 0.01)")
+    val.add_argument("--val-docs", type=int, default=None, help="hold out exactly this many documents instead")
+    p.add_argument("--text-key", default="text", help="text column of jsonl/parquet/hf rows (default text)")
+    p.add_argument("--max-documents", type=int, default=None, help="stop after this many documents in all")
+    p.add_argument("--num-proc", type=int, default=None, help="tokenizer processes (default: all cores)")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
+    p.add_argument("--model-vocab-size", type=int, default=None,
+                   help="fail early if the tokenizer has more tokens than the model's vocab_size")
+    p.add_argument("--force", action="store_true", help="rebuild an existing --out (replaced only once done)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
+    t = tsub.add_parser("train", help="train a byte-level BPE (SmolLM2 style) on your documents")
+    t.add_argument("--source", action="append", required=True, metavar="SRC", help=src_help)
+    t.add_argument("--vocab-size", type=int, required=True, help="total tokens, special tokens included")
+    t.add_argument("--out", required=True, metavar="DIR", help="directory for tokenizer.json + tokenizer_config.json")
+    t.add_argument("--text-key", default="text")
+    t.add_argument("--max-documents", type=int, default=None)
+    t.add_argument("--min-frequency", type=int, default=2, help="merges must occur at least this often")
+    t.add_argument("--special-token", action="append", default=[], metavar="TOKEN",
+                   help="extra special token after <|endoftext|>, <|im_start|>, <|im_end|> (repeatable)")
+    t.add_argument("--force", action="store_true", help="replace a tokenizer already in --out")
+    t.set_defaults(func=_cmd_tokenizer_train)
 # --- end data commands ---
 
 
@@ -85,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_model_commands(sub)
     _add_data_commands(sub)
+    _add_train_commands(sub)
     return parser
 
 
@@ -96,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"smoltrain {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingError as e:
+        print(f"smoltrain {args.command}: stopped: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         return 130

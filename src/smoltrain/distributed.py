@@ -1,0 +1,86 @@
+"""torchrun process groups and model wrapping. Parallelism lives here, never in model code."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from smoltrain.errors import UserError
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    strategy: str = "single"  # single | ddp | fsdp
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1 or self.strategy in ("ddp", "fsdp")
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def setup(strategy: str, device_type: str) -> DistEnv:
+    """Read torchrun's environment and start the process group (NCCL on CUDA, gloo on CPU)."""
+    if not launched_by_torchrun():
+        if strategy in ("ddp", "fsdp"):
+            raise UserError(f"parallel.strategy={strategy} needs a torchrun launch, e.g. "
+                            "torchrun --standalone --nproc_per_node 2 -m smoltrain train --config FILE "
+                            "(or set parallel.strategy=auto to train in one process).")
+        return DistEnv()
+    env = DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    env.strategy = "ddp" if strategy in ("auto", "single") else strategy
+    if strategy == "single" and env.world_size > 1:
+        raise UserError("parallel.strategy=single under torchrun with several processes; use ddp or fsdp.")
+    if not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
+            torch.cuda.set_device(env.local_rank)
+        dist.init_process_group(backend=backend)
+    return env
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.AVG if dist.get_backend() == "nccl" else dist.ReduceOp.SUM)
+        if dist.get_backend() != "nccl":
+            x /= dist.get_world_size()
+    return x
+
+
+def wrap(model: nn.Module, env: DistEnv, device: torch.device) -> nn.Module:
+    """DDP for `ddp`; FSDP2 `fully_shard` per decoder layer and at the root for `fsdp`."""
+    if env.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if env.strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    return model

@@ -1,0 +1,340 @@
+"""The training loop: Trainer.train() -> train_step() -> forward_backward().
+
+Every stateful part (model, optimizer, loader, RNG, loop counters) is saved in each checkpoint and
+restored on resume, so a killed run continues bit-identically on CPU. The learning rate is a pure
+function of the step (optim.lr_at), so it needs no state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from smoltrain import checkpoint as ckpt_io
+from smoltrain import distributed as dist_io
+from smoltrain.config import Config, trajectory_diff
+from smoltrain.errors import TrainingError, UserError
+from smoltrain.evaluate import evaluate_batches, token_byte_lengths
+from smoltrain.generate import SamplingConfig, generate, pick_device
+from smoltrain.metrics import RunLog, flops_per_token, memory_gb, peak_flops
+from smoltrain.model import IGNORE_INDEX, build_model
+from smoltrain.optim import build_optimizer, lr_at, set_lr
+from smoltrain.runinfo import environment, fault_point, print_header
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.device = pick_device(cfg.train.device)
+        self.dist = dist_io.setup(cfg.parallel.strategy, self.device.type)
+        if self.device.type == "cuda" and self.dist.enabled:
+            self.device = torch.device("cuda", self.dist.local_rank)
+        name = cfg.train.dtype if cfg.train.dtype != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        self.amp_dtype = DTYPES[name]
+        self.run_dir = Path(cfg.run.dir)
+        self.step, self.tokens_seen, self.stop_signal = 0, 0, None
+        torch.manual_seed(cfg.train.seed)
+        self._setup_data()
+        self._setup_model()
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
+        self._resume()
+        self.log = RunLog(self.run_dir, self.step, cfg.log.tensorboard, cfg.log.wandb_project,
+                          cfg.to_dict()) if self.dist.is_main else None
+
+    # --- setup -------------------------------------------------------------------------------------
+    def _setup_data(self) -> None:
+        from smoltrain.data.loader import PackedLoader
+        from smoltrain.pipeline import prepare_datasets, resolve_tokenizer
+
+        cfg, main = self.cfg, self.dist.is_main
+        if main:
+            self.tokenizer = resolve_tokenizer(cfg, verbose=True)
+            paths = prepare_datasets(cfg, self.tokenizer, verbose=True)
+        dist_io.barrier()
+        if not main:
+            self.tokenizer = resolve_tokenizer(cfg, verbose=False)
+            paths = prepare_datasets(cfg, self.tokenizer, verbose=False)
+        if self.tokenizer.vocab_size > cfg.model.vocab_size:
+            raise UserError(f"The tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size is "
+                            f"{cfg.model.vocab_size}; raise model.vocab_size or use a smaller tokenizer.")
+        weights = {d.name: d.weight for d in cfg.data.datasets}
+        common = dict(batch_size=cfg.train.micro_batch_size, seq_len=cfg.train.seq_len, seed=cfg.train.seed,
+                      rank=self.dist.rank, world_size=self.dist.world_size)
+        self.loader = PackedLoader(paths, split="train", weights=weights, stages=cfg.data.stages or None, **common)
+        self.val_paths = paths
+        self.byte_lengths = token_byte_lengths(self.tokenizer)
+
+    def _setup_model(self) -> None:
+        cfg = self.cfg
+        if cfg.train.init_from:
+            from smoltrain.checkpoint import load_model
+
+            model, _, src = load_model(cfg.train.init_from, device=self.device, need_tokenizer=False)
+            if model.config != cfg.model:
+                raise UserError(f"train.init_from {src} has another shape than the config's model section; "
+                                f"set model to match it: {model.config}")
+            self.model = model.train()
+        else:
+            self.model = build_model(cfg.model, self.device).train()
+        self.model.gradient_checkpointing = cfg.train.activation_checkpointing
+        self.raw_model = self.model  # unwrapped: what we save and sample from
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.model = dist_io.wrap(self.model, self.dist, self.device)
+        if cfg.train.compile:
+            self.model = torch.compile(self.model)
+
+    def _resume(self) -> None:
+        cfg, explicit = self.cfg, self.cfg.train.resume_from
+        if explicit:
+            if not Path(explicit).exists():
+                raise UserError(f"train.resume_from {explicit} does not exist (refusing to start fresh).")
+            ckpt = ckpt_io.resolve_checkpoint(explicit)
+        else:
+            if self.dist.is_main:
+                ckpt_io.clean_debris(self.run_dir)
+            ckpt = ckpt_io.find_resume_checkpoint(self.run_dir)
+        if ckpt is None:
+            return
+        state = ckpt_io.load_train_state(ckpt)
+        diffs = trajectory_diff(yaml.safe_load(state["config_yaml"]), cfg.to_dict())
+        if diffs and not cfg.train.allow_config_change:
+            raise UserError(f"Resuming from {ckpt} with a config that changes the run's trajectory: "
+                            + "; ".join(diffs) + ". Use another run.dir, or set train.allow_config_change=true.")
+        weights = ckpt_io.read_hf_weights(ckpt)
+        self.raw_model.load_state_dict({k: v for k, v in weights.items() if k in self.raw_model.state_dict()},
+                                       strict=False)
+        self.optimizer.load_state_dict(state["optimizer"]["optimizer"])
+        if self.scaler is not None and state["optimizer"].get("scaler"):
+            self.scaler.load_state_dict(state["optimizer"]["scaler"])
+        ts = state["train_state"]
+        self.step, self.tokens_seen = ts["step"], ts["tokens_seen"]
+        self.loader.load_state_dict(ts["loader"][str(self.dist.rank)] if "0" in ts["loader"] else ts["loader"])
+        ckpt_io.set_rng_state(state["rng"])
+        if self.dist.is_main:
+            print(f"Resuming from {ckpt} (step {self.step})", flush=True)
+
+    # --- the loop ----------------------------------------------------------------------------------
+    def train(self) -> int:
+        cfg, main = self.cfg, self.dist.is_main
+        if self.step >= cfg.train.max_steps:
+            if main:
+                print(f"The run is already at step {self.step} = train.max_steps; raise train.max_steps to extend it.")
+            return 0
+        if main:
+            self._write_run_files()
+            self._check_disk()
+        self._install_signal_handlers()
+        bar = self._progress_bar()
+        busy, last_tokens = 0.0, self.tokens_seen  # time in train_step only: eval and saves excluded
+        try:
+            while self.step < cfg.train.max_steps:
+                t0 = time.perf_counter()
+                loss, grad_norm, lr = self.train_step()
+                busy += time.perf_counter() - t0
+                if bar is not None:
+                    bar.update(1)
+                fault_point("after_step", self.step)
+                if self.step % cfg.log.every == 0 or self.step == cfg.train.max_steps:
+                    self._log_step(loss, grad_norm, lr, (self.tokens_seen - last_tokens) / max(busy, 1e-9), bar)
+                    busy, last_tokens = 0.0, self.tokens_seen
+                self._maybe_eval_sample_save()
+                if self.stop_signal is not None:
+                    return self._stop_on_signal()
+        finally:
+            if bar is not None:
+                bar.close()
+            if self.log is not None:
+                self.log.close()
+        return 0
+
+    def train_step(self) -> tuple[float, float, float]:
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg.optim, cfg.train.max_steps)
+        set_lr(self.optimizer, lr)
+        batches = [self.loader.next_batch() for _ in range(cfg.train.grad_accum_steps)]
+        num_tokens = sum(int((b[:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+        loss = torch.zeros((), device=self.device)
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            with sync:
+                loss += self.forward_backward(batch, num_tokens)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
+        loss = dist_io.all_reduce_mean(loss)
+        loss_v, norm_v = float(loss), float(grad_norm)
+        if not math.isfinite(loss_v) or (self.scaler is None and not math.isfinite(norm_v)):
+            raise TrainingError(f"Non-finite {'loss' if not math.isfinite(loss_v) else 'gradient norm'} at step "
+                                f"{self.step + 1} (loss {loss_v}, grad norm {norm_v}); no update was applied and the "
+                                "last good checkpoint is kept. Lower optim.lr or check the data.")
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += num_tokens * self.dist.world_size
+        return loss_v, norm_v, lr
+
+    def forward_backward(self, batch: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """Sum of token losses / tokens in the whole step: accumulation averages over tokens, not batches."""
+        batch = batch.to(self.device, non_blocking=True)
+        x, y = batch[:, :-1], batch[:, 1:]
+        with self._autocast():
+            loss = self.model(x, labels=y, loss_chunk=self.cfg.train.loss_chunk, reduction="sum") / num_tokens
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        return loss.detach()
+
+    def _autocast(self):
+        if self.amp_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # --- periodic work -----------------------------------------------------------------------------
+    def _maybe_eval_sample_save(self) -> None:
+        cfg, step, done = self.cfg, self.step, self.step == self.cfg.train.max_steps
+        if done or (cfg.eval.every and step % cfg.eval.every == 0):
+            self.evaluate()
+        if cfg.eval.prompts and (done or (cfg.eval.sample_every and step % cfg.eval.sample_every == 0)):
+            self.samples()
+        if done or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+            self.save()
+
+    def evaluate(self) -> dict:
+        from smoltrain.data.loader import eval_windows
+
+        self.raw_model.eval()
+        fwd = lambda x, y: self.raw_model(x, labels=y, loss_chunk=self.cfg.train.loss_chunk, reduction="sum")  # noqa: E731
+        name = self.cfg.data.datasets[0].name
+        batches = eval_windows(self.val_paths[name], "val", self.cfg.train.seq_len, self.cfg.train.micro_batch_size,
+                               self.cfg.eval.max_batches)
+        res = evaluate_batches(fwd, batches, self.device, self.byte_lengths, self._autocast)
+        self.raw_model.train()
+        if self.log is not None:
+            self.log.log({"step": self.step, "val_loss": res["loss"], "val_ppl": res["ppl"], "val_bpb": res["bpb"]})
+            bpb = f", {res['bpb']:.3f} bits/byte" if res["bpb"] else ""
+            self._print(f"step {self.step}: val loss {res['loss']:.4f} (ppl {res['ppl']:.2f}{bpb})")
+        return res
+
+    def samples(self) -> None:
+        if not self.dist.is_main or self.dist.strategy == "fsdp":
+            return
+        ev = self.cfg.eval
+        self.raw_model.eval()
+        for prompt in ev.prompts:
+            for mode, sc in (("greedy", SamplingConfig(0)), ("sampled", SamplingConfig(ev.temperature, ev.top_k))):
+                ids = generate(self.raw_model, self.tokenizer.encode(prompt), ev.sample_tokens, sc,
+                               seed=self.cfg.train.seed + self.step, stop_ids=[self.tokenizer.eot_id])
+                text = self.tokenizer.decode(list(ids))
+                self.log.sample({"step": self.step, "mode": mode, "prompt": prompt, "text": text})
+                self._print(f"[step {self.step} {mode}] {prompt}{text}")
+        self.raw_model.train()
+
+    def save(self) -> Path | None:
+        cfg = self.cfg
+        state = {"step": self.step, "tokens_seen": self.tokens_seen, "loader": self._gather_loader_state()}
+        if not self.dist.is_main:
+            dist_io.barrier()
+            return None
+        self._check_disk()
+        opt = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None}
+        path = ckpt_io.save_train_checkpoint(self.run_dir, self.step, self.raw_model, self.tokenizer, cfg.to_yaml(),
+                                             opt, state, export_hf=cfg.checkpoint.export_hf)
+        ckpt_io.retain(self.run_dir, cfg.checkpoint.keep_last)
+        dist_io.barrier()
+        return path
+
+    def _gather_loader_state(self) -> dict:
+        state = self.loader.state_dict()
+        if self.dist.world_size == 1:
+            return state
+        states = [None] * self.dist.world_size
+        torch.distributed.all_gather_object(states, state)
+        return {str(r): s for r, s in enumerate(states)}
+
+    # --- plumbing ----------------------------------------------------------------------------------
+    def _log_step(self, loss: float, grad_norm: float, lr: float, tokens_per_sec: float, bar) -> None:
+        if self.log is None:
+            return
+        fpt = flops_per_token(self.cfg.model, self.cfg.train.seq_len)
+        peak = peak_flops(self.device, self.amp_dtype)
+        mfu = fpt * tokens_per_sec / (peak * self.dist.world_size) if peak else None
+        rec = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
+               "mfu": mfu, "tokens": self.tokens_seen, "mem_gb": memory_gb(self.device),
+               "tokens_per_source": self.loader.tokens_per_source}
+        self.log.log(rec)
+        msg = f"loss {loss:.4f} lr {lr:.2e} {tokens_per_sec:,.0f} tok/s" + (f" mfu {mfu:.1%}" if mfu else "")
+        if bar is not None:
+            bar.set_postfix_str(msg)
+        else:
+            print(f"step {self.step}/{self.cfg.train.max_steps} {msg}", flush=True)
+
+    def _print(self, msg: str) -> None:
+        if self.dist.is_main:
+            from tqdm import tqdm
+
+            tqdm.write(msg)
+
+    def _progress_bar(self):
+        if not (self.dist.is_main and self.cfg.log.progress):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.cfg.train.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+
+    def _write_run_files(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
+        env = environment(self.device, self.dist.world_size)
+        (self.run_dir / "env.json").write_text(json.dumps(env, indent=2))
+        print_header(self.cfg, env, self.raw_model.num_params(), self.dist.world_size)
+
+    def _check_disk(self) -> None:
+        n = self.raw_model.num_params()
+        need = n * 4 * (3 + self.cfg.checkpoint.export_hf) * 1.05 + self.cfg.checkpoint.min_free_gb * 2**30
+        free = shutil.disk_usage(self.run_dir if self.run_dir.exists() else Path.cwd()).free
+        if free < need:
+            raise TrainingError(f"Not enough free disk in {self.run_dir} for the next checkpoint: "
+                                f"{free / 2**30:.2f} GiB free, about {need / 2**30:.2f} GiB needed.")
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, _frame):
+            self.stop_signal = signum
+            signal.signal(signum, signal.SIG_DFL)  # a second signal stops at once
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, handler)
+
+    def _stop_on_signal(self) -> int:
+        path = self.save()
+        name = signal.Signals(self.stop_signal).name
+        if path is not None:
+            print(f"\n{name}: saved {path} (step {self.step}); run the same command to resume.", flush=True)
+        return 128 + self.stop_signal
+
+
+def train_cli(a) -> int:
+    from smoltrain.config import load_config
+
+    cfg = load_config(a.config, a.set)
+    trainer = Trainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        dist_io.teardown()
+
+
+
