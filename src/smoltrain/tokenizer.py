@@ -17,6 +17,7 @@ from tokenizers import Tokenizer as _HFTokenizer
 from smoltrain.errors import UserError
 
 EOT = "<|endoftext|>"  # document separator in SmolLM2's cosmo2 tokenizer (id 0)
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")  # SmolLM2's chat turn markers (ids 1 and 2)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
@@ -135,3 +136,55 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
     if str(spec).count("/") == 1 and not str(spec).startswith((".", "/", "~")):
         return Tokenizer(_from_hub(str(spec)), str(spec))
     raise UserError(f"Tokenizer path {spec} does not exist.")
+
+
+def train_tokenizer(sources, vocab_size: int, out_dir: str | Path, *, text_key: str = "text",
+                    max_documents: int | None = None, min_frequency: int = 2,
+                    extra_special_tokens: list[str] | tuple[str, ...] = (), force: bool = False,
+                    show_progress: bool = False) -> Tokenizer:
+    """Train a byte-level BPE the way SmolLM2's cosmo2 tokenizer was made, and save it to `out_dir`.
+
+    `<|endoftext|>` is id 0, `<|im_start|>` 1 and `<|im_end|>` 2; digits are split one by one before the
+    byte-level split (as cosmo2 does). `out_dir` gets tokenizer.json and tokenizer_config.json, so both
+    `load_tokenizer(out_dir)` and `transformers.AutoTokenizer.from_pretrained(out_dir)` load it.
+    """
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from smoltrain.data.sources import iter_documents, resolve_sources
+
+    special = [EOT, *CHAT_TOKENS, *(t for t in extra_special_tokens if t not in (EOT, *CHAT_TOKENS))]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(special) + len(alphabet):
+        raise UserError(f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least "
+                        f"{len(special) + len(alphabet)} ids (256 bytes + {len(special)} special tokens).")
+    out = Path(out_dir).expanduser()
+    if (out / "tokenizer.json").exists() and not force:
+        raise UserError(f"{out} already holds a tokenizer.json; pass --force to replace it.")
+    srcs = resolve_sources(sources)
+
+    backend = _HFTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=special,
+                                  initial_alphabet=alphabet, show_progress=show_progress)
+    backend.train_from_iterator(iter_documents(srcs, text_key, max_documents), trainer)
+    if backend.get_vocab_size() == len(special):
+        raise UserError(f"The sources ({', '.join(s.spec for s in srcs)}) hold no text to train a tokenizer on.")
+
+    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    backend.save(str(staging / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 8192, "bos_token": EOT,
+              "eos_token": EOT, "unk_token": EOT, "pad_token": EOT, "add_prefix_space": False,
+              "clean_up_tokenization_spaces": False, "additional_special_tokens": special[1:]}
+    (staging / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (staging / "special_tokens_map.json").write_text(json.dumps(
+        {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token", "additional_special_tokens")},
+        indent=2) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    for f in staging.iterdir():
+        os.replace(f, out / f.name)
+    staging.rmdir()
+    return Tokenizer(out, str(out))
