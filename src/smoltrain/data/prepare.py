@@ -1,0 +1,272 @@
+"""Tokenize documents into token shards plus meta.json, in parallel, atomically.
+
+Each document is encoded without special tokens and followed by one `<|endoftext|>`. The main process reads
+documents and writes shards; worker processes (spawned, each with its own tokenizer) encode chunks of about
+a megabyte, and results come back in submission order, so the output is identical for any `num_proc`.
+
+Everything is written into a hidden staging directory next to `out` and renamed into place once meta.json
+is written, so `out` is either complete or absent; an interrupted run leaves only staging debris, which the
+next run removes. Validation documents are chosen by position (see `is_val`), so the split is deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import shutil
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from smoltrain.data.shards import META_FORMAT, VERSION, ShardWriter, check_vocab, dtype_for_vocab, load_meta
+from smoltrain.data.sources import Source, count_documents, iter_documents, open_datasets, resolve_sources
+from smoltrain.errors import UserError
+from smoltrain.tokenizer import Tokenizer, load_tokenizer
+
+CHUNK_CHARS = 1 << 20  # characters per work item: large enough to amortise pickling, small enough to balance
+CHUNK_DOCS = 4096
+SHARD_TOKENS = 100_000_000  # 200 MB of uint16 per shard
+
+
+def is_val(index: int, fraction: float) -> bool:
+    """Document `index` is held out when round(n * fraction) steps up there: evenly spaced, streaming-friendly,
+    and the first n documents hold exactly round(n * fraction) validation documents."""
+    return fraction > 0 and math.floor((index + 1) * fraction + 0.5) > math.floor(index * fraction + 0.5)
+
+
+# --- workers -------------------------------------------------------------------------------------------------
+
+_WORKER: dict = {}
+
+
+def _init_worker(tokenizer_dir: str, dtype: str, in_pool: bool = True) -> None:
+    if in_pool:  # one process per core already: no nested thread pools
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    tok = Tokenizer(Path(tokenizer_dir), tokenizer_dir)
+    _WORKER.update(tok=tok, eot=tok.eot_id, dtype=np.dtype(dtype))
+
+
+def _encode_chunk(texts: list[str], val_flags: list[bool]) -> tuple[np.ndarray, int, np.ndarray, int]:
+    """(train tokens, train docs, val tokens, val docs) of one chunk, each document followed by EOT."""
+    tok, eot, dtype = _WORKER["tok"], _WORKER["eot"], _WORKER["dtype"]
+    encode = getattr(tok.backend, "encode_batch_fast", tok.backend.encode_batch)  # fast: no offsets
+    ids = [e.ids for e in encode(texts, add_special_tokens=False)]
+    out = []
+    for want in (False, True):
+        parts = [np.asarray(x + [eot], dtype=dtype) for x, v in zip(ids, val_flags) if v == want]
+        out += [np.concatenate(parts) if parts else np.zeros(0, dtype), len(parts)]
+    return out[0], out[1], out[2], out[3]
+
+
+def _chunks(docs: Iterator[str], fraction: float) -> Iterator[tuple[list[str], list[bool]]]:
+    texts, flags, chars = [], [], 0
+    for i, doc in enumerate(docs):
+        texts.append(doc)
+        flags.append(is_val(i, fraction))
+        chars += len(doc)
+        if chars >= CHUNK_CHARS or len(texts) >= CHUNK_DOCS:
+            yield texts, flags
+            texts, flags, chars = [], [], 0
+    if texts:
+        yield texts, flags
+
+
+def _encode_all(chunks: Iterator, tokenizer_dir: Path, dtype: np.dtype, num_proc: int) -> Iterator:
+    """Encoded chunks in order; at most 2 * num_proc chunks in flight, so memory stays flat on huge inputs."""
+    initargs = (str(tokenizer_dir), dtype.str)
+    if num_proc <= 1:  # in this process; the tokenizers library may still use its own threads
+        _init_worker(*initargs, in_pool=False)
+        for chunk in chunks:
+            yield _encode_chunk(*chunk)
+        return
+    import multiprocessing as mp
+
+    # spawn, not fork: the caller may hold threads (torch, the tokenizers pool) that fork would break
+    with mp.get_context("spawn").Pool(num_proc, initializer=_init_worker, initargs=initargs) as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(_encode_chunk, chunk))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# --- the output directory ------------------------------------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_debris(out: Path) -> None:
+    """Remove staging / set-aside directories of earlier runs on `out` whose process is gone."""
+    for p in out.parent.glob(f".{out.name}.*-*-*"):
+        kind, _, rest = p.name[len(out.name) + 2:].partition("-")
+        pid = rest.split("-")[0]
+        if kind in ("staging", "old") and pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _aside(out: Path, kind: str) -> Path:
+    return out.parent / f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _commit(staging: Path, out: Path) -> None:
+    """Put the finished staging dir at `out`; an old `out` is only removed once the new one is in place."""
+    old = None
+    if out.exists():
+        old = _aside(out, "old")
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _recipe(sources: list[Source], tok: Tokenizer, text_key: str, val_fraction: float, val_docs: int | None,
+            max_documents: int | None) -> dict:
+    """What determines the output: a re-run with the same recipe is a no-op."""
+    specs = [s.spec if s.kind == "hf" else str(Path(s.spec).expanduser().resolve()) for s in sources]
+    return {"sources": specs, "tokenizer_sha256": tok.sha256, "text_key": text_key, "val_fraction": val_fraction,
+            "val_docs": val_docs, "max_documents": max_documents}
+
+
+def _existing(out: Path, recipe: dict, force: bool) -> dict | None:
+    """The meta of a complete output with the same recipe (nothing to do), else None; refuses to overwrite
+    anything else without --force."""
+    if not out.exists() or force:
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} is a file, not a directory.")
+        return None
+    if not out.is_dir() or not (out / "meta.json").exists():
+        raise UserError(f"--out {out} exists and is not a prepared dataset; remove it or pass --force.")
+    meta = load_meta(out)
+    differs = [k for k, v in recipe.items() if meta.get("recipe", {}).get(k) != v]
+    if differs:
+        raise UserError(f"{out} already holds data prepared with a different {', '.join(differs)}; pass --force "
+                        "to rebuild it, or choose another --out.")
+    return meta
+
+
+# --- the entry point -----------------------------------------------------------------------------------------
+
+
+def prepare(sources: Iterable[str | Path], tokenizer: str | Path | Tokenizer, out: str | Path, *,
+            text_key: str = "text", val_fraction: float = 0.01, val_docs: int | None = None,
+            max_documents: int | None = None, num_proc: int | None = None, force: bool = False,
+            shard_tokens: int = SHARD_TOKENS, model_vocab_size: int | None = None,
+            progress: bool = True, verbose: bool = True) -> dict:
+    """Tokenize `sources` into `out` and return its meta.json as a dict (see module docstring)."""
+    t0 = time.perf_counter()
+    srcs = resolve_sources(sources)
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
+    eot = tok.eot_id
+    if model_vocab_size is not None:
+        check_vocab(tok, model_vocab_size)
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}.")
+    if max_documents is not None and max_documents < 1:
+        raise UserError(f"--max-documents must be at least 1, got {max_documents}.")
+    out = Path(out).expanduser()
+    recipe = _recipe(srcs, tok, text_key, val_fraction, val_docs, max_documents)
+    meta = _existing(out, recipe, force)
+    if meta is not None:
+        if verbose:
+            print(f"{out} is already prepared ({meta['num_tokens']:,} tokens, {meta['num_documents']:,} documents)"
+                  "; nothing to do (--force rebuilds it).")
+        return meta
+
+    total = count_documents(srcs, text_key, max_documents) if val_docs is not None else None
+    if val_docs is not None:
+        if total is None:
+            raise UserError("--val-docs needs the number of documents up front, which a streamed hf: source "
+                            "does not tell; pass --max-documents too, or use --val-fraction.")
+        if not 0 <= val_docs < max(total, 1):
+            raise UserError(f"--val-docs {val_docs} must be below the number of documents ({total}).")
+        val_fraction = val_docs / total if total else 0.0
+
+    opened = open_datasets(srcs)
+    max_id = max(max(tok.backend.get_vocab().values()), eot)
+    dtype = dtype_for_vocab(max_id)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _clean_debris(out)
+    staging = _aside(out, "staging")
+    staging.mkdir()
+    try:
+        docs = iter_documents(srcs, text_key, max_documents, opened)
+        splits = _tokenize(docs, tok, staging, dtype, val_fraction, num_proc or _cpu_count(), shard_tokens,
+                           progress, total)
+        meta = {
+            "format": META_FORMAT, "version": VERSION,
+            "num_tokens": sum(s["num_tokens"] for s in splits.values()),
+            "num_documents": sum(s["num_documents"] for s in splits.values()),
+            "tokenizer": tok.identity, "vocab_size": tok.vocab_size, "eot_id": eot, "dtype": dtype.name,
+            "splits": splits, "sources": [s.spec for s in srcs], "text_key": text_key,
+            "val_fraction": val_fraction, "max_documents": max_documents, "recipe": recipe,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.perf_counter() - t0, 3),
+        }
+        if meta["num_documents"] == 0:
+            raise UserError(f"The sources ({', '.join(s.spec for s in srcs)}) yielded no documents.")
+        tok.save(staging / "tokenizer")
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")  # last: marks completeness
+        _commit(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # a no-op after a successful commit
+    if verbose:
+        _report(out, meta)
+    return meta
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def _tokenize(docs: Iterator[str], tok: Tokenizer, staging: Path, dtype: np.dtype, val_fraction: float,
+              num_proc: int, shard_tokens: int, progress: bool, total: int | None) -> dict:
+    from tqdm.auto import tqdm
+
+    writers = {name: ShardWriter(staging, name, dtype, shard_tokens) for name in ("train", "val")}
+    bar = tqdm(total=total, unit="doc", desc="prepare", disable=None if progress else True, dynamic_ncols=True)
+    num_tokens = 0
+    try:
+        for train, n_train, val, n_val in _encode_all(_chunks(docs, val_fraction), tok.directory, dtype, num_proc):
+            writers["train"].write(train, n_train)
+            writers["val"].write(val, n_val)
+            num_tokens += len(train) + len(val)
+            bar.update(n_train + n_val)
+            bar.set_postfix_str(f"{num_tokens:,} tokens", refresh=False)
+    finally:
+        bar.close()
+    splits = {}
+    for name, w in writers.items():
+        shards = w.close()
+        splits[name] = {"num_tokens": sum(s["num_tokens"] for s in shards),
+                        "num_documents": sum(s["num_documents"] for s in shards), "shards": shards}
+    return splits
+
+
+def _report(out: Path, meta: dict) -> None:
+    tr, va = meta["splits"]["train"], meta["splits"]["val"]
+    rate = meta["num_tokens"] / max(meta["seconds"], 1e-9)
+    print(f"Prepared {out}: {meta['num_tokens']:,} tokens from {meta['num_documents']:,} documents "
+          f"(train {tr['num_tokens']:,} tokens / {tr['num_documents']:,} docs, val {va['num_tokens']:,} / "
+          f"{va['num_documents']:,}) in {meta['seconds']:.1f}s, {rate:,.0f} tokens/s.")
+    if not tr["num_documents"]:
+        print("Warning: the train split is empty (every document went to validation); lower --val-fraction.")
+    if not va["num_documents"] and meta["val_fraction"] > 0:
+        print(f"Note: no validation documents ({meta['num_documents']} documents x val fraction "
+              f"{meta['val_fraction']} rounds to 0); use --val-docs N to hold some out.")
