@@ -69,7 +69,7 @@ class Trainer:
                             f"{cfg.model.vocab_size}; raise model.vocab_size or use a smaller tokenizer.")
         weights = {d.name: d.weight for d in cfg.data.datasets}
         common = dict(batch_size=cfg.train.micro_batch_size, seq_len=cfg.train.seq_len, seed=cfg.train.seed,
-                      rank=self.dist.rank, world_size=self.dist.world_size)
+                      rank=self.dist.rank, world_size=self.dist.world_size, grad_accum_steps=cfg.train.grad_accum_steps)
         self.loader = PackedLoader(paths, split="train", weights=weights, stages=cfg.data.stages or None, **common)
         self.val_paths = paths
         self.byte_lengths = token_byte_lengths(self.tokenizer)

@@ -1,0 +1,159 @@
+"""The trainer: exact resume after kill -9, gradient accumulation, clean refusals, signals, NaN stops."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from smoltrain.config import load_config
+from smoltrain.trainer import Trainer
+
+from .conftest import assert_user_error, make_corpus_text, run_cli
+
+DEBUG_TINY = Path(__file__).parent.parent / "configs" / "debug-tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, tiny_tokenizer_dir) -> list[str]:
+    """--set overrides that point debug-tiny at a generated corpus, prepared once per session."""
+    corpus = tmp_path_factory.mktemp("corpus")
+    for i, doc in enumerate(make_corpus_text(40, seed=3, words_per_doc=(200, 400))):
+        (corpus / f"doc{i:03d}.txt").write_text(doc)
+    data_dir = tmp_path_factory.mktemp("prepared")
+    return ["--set", f"data.tokenizer={tiny_tokenizer_dir}", "--set", "data.train_tokenizer_vocab_size=0",
+            "--set", f"data.datasets=[{{name: tiny, sources: ['{corpus}']}}]", "--set", "data.max_documents=null",
+            "--set", f"run.data_dir={data_dir}", "--set", "data.num_proc=1"]
+
+
+def train(run_dir: Path, tiny_data: list[str], *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "smoltrain", "train", "--config", str(DEBUG_TINY), "--set", f"run.dir={run_dir}",
+            *tiny_data, *extra]
+    return subprocess.run(args, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+
+
+def losses(run_dir: Path) -> list[tuple]:
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in recs]
+
+
+def tree_hash(d: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(d.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(d)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_kill_9_then_resume_is_bit_identical(tmp_path, tiny_data):
+    straight = train(tmp_path / "a", tiny_data)
+    assert straight.returncode == 0, straight.stderr
+    killed = train(tmp_path / "b", tiny_data, env={"SMOLTRAIN_FAULT": "after_step=14"})
+    assert killed.returncode == -signal.SIGKILL
+    resumed = train(tmp_path / "b", tiny_data)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resuming from" in resumed.stdout and "step_00000010 (step 10)" in resumed.stdout
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert len(a) == 33 and a == b  # 30 train steps + 3 evals, floats compared exactly
+
+
+def test_kill_inside_save_keeps_previous_checkpoint(tmp_path, tiny_data):
+    killed = train(tmp_path / "r", tiny_data, env={"SMOLTRAIN_FAULT": "in_save=20"})
+    assert killed.returncode == -signal.SIGKILL
+    names = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir())
+    assert "step_00000010" in names and "step_00000020" not in names
+    resumed = train(tmp_path / "r", tiny_data)
+    assert resumed.returncode == 0 and "(step 10)" in resumed.stdout
+    assert not any(n.startswith(".staging") for n in os.listdir(tmp_path / "r" / "checkpoints"))
+
+
+def _run_in_process(run_dir, tiny_data, *sets):
+    pairs = [s for s in tiny_data if s != "--set"] + list(sets) + [f"run.dir={run_dir}", "checkpoint.every=0"]
+    cfg = load_config(DEBUG_TINY, pairs)
+    trainer = Trainer(cfg)
+    trainer.train()
+    return trainer
+
+
+def test_grad_accumulation_matches_big_batch(tmp_path, tiny_data):
+    a = _run_in_process(tmp_path / "a", tiny_data, "train.micro_batch_size=2", "train.grad_accum_steps=4",
+                        "train.max_steps=3", "optim.warmup_steps=1")
+    b = _run_in_process(tmp_path / "b", tiny_data, "train.micro_batch_size=8", "train.grad_accum_steps=1",
+                        "train.max_steps=3", "optim.warmup_steps=1")
+    def curve(run):  # loss and grad norm: both scale with a wrong token average (Adam's update would not)
+        recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [v for r in recs if "loss" in r for v in (r["loss"], r["grad_norm"])]
+
+    ca, cb = curve(tmp_path / "a"), curve(tmp_path / "b")
+    assert len(ca) == 6 and ca == pytest.approx(cb, rel=1e-5)
+    for (n, p), q in zip(a.raw_model.named_parameters(), b.raw_model.parameters()):
+        assert torch.allclose(p, q, atol=1e-5), n  # Adam turns float-order noise into ~1e-6
+
+
+def test_bad_configs_exit_2_and_damage_nothing(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    assert train(run, tiny_data, "--set", "train.max_steps=10").returncode == 0
+    before = tree_hash(run)
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("train: {max_steps: [1,\n")
+    cases = [
+        (["--config", str(bad_yaml)], "malformed yaml"),
+        (["--set", "train.max_stepz=3"], "unknown key 'train.max_stepz'"),
+        (["--set", "train.max_steps=many"], "train.max_steps must be int"),
+        (["--set", "train.seq_len=100000"], "max_position_embeddings"),
+        (["--set", "train.seed=7"], "train.seed"),  # changes the trajectory of an existing run
+        (["--set", f"train.resume_from={tmp_path / 'nope'}"], "does not exist"),
+    ]
+    for extra, needle in cases:
+        args = ["train", "--config", str(DEBUG_TINY), "--set", f"run.dir={run}",
+                *[a for a in tiny_data], *extra]
+        if extra[0] == "--config":
+            args = ["train", *extra, "--set", f"run.dir={run}"]
+        assert_user_error(run_cli(*args), needle)
+    assert tree_hash(run) == before
+
+
+def test_extend_a_finished_run(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    assert train(run, tiny_data, "--set", "train.max_steps=10").returncode == 0
+    again = train(run, tiny_data, "--set", "train.max_steps=10")
+    assert again.returncode == 0 and "already at step 10" in again.stdout
+    more = train(run, tiny_data, "--set", "train.max_steps=14", "--set", "optim.decay_start_step=8")
+    assert more.returncode == 0 and "(step 10)" in more.stdout
+    assert losses(run)[-2][0] == 14 and (run / "checkpoints" / "step_00000014").is_dir()
+
+
+def test_sigterm_saves_then_exits(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "smoltrain", "train", "--config", str(DEBUG_TINY), "--set", f"run.dir={run}",
+            *tiny_data, "--set", "train.max_steps=100000", "--set", "checkpoint.every=0"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "SIGTERM: saved" in out
+    steps = [p.name for p in (run / "checkpoints").iterdir()]
+    assert len(steps) == 1 and int(steps[0][5:]) >= 1
+
+
+def test_nonfinite_loss_stops_before_the_update(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    proc = train(run, tiny_data, "--set", "optim.lr=1e30", "--set", "optim.warmup_steps=0",
+                 "--set", "checkpoint.every=1", "--set", "optim.grad_clip=0")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "Non-finite" in proc.stderr and "at step" in proc.stderr
+    bad_step = int(proc.stderr.split("at step ")[1].split()[0])
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert kept and int(kept[-1][5:]) == bad_step - 1  # nothing written at or after the bad step
