@@ -11,6 +11,7 @@ next run removes. Validation documents are chosen by position (see `is_val`), so
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -112,7 +113,7 @@ def _pid_alive(pid: int) -> bool:
 
 def _clean_debris(out: Path) -> None:
     """Remove staging / set-aside directories of earlier runs on `out` whose process is gone."""
-    for p in out.parent.glob(f".{out.name}.*-*-*"):
+    for p in out.parent.glob(f".{glob.escape(out.name)}.*-*-*"):
         kind, _, rest = p.name[len(out.name) + 2:].partition("-")
         pid = rest.split("-")[0]
         if kind in ("staging", "old") and pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
@@ -172,12 +173,7 @@ def prepare(sources: Iterable[str | Path], tokenizer: str | Path | Tokenizer, ou
     srcs = resolve_sources(sources)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     eot = tok.eot_id
-    if model_vocab_size is not None:
-        check_vocab(tok, model_vocab_size)
-    if not 0 <= val_fraction < 1:
-        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}.")
-    if max_documents is not None and max_documents < 1:
-        raise UserError(f"--max-documents must be at least 1, got {max_documents}.")
+    _check_args(tok, val_fraction, val_docs, max_documents, model_vocab_size)
     out = Path(out).expanduser()
     recipe = _recipe(srcs, tok, text_key, val_fraction, val_docs, max_documents)
     meta = _existing(out, recipe, force)
@@ -187,15 +183,10 @@ def prepare(sources: Iterable[str | Path], tokenizer: str | Path | Tokenizer, ou
                   "; nothing to do (--force rebuilds it).")
         return meta
 
-    total = count_documents(srcs, text_key, max_documents) if val_docs is not None else None
-    if val_docs is not None:
-        if total is None:
-            raise UserError("--val-docs needs the number of documents up front, which a streamed hf: source "
-                            "does not tell; pass --max-documents too, or use --val-fraction.")
-        if not 0 <= val_docs < max(total, 1):
-            raise UserError(f"--val-docs {val_docs} must be below the number of documents ({total}).")
-        val_fraction = val_docs / total if total else 0.0
-
+    total = None
+    if val_docs is not None:  # an exact count: turn it into the fraction that selects exactly that many
+        total = count_documents(srcs, text_key, max_documents)
+        val_fraction = _val_docs_fraction(val_docs, total)
     opened = open_datasets(srcs)
     max_id = max(max(tok.backend.get_vocab().values()), eot)
     dtype = dtype_for_vocab(max_id)
@@ -219,13 +210,41 @@ def prepare(sources: Iterable[str | Path], tokenizer: str | Path | Tokenizer, ou
         if meta["num_documents"] == 0:
             raise UserError(f"The sources ({', '.join(s.spec for s in srcs)}) yielded no documents.")
         tok.save(staging / "tokenizer")
-        (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")  # last: marks completeness
+        _write_synced(staging / "meta.json", json.dumps(meta, indent=2) + "\n")  # last: marks completeness
         _commit(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # a no-op after a successful commit
     if verbose:
         _report(out, meta)
     return meta
+
+
+def _check_args(tok: Tokenizer, val_fraction: float, val_docs: int | None, max_documents: int | None,
+                model_vocab_size: int | None) -> None:
+    if model_vocab_size is not None:
+        check_vocab(tok, model_vocab_size)
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}.")
+    if val_docs is not None and val_docs < 0:
+        raise UserError(f"--val-docs must not be negative, got {val_docs}.")
+    if max_documents is not None and max_documents < 1:
+        raise UserError(f"--max-documents must be at least 1, got {max_documents}.")
+
+
+def _val_docs_fraction(val_docs: int, total: int | None) -> float:
+    if total is None:
+        raise UserError("--val-docs needs the number of documents up front, which a streamed hf: source "
+                        "does not tell; pass --max-documents too, or use --val-fraction.")
+    if val_docs >= max(total, 1):
+        raise UserError(f"--val-docs {val_docs} must be below the number of documents ({total}).")
+    return val_docs / total if total else 0.0
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _cpu_count() -> int:
@@ -240,7 +259,7 @@ def _tokenize(docs: Iterator[str], tok: Tokenizer, staging: Path, dtype: np.dtyp
     from tqdm.auto import tqdm
 
     writers = {name: ShardWriter(staging, name, dtype, shard_tokens) for name in ("train", "val")}
-    bar = tqdm(total=total, unit="doc", desc="prepare", disable=None if progress else True, dynamic_ncols=True)
+    bar = tqdm(total=total, unit="doc", desc="prepare", disable=not progress, dynamic_ncols=True, mininterval=0.5)
     num_tokens = 0
     try:
         for train, n_train, val, n_val in _encode_all(_chunks(docs, val_fraction), tok.directory, dtype, num_proc):
