@@ -45,6 +45,10 @@ def losses(run_dir: Path) -> list[tuple]:
     return [(r["step"], r.get("loss"), r.get("val_loss")) for r in recs]
 
 
+def _data_dir(tiny_data: list[str]) -> Path:
+    return Path(next(a.split("=", 1)[1] for a in tiny_data if a.startswith("run.data_dir="))) / "tiny"
+
+
 def tree_hash(d: Path) -> str:
     h = hashlib.sha256()
     for p in sorted(d.rglob("*")):
@@ -85,9 +89,9 @@ def _run_in_process(run_dir, tiny_data, *sets):
 
 def test_grad_accumulation_matches_big_batch(tmp_path, tiny_data):
     a = _run_in_process(tmp_path / "a", tiny_data, "train.micro_batch_size=2", "train.grad_accum_steps=4",
-                        "train.max_steps=3", "optim.warmup_steps=1")
+                        "train.max_steps=3")
     b = _run_in_process(tmp_path / "b", tiny_data, "train.micro_batch_size=8", "train.grad_accum_steps=1",
-                        "train.max_steps=3", "optim.warmup_steps=1")
+                        "train.max_steps=3")
     def curve(run):  # loss and grad norm: both scale with a wrong token average (Adam's update would not)
         recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         return [v for r in recs if "loss" in r for v in (r["loss"], r["grad_norm"])]
@@ -157,3 +161,86 @@ def test_nonfinite_loss_stops_before_the_update(tmp_path, tiny_data):
     bad_step = int(proc.stderr.split("at step ")[1].split()[0])
     kept = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
     assert kept and int(kept[-1][5:]) == bad_step - 1  # nothing written at or after the bad step
+
+
+def test_wsd_cooldown_branch_and_hf_checkpoint_export(tmp_path, tiny_data):
+    stable = tmp_path / "stable"
+    assert train(stable, tiny_data, "--set", "optim.schedule=constant", "--set", "train.max_steps=20").returncode == 0
+    branch = tmp_path / "cooldown"
+    src = stable / "checkpoints" / "step_00000010"
+    proc = train(branch, tiny_data, "--set", f"train.resume_from={src}", "--set", "optim.schedule=wsd",
+                 "--set", "optim.decay_start_step=10", "--set", "optim.decay_steps=6", "--set", "train.max_steps=16",
+                 "--set", "checkpoint.export_hf=true")
+    assert proc.returncode == 0, proc.stderr
+    assert f"Resuming from {src} (step 10)" in proc.stdout
+    recs = [json.loads(line) for line in (branch / "metrics.jsonl").read_text().splitlines() if '"lr"' in line]
+    assert [r["step"] for r in recs] == list(range(11, 17)) and recs[-1]["lr"] == 0.0
+    assert recs[0]["lr"] < 3e-3  # decaying from the branch point on
+    hf = branch / "checkpoints" / "step_00000016" / "hf"
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf, local_files_only=True)
+    assert model.config.num_hidden_layers == 2 and (hf / "tokenizer.json").exists()
+
+
+def test_continued_pretraining_from_imported_weights(tmp_path, tiny_data, tiny_ckpt):
+    run = tmp_path / "cont"
+    proc = train(run, tiny_data, "--set", f"train.init_from={tiny_ckpt}", "--set", "train.max_steps=2",
+                 "--set", "model.max_position_embeddings=256")
+    assert proc.returncode == 0, proc.stderr
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    fresh = train(tmp_path / "fresh", tiny_data, "--set", "train.max_steps=2", "--set", "train.seed=5",
+                  "--set", "model.max_position_embeddings=256")
+    fresh_first = json.loads((tmp_path / "fresh" / "metrics.jsonl").read_text().splitlines()[0])
+    assert fresh.returncode == 0
+    from smoltrain.checkpoint import load_model
+    from smoltrain.data.loader import PackedLoader
+
+    model, _, _ = load_model(tiny_ckpt)
+    loader = PackedLoader({"tiny": _data_dir(tiny_data)}, batch_size=4, seq_len=64, seed=1337)
+    w = loader.next_batch()
+    with torch.no_grad():
+        expected = model(w[:, :-1], labels=w[:, 1:]).item()
+    assert first["loss"] == pytest.approx(expected, abs=1e-5)  # training started from the imported weights
+    assert fresh_first["loss"] != pytest.approx(expected, abs=1e-3)
+    shape = train(tmp_path / "bad", tiny_data, "--set", f"train.init_from={tiny_ckpt}",
+                  "--set", "model.hidden_size=128")
+    assert shape.returncode == 2 and "another shape" in shape.stderr
+
+
+def test_eval_command_table_and_json(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    assert train(run, tiny_data, "--set", "train.max_steps=10").returncode == 0
+    data = _data_dir(tiny_data)
+    proc = run_cli("eval", run, "--data", data, "--json", "--seq-len", "64", "--max-batches", "3")
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)
+    assert res["loss"] > 0 and res["bpb"] > 0 and res["ppl"] == pytest.approx(2.718281828 ** res["loss"], rel=1e-6)
+    table = run_cli("eval", run, run / "checkpoints" / "step_00000010", "--data", data, "--seq-len", "64")
+    assert table.returncode == 0 and table.stdout.count("\n") == 3
+    assert_user_error(run_cli("eval", run, "--data", tmp_path / "nope"), "nope")
+
+
+@pytest.mark.slow
+def test_chaos_random_kills_give_the_same_curve(tmp_path, tiny_data):
+    import random
+
+    extra = ["--set", "train.max_steps=40", "--set", "checkpoint.every=5", "--set", "checkpoint.keep_last=2"]
+    assert train(tmp_path / "ref", tiny_data, *extra).returncode == 0
+    rng = random.Random(0)
+    faults = [f"after_step={rng.randint(1, 12)}", f"in_save={rng.choice([15, 20])}",
+              f"after_step={rng.randint(21, 29)}", f"after_step={rng.randint(31, 39)}"]
+    run, kills = tmp_path / "chaos", 0
+    for fault in faults:
+        proc = train(run, tiny_data, *extra, env={"SMOLTRAIN_FAULT": fault})
+        kills += proc.returncode == -signal.SIGKILL
+    args = [sys.executable, "-m", "smoltrain", "train", "--config", str(DEBUG_TINY), "--set", f"run.dir={run}",
+            *tiny_data, *extra]
+    for _ in range(2):  # kills at arbitrary moments, wherever the process happens to be
+        p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(3.0, 6.0))
+        p.kill()
+        kills += p.wait() == -signal.SIGKILL
+    assert kills >= 4
+    assert train(run, tiny_data, *extra).returncode == 0
+    assert losses(run) == losses(tmp_path / "ref")

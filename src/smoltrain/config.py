@@ -383,8 +383,8 @@ def validate(cfg: Config) -> list[str]:
             p.append(f"{key} must be one of {', '.join(allowed)} (got {value!r})")
     if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
         p.append(f"optim.lr must be > 0 and 0 <= optim.min_lr <= optim.lr (got {o.lr}, {o.min_lr})")
-    if o.warmup_steps < 0 or o.warmup_steps > t.max_steps:
-        p.append(f"optim.warmup_steps ({o.warmup_steps}) must be within 0..train.max_steps ({t.max_steps})")
+    if o.warmup_steps < 0:
+        p.append(f"optim.warmup_steps must be >= 0 (got {o.warmup_steps})")
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 0 or cfg.log.every < 1:
         p.append("checkpoint.every and checkpoint.keep_last must be >= 0 and log.every >= 1")
     names = [d.name for d in cfg.data.datasets]
