@@ -103,6 +103,8 @@ class PackedLoader:
         if min(batch_size, seq_len, world_size, grad_accum_steps) < 1 or not 0 <= rank < world_size:
             raise UserError(f"Bad loader shape: batch_size {batch_size}, seq_len {seq_len}, rank {rank}, "
                             f"world_size {world_size}, grad_accum_steps {grad_accum_steps}.")
+        if not isinstance(seed, int) or seed < 0:
+            raise UserError(f"The data seed must be a non-negative integer, got {seed!r}.")
         named = _named(datasets)
         if not named:
             raise UserError("No datasets given to the loader.")
