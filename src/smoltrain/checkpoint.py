@@ -90,19 +90,24 @@ def staged_dir(final: Path, info: dict | None = None, replace: bool = False) -> 
     staging.mkdir()
     try:
         yield staging
-        write_manifest(staging, info)
-        old = None
-        if final.exists():
-            if not replace:
-                raise UserError(f"{final} already exists (pass --force to replace it).")
-            old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-        os.replace(staging, final)
-        _fsync(final.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        commit_staged(staging, final, info, replace)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def commit_staged(staging: Path, final: Path, info: dict | None = None, replace: bool = False) -> None:
+    """Manifest + fsync the staging dir, then rename it to `final` (the commit point)."""
+    write_manifest(staging, info)
+    old = None
+    if final.exists():
+        if not replace:
+            raise UserError(f"{final} already exists (pass --force to replace it).")
+        old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+    os.replace(staging, final)
+    _fsync(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def model_state(model: SmolLM2) -> dict[str, torch.Tensor]:
@@ -227,7 +232,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
 
 # --- training checkpoints: RUN/checkpoints/step_NNNNNNNN ---------------------------------------------
 
-TRAIN_STATE, OPTIMIZER, RNG, RUN_CONFIG = "train_state.json", "optimizer.pt", "rng.pt", "config.yaml"
+TRAIN_STATE, OPTIMIZER_DIR, RNG, RUN_CONFIG = "train_state.json", "optimizer", "rng.pt", "config.yaml"
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -257,41 +262,74 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_train_checkpoint(run_dir: Path, step: int, model: SmolLM2, tokenizer: Tokenizer | None, config_yaml: str,
-                          optimizer_state: dict, train_state: dict, export_hf: bool = False) -> Path:
-    """Stage, fsync, manifest and commit a full training checkpoint (weights + everything to resume)."""
+def staging_for(final: Path) -> Path:
+    """The one staging dir every rank of a distributed save writes into (rank 0 commits it)."""
+    return final.parent / f".staging-{final.name}"
+
+
+def begin_train_checkpoint(run_dir: Path, step: int) -> Path:
+    """Rank 0, before a save: set aside a same-named (corrupt) checkpoint, make a fresh staging dir."""
     final = step_dir(run_dir, step)
     if final.exists():  # e.g. a corrupt one that resume skipped: set it aside, never delete it
         quarantine(final)
-    with staged_dir(final, {"kind": "train", "step": step}) as d:
-        save_model_files(d, model_state(model), model.config, tokenizer)
-        (d / RUN_CONFIG).write_text(config_yaml)
-        torch.save(optimizer_state, d / OPTIMIZER)
-        torch.save(rng_state(), d / RNG)
-        (d / TRAIN_STATE).write_text(json.dumps(train_state, indent=2))
-        from smoltrain.runinfo import fault_point
+    staging = staging_for(final)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
 
-        fault_point("in_save", step)  # crash tests: die with a half-written checkpoint
-        if export_hf:
-            from smoltrain.interop import write_hf_extras
 
-            hf = d / "hf"
-            hf.mkdir()
-            save_model_files(hf, model_state(model), model.config, tokenizer)
-            write_hf_extras(hf, model, final)
+def save_optimizer(staging: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """All ranks: optimizer state through torch.distributed.checkpoint, keyed by parameter name.
+
+    DCP reshards on load, so a checkpoint written by N processes (DDP, FSDP or one) resumes with M.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(staging / OPTIMIZER_DIR))
+
+
+def load_optimizer(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=str(ckpt / OPTIMIZER_DIR))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def finish_train_checkpoint(staging: Path, run_dir: Path, step: int, model_cfg: ModelConfig,
+                            weights: dict[str, torch.Tensor], tokenizer: Tokenizer | None, config_yaml: str,
+                            extra: dict, train_state: dict, export_hf: bool = False) -> Path:
+    """Rank 0, after every rank wrote its shards: weights, config, RNG, loop state; then commit."""
+    final = step_dir(run_dir, step)
+    if model_cfg.tie_word_embeddings:
+        weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}
+    save_model_files(staging, weights, model_cfg, tokenizer)
+    (staging / RUN_CONFIG).write_text(config_yaml)
+    torch.save({"rng": rng_state(), **extra}, staging / RNG)
+    (staging / TRAIN_STATE).write_text(json.dumps(train_state, indent=2))
+    from smoltrain.runinfo import fault_point
+
+    fault_point("in_save", step)  # crash tests: die with a half-written checkpoint
+    if export_hf:
+        from smoltrain.interop import write_hf_extras
+
+        hf = staging / "hf"
+        hf.mkdir()
+        save_model_files(hf, weights, model_cfg, tokenizer)
+        write_hf_extras(hf, model_cfg, final)
+    commit_staged(staging, final, {"kind": "train", "step": step})
     return final
 
 
 def load_train_state(ckpt: Path) -> dict:
-    """Everything but the weights: train_state.json, optimizer, rng, and the run config it was saved with."""
+    """Everything but weights and optimizer: train_state.json, RNG (+ scaler), the run config."""
     try:
-        return {
-            "train_state": json.loads((ckpt / TRAIN_STATE).read_text()),
-            "optimizer": torch.load(ckpt / OPTIMIZER, map_location="cpu", weights_only=False),
-            "rng": torch.load(ckpt / RNG, map_location="cpu", weights_only=False),
-            "config_yaml": (ckpt / RUN_CONFIG).read_text(),
-        }
-    except (OSError, ValueError) as e:
+        extra = torch.load(ckpt / RNG, map_location="cpu", weights_only=False)
+        return {"train_state": json.loads((ckpt / TRAIN_STATE).read_text()), "rng": extra.pop("rng"),
+                "extra": extra, "config_yaml": (ckpt / RUN_CONFIG).read_text()}
+    except (OSError, ValueError, KeyError) as e:
         raise UserError(f"{ckpt} is not a training checkpoint that can be resumed ({e}).") from None
 
 

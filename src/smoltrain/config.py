@@ -401,7 +401,8 @@ def validate(cfg: Config) -> list[str]:
 
 
 # Fields that define a run's trajectory: resuming with any of them changed is refused by default.
-TRAJECTORY_FIELDS = ("model", "train.micro_batch_size", "train.seq_len", "train.grad_accum_steps", "train.seed",
+# The global batch (micro x accum x world) is compared by the trainer: 2 x 4 on one process equals 2 x 2 on two.
+TRAJECTORY_FIELDS = ("model", "train.seq_len", "train.seed",
                      "data.datasets", "data.stages", "data.tokenizer", "data.train_tokenizer_vocab_size",
                      "data.val_fraction")
 

@@ -84,3 +84,13 @@ def wrap(model: nn.Module, env: DistEnv, device: torch.device) -> nn.Module:
             fully_shard(layer)
         fully_shard(model)
     return model
+
+
+def full_state_dict(model: nn.Module, env: DistEnv) -> dict[str, torch.Tensor]:
+    """The whole model's weights on CPU (gathered from the shards under FSDP; all ranks must call)."""
+    if env.strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(model, options=opts) if env.world_size > 1 or dist.is_initialized() else {}
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}

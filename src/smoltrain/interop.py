@@ -148,18 +148,21 @@ def export_hf(ckpt: str | Path, out: str | Path, force: bool = False, card: str 
     model, tok, _ = load_model(src)  # validates the checkpoint fully
     with staged_dir(out, {"kind": "export", "source": str(src)}, replace=force) as d:
         save_model_files(d, model_state(model), model.config, tok)
-        write_hf_extras(d, model, src, card)
+        write_hf_extras(d, model.config, src, card)
     return out
 
 
-def write_hf_extras(d: Path, model, src: Path, card: str | None = None) -> None:
+def write_hf_extras(d: Path, cfg: ModelConfig, src: Path, card: str | None = None) -> None:
     """generation_config.json and the model card beside the weights of an HF folder."""
-    (d / "generation_config.json").write_text(json.dumps(generation_config(model.config), indent=2))
-    (d / "README.md").write_text(card or model_card(model, src))
+    (d / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2))
+    (d / "README.md").write_text(card or model_card(cfg, src))
 
 
-def model_card(model, src: Path) -> str:
-    cfg = model.config
+def model_card(cfg: ModelConfig, src: Path) -> str:
+    from smoltrain.model import SmolLM2
+
+    with torch.device("meta"):
+        num_params = SmolLM2(cfg).num_params()
     return f"""---
 library_name: transformers
 license: apache-2.0
@@ -171,7 +174,7 @@ A SmolLM2-architecture (Llama) causal language model exported by smoltrain from 
 
 | field | value |
 |---|---|
-| parameters | {model.num_params():,} |
+| parameters | {num_params:,} |
 | layers / hidden / ffn | {cfg.num_hidden_layers} / {cfg.hidden_size} / {cfg.intermediate_size} |
 | heads / kv heads | {cfg.num_attention_heads} / {cfg.num_key_value_heads} |
 | vocab | {cfg.vocab_size} |

@@ -45,9 +45,11 @@ class Trainer:
         self.step, self.tokens_seen, self.stop_signal = 0, 0, None
         torch.manual_seed(cfg.train.seed)
         self._setup_data()
-        self._setup_model()
+        ckpt = self._find_resume()
+        self._setup_model(ckpt)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
-        self._resume()
+        if ckpt is not None:
+            self._restore(ckpt)
         self.log = RunLog(self.run_dir, self.step, cfg.log.tensorboard, cfg.log.wandb_project,
                           cfg.to_dict()) if self.dist.is_main else None
 
@@ -74,15 +76,17 @@ class Trainer:
         self.val_paths = paths
         self.byte_lengths = token_byte_lengths(self.tokenizer)
 
-    def _setup_model(self) -> None:
+    def _setup_model(self, ckpt: Path | None) -> None:
+        """Weights (fresh, init_from, or the resume checkpoint's) are loaded before any wrapping."""
         cfg = self.cfg
-        if cfg.train.init_from:
+        source = ckpt or cfg.train.init_from
+        if source:
             from smoltrain.checkpoint import load_model
 
-            model, _, src = load_model(cfg.train.init_from, device=self.device, need_tokenizer=False)
+            model, _, src = load_model(source, device=self.device, need_tokenizer=False)
             if model.config != cfg.model:
-                raise UserError(f"train.init_from {src} has another shape than the config's model section; "
-                                f"set model to match it: {model.config}")
+                raise UserError(f"{'train.init_from ' if ckpt is None else 'The checkpoint '}{src} has another "
+                                f"shape than the config's model section; set model to match it: {model.config}")
             self.model = model.train()
         else:
             self.model = build_model(cfg.model, self.device).train()
@@ -93,35 +97,47 @@ class Trainer:
         if cfg.train.compile:
             self.model = torch.compile(self.model)
 
-    def _resume(self) -> None:
-        cfg, explicit = self.cfg, self.cfg.train.resume_from
-        if explicit:
-            if not Path(explicit).exists():
-                raise UserError(f"train.resume_from {explicit} does not exist (refusing to start fresh).")
-            ckpt = ckpt_io.resolve_checkpoint(explicit)
-        else:
-            if self.dist.is_main:
+    def _find_resume(self) -> Path | None:
+        """Rank 0 picks the checkpoint (quarantining corrupt ones) and checks it fits; all ranks use it."""
+        cfg, explicit, found = self.cfg, self.cfg.train.resume_from, [None]
+        if self.dist.is_main:
+            if explicit:
+                if not Path(explicit).exists():
+                    raise UserError(f"train.resume_from {explicit} does not exist (refusing to start fresh).")
+                found[0] = ckpt_io.resolve_checkpoint(explicit)
+            else:
                 ckpt_io.clean_debris(self.run_dir)
-            ckpt = ckpt_io.find_resume_checkpoint(self.run_dir)
-        if ckpt is None:
-            return
+                found[0] = ckpt_io.find_resume_checkpoint(self.run_dir)
+            if found[0] is not None:
+                state = ckpt_io.load_train_state(found[0])
+                diffs = trajectory_diff(yaml.safe_load(state["config_yaml"]), cfg.to_dict())
+                if state["train_state"].get("global_batch", self.global_batch) != self.global_batch:
+                    diffs.append(f"global batch (micro x accum x world): {state['train_state']['global_batch']} "
+                                 f"-> {self.global_batch}")
+                if diffs and not cfg.train.allow_config_change:
+                    raise UserError(f"Resuming from {found[0]} with a config that changes the run's trajectory: "
+                                    + "; ".join(diffs) + ". Use another run.dir, or set train.allow_config_change=true.")
+        if self.dist.world_size > 1:
+            torch.distributed.broadcast_object_list(found, src=0)
+        return found[0]
+
+    def _restore(self, ckpt: Path) -> None:
+        """Optimizer (resharded by DCP), scaler, loop counters, loader position and RNG."""
         state = ckpt_io.load_train_state(ckpt)
-        diffs = trajectory_diff(yaml.safe_load(state["config_yaml"]), cfg.to_dict())
-        if diffs and not cfg.train.allow_config_change:
-            raise UserError(f"Resuming from {ckpt} with a config that changes the run's trajectory: "
-                            + "; ".join(diffs) + ". Use another run.dir, or set train.allow_config_change=true.")
-        weights = ckpt_io.read_hf_weights(ckpt)
-        self.raw_model.load_state_dict({k: v for k, v in weights.items() if k in self.raw_model.state_dict()},
-                                       strict=False)
-        self.optimizer.load_state_dict(state["optimizer"]["optimizer"])
-        if self.scaler is not None and state["optimizer"].get("scaler"):
-            self.scaler.load_state_dict(state["optimizer"]["scaler"])
+        ckpt_io.load_optimizer(ckpt, self.raw_model, self.optimizer)
+        if self.scaler is not None and state["extra"].get("scaler"):
+            self.scaler.load_state_dict(state["extra"]["scaler"])
         ts = state["train_state"]
         self.step, self.tokens_seen = ts["step"], ts["tokens_seen"]
-        self.loader.load_state_dict(ts["loader"][str(self.dist.rank)] if "0" in ts["loader"] else ts["loader"])
+        self.loader.load_state_dict(ts["loader"])
         ckpt_io.set_rng_state(state["rng"])
         if self.dist.is_main:
             print(f"Resuming from {ckpt} (step {self.step})", flush=True)
+
+    @property
+    def global_batch(self) -> int:
+        t = self.cfg.train
+        return t.micro_batch_size * t.grad_accum_steps * self.dist.world_size
 
     # --- the loop ----------------------------------------------------------------------------------
     def train(self) -> int:
@@ -244,26 +260,28 @@ class Trainer:
         self.raw_model.train()
 
     def save(self) -> Path | None:
-        cfg = self.cfg
-        state = {"step": self.step, "tokens_seen": self.tokens_seen, "loader": self._gather_loader_state()}
-        if not self.dist.is_main:
-            dist_io.barrier()
-            return None
-        self._check_disk()
-        opt = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None}
-        path = ckpt_io.save_train_checkpoint(self.run_dir, self.step, self.raw_model, self.tokenizer, cfg.to_yaml(),
-                                             opt, state, export_hf=cfg.checkpoint.export_hf)
-        ckpt_io.retain(self.run_dir, cfg.checkpoint.keep_last)
+        """Every rank writes its optimizer shard into one staging dir; rank 0 adds the rest and commits."""
+        cfg, main = self.cfg, self.dist.is_main
+        if main:
+            self._check_disk()
+            ckpt_io.begin_train_checkpoint(self.run_dir, self.step)
+        dist_io.barrier()
+        staging = ckpt_io.staging_for(ckpt_io.step_dir(self.run_dir, self.step))
+        weights = dist_io.full_state_dict(self.raw_model, self.dist)  # collective under FSDP
+        ckpt_io.save_optimizer(staging, self.raw_model, self.optimizer)  # collective
+        dist_io.barrier()
+        path = None
+        if main:
+            state = {"step": self.step, "tokens_seen": self.tokens_seen, "global_batch": self.global_batch,
+                     "world_size": self.dist.world_size, "loader": self.loader.state_dict(),
+                     "env": environment(self.device, self.dist.world_size)}
+            extra = {"scaler": self.scaler.state_dict() if self.scaler else None}
+            path = ckpt_io.finish_train_checkpoint(staging, self.run_dir, self.step, self.raw_model.config, weights,
+                                                   self.tokenizer, cfg.to_yaml(), extra, state,
+                                                   export_hf=cfg.checkpoint.export_hf)
+            ckpt_io.retain(self.run_dir, cfg.checkpoint.keep_last)
         dist_io.barrier()
         return path
-
-    def _gather_loader_state(self) -> dict:
-        state = self.loader.state_dict()
-        if self.dist.world_size == 1:
-            return state
-        states = [None] * self.dist.world_size
-        torch.distributed.all_gather_object(states, state)
-        return {str(r): s for r, s in enumerate(states)}
 
     # --- plumbing ----------------------------------------------------------------------------------
     def _log_step(self, loss: float, grad_norm: float, lr: float, tokens_per_sec: float, bar) -> None:
