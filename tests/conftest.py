@@ -168,3 +168,18 @@ def write_mixed_corpus(root: Path) -> list[str]:
     (root / ".hidden.txt").write_text("never read")
     latin_read = latin.encode("latin-1").decode("utf-8", errors="replace")
     return [docs[0], docs[1], docs[2], *docs[3:6], latin_read, *docs[7:10]]
+
+
+DEBUG_TINY = Path(__file__).parent.parent / "configs" / "debug-tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, tiny_tokenizer_dir) -> list[str]:
+    """--set overrides that point debug-tiny at a generated corpus, prepared once per session."""
+    corpus = tmp_path_factory.mktemp("corpus")
+    for i, doc in enumerate(make_corpus_text(40, seed=3, words_per_doc=(200, 400))):
+        (corpus / f"doc{i:03d}.txt").write_text(doc)
+    data_dir = tmp_path_factory.mktemp("prepared")
+    return ["--set", f"data.tokenizer={tiny_tokenizer_dir}", "--set", "data.train_tokenizer_vocab_size=0",
+            "--set", f"data.datasets=[{{name: tiny, sources: ['{corpus}']}}]", "--set", "data.max_documents=null",
+            "--set", f"run.data_dir={data_dir}", "--set", "data.num_proc=1"]

@@ -17,21 +17,7 @@ import torch
 from smoltrain.config import load_config
 from smoltrain.trainer import Trainer
 
-from .conftest import assert_user_error, make_corpus_text, run_cli
-
-DEBUG_TINY = Path(__file__).parent.parent / "configs" / "debug-tiny.yaml"
-
-
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory, tiny_tokenizer_dir) -> list[str]:
-    """--set overrides that point debug-tiny at a generated corpus, prepared once per session."""
-    corpus = tmp_path_factory.mktemp("corpus")
-    for i, doc in enumerate(make_corpus_text(40, seed=3, words_per_doc=(200, 400))):
-        (corpus / f"doc{i:03d}.txt").write_text(doc)
-    data_dir = tmp_path_factory.mktemp("prepared")
-    return ["--set", f"data.tokenizer={tiny_tokenizer_dir}", "--set", "data.train_tokenizer_vocab_size=0",
-            "--set", f"data.datasets=[{{name: tiny, sources: ['{corpus}']}}]", "--set", "data.max_documents=null",
-            "--set", f"run.data_dir={data_dir}", "--set", "data.num_proc=1"]
+from .conftest import DEBUG_TINY, assert_user_error, run_cli
 
 
 def train(run_dir: Path, tiny_data: list[str], *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -166,6 +166,7 @@ class TrainConfig:
     micro_batch_size: int = 8
     seq_len: int = 256
     grad_accum_steps: int = 1
+    global_batch_size: int | None = None  # sequences per step; sets grad_accum_steps = this / (micro x world)
     seed: int = 1337
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | mps
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16 (with GradScaler)

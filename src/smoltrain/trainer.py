@@ -41,6 +41,7 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         name = cfg.train.dtype if cfg.train.dtype != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         self.amp_dtype = DTYPES[name]
+        self._apply_global_batch()
         self.run_dir = Path(cfg.run.dir)
         self.step, self.tokens_seen, self.stop_signal = 0, 0, None
         torch.manual_seed(cfg.train.seed)
@@ -54,6 +55,17 @@ class Trainer:
                           cfg.to_dict()) if self.dist.is_main else None
 
     # --- setup -------------------------------------------------------------------------------------
+    def _apply_global_batch(self) -> None:
+        """train.global_batch_size fixes the batch across world sizes: accumulation makes up the rest."""
+        t, world = self.cfg.train, self.dist.world_size
+        if t.global_batch_size is None:
+            return
+        per_step = t.micro_batch_size * world
+        if t.global_batch_size % per_step:
+            raise UserError(f"train.global_batch_size {t.global_batch_size} is not divisible by micro_batch_size "
+                            f"{t.micro_batch_size} x world size {world} = {per_step}; change one of them.")
+        t.grad_accum_steps = t.global_batch_size // per_step
+
     def _setup_data(self) -> None:
         from smoltrain.data.loader import PackedLoader
         from smoltrain.pipeline import prepare_datasets, resolve_tokenizer
@@ -92,8 +104,8 @@ class Trainer:
             self.model = build_model(cfg.model, self.device).train()
         self.model.gradient_checkpointing = cfg.train.activation_checkpointing
         self.raw_model = self.model  # unwrapped: what we save and sample from
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
-        self.model = dist_io.wrap(self.model, self.dist, self.device)
+        self.model = dist_io.wrap(self.model, self.dist, self.device)  # FSDP swaps in sharded parameters...
+        self.optimizer = build_optimizer(self.raw_model, cfg.optim, self.device)  # ...so the optimizer comes after
         if cfg.train.compile:
             self.model = torch.compile(self.model)
 
