@@ -286,7 +286,9 @@ def save_optimizer(staging: Path, model: torch.nn.Module, optimizer: torch.optim
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(staging / OPTIMIZER_DIR))
+    with warnings.catch_warnings():  # DCP warns without a process group; in one process that is the intent
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(staging / OPTIMIZER_DIR))
 
 
 def load_optimizer(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -294,7 +296,9 @@ def load_optimizer(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Op
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(state, checkpoint_id=str(ckpt / OPTIMIZER_DIR))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(ckpt / OPTIMIZER_DIR))
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 

@@ -1,0 +1,31 @@
+"""Shared bits for the benchmarks: machine description and JSON-lines output."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in subprocess.run(
+            ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
+    except (StopIteration, OSError):
+        model = platform.processor() or "unknown CPU"
+    return f"{model}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+def emit(record: dict, out: str | Path | None) -> None:
+    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(), **record}
+    line = json.dumps(record)
+    print(line, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")
