@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import emit  # noqa: E402
 
 from smoltrain.checkpoint import load_model  # noqa: E402
-from smoltrain.generate import SamplingConfig, generate, pick_device  # noqa: E402
+from smoltrain.generate import SamplingConfig, generate, pick_device, prepare_for_decode  # noqa: E402
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived an old fisherman who"
 
@@ -52,6 +52,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = ensure_checkpoint(a.ckpt, Path(tmp))
         ours, tok, _ = load_model(ckpt, device=device, dtype=dtype)
+        prepare_for_decode(ours)  # what `smoltrain generate` does
         hf_dir = export_hf(ckpt, Path(tmp) / "hf")
         hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(device).eval()
     prompt = tok.encode(PROMPT)

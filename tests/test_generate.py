@@ -108,3 +108,16 @@ def test_generate_cli_greedy_and_prompt_file(tiny_ckpt, tmp_path):
 def test_prompt_longer_than_context_is_a_user_error(tiny_ckpt):
     proc = run_cli("generate", tiny_ckpt, "--prompt", "To be, or not to be " * 200, "--max-new-tokens", "2")
     assert_user_error(proc, "max_position_embeddings")
+
+
+def test_decode_layout_keeps_weights_and_tokens():
+    from smoltrain.generate import prepare_for_decode
+
+    model = _model()
+    prompt = [5, 17, 200, 3]
+    before = list(generate(model, prompt, 30, GREEDY))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    prepare_for_decode(model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert list(generate(model, prompt, 30, GREEDY)) == before

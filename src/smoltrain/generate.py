@@ -42,6 +42,26 @@ def pick_device(name: str = "auto") -> torch.device:
     return dev
 
 
+def prepare_for_decode(model: SmolLM2) -> SmolLM2:
+    """Inference-only layout tweaks that keep every weight's values (and so the tokens) unchanged.
+
+    On CPU, batch-1 decoding streams all weights through one matrix-vector product per projection.
+    Stored k-major (the transpose contiguous, viewed back as (out, in)), those GEMVs run ~45% faster
+    with MKL here. The model must not be trained afterwards (optimizer state would see odd strides).
+    """
+    if model.model.embed_tokens.weight.device.type != "cpu":
+        return model
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.Linear) and mod is not model.lm_head:
+                mod.weight = torch.nn.Parameter(mod.weight.t().contiguous().t(), requires_grad=False)
+        emb = model.model.embed_tokens
+        emb.weight = torch.nn.Parameter(emb.weight.t().contiguous().t(), requires_grad=False)
+        model.lm_head.weight = emb.weight if model.config.tie_word_embeddings else torch.nn.Parameter(
+            model.lm_head.weight.t().contiguous().t(), requires_grad=False)
+    return model
+
+
 def sample(logits: torch.Tensor, cfg: SamplingConfig, history: torch.Tensor | None = None,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token ids (B,) from the last-position logits (B, V); `history` (B, S) for the penalty."""
@@ -96,8 +116,11 @@ def generate(model: SmolLM2, prompt: list[int], max_new_tokens: int, cfg: Sampli
         gen = torch.Generator(device=device).manual_seed(seed)
     ids = torch.tensor([prompt], device=device)
     model.setup_kv_cache(1, len(prompt) + max_new_tokens)
+    threads = torch.get_num_threads()
     try:
         logits = prefill(model, ids)
+        if device.type == "cpu":  # one token at a time: thread fork/join costs more than it brings
+            torch.set_num_threads(1)
         history = ids
         for i in range(max_new_tokens):
             token = sample(logits, cfg, history, gen)  # (1,)
@@ -110,6 +133,7 @@ def generate(model: SmolLM2, prompt: list[int], max_new_tokens: int, cfg: Sampli
             history = torch.cat([history, token[:, None]], dim=1) if cfg.repetition_penalty != 1.0 else history
             logits = decode_one_token(model, token[:, None], len(prompt) + i)
     finally:
+        torch.set_num_threads(threads)
         model.clear_kv_cache()
 
 
@@ -149,6 +173,7 @@ def generate_cli(a: argparse.Namespace) -> int:
     device = pick_device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, tok, _ = load_model(a.ckpt, device=device, dtype=dtype)
+    prepare_for_decode(model)
     for n, prompt in enumerate(prompts):
         if len(prompts) > 1:
             print(f"=== prompt {n + 1}/{len(prompts)} ===")
