@@ -77,7 +77,7 @@ def main() -> None:
         return n / (time.perf_counter() - t), toks
 
     run_ours(), run_hf()  # warm-up
-    rates: dict[str, list[float]] = {"smoltrain": [], "transformers": []}
+    rates: dict[str, list[float]] = {"smoltrain": [], "transformers": []}  # per round, interleaved
     same = True
     for _ in range(a.rounds):
         r1, t1 = timed(run_ours)
@@ -88,7 +88,8 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in rates.items()}
     for k, v in med.items():
         emit({"bench": "generate", "impl": k, "tokens_per_sec": round(v, 2), "new_tokens": n,
-              "prompt_tokens": len(prompt), "device": device.type, "dtype": str(dtype)}, a.out)
+              "prompt_tokens": len(prompt), "device": device.type, "dtype": str(dtype),
+              "rounds": [round(r, 2) for r in rates[k]]}, a.out)
     print(f"smoltrain {med['smoltrain']:.1f} tok/s, transformers {med['transformers']:.1f} tok/s, "
           f"ratio {med['smoltrain'] / med['transformers']:.2f}x, identical greedy tokens: {same}")
 

@@ -138,7 +138,11 @@ def main() -> None:
     a = ap.parse_args()
     if a.worker:
         return worker(a)
-    passthrough = [arg for arg in sys.argv[1:] if not arg.startswith("--out")]
+    passthrough = sys.argv[1:]
+    if "--out" in passthrough:  # the workers print; only the parent writes the JSON lines
+        i = passthrough.index("--out")
+        del passthrough[i:i + 2]
+    passthrough = [arg for arg in passthrough if not arg.startswith("--out=")]
     results: dict[str, list[dict]] = {"smoltrain": [], "transformers": []}
     for _ in range(a.rounds):
         for impl in results:

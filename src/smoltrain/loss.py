@@ -17,20 +17,28 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, w, labels, chunk: int, ignore_index: int, mean: bool, need_grad: bool):
         # h (N, D) hidden states, w (V, D) head weight, labels (N,)
         valid = labels != ignore_index
+        all_valid = bool(valid.all())  # packed pretraining batches: skip the masking passes
         safe = torch.where(valid, labels, 0)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if need_grad else None
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_grad else None
+        buf = None  # one (chunk, V) block reused by every chunk: big fresh allocations page-fault each time
         for s in range(0, h.shape[0], chunk):
             hc, yc, vc = h[s : s + chunk], safe[s : s + chunk], valid[s : s + chunk]
-            logits = (hc @ w.t()).float()  # (C, V)
+            c = hc.shape[0]
+            if hc.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type):
+                buf = torch.empty(min(chunk, h.shape[0]), w.shape[0], device=h.device) if buf is None else buf
+                logits = torch.mm(hc, w.t(), out=buf[:c])  # (C, V)
+            else:
+                logits = (hc @ w.t()).float()
             lse = torch.logsumexp(logits, dim=-1)  # (C,)
             target = logits.gather(1, yc[:, None]).squeeze(1)
-            total += ((lse - target) * vc).sum()
+            total += (lse - target).sum() if all_valid else ((lse - target) * vc).sum()
             if need_grad:  # d loss / d logits = softmax - onehot, zero on ignored rows
                 g = logits.sub_(lse[:, None]).exp_()
-                g[torch.arange(len(yc), device=g.device), yc] -= 1.0
-                g *= vc[:, None]
+                g[torch.arange(c, device=g.device), yc] -= 1.0
+                if not all_valid:
+                    g *= vc[:, None]
                 g = g.to(h.dtype)
                 grad_h[s : s + chunk] = g @ w
                 grad_w.addmm_(g.t().float(), hc.float())

@@ -31,6 +31,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2] == 1:  # one decode token: HF's own formula beats the fused kernel's launch cost
+            h = x.float()
+            return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * y.to(x.dtype)
 
@@ -81,12 +84,18 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.num_kv_heads * e, bias=False)
         self.o_proj = nn.Linear(self.num_heads * e, d, bias=False)
         self.kv_cache: KVCache | None = None
+        self.fused_qkv: torch.Tensor | None = None  # (D, H*E + 2*K*E), inference only (fuse_projections)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int | None) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, E)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, E)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, E)
+        if self.fused_qkv is not None:  # one matmul instead of three
+            kv = self.num_kv_heads * self.head_dim
+            q, k, v = (x @ self.fused_qkv).split([self.num_heads * self.head_dim, kv, kv], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, E)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, E)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, E)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         mask, causal = None, True
         if self.kv_cache is not None and start is not None:
@@ -110,8 +119,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.fused_gate_up: torch.Tensor | None = None  # (D, 2F), inference only (fuse_projections)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_gate_up is not None:
+            gate, up = (x @ self.fused_gate_up).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -216,6 +229,28 @@ class SmolLM2(nn.Module):
         logits = self.lm_head(h).float()
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                reduction=reduction)
+
+
+@torch.no_grad()
+def fuse_projections(model: SmolLM2) -> None:
+    """Inference only: q/k/v and gate/up become one k-major (in, out) matmul each.
+
+    The separate projection weights become views into the fused tensor, so memory and state_dict()
+    values are unchanged; fewer, larger matmuls matter when decoding one token at a time.
+    """
+    def fuse(linears: list[nn.Linear]) -> torch.Tensor:
+        fused = torch.cat([lin.weight for lin in linears]).t().contiguous()  # (in, sum of outs)
+        lo = 0
+        for lin in linears:
+            hi = lo + lin.out_features
+            lin.weight = nn.Parameter(fused[:, lo:hi].t(), requires_grad=False)
+            lo = hi
+        return fused
+
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        a.fused_qkv = fuse([a.q_proj, a.k_proj, a.v_proj])
+        m.fused_gate_up = fuse([m.gate_proj, m.up_proj])
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", init: bool = True) -> SmolLM2:
