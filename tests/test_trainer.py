@@ -230,3 +230,14 @@ def test_chaos_random_kills_give_the_same_curve(tmp_path, tiny_data):
     assert kills >= 4
     assert train(run, tiny_data, *extra).returncode == 0
     assert losses(run) == losses(tmp_path / "ref")
+
+
+def test_streaming_run_resumes_exactly(tmp_path, tiny_data):
+    extra = ["--set", "data.streaming=true", "--set", "train.max_steps=12", "--set", "checkpoint.every=5"]
+    assert train(tmp_path / "a", tiny_data, *extra).returncode == 0
+    killed = train(tmp_path / "b", tiny_data, *extra, env={"SMOLTRAIN_FAULT": "after_step=8"})
+    assert killed.returncode == -signal.SIGKILL
+    resumed = train(tmp_path / "b", tiny_data, *extra)
+    assert resumed.returncode == 0 and "(step 5)" in resumed.stdout, resumed.stderr
+    a = [r for r in losses(tmp_path / "a") if r[1] is not None]
+    assert len(a) == 12 and a == [r for r in losses(tmp_path / "b") if r[1] is not None]

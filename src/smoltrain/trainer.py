@@ -71,6 +71,8 @@ class Trainer:
         from smoltrain.pipeline import prepare_datasets, resolve_tokenizer
 
         cfg, main = self.cfg, self.dist.is_main
+        if cfg.data.streaming:
+            return self._setup_stream()
         if main:
             self.tokenizer = resolve_tokenizer(cfg, verbose=True)
             paths = prepare_datasets(cfg, self.tokenizer, verbose=True)
@@ -86,6 +88,23 @@ class Trainer:
                       rank=self.dist.rank, world_size=self.dist.world_size, grad_accum_steps=cfg.train.grad_accum_steps)
         self.loader = PackedLoader(paths, split="train", weights=weights, stages=cfg.data.stages or None, **common)
         self.val_paths = paths
+        self.byte_lengths = token_byte_lengths(self.tokenizer)
+
+    def _setup_stream(self) -> None:
+        """data.streaming: tokenize and pack one source on the fly; no prepare step, no held-out split."""
+        from smoltrain.data.stream import StreamLoader
+        from smoltrain.pipeline import resolve_asset, resolve_tokenizer
+
+        cfg = self.cfg
+        if len(cfg.data.datasets) != 1 or len(cfg.data.datasets[0].sources) != 1:
+            raise UserError("data.streaming trains from exactly one dataset with one source; prepare the data "
+                            "(data.streaming: false) to mix several.")
+        ds = cfg.data.datasets[0]
+        self.tokenizer = resolve_tokenizer(cfg, verbose=self.dist.is_main)
+        self.loader = StreamLoader(resolve_asset(ds.sources[0]), self.tokenizer, cfg.train.micro_batch_size,
+                                   cfg.train.seq_len, text_key=cfg.data.text_key, rank=self.dist.rank,
+                                   world_size=self.dist.world_size, name=ds.name)
+        self.val_paths = None  # a stream has no held-out split: evaluations are skipped
         self.byte_lengths = token_byte_lengths(self.tokenizer)
 
     def _setup_model(self, ckpt: Path | None) -> None:
@@ -141,7 +160,13 @@ class Trainer:
             self.scaler.load_state_dict(state["extra"]["scaler"])
         ts = state["train_state"]
         self.step, self.tokens_seen = ts["step"], ts["tokens_seen"]
-        self.loader.load_state_dict(ts["loader"])
+        loader = ts["loader"]
+        if "per_rank" in loader:
+            if len(loader["per_rank"]) != self.dist.world_size:
+                raise UserError("A streaming run resumes only at the world size it was saved with "
+                                f"({len(loader['per_rank'])} processes).")
+            loader = loader["per_rank"][self.dist.rank]
+        self.loader.load_state_dict(loader)
         ckpt_io.set_rng_state(state["rng"])
         if self.dist.is_main:
             print(f"Resuming from {ckpt} (step {self.step})", flush=True)
@@ -241,8 +266,11 @@ class Trainer:
         if done or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
             self.save()
 
-    def evaluate(self) -> dict:
+    def evaluate(self) -> dict | None:
         from smoltrain.data.loader import eval_windows
+
+        if self.val_paths is None:
+            return None
 
         self.raw_model.eval()
         fwd = lambda x, y: self.raw_model(x, labels=y, loss_chunk=self.cfg.train.loss_chunk, reduction="sum")  # noqa: E731
@@ -280,12 +308,13 @@ class Trainer:
         dist_io.barrier()
         staging = ckpt_io.staging_for(ckpt_io.step_dir(self.run_dir, self.step))
         weights = dist_io.full_state_dict(self.raw_model, self.dist)  # collective under FSDP
+        loader_state = self._loader_state()  # collective for streams (per-rank positions)
         ckpt_io.save_optimizer(staging, self.raw_model, self.optimizer)  # collective
         dist_io.barrier()
         path = None
         if main:
             state = {"step": self.step, "tokens_seen": self.tokens_seen, "global_batch": self.global_batch,
-                     "world_size": self.dist.world_size, "loader": self.loader.state_dict(),
+                     "world_size": self.dist.world_size, "loader": loader_state,
                      "env": environment(self.device, self.dist.world_size)}
             extra = {"scaler": self.scaler.state_dict() if self.scaler else None}
             path = ckpt_io.finish_train_checkpoint(staging, self.run_dir, self.step, self.raw_model.config, weights,
@@ -294,6 +323,15 @@ class Trainer:
             ckpt_io.retain(self.run_dir, cfg.checkpoint.keep_last)
         dist_io.barrier()
         return path
+
+    def _loader_state(self) -> dict:
+        """A packed loader's state is the same on every rank; a stream's position is per rank."""
+        state = self.loader.state_dict()
+        if not self.cfg.data.streaming or self.dist.world_size == 1:
+            return state
+        states = [None] * self.dist.world_size
+        torch.distributed.all_gather_object(states, state)
+        return {"per_rank": states}
 
     # --- plumbing ----------------------------------------------------------------------------------
     def _log_step(self, loss: float, grad_norm: float, lr: float, tokens_per_sec: float, bar) -> None:
