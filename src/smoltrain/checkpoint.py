@@ -337,6 +337,20 @@ def load_train_state(ckpt: Path) -> dict:
         raise UserError(f"{ckpt} is not a training checkpoint that can be resumed ({e}).") from None
 
 
+def check_free_space(run_dir: Path, num_params: int, export_hf: bool, min_free_gb: float) -> None:
+    """Fail before a save (and before training) when the next checkpoint cannot fit on the disk.
+
+    fp32 weights + AdamW's two moments (+ the HF copy) with 5% slack, plus the configured reserve.
+    """
+    from smoltrain.errors import TrainingError
+
+    need = num_params * 4 * (3 + export_hf) * 1.05 + min_free_gb * 2**30
+    free = shutil.disk_usage(run_dir if Path(run_dir).exists() else Path.cwd()).free
+    if free < need:
+        raise TrainingError(f"Not enough free disk in {run_dir} for the next checkpoint: "
+                            f"{free / 2**30:.2f} GiB free, about {need / 2**30:.2f} GiB needed.")
+
+
 def quarantine(ckpt: Path) -> Path:
     """Rename a bad checkpoint out of discovery's sight (kept for inspection, never deleted)."""
     target = ckpt.parent / f".corrupt-{ckpt.name}-{uuid.uuid4().hex[:6]}"

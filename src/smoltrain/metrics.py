@@ -51,6 +51,13 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6 * n + 12 * cfg.num_hidden_layers * h * q * seq_len
 
 
+def model_flops_utilization(cfg: ModelConfig, seq_len: int, tokens_per_sec: float, device: torch.device,
+                            dtype: torch.dtype, world_size: int = 1) -> float | None:
+    """Achieved over peak FLOP/s (all devices together); None where the device's peak is unknown."""
+    peak = peak_flops(device, dtype)
+    return flops_per_token(cfg, seq_len) * tokens_per_sec / (peak * world_size) if peak else None
+
+
 class RunLog:
     """Appends events to RUN/metrics.jsonl and mirrors scalars to TensorBoard / wandb (rank 0 only)."""
 

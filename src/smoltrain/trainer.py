@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from smoltrain.config import Config, trajectory_diff
 from smoltrain.errors import TrainingError, UserError
 from smoltrain.evaluate import evaluate_batches, token_byte_lengths
 from smoltrain.generate import SamplingConfig, generate, pick_device
-from smoltrain.metrics import RunLog, flops_per_token, memory_gb, peak_flops
+from smoltrain.metrics import RunLog, memory_gb, model_flops_utilization
 from smoltrain.model import IGNORE_INDEX, build_model
 from smoltrain.optim import build_optimizer, lr_at, set_lr
 from smoltrain.runinfo import environment, fault_point, print_header
@@ -337,9 +336,8 @@ class Trainer:
     def _log_step(self, loss: float, grad_norm: float, lr: float, tokens_per_sec: float, bar) -> None:
         if self.log is None:
             return
-        fpt = flops_per_token(self.cfg.model, self.cfg.train.seq_len)
-        peak = peak_flops(self.device, self.amp_dtype)
-        mfu = fpt * tokens_per_sec / (peak * self.dist.world_size) if peak else None
+        mfu = model_flops_utilization(self.cfg.model, self.cfg.train.seq_len, tokens_per_sec, self.device,
+                                      self.amp_dtype, self.dist.world_size)
         rec = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
                "mfu": mfu, "tokens": self.tokens_seen, "mem_gb": memory_gb(self.device),
                "tokens_per_source": self.loader.tokens_per_source}
@@ -371,12 +369,8 @@ class Trainer:
         print_header(self.cfg, env, self.raw_model.num_params(), self.dist.world_size)
 
     def _check_disk(self) -> None:
-        n = self.raw_model.num_params()
-        need = n * 4 * (3 + self.cfg.checkpoint.export_hf) * 1.05 + self.cfg.checkpoint.min_free_gb * 2**30
-        free = shutil.disk_usage(self.run_dir if self.run_dir.exists() else Path.cwd()).free
-        if free < need:
-            raise TrainingError(f"Not enough free disk in {self.run_dir} for the next checkpoint: "
-                                f"{free / 2**30:.2f} GiB free, about {need / 2**30:.2f} GiB needed.")
+        ck = self.cfg.checkpoint
+        ckpt_io.check_free_space(self.run_dir, self.raw_model.num_params(), ck.export_hf, ck.min_free_gb)
 
     def _install_signal_handlers(self) -> None:
         def handler(signum, _frame):
@@ -403,6 +397,3 @@ def train_cli(a) -> int:
         return trainer.train()
     finally:
         dist_io.teardown()
-
-
-
