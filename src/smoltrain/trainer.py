@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from tqdm import tqdm
 
 from smoltrain import checkpoint as ckpt_io
 from smoltrain import distributed as dist_io
@@ -70,6 +71,8 @@ class Trainer:
         from smoltrain.pipeline import prepare_datasets, resolve_tokenizer
 
         cfg, main = self.cfg, self.dist.is_main
+        if not cfg.data.datasets:  # before any asset is fetched or tokenizer trained
+            raise UserError("The config has no data.datasets (e.g. --config configs/quickstart.yaml).")
         if cfg.data.streaming:
             return self._setup_stream()
         if main:
@@ -350,15 +353,11 @@ class Trainer:
 
     def _print(self, msg: str) -> None:
         if self.dist.is_main:
-            from tqdm import tqdm
-
             tqdm.write(msg)
 
     def _progress_bar(self):
         if not (self.dist.is_main and self.cfg.log.progress):
             return None
-        from tqdm import tqdm
-
         return tqdm(total=self.cfg.train.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
 
     def _write_run_files(self) -> None:
