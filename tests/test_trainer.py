@@ -241,3 +241,21 @@ def test_streaming_run_resumes_exactly(tmp_path, tiny_data):
     assert resumed.returncode == 0 and "(step 5)" in resumed.stdout, resumed.stderr
     a = [r for r in losses(tmp_path / "a") if r[1] is not None]
     assert len(a) == 12 and a == [r for r in losses(tmp_path / "b") if r[1] is not None]
+
+
+def test_eval_any_hf_causal_lm_beside_ours(tmp_path, tiny_data, tiny_tokenizer_dir):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from smoltrain.tokenizer import load_tokenizer
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=512, n_positions=128, n_embd=32, n_layer=1, n_head=2)).save_pretrained(gpt2)
+    load_tokenizer(tiny_tokenizer_dir).save(gpt2)
+    run = tmp_path / "run"
+    assert train(run, tiny_data, "--set", "train.max_steps=10").returncode == 0
+    proc = run_cli("eval", run, gpt2, "--data", _data_dir(tiny_data), "--seq-len", "64", "--max-batches", "2",
+                   "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert [Path(r["model"]).name for r in rows] == ["step_00000010", "gpt2"]
+    assert rows[0]["loss"] < rows[1]["loss"]  # trained beats random, on the same windows

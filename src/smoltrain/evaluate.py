@@ -74,12 +74,13 @@ def _load_forward(path: str, device: torch.device) -> tuple[object, Tokenizer, s
 
     directory = resolve_checkpoint(path)
     try:
-        model, tok, _ = load_model(directory, device=device)
-        return (lambda x, y: model(x, labels=y, loss_chunk=4096, reduction="sum")), tok, str(directory)
-    except UserError as e:
-        if "Llama" not in str(e) and "model_type" not in str(e):
-            raise
+        model_type = json.loads((directory / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError) as e:
+        raise UserError(f"{directory}/config.json is missing or not valid JSON ({e}).") from None
+    if model_type != "llama":  # any other causal LM: let transformers run it
         return _hf_forward(directory, device), load_tokenizer(directory), str(directory)
+    model, tok, _ = load_model(directory, device=device)
+    return (lambda x, y: model(x, labels=y, loss_chunk=4096, reduction="sum")), tok, str(directory)
 
 
 def eval_cli(a) -> int:
