@@ -31,17 +31,20 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 logits = torch.mm(hc, w.t(), out=buf[:c])  # (C, V)
             else:
                 logits = (hc @ w.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)  # (C,)
-            target = logits.gather(1, yc[:, None]).squeeze(1)
-            total += (lse - target).sum() if all_valid else ((lse - target) * vc).sum()
-            if need_grad:  # d loss / d logits = softmax - onehot, zero on ignored rows
-                g = logits.sub_(lse[:, None]).exp_()
-                g[torch.arange(c, device=g.device), yc] -= 1.0
-                if not all_valid:
-                    g *= vc[:, None]
-                g = g.to(h.dtype)
-                grad_h[s : s + chunk] = g @ w
-                grad_w.addmm_(g.t().float(), hc.float())
+            target = logits.gather(1, yc[:, None]).squeeze(1)  # (C,)
+            row_max = logits.amax(dim=-1)
+            e = logits.sub_(row_max[:, None]).exp_()  # in place: the logits are not needed again
+            row_sum = e.sum(dim=-1)
+            nll = row_max + row_sum.log() - target
+            total += nll.sum() if all_valid else (nll * vc).sum()
+            if need_grad:  # d loss / d logits = e / row_sum - onehot, folded into the two matmuls
+                inv = row_sum.reciprocal() if all_valid else row_sum.reciprocal() * vc
+                keep = slice(None) if all_valid else vc
+                ed = e.to(h.dtype)
+                onehot_w = w[yc] if all_valid else w[yc] * vc[:, None]  # (C, D): the -1 at each label
+                grad_h[s : s + c] = (ed @ w) * inv[:, None].to(h.dtype) - onehot_w
+                grad_w.addmm_(ed.t().float(), (hc.float() * inv[:, None]))
+                grad_w.index_add_(0, yc[keep], -hc[keep].float())
         scale = 1.0 / valid.sum().float() if mean else torch.ones((), device=h.device)
         if need_grad:
             ctx.save_for_backward(grad_h, grad_w.to(w.dtype), scale)
