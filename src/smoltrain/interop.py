@@ -155,14 +155,17 @@ def export_hf(ckpt: str | Path, out: str | Path, force: bool = False, card: str 
 def write_hf_extras(d: Path, cfg: ModelConfig, src: Path, card: str | None = None) -> None:
     """generation_config.json and the model card beside the weights of an HF folder."""
     (d / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2))
-    (d / "README.md").write_text(card or model_card(cfg, src))
+    (d / "README.md").write_text(card or model_card(cfg, src, d))
 
 
-def model_card(cfg: ModelConfig, src: Path) -> str:
+def model_card(cfg: ModelConfig, src: Path, out: Path | None = None) -> str:
+    """README.md for an HF folder; a training checkpoint's card adds its training (loss plot into `out`)."""
     from smoltrain.model import SmolLM2
+    from smoltrain.modelcard import intended_use, training_sections
 
     with torch.device("meta"):
         num_params = SmolLM2(cfg).num_params()
+    training = training_sections(Path(src), out)
     return f"""---
 library_name: transformers
 license: apache-2.0
@@ -180,11 +183,12 @@ A SmolLM2-architecture (Llama) causal language model exported by smoltrain from 
 | vocab | {cfg.vocab_size} |
 | context | {cfg.max_position_embeddings} (rope_theta {cfg.rope_theta:g}) |
 
-```python
+{training}```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 tok = AutoTokenizer.from_pretrained("PATH"); model = AutoModelForCausalLM.from_pretrained("PATH")
 ```
-"""
+
+{intended_use(bool(training))}"""
 
 
 __all__ = ["WEIGHTS", "export_hf", "import_model", "read_gguf"]
