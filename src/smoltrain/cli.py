@@ -161,12 +161,50 @@ def _add_data_commands(sub) -> None:
 # --- end data commands ---
 
 
+# --- show commands (report, demo) ---
+def _cmd_report(a: argparse.Namespace) -> int:
+    from smoltrain.report import report_cli
+
+    return report_cli(a)
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from smoltrain.demo import demo_cli
+
+    return demo_cli(a)
+
+
+def _add_show_commands(sub) -> None:
+    p = sub.add_parser("report", help="an HTML report of a run: curves, throughput, samples per checkpoint")
+    p.add_argument("run", help="run directory (run.dir of a training run)")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for index.html and its PNG images")
+    p.add_argument("--prompts", nargs="+", action="extend", default=None, metavar="TEXT",
+                   help="prompts to generate at each checkpoint (default: the config's eval.prompts)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the config's eval.sample_tokens")
+    p.add_argument("--reference", nargs="+", action="extend", default=[], metavar="HF_OR_CKPT",
+                   help="models to compare with the final checkpoint in a perplexity table (repeatable)")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="prepared data for the perplexity table (default with --reference: the run's own)")
+    p.add_argument("--max-batches", type=int, default=50, help="evaluation batches per model")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("demo", help="a local web demo: prompt, sampling controls, checkpoints side by side")
+    p.add_argument("ckpt", help="run directory (pick among its checkpoints), checkpoint or HF directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
+    p.set_defaults(func=_cmd_demo)
+# --- end show commands ---
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smoltrain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_model_commands(sub)
     _add_data_commands(sub)
     _add_train_commands(sub)
+    _add_show_commands(sub)
     return parser
 
 

@@ -1,0 +1,328 @@
+"""`smoltrain report RUN --out DIR`: one self-contained HTML page (plus its PNG curves) about a run.
+
+It reads only what the run wrote (metrics.jsonl, samples.jsonl, config.yaml, env.json, checkpoints) and
+adds two things the logs cannot hold: the configured prompts generated greedily at every kept checkpoint,
+and optionally a perplexity / bits-per-byte table of the final checkpoint beside reference models. The
+page links no outside resource (inline CSS, images beside it), so it can be mailed or archived as is.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from smoltrain.checkpoint import MANIFEST, list_checkpoints, load_model, newest_valid, resolve_checkpoint
+from smoltrain.errors import UserError
+from smoltrain.history import History, plot_loss, plot_series, read_jsonl
+
+REPORT = "index.html"
+CHARTS = (  # file, metric (None: the loss chart), title, y label
+    ("loss.png", None, "loss", ""),
+    ("lr.png", "lr", "learning rate", "lr"),
+    ("tokens_per_sec.png", "tokens_per_sec", "throughput", "tokens / s"),
+    ("grad_norm.png", "grad_norm", "gradient norm (before clipping)", "global L2 norm"),
+)
+
+
+@dataclass
+class Run:
+    """What a training run directory holds, read once."""
+
+    dir: Path
+    config: dict
+    config_text: str
+    env: dict
+    history: History
+    checkpoints: list[Path]
+
+    @property
+    def step(self) -> int:
+        last = self.history.last()
+        return max(last["step"] if last else 0, step_of(self.checkpoints[-1]))
+
+
+def step_of(ckpt: Path) -> int:
+    return int(ckpt.name.removeprefix("step_"))
+
+
+def open_run(path: str | Path) -> Run:
+    """Read a run directory, refusing what is not one (or has no checkpoint yet) with a clear message."""
+    d = Path(path).expanduser()
+    if not d.is_dir():
+        raise UserError(f"Run directory {d} does not exist.")
+    if (d / MANIFEST).exists():
+        hint = f" ({d.parent.parent})" if d.parent.name == "checkpoints" else ""
+        raise UserError(f"{d} is a checkpoint, not a run directory; pass the run directory{hint}.")
+    if not any((d / n).exists() for n in ("metrics.jsonl", "config.yaml", "checkpoints")):
+        raise UserError(f"{d} is not a training run directory (no metrics.jsonl, config.yaml or checkpoints/); "
+                        "pass the run.dir of a `smoltrain train` run.")
+    checkpoints = list_checkpoints(d)
+    if not checkpoints:
+        raise UserError(f"Run directory {d} has no checkpoints yet; the report generates text at each kept "
+                        "checkpoint. Train until the first save (checkpoint.every) and run the report again.")
+    config_text = _read_text(d / "config.yaml") or _read_text(checkpoints[-1] / "config.yaml")
+    try:
+        config = yaml.safe_load(config_text) or {}
+    except yaml.YAMLError:
+        config = {}
+    env = json.loads(_read_text(d / "env.json") or "{}")
+    return Run(d, config if isinstance(config, dict) else {}, config_text, env, History.load(d), checkpoints)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError:
+        return ""
+
+
+# --- the work: charts, generations, perplexity ------------------------------------------------------
+
+def draw_charts(run: Run, out: Path) -> list[str]:
+    """The PNG files written into `out` (a chart is left out when its metric was never logged)."""
+    made = []
+    for name, metric, title, ylabel in CHARTS:
+        path = (plot_loss(run.history, out / name) if metric is None
+                else plot_series(run.history, metric, title, ylabel, out / name))
+        if path is not None:
+            made.append(name)
+    return made
+
+
+def checkpoint_generations(run: Run, prompts: list[str], max_new_tokens: int, device: torch.device) -> list[dict]:
+    """Each prompt, greedily continued by every kept checkpoint: rows of step, val loss, prompt, text."""
+    from smoltrain.generate import SamplingConfig, generate, prepare_for_decode
+
+    rows = []
+    for ckpt in run.checkpoints:
+        step = step_of(ckpt)
+        val = (run.history.val_at(step) or {}).get("val_loss")
+        try:
+            model, tok, _ = load_model(ckpt, device=device)
+        except UserError as e:  # e.g. corrupt: say so in its row, keep the rest of the report
+            rows.append({"step": step, "val_loss": val, "prompt": "", "text": "", "error": str(e)})
+            continue
+        prepare_for_decode(model)
+        for prompt in prompts:
+            ids = generate(model, tok.encode(prompt), max_new_tokens, SamplingConfig(temperature=0),
+                           stop_ids=[tok.eot_id])
+            rows.append({"step": step, "val_loss": val, "prompt": prompt, "text": tok.decode(list(ids))})
+        del model
+    return rows
+
+
+def default_data_dir(run: Run) -> Path | None:
+    """The run's first prepared dataset, where the config names one and it exists."""
+    from smoltrain.config import config_from_dict
+    from smoltrain.pipeline import dataset_path
+
+    try:
+        cfg = config_from_dict(run.config, str(run.dir / "config.yaml"))
+    except UserError:
+        return None
+    if not cfg.data.datasets:
+        return None
+    ds = cfg.data.datasets[0]
+    path = dataset_path(cfg, ds.name, ds.path)
+    return path if (path / "meta.json").exists() else None
+
+
+def perplexity_table(models: list[tuple[str, Path]], data: Path, seq_len: int, batch_size: int,
+                     max_batches: int, device: torch.device) -> list[dict]:
+    """Loss, perplexity and bits-per-byte on data's val split, through smoltrain.evaluate (as `eval` does)."""
+    from smoltrain.data.loader import eval_windows
+    from smoltrain.data.shards import load_meta
+    from smoltrain.evaluate import _data_vocab, _load_forward, evaluate_batches, token_byte_lengths
+
+    meta = load_meta(data)
+    rows = []
+    for label, path in models:
+        forward, tok, name = _load_forward(str(path), device)
+        if tok.sha256 != meta["tokenizer"]["sha256"] and tok.backend.get_vocab() != _data_vocab(str(data)):
+            raise UserError(f"{name} uses a different tokenizer than the data in {data} "
+                            f"({meta['tokenizer']['source']}); losses would not be comparable.")
+        batches = eval_windows(data, "val", seq_len, batch_size, max_batches)
+        rows.append({"model": label, "path": name,
+                     **evaluate_batches(forward, batches, device, token_byte_lengths(tok))})
+    return rows
+
+
+# --- HTML --------------------------------------------------------------------------------------------
+
+CSS = """
+body { font: 15px/1.45 system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
+h1 { font-size: 1.6em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #ddd; padding-bottom: .2em; }
+table { border-collapse: collapse; margin: .6em 0; } td, th { border: 1px solid #ddd; padding: .3em .6em;
+  text-align: left; vertical-align: top; } th { background: #f4f4f4; } td.num { text-align: right; }
+pre, .gen { font: 13px/1.4 ui-monospace, monospace; white-space: pre-wrap; word-break: break-word; }
+pre { background: #f7f7f7; padding: .8em; overflow-x: auto; } .muted { color: #777; }
+.prompt { color: #777; } .charts { display: grid; grid-template-columns: repeat(auto-fill, minmax(460px, 1fr));
+  gap: .6em; } .charts img { width: 100%; border: 1px solid #eee; }
+"""
+
+
+def esc(v) -> str:
+    return html.escape(str(v))
+
+
+def fmt(v, spec: str | None = None) -> str:
+    """A number for a table cell: ints with thousands separators, floats to 4 places, None as a dash."""
+    if v is None:
+        return "–"
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    return format(v, spec or ("," if isinstance(v, int) else ".4f"))
+
+
+def table(headers: list[str] | None, rows: list[list], num_cols: tuple[int, ...] = ()) -> str:
+    """An HTML table (no header row for None); cells are escaped unless they are Markup already."""
+    head = "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in headers) + "</tr>" if headers else ""
+    body = "".join("<tr>" + "".join(
+        f"<td{' class=num' if i in num_cols else ''}>{c if isinstance(c, Markup) else esc(c)}</td>"
+        for i, c in enumerate(row)) + "</tr>" for row in rows)
+    return f"<table>{head}{body}</table>"
+
+
+class Markup(str):
+    """A string that is already HTML (not escaped again by `table`)."""
+
+
+def _summary_section(run: Run) -> str:
+    h, last_val = run.history, run.history.last(evals=True) or {}
+    t = h.throughput()
+    mfu = fmt(t["median_mfu"], ".1%") if t["median_mfu"] is not None else "n/a (peak FLOP/s unknown here)"
+    rows = [["steps logged", fmt(run.step)], ["tokens seen", fmt(t["tokens"])],
+            ["final train loss", fmt((h.last() or {}).get("loss"))],
+            ["final val loss / ppl / bits per byte", f"{fmt(last_val.get('val_loss'))} / "
+             f"{fmt(last_val.get('val_ppl'), '.2f')} / {fmt(last_val.get('val_bpb'))}"],
+            ["median tokens/s (max)", f"{fmt(t['median_tokens_per_sec'], ',.0f')} "
+             f"({fmt(t['max_tokens_per_sec'], ',.0f')})"],
+            ["median MFU", mfu], ["peak GPU memory (GiB)", fmt(t["peak_mem_gb"], ".2f")]]
+    rows += [[f"tokens from {name}", fmt(n)] for name, n in t["tokens_per_source"].items()]
+    return "<h2>Summary: throughput and MFU</h2>" + table(None, rows)
+
+
+def _generations_section(rows: list[dict], prompts: list[str], max_new_tokens: int) -> str:
+    if not prompts:
+        return ("<h2>Generations per checkpoint</h2><p class=muted>No prompts: set eval.prompts in the config "
+                "or pass --prompts.</p>")
+    order = {p: i for i, p in enumerate(prompts)}  # one prompt's rows together, oldest checkpoint first
+    body = [[r["step"], fmt(r["val_loss"]), _generation_cell(r)]
+            for r in sorted(rows, key=lambda r: (order.get(r["prompt"], -1), r["step"]))]
+    return (f"<h2>Generations per checkpoint</h2><p class=muted>Greedy, up to {max_new_tokens} new tokens; "
+            "the prompt is grey.</p>" + table(["step", "val loss", "prompt + continuation"], body, (0, 1)))
+
+
+def _generation_cell(r: dict) -> Markup:
+    if r.get("error"):
+        return Markup(f"<span class=muted>{esc(r['error'])}</span>")
+    blank = " <span class=muted>(only whitespace)</span>" if not r["text"].strip() else ""
+    return Markup(f"<div class=gen><span class=prompt>{esc(r['prompt'])}</span>{esc(r['text'])}{blank}</div>")
+
+
+def _perplexity_section(rows: list[dict], data: Path | None) -> str:
+    if not rows:
+        return ""
+    body = [[r["model"], r["path"], fmt(r["loss"]), fmt(r["ppl"], ".2f"), fmt(r["bpb"]), fmt(r["tokens"])]
+            for r in rows]
+    return (f"<h2>Perplexity on {esc(data)} (val split)</h2><p class=muted>Loss and perplexity compare models "
+            "that share a tokenizer; bits per byte compares any.</p>"
+            + table(["model", "path", "loss", "ppl", "bits/byte", "tokens"], body, (2, 3, 4, 5)))
+
+
+def _logged_samples_section(run: Run) -> str:
+    recs = read_jsonl(run.dir / "samples.jsonl")
+    if not recs:
+        return ""
+    body = [[r.get("step"), r.get("mode"), Markup(f"<div class=gen><span class=prompt>{esc(r.get('prompt', ''))}"
+                                                   f"</span>{esc(r.get('text', ''))}</div>")] for r in recs]
+    return ("<h2>Samples logged during training</h2><details><summary>samples.jsonl "
+            f"({len(recs)} records)</summary>" + table(["step", "mode", "prompt + continuation"], body, (0,))
+            + "</details>")
+
+
+def _environment_section(run: Run) -> str:
+    env = dict(run.env)
+    versions = env.pop("versions", {}) or {}
+    rows = [[k, fmt(v)] for k, v in env.items()] + [[f"{k} version", fmt(v)] for k, v in versions.items()]
+    hw = table(None, rows) if rows else "<p class=muted>No env.json in the run directory.</p>"
+    return (f"<h2>Hardware and software</h2>{hw}<h2>Configuration</h2>"
+            f"<pre>{esc(run.config_text or 'No config.yaml in the run directory.')}</pre>")
+
+
+def render(run: Run, charts: list[str], gens: list[dict], prompts: list[str], max_new_tokens: int,
+           ppl: list[dict], data: Path | None) -> str:
+    imgs = "".join(f'<img src="{esc(c)}" alt="{esc(c[:-4])}">' for c in charts)
+    imgs = f"<div class=charts>{imgs}</div>" if imgs else "<p class=muted>No metrics logged yet.</p>"
+    steps = ", ".join(str(step_of(c)) for c in run.checkpoints)
+    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>smoltrain report: {esc(run.dir.name)}"
+            f"</title><style>{CSS}</style></head><body><h1>smoltrain run report: {esc(run.dir.name)}</h1>"
+            f"<p class=muted>{esc(run.dir.resolve())} · checkpoints kept at steps {steps} · generated "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}</p>" + _summary_section(run) + f"<h2>Curves</h2>{imgs}"
+            + _generations_section(gens, prompts, max_new_tokens) + _perplexity_section(ppl, data)
+            + _logged_samples_section(run) + _environment_section(run) + "</body></html>")
+
+
+# --- entry point -------------------------------------------------------------------------------------
+
+def make_report(run_dir: str | Path, out: str | Path, prompts: list[str] | None = None,
+                references: Sequence[str] = (), data: str | Path | None = None, max_new_tokens: int | None = None,
+                device: str = "auto", max_batches: int = 50, batch_size: int = 4) -> Path:
+    """Write DIR/index.html and its PNGs; returns the HTML path. Inputs are checked before any work."""
+    from smoltrain.generate import pick_device
+
+    run = open_run(run_dir)
+    ev = run.config.get("eval") or {}
+    prompts = list(ev.get("prompts") or []) if prompts is None else prompts
+    if any(not p for p in prompts):
+        raise UserError("An empty prompt cannot be continued; give text for every --prompts entry.")
+    max_new_tokens = max_new_tokens or int(ev.get("sample_tokens") or 48)
+    refs = [(Path(r).name or str(r), _reference(r)) for r in references]  # fail before any slow work
+    data_dir = Path(data).expanduser() if data else (default_data_dir(run) if refs else None)
+    if refs and data_dir is None:
+        raise UserError("--reference needs --data DIR (a prepared dataset); this run's own data was not found.")
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory.")
+    dev = pick_device(device)
+    ppl = []
+    if data_dir is not None:
+        final = newest_valid(run.dir)
+        if final is None:
+            raise UserError(f"Run directory {run.dir} has no valid checkpoint to evaluate.")
+        seq_len = int((run.config.get("train") or {}).get("seq_len") or 512)
+        ppl = perplexity_table([(f"this run (step {step_of(final)})", final), *refs], data_dir, seq_len,
+                               batch_size, max_batches, dev)
+    out.mkdir(parents=True, exist_ok=True)
+    charts = draw_charts(run, out)
+    gens = checkpoint_generations(run, prompts, max_new_tokens, dev)
+    page = out / REPORT
+    tmp = out / f".{REPORT}.tmp"
+    tmp.write_text(render(run, charts, gens, prompts, max_new_tokens, ppl, data_dir), encoding="utf-8")
+    tmp.replace(page)
+    return page
+
+
+def _reference(path: str) -> Path:
+    try:
+        return resolve_checkpoint(path)
+    except UserError as e:
+        raise UserError(f"--reference {path}: {e}") from None
+
+
+def report_cli(a) -> int:
+    if a.max_new_tokens is not None and a.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1.")
+    if a.max_batches < 1:
+        raise UserError("--max-batches must be at least 1.")
+    page = make_report(a.run, a.out, a.prompts, a.reference or [], a.data, a.max_new_tokens, a.device,
+                       a.max_batches)
+    print(f"Wrote {page} (open it in a browser; its images are beside it)")
+    return 0

@@ -1,0 +1,95 @@
+"""`smoltrain report` on a real 12-step run, the exported model card, and clean refusals of bad inputs."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import DEBUG_TINY, assert_user_error, run_cli
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def train_12_steps(run_dir: Path, tiny_data: list[str]) -> Path:
+    """debug-tiny for 12 steps, evaluated and checkpointed every 6: checkpoints at steps 6 and 12."""
+    args = [sys.executable, "-m", "smoltrain", "train", "--config", str(DEBUG_TINY), "--set", f"run.dir={run_dir}",
+            *tiny_data, "--set", "train.max_steps=12", "--set", "checkpoint.every=6", "--set", "eval.every=6"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def run12(tmp_path_factory, tiny_data) -> Path:
+    return train_12_steps(tmp_path_factory.mktemp("report") / "run", tiny_data)
+
+
+def _data_dir(tiny_data: list[str]) -> Path:
+    return Path(next(a.split("=", 1)[1] for a in tiny_data if a.startswith("run.data_dir="))) / "tiny"
+
+
+def test_report_writes_html_and_pngs(run12, tmp_path, tiny_data):
+    out = tmp_path / "report"
+    ref = run12 / "checkpoints" / "step_00000006"
+    proc = run_cli("report", run12, "--out", out, "--reference", ref, "--data", _data_dir(tiny_data),
+                   "--max-batches", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert f"Wrote {out / 'index.html'}" in proc.stdout
+    page = (out / "index.html").read_text()
+    for png in ("loss.png", "lr.png", "tokens_per_sec.png", "grad_norm.png"):
+        assert (out / png).read_bytes()[:8] == PNG_MAGIC, png
+        assert f'src="{png}"' in page
+    assert "checkpoints kept at steps 6, 12" in page
+    gens = page.split("<h2>Generations per checkpoint</h2>")[1].split("<h2>")[0]
+    assert gens.count("ROMEO:") == 2  # the config's eval.prompts, once per kept checkpoint
+    assert "<td class=num>6</td>" in gens and "<td class=num>12</td>" in gens
+    assert "Perplexity on" in page and "this run (step 12)" in page and "step_00000006" in page
+    assert "max_steps: 12" in page and "torch version" in page  # config.yaml and env.json
+    assert "src=\"http" not in page and "<script" not in page and "<link" not in page  # self-contained
+
+
+def test_report_prompts_option_and_escaping(run12, tmp_path):
+    out = tmp_path / "r"
+    proc = run_cli("report", run12, "--out", out, "--prompts", "The king", "<b>bold</b> & co",
+                   "--max-new-tokens", "4")
+    assert proc.returncode == 0, proc.stderr
+    page = (out / "index.html").read_text()
+    assert page.count(">The king</span>") == 2 and "&lt;b&gt;bold&lt;/b&gt; &amp; co" in page
+    assert "<b>bold</b>" not in page and "up to 4 new tokens" in page
+
+
+def test_report_bad_inputs_exit_2(run12, tmp_path):
+    no_ckpt = tmp_path / "young"  # a run killed before its first checkpoint
+    no_ckpt.mkdir()
+    for name in ("metrics.jsonl", "config.yaml", "env.json"):
+        shutil.copy(run12 / name, no_ckpt / name)
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    assert_user_error(run_cli("report", no_ckpt, "--out", out), "no checkpoints yet")
+    assert_user_error(run_cli("report", tmp_path / "empty", "--out", out), "not a training run directory")
+    assert_user_error(run_cli("report", run12 / "checkpoints" / "step_00000012", "--out", out),
+                      "is a checkpoint, not a run directory", str(run12))
+    assert_user_error(run_cli("report", tmp_path / "nope", "--out", out), "does not exist")
+    assert_user_error(run_cli("report", run12, "--out", out, "--reference", tmp_path / "nope"), "does not exist")
+    assert not out.exists()  # refused before writing anything
+
+
+def test_export_card_describes_training(run12, tmp_path, tiny_ckpt):
+    out = tmp_path / "hf"
+    proc = run_cli("export", run12, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    card = (out / "README.md").read_text()
+    assert (out / "loss.png").read_bytes()[:8] == PNG_MAGIC and "](loss.png)" in card
+    for needle in ("| parameters | ", "12 steps on 3,072 tokens", "### Data", "`tiny`", "### Hyperparameters",
+                   "peak 0.003", "final training loss", "final validation loss", "## Intended use and limitations"):
+        assert needle in card, needle
+    imported = tmp_path / "hf2"  # a checkpoint without train_state.json: architecture and limits only
+    proc = run_cli("export", tiny_ckpt, "--out", imported)
+    assert proc.returncode == 0, proc.stderr
+    card = (imported / "README.md").read_text()
+    assert "## Intended use and limitations" in card and "## Training" not in card
+    assert not (imported / "loss.png").exists()
