@@ -68,7 +68,7 @@ def _hf_forward(path: Path, device: torch.device):
     return lambda x, y: model(x).logits
 
 
-def _load_forward(path: str, device: torch.device) -> tuple[object, Tokenizer, str]:
+def load_forward(path: str, device: torch.device) -> tuple[object, Tokenizer, str]:
     from smoltrain.checkpoint import load_model, resolve_checkpoint
     from smoltrain.tokenizer import load_tokenizer
 
@@ -83,23 +83,30 @@ def _load_forward(path: str, device: torch.device) -> tuple[object, Tokenizer, s
     return (lambda x, y: model(x, labels=y, loss_chunk=4096, reduction="sum")), tok, str(directory)
 
 
-def eval_cli(a) -> int:
-    """`smoltrain eval MODEL [MODEL ...] --data DIR`: one row per model, as a table or JSON."""
+def evaluate_models(paths: list[str], data: str | Path, split: str, seq_len: int, batch_size: int,
+                    max_batches: int | None, device: torch.device) -> list[dict]:
+    """One row (model, loss, ppl, bpb, tokens) per model, on the same windows of a prepared split."""
     from smoltrain.data.loader import eval_windows
     from smoltrain.data.shards import load_meta
+
+    meta = load_meta(data)
+    rows = []
+    for path in paths:
+        forward, tok, name = load_forward(str(path), device)
+        if tok.sha256 != meta["tokenizer"]["sha256"] and tok.backend.get_vocab() != data_vocab(str(data)):
+            raise UserError(f"{name} uses a different tokenizer than the data in {data} "
+                            f"({meta['tokenizer']['source']}); losses would not be comparable.")
+        batches = eval_windows(data, split, seq_len, batch_size, max_batches)
+        rows.append({"model": name, "split": split,
+                     **evaluate_batches(forward, batches, device, token_byte_lengths(tok))})
+    return rows
+
+
+def eval_cli(a) -> int:
+    """`smoltrain eval MODEL [MODEL ...] --data DIR`: one row per model, as a table or JSON."""
     from smoltrain.generate import pick_device
 
-    device = pick_device(a.device)
-    meta = load_meta(a.data)
-    rows = []
-    for path in a.models:
-        forward, tok, name = _load_forward(path, device)
-        if tok.sha256 != meta["tokenizer"]["sha256"] and tok.backend.get_vocab() != _data_vocab(a.data):
-            raise UserError(f"{name} uses a different tokenizer than the data in {a.data} "
-                            f"({meta['tokenizer']['source']}); losses would not be comparable.")
-        batches = eval_windows(a.data, a.split, a.seq_len, a.batch_size, a.max_batches)
-        res = evaluate_batches(forward, batches, device, token_byte_lengths(tok))
-        rows.append({"model": name, "split": a.split, **res})
+    rows = evaluate_models(a.models, a.data, a.split, a.seq_len, a.batch_size, a.max_batches, pick_device(a.device))
     if a.json:
         print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
     else:
@@ -110,7 +117,7 @@ def eval_cli(a) -> int:
     return 0
 
 
-def _data_vocab(data_dir: str) -> dict | None:
+def data_vocab(data_dir: str) -> dict | None:
     from smoltrain.tokenizer import load_tokenizer
 
     tok_dir = Path(data_dir) / "tokenizer"

@@ -137,21 +137,11 @@ def default_data_dir(run: Run) -> Path | None:
 def perplexity_table(models: list[tuple[str, Path]], data: Path, seq_len: int, batch_size: int,
                      max_batches: int, device: torch.device) -> list[dict]:
     """Loss, perplexity and bits-per-byte on data's val split, through smoltrain.evaluate (as `eval` does)."""
-    from smoltrain.data.loader import eval_windows
-    from smoltrain.data.shards import load_meta
-    from smoltrain.evaluate import _data_vocab, _load_forward, evaluate_batches, token_byte_lengths
+    from smoltrain.evaluate import evaluate_models
 
-    meta = load_meta(data)
-    rows = []
-    for label, path in models:
-        forward, tok, name = _load_forward(str(path), device)
-        if tok.sha256 != meta["tokenizer"]["sha256"] and tok.backend.get_vocab() != _data_vocab(str(data)):
-            raise UserError(f"{name} uses a different tokenizer than the data in {data} "
-                            f"({meta['tokenizer']['source']}); losses would not be comparable.")
-        batches = eval_windows(data, "val", seq_len, batch_size, max_batches)
-        rows.append({"model": label, "path": name,
-                     **evaluate_batches(forward, batches, device, token_byte_lengths(tok))})
-    return rows
+    rows = evaluate_models([str(path) for _, path in models], data, "val", seq_len, batch_size, max_batches,
+                           device)
+    return [{**row, "model": label, "path": row["model"]} for (label, _), row in zip(models, rows)]
 
 
 # --- HTML --------------------------------------------------------------------------------------------
