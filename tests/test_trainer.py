@@ -259,3 +259,13 @@ def test_eval_any_hf_causal_lm_beside_ours(tmp_path, tiny_data, tiny_tokenizer_d
     rows = json.loads(proc.stdout)
     assert [Path(r["model"]).name for r in rows] == ["step_00000010", "gpt2"]
     assert rows[0]["loss"] < rows[1]["loss"]  # trained beats random, on the same windows
+
+
+def test_fp16_with_grad_scaler_trains_and_resumes(tmp_path, tiny_data):
+    run, common = tmp_path / "f16", ["--set", "train.dtype=fp16", "--set", "checkpoint.every=2"]
+    assert train(run, tiny_data, *common, "--set", "train.max_steps=4").returncode == 0
+    scaler = torch.load(run / "checkpoints" / "step_00000004" / "rng.pt", weights_only=False)["scaler"]
+    assert scaler is not None and scaler["scale"] > 0
+    more = train(run, tiny_data, *common, "--set", "train.max_steps=6")
+    assert more.returncode == 0 and "(step 4)" in more.stdout
+    assert all(r[1] is None or r[1] < 7 for r in losses(run))
