@@ -219,7 +219,13 @@ def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: s
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                need_tokenizer: bool = True) -> tuple[SmolLM2, Tokenizer | None, Path]:
     """Model (+ tokenizer) from a checkpoint dir, run dir or HF dir; returns the directory used."""
-    directory = resolve_checkpoint(path)
+    return load_resolved(resolve_checkpoint(path), device, dtype, need_tokenizer)
+
+
+def load_resolved(directory: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                  need_tokenizer: bool = True) -> tuple[SmolLM2, Tokenizer | None, Path]:
+    """load_model for a directory that resolve_checkpoint (or resume discovery) already verified:
+    hashing a checkpoint twice costs seconds per GB."""
     cfg = read_hf_config(directory)
     model = model_from_state(cfg, read_hf_weights(directory), str(directory), device, dtype)
     tokenizer = None

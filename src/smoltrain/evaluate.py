@@ -69,7 +69,7 @@ def _hf_forward(path: Path, device: torch.device):
 
 
 def load_forward(path: str, device: torch.device) -> tuple[object, Tokenizer, str]:
-    from smoltrain.checkpoint import load_model, resolve_checkpoint
+    from smoltrain.checkpoint import load_resolved, resolve_checkpoint
     from smoltrain.tokenizer import load_tokenizer
 
     directory = resolve_checkpoint(path)
@@ -79,7 +79,7 @@ def load_forward(path: str, device: torch.device) -> tuple[object, Tokenizer, st
         raise UserError(f"{directory}/config.json is missing or not valid JSON ({e}).") from None
     if model_type != "llama":  # any other causal LM: let transformers run it
         return _hf_forward(directory, device), load_tokenizer(directory), str(directory)
-    model, tok, _ = load_model(directory, device=device)
+    model, tok, _ = load_resolved(directory, device=device)
     return (lambda x, y: model(x, labels=y, loss_chunk=4096, reduction="sum")), tok, str(directory)
 
 

@@ -10,7 +10,7 @@ import torch
 
 from smoltrain.checkpoint import (
     WEIGHTS,
-    load_model,
+    load_resolved,
     model_from_state,
     model_state,
     read_hf_config,
@@ -145,7 +145,7 @@ def export_hf(ckpt: str | Path, out: str | Path, force: bool = False, card: str 
     out = Path(out).expanduser()
     if out.exists() and not force:
         raise UserError(f"{out} already exists (pass --force to replace it).")
-    model, tok, _ = load_model(src)  # validates the checkpoint fully
+    model, tok, _ = load_resolved(src)  # resolve_checkpoint above verified the manifest
     with staged_dir(out, {"kind": "export", "source": str(src)}, replace=force) as d:
         save_model_files(d, model_state(model), model.config, tok)
         write_hf_extras(d, model.config, src, card)

@@ -113,10 +113,9 @@ class Trainer:
         """Weights (fresh, init_from, or the resume checkpoint's) are loaded before any wrapping."""
         cfg = self.cfg
         source = ckpt or cfg.train.init_from
-        if source:
-            from smoltrain.checkpoint import load_model
-
-            model, _, src = load_model(source, device=self.device, need_tokenizer=False)
+        if source:  # a resume checkpoint was verified by _find_resume; init_from is resolved here
+            load = ckpt_io.load_resolved if ckpt else ckpt_io.load_model
+            model, _, src = load(source, device=self.device, need_tokenizer=False)
             if model.config != cfg.model:
                 raise UserError(f"{'train.init_from ' if ckpt is None else 'The checkpoint '}{src} has another "
                                 f"shape than the config's model section; set model to match it: {model.config}")
