@@ -1,15 +1,21 @@
 """Greedy decoding speed: smoltrain `generate` vs transformers `generate`, same weights, same prompt.
 
-    python bench/generate.py [--ckpt CKPT] [--new-tokens 128] [--rounds 3] [--out bench/results.jsonl]
+    python bench/generate.py [--ckpt CKPT] [--new-tokens 128] [--rounds 5] [--out bench/results.jsonl]
 
 Without --ckpt it imports the real SmolLM2-135M-Instruct from the asset cache (smoltrain assets).
-Both run in this one process, interleaved round by round; the median tokens/s of each is reported.
+Each measurement runs in a fresh subprocess (so neither side inherits the other's thread pools, caches
+or allocator state), the two interleaved round by round; each subprocess warms up once, then times
+--repeats generations of --new-tokens tokens with EOS disabled and reports their median. The median
+over rounds of each side is reported, and
+the greedy tokens of both sides must be identical.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -20,76 +26,86 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import emit  # noqa: E402
 
-from smoltrain.checkpoint import load_model  # noqa: E402
-from smoltrain.generate import SamplingConfig, generate, pick_device, prepare_for_decode  # noqa: E402
-
 PROMPT = "Once upon a time, in a small village by the sea, there lived an old fisherman who"
 
 
-def ensure_checkpoint(ckpt: str | None, work: Path) -> Path:
-    if ckpt:
-        return Path(ckpt)
-    from smoltrain.assets import fetch_assets
-    from smoltrain.interop import import_model
+def worker(a) -> None:
+    """Load one side, warm up, time one greedy generation; print tokens/s and the tokens as JSON."""
+    from smoltrain.checkpoint import load_model
+    from smoltrain.generate import SamplingConfig, generate, pick_device, prepare_for_decode
 
-    return import_model(fetch_assets()["gguf"], work / "ckpt")
+    device = pick_device(a.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n = a.new_tokens
+    if a.worker == "smoltrain":
+        model, tok, _ = load_model(a.ckpt, device=device, dtype=dtype)
+        prepare_for_decode(model)  # what `smoltrain generate` does
+        prompt = tok.encode(PROMPT)
+
+        def run() -> list[int]:
+            return list(generate(model, prompt, n, SamplingConfig(temperature=0), stop_ids=[]))
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        hf = AutoModelForCausalLM.from_pretrained(a.hf_dir, dtype=dtype).to(device).eval()
+        prompt = AutoTokenizer.from_pretrained(a.hf_dir).encode(PROMPT)
+        ids = torch.tensor([prompt], device=device)
+
+        @torch.inference_mode()
+        def run() -> list[int]:
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, pad_token_id=0)
+            return out[0, len(prompt):].tolist()
+    run()  # warm-up
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rates = []
+    for _ in range(a.repeats):
+        sync()
+        t = time.perf_counter()
+        tokens = run()
+        sync()
+        rates.append(n / (time.perf_counter() - t))
+    print(json.dumps({"tokens_per_sec": statistics.median(rates), "tokens": tokens,
+                      "prompt_tokens": len(prompt), "device": device.type, "dtype": str(dtype)}))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt")
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3, help="timed generations per subprocess (median)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=None, help="append JSON lines here")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--hf-dir", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    from transformers import AutoModelForCausalLM
-
+    if a.worker:
+        return worker(a)
     from smoltrain.interop import export_hf
 
-    device = pick_device(a.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = ensure_checkpoint(a.ckpt, Path(tmp))
-        ours, tok, _ = load_model(ckpt, device=device, dtype=dtype)
-        prepare_for_decode(ours)  # what `smoltrain generate` does
-        hf_dir = export_hf(ckpt, Path(tmp) / "hf")
-        hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(device).eval()
-    prompt = tok.encode(PROMPT)
-    ids = torch.tensor([prompt], device=device)
-    n = a.new_tokens
+        if a.ckpt:
+            ckpt = Path(a.ckpt)
+        else:
+            from smoltrain.assets import fetch_assets
+            from smoltrain.interop import import_model
 
-    def run_ours() -> list[int]:
-        return list(generate(ours, prompt, n, SamplingConfig(temperature=0), stop_ids=[]))
-
-    @torch.inference_mode()
-    def run_hf() -> list[int]:
-        out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        return out[0, len(prompt):].tolist()
-
-    def timed(fn) -> tuple[float, list[int]]:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        toks = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return n / (time.perf_counter() - t), toks
-
-    run_ours(), run_hf()  # warm-up
-    rates: dict[str, list[float]] = {"smoltrain": [], "transformers": []}  # per round, interleaved
-    same = True
-    for _ in range(a.rounds):
-        r1, t1 = timed(run_ours)
-        r2, t2 = timed(run_hf)
-        rates["smoltrain"].append(r1)
-        rates["transformers"].append(r2)
-        same &= t1 == t2
-    med = {k: statistics.median(v) for k, v in rates.items()}
-    for k, v in med.items():
-        emit({"bench": "generate", "impl": k, "tokens_per_sec": round(v, 2), "new_tokens": n,
-              "prompt_tokens": len(prompt), "device": device.type, "dtype": str(dtype),
-              "rounds": [round(r, 2) for r in rates[k]]}, a.out)
+            ckpt = import_model(fetch_assets()["gguf"], Path(tmp) / "ckpt")
+        hf_dir = export_hf(ckpt, Path(tmp) / "hf")  # transformers reads the very same weights
+        common = [sys.executable, __file__, "--ckpt", str(ckpt), "--hf-dir", str(hf_dir),
+                  "--new-tokens", str(a.new_tokens), "--repeats", str(a.repeats), "--device", a.device]
+        runs: dict[str, list[dict]] = {"smoltrain": [], "transformers": []}
+        for _ in range(a.rounds):
+            for impl in runs:
+                out = subprocess.run([*common, "--worker", impl], capture_output=True, text=True, check=True).stdout
+                runs[impl].append(json.loads(out.strip().splitlines()[-1]))
+    same = all(r["tokens"] == runs["transformers"][0]["tokens"] for rs in runs.values() for r in rs)
+    med = {k: statistics.median(r["tokens_per_sec"] for r in v) for k, v in runs.items()}
+    for k, v in runs.items():
+        emit({"bench": "generate", "impl": k, "tokens_per_sec": round(med[k], 2), "new_tokens": a.new_tokens,
+              "prompt_tokens": v[0]["prompt_tokens"], "device": v[0]["device"], "dtype": v[0]["dtype"],
+              "identical_tokens": same, "rounds": [round(r["tokens_per_sec"], 2) for r in v]}, a.out)
     print(f"smoltrain {med['smoltrain']:.1f} tok/s, transformers {med['transformers']:.1f} tok/s, "
           f"ratio {med['smoltrain'] / med['transformers']:.2f}x, identical greedy tokens: {same}")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,31 +32,31 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2] == 1:  # one decode token: HF's own formula beats the fused kernel's launch cost
-            h = x.float()
-            return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        if x.dtype == torch.float32:  # one fused kernel; in fp32 it equals HF's formula bit for bit
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * y.to(x.dtype)
 
 
 def rope_cache(cfg: ModelConfig, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (max_position_embeddings, E) for rotate-half RoPE, computed in fp32 like HF."""
+    """cos and signed sin tables (max_position_embeddings, E) for rotate-half RoPE, in fp32 like HF.
+
+    HF rotates with rotate_half(x) = cat(-x2, x1); the sign lives in the table instead (its first half is
+    -sin), so the rotation is one roll: rotate_half(x) * sin == x.roll(E/2) * signed_sin, exactly.
+    """
     e = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, e, 2, dtype=torch.int64, device=device).float() / e))
     pos = torch.arange(cfg.max_position_embeddings, device=device).float()
     freqs = torch.outer(pos, inv_freq)  # (P, E/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (P, E): rotate-half layout, not interleaved
-    return emb.cos(), emb.sin()
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    sin = emb.sin()
+    sin[:, : e // 2].neg_()
+    return emb.cos(), sin
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x (B, h, T, E); cos/sin (T, E) already gathered for these positions
-    return (x * cos + rotate_half(x) * sin).to(x.dtype)
+    # x (B, T, h, E); cos/sin (T, 1, E) already gathered for these positions; sin is signed (rope_cache)
+    return (x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin).to(x.dtype)
 
 
 class KVCache(nn.Module):
@@ -84,19 +85,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.num_kv_heads * e, bias=False)
         self.o_proj = nn.Linear(self.num_heads * e, d, bias=False)
         self.kv_cache: KVCache | None = None
-        self.fused_qkv: torch.Tensor | None = None  # (D, H*E + 2*K*E), inference only (fuse_projections)
+        self.fused_qkv: torch.Tensor | None = None  # (D, H*E + 2*K*E), inference only (to_inference_layout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int | None) -> torch.Tensor:
         b, t, _ = x.shape
-        if self.fused_qkv is not None:  # one matmul instead of three
-            kv = self.num_kv_heads * self.head_dim
-            q, k, v = (x @ self.fused_qkv).split([self.num_heads * self.head_dim, kv, kv], dim=-1)
+        h, kh, e = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.fused_qkv is not None:  # inference: one matmul, and RoPE on q and k together
+            qkv = kmajor_matmul(x, self.fused_qkv).view(b, t, h + 2 * kh, e)  # (B, T, H+2K, E)
+            qk = apply_rope(qkv[:, :, : h + kh], cos, sin)  # (B, T, H+K, E)
+            q, k, v = qk[:, :, :h], qk[:, :, h:], qkv[:, :, h + kh :]
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, E)
-        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, E)
-        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, E)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q = apply_rope(self.q_proj(x).view(b, t, h, e), cos, sin)  # (B, T, H, E)
+            k = apply_rope(self.k_proj(x).view(b, t, kh, e), cos, sin)  # (B, T, K, E)
+            v = self.v_proj(x).view(b, t, kh, e)  # (B, T, K, E)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, h, T, E)
         mask, causal = None, True
         if self.kv_cache is not None and start is not None:
             k, v = self.kv_cache.update(start, k, v)  # (B, K, S, E) with S = start + T
@@ -119,11 +121,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.fused_gate_up: torch.Tensor | None = None  # (D, 2F), inference only (fuse_projections)
+        self.fused_gate_up: torch.Tensor | None = None  # (D, 2F), inference only (to_inference_layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_gate_up is not None:
-            gate, up = (x @ self.fused_gate_up).chunk(2, dim=-1)
+            gate, up = kmajor_matmul(x, self.fused_gate_up).chunk(2, dim=-1)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
@@ -203,7 +205,7 @@ class SmolLM2(nn.Module):
         """Final normed hidden states (B, T, D). With a KV cache set up, `start_pos` is the absolute
         position of input_ids[:, 0] (a host int: no device sync per layer)."""
         t, s = input_ids.shape[1], start_pos or 0
-        cos, sin = self.rope_cos[s : s + t], self.rope_sin[s : s + t]  # (T, E)
+        cos, sin = self.rope_cos[s : s + t, None], self.rope_sin[s : s + t, None]  # (T, 1, E)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:
@@ -231,13 +233,49 @@ class SmolLM2(nn.Module):
                                reduction=reduction)
 
 
-@torch.no_grad()
-def fuse_projections(model: SmolLM2) -> None:
-    """Inference only: q/k/v and gate/up become one k-major (in, out) matmul each.
+def kmajor_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (..., in) @ w (in, out) for an inference weight stored k-major (w contiguous).
 
-    The separate projection weights become views into the fused tensor, so memory and state_dict()
-    values are unchanged; fewer, larger matmuls matter when decoding one token at a time.
+    On CPU in fp32 the product goes through numpy's BLAS (OpenBLAS, or Accelerate on macOS): decoding is
+    one matrix-vector product per weight, memory bound, and there OpenBLAS streams the weights about 1.5x
+    faster than the MKL sgemv that torch calls (MKL takes slow paths on non-Intel CPUs; BENCHMARKS.md).
     """
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.requires_grad or w.requires_grad:
+        return x @ w
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (N, in)
+    out = x.new_empty(x2.shape[0], w.shape[1])  # (N, out)
+    np.matmul(x2.numpy(), w.numpy(), out=out.numpy())
+    return out.view(*x.shape[:-1], w.shape[1])
+
+
+class KMajorLinear(nn.Module):
+    """Inference stand-in for a bias-free nn.Linear: same `weight` (out, in) values and state-dict key, but
+    backed by a k-major (in, out) contiguous tensor that `kmajor_matmul` reads."""
+
+    def __init__(self, weight: nn.Parameter):
+        super().__init__()
+        self.weight = weight  # (out, in) view of self.weight_km, shared (tied) where the caller shares it
+
+    @property
+    def weight_km(self) -> torch.Tensor:
+        return self.weight.t()  # (in, out), contiguous
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kmajor_matmul(x, self.weight_km)
+
+
+@torch.no_grad()
+def to_inference_layout(model: SmolLM2) -> SmolLM2:
+    """Inference only: every projection k-major, q/k/v and gate/up fused into one matmul each.
+
+    Batch-1 decoding streams all weights through one matrix-vector product per projection; stored
+    k-major (the transpose contiguous, viewed back as (out, in)) those read memory sequentially, and
+    fusing saves dispatches. Weight values and state_dict() keys are unchanged, so tokens are too;
+    do not train the model afterwards.
+    """
+    def kmajor(w: torch.Tensor) -> nn.Parameter:
+        return nn.Parameter(w.t().contiguous().t(), requires_grad=False)
+
     def fuse(linears: list[nn.Linear]) -> torch.Tensor:
         fused = torch.cat([lin.weight for lin in linears]).t().contiguous()  # (in, sum of outs)
         lo = 0
@@ -251,6 +289,13 @@ def fuse_projections(model: SmolLM2) -> None:
         a, m = layer.self_attn, layer.mlp
         a.fused_qkv = fuse([a.q_proj, a.k_proj, a.v_proj])
         m.fused_gate_up = fuse([m.gate_proj, m.up_proj])
+        a.o_proj = KMajorLinear(kmajor(a.o_proj.weight))
+        m.down_proj = KMajorLinear(kmajor(m.down_proj.weight))
+    emb = model.model.embed_tokens
+    emb.weight = kmajor(emb.weight)
+    head = emb.weight if model.config.tie_word_embeddings else kmajor(model.lm_head.weight)
+    model.lm_head = KMajorLinear(head)
+    return model
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", init: bool = True) -> SmolLM2:
