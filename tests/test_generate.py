@@ -121,3 +121,16 @@ def test_decode_layout_keeps_weights_and_tokens():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert list(generate(model, prompt, 30, GREEDY)) == before
+
+
+def test_blas_products_equal_torch_and_fall_back_under_autograd():
+    from smoltrain import blas
+
+    torch.manual_seed(0)
+    a, b = torch.randn(5, 7), torch.randn(9, 7)
+    assert torch.allclose(blas.mm(a, b.t()), a @ b.t(), atol=1e-6)  # a transposed (strided) operand
+    x = torch.randn(2, 3, 7)
+    assert torch.allclose(blas.matmul(x, b.t()), x @ b.t(), atol=1e-6)
+    w = b.t().clone().requires_grad_()  # autograd wanted: torch computes, gradients flow
+    blas.matmul(x, w).sum().backward()
+    assert w.grad is not None and torch.allclose(w.grad, x.reshape(-1, 7).sum(0)[:, None].expand(7, 9))

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smoltrain import blas
 from smoltrain.config import ModelConfig
 from smoltrain.loss import chunked_cross_entropy
 
@@ -91,7 +91,7 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         h, kh, e = self.num_heads, self.num_kv_heads, self.head_dim
         if self.fused_qkv is not None:  # inference: one matmul, and RoPE on q and k together
-            qkv = kmajor_matmul(x, self.fused_qkv).view(b, t, h + 2 * kh, e)  # (B, T, H+2K, E)
+            qkv = blas.matmul(x, self.fused_qkv).view(b, t, h + 2 * kh, e)  # (B, T, H+2K, E)
             qk = apply_rope(qkv[:, :, : h + kh], cos, sin)  # (B, T, H+K, E)
             q, k, v = qk[:, :, :h], qk[:, :, h:], qkv[:, :, h + kh :]
         else:
@@ -125,7 +125,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_gate_up is not None:
-            gate, up = kmajor_matmul(x, self.fused_gate_up).chunk(2, dim=-1)
+            gate, up = blas.matmul(x, self.fused_gate_up).chunk(2, dim=-1)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
@@ -233,24 +233,9 @@ class SmolLM2(nn.Module):
                                reduction=reduction)
 
 
-def kmajor_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (..., in) @ w (in, out) for an inference weight stored k-major (w contiguous).
-
-    On CPU in fp32 the product goes through numpy's BLAS (OpenBLAS, or Accelerate on macOS): decoding is
-    one matrix-vector product per weight, memory bound, and there OpenBLAS streams the weights about 1.5x
-    faster than the MKL sgemv that torch calls (MKL takes slow paths on non-Intel CPUs; BENCHMARKS.md).
-    """
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.requires_grad or w.requires_grad:
-        return x @ w
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (N, in)
-    out = x.new_empty(x2.shape[0], w.shape[1])  # (N, out)
-    np.matmul(x2.numpy(), w.numpy(), out=out.numpy())
-    return out.view(*x.shape[:-1], w.shape[1])
-
-
 class KMajorLinear(nn.Module):
     """Inference stand-in for a bias-free nn.Linear: same `weight` (out, in) values and state-dict key, but
-    backed by a k-major (in, out) contiguous tensor that `kmajor_matmul` reads."""
+    backed by a k-major (in, out) contiguous tensor, multiplied through numpy's BLAS on CPU (blas.py)."""
 
     def __init__(self, weight: nn.Parameter):
         super().__init__()
@@ -261,7 +246,7 @@ class KMajorLinear(nn.Module):
         return self.weight.t()  # (in, out), contiguous
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kmajor_matmul(x, self.weight_km)
+        return blas.matmul(x, self.weight_km)
 
 
 @torch.no_grad()
@@ -269,9 +254,9 @@ def to_inference_layout(model: SmolLM2) -> SmolLM2:
     """Inference only: every projection k-major, q/k/v and gate/up fused into one matmul each.
 
     Batch-1 decoding streams all weights through one matrix-vector product per projection; stored
-    k-major (the transpose contiguous, viewed back as (out, in)) those read memory sequentially, and
-    fusing saves dispatches. Weight values and state_dict() keys are unchanged, so tokens are too;
-    do not train the model afterwards.
+    k-major (the transpose contiguous, viewed back as (out, in)) those read memory sequentially, on
+    CPU through OpenBLAS (blas.py), and fusing saves dispatches. Weight values and state_dict() keys
+    are unchanged, so tokens are too; do not train the model afterwards.
     """
     def kmajor(w: torch.Tensor) -> nn.Parameter:
         return nn.Parameter(w.t().contiguous().t(), requires_grad=False)

@@ -1,0 +1,36 @@
+"""CPU matrix products through numpy's BLAS where it beats the one torch calls.
+
+torch's CPU wheels call Intel MKL, which takes slow generic paths on non-Intel CPUs; numpy's wheels
+carry OpenBLAS (Accelerate on macOS), tuned per microarchitecture. On the 2-core AMD EPYC of
+BENCHMARKS.md, OpenBLAS runs the decode matrix-vector products ~1.5x faster (19.5 vs 13 GB/s of
+weights). Same math, another summation order. Used for inference (decode) only: in training, the
+two libraries' thread pools spin against each other between calls and the gain was a wash.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """True when numpy may compute on these tensors: fp32, on the CPU, no autograd history wanted."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad for t in tensors)
+
+
+def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a (M, K) @ b (K, N) into `out` (M, N, contiguous) or a new tensor; any strides for a and b."""
+    if out is None:
+        out = a.new_empty(a.shape[0], b.shape[1])
+    if not usable(a, b, out):
+        return torch.mm(a, b, out=out)
+    np.matmul(a.numpy(), b.numpy(), out=out.numpy())
+    return out
+
+
+def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (..., K) @ w (K, N): the leading dimensions flattened into one product."""
+    if not usable(x, w):
+        return x @ w
+    y = mm(x.reshape(-1, x.shape[-1]), w)  # (M, N)
+    return y.view(*x.shape[:-1], w.shape[1])
