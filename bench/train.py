@@ -4,13 +4,15 @@
     python bench/train.py --preset smollm2-135m --micro-batch 16 --seq-len 2048 --dtype bf16 --compile  # GPU
 
 Same shape, micro-batch, sequence length, AdamW (betas 0.9/0.95, wd 0.01), clip 1.0 and dtype for both.
+Rounds run in ABBA order so that a drift in the host's speed hits both sides alike.
 The baseline is what a user writes by hand: `logits = model(x).logits`, `F.cross_entropy` on fp32
 logits, `torch.optim.AdamW`. Ours is smoltrain's path: SmolLM2 model, fused chunked head + loss,
 `build_optimizer` (fused on CUDA, foreach on CPU). Each measurement runs in a fresh subprocess, the two
 interleaved round by round, so peak memory (max RSS on CPU, max allocated on CUDA) is per implementation.
 FLOPs per token follow the PaLM / nanoGPT convention (6N incl. the LM head + 12*L*H*Q*T, see
 smoltrain.metrics.flops_per_token). On CPU "MFU" is achieved FLOP/s over this machine's measured fp32
-matmul peak (a 2048^3 matmul), since CPUs have no datasheet peak worth the name.
+matmul peak (a 2048^3 matmul, timed in each worker right after its steps), since CPUs have no datasheet
+peak worth the name.
 """
 
 from __future__ import annotations
@@ -107,8 +109,9 @@ def worker(a) -> None:
     dt = time.perf_counter() - t
     mem = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    peak = cpu_matmul_peak() if device.type == "cpu" else None  # right after the steps: this host's speed now
     print(json.dumps({"tokens_per_sec": a.steps * a.micro_batch * a.seq_len / dt, "peak_mem_gb": mem,
-                      "device": device.type}))
+                      "device": device.type, "cpu_peak": peak}))
 
 
 def cpu_matmul_peak() -> float:
@@ -144,22 +147,27 @@ def main() -> None:
         del passthrough[i:i + 2]
     passthrough = [arg for arg in passthrough if not arg.startswith("--out=")]
     results: dict[str, list[dict]] = {"smoltrain": [], "transformers": []}
-    for _ in range(a.rounds):
-        for impl in results:
+    for r in range(a.rounds):
+        for impl in (list(results) if r % 2 == 0 else list(results)[::-1]):  # ABBA: drift hits both sides
             out = subprocess.run([sys.executable, __file__, *passthrough, "--worker", impl], capture_output=True,
                                  text=True, check=True).stdout
             results[impl].append(json.loads(out.strip().splitlines()[-1]))
     cfg = shape(a)
     fpt = flops_per_token(cfg, a.seq_len)
     device = results["smoltrain"][0]["device"]
-    peak = peak_flops(torch.device("cuda"), DTYPES[a.dtype]) if device == "cuda" else cpu_matmul_peak()
     summary = {}
     for impl, runs in results.items():
         tps = statistics.median(r["tokens_per_sec"] for r in runs)
         summary[impl] = tps
+        if device == "cuda":
+            peak, kind = peak_flops(torch.device("cuda"), DTYPES[a.dtype]), "datasheet"
+            mfu = round(fpt * tps / peak, 4) if peak else None
+        else:  # each round against the matmul peak its own process measured right after its steps
+            peak = statistics.median(r["cpu_peak"] for r in runs)
+            kind = f"measured fp32 matmul, median {peak / 1e9:.1f} GFLOP/s"
+            mfu = round(statistics.median(fpt * r["tokens_per_sec"] / r["cpu_peak"] for r in runs), 4)
         emit({"bench": "train", "impl": impl, "tokens_per_sec": round(tps, 1),
-              "mfu": round(fpt * tps / peak, 4) if peak else None, "peak_kind": "datasheet" if device == "cuda"
-              else f"measured fp32 matmul {peak / 1e9:.1f} GFLOP/s", "flops_per_token": fpt,
+              "mfu": mfu, "peak_kind": kind, "flops_per_token": fpt,
               "peak_mem_gb": round(max(r["peak_mem_gb"] for r in runs), 3), "rounds": [round(r["tokens_per_sec"], 1)
                                                                                       for r in runs],
               "shape": a.preset or "issue6-cpu", "micro_batch": a.micro_batch, "seq_len": a.seq_len,
