@@ -4,7 +4,7 @@
 
 Without --ckpt it imports the real SmolLM2-135M-Instruct from the asset cache (smoltrain assets).
 Each measurement runs in a fresh subprocess (so neither side inherits the other's thread pools, caches
-or allocator state), the two interleaved round by round; each subprocess warms up once, then times
+or allocator state), the two interleaved in ABBA order; each subprocess warms up once, then times
 --repeats generations of --new-tokens tokens with EOS disabled and reports their median. The median
 over rounds of each side is reported, and
 the greedy tokens of both sides must be identical.
@@ -30,7 +30,8 @@ PROMPT = "Once upon a time, in a small village by the sea, there lived an old fi
 
 
 def worker(a) -> None:
-    """Load one side, warm up, time one greedy generation; print tokens/s and the tokens as JSON."""
+    """Load one side, warm up, time --repeats greedy generations; print the median tokens/s and the
+    tokens as JSON."""
     from smoltrain.checkpoint import load_model
     from smoltrain.generate import SamplingConfig, generate, pick_device, prepare_for_decode
 
@@ -96,10 +97,12 @@ def main() -> None:
         common = [sys.executable, __file__, "--ckpt", str(ckpt), "--hf-dir", str(hf_dir),
                   "--new-tokens", str(a.new_tokens), "--repeats", str(a.repeats), "--device", a.device]
         runs: dict[str, list[dict]] = {"smoltrain": [], "transformers": []}
-        for _ in range(a.rounds):
-            for impl in runs:
-                out = subprocess.run([*common, "--worker", impl], capture_output=True, text=True, check=True).stdout
-                runs[impl].append(json.loads(out.strip().splitlines()[-1]))
+        for r in range(a.rounds):
+            for impl in (list(runs) if r % 2 == 0 else list(runs)[::-1]):  # ABBA: drift hits both sides
+                proc = subprocess.run([*common, "--worker", impl], capture_output=True, text=True)
+                if proc.returncode != 0:
+                    sys.exit(f"{impl} worker failed:\n{proc.stderr}")
+                runs[impl].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     same = all(r["tokens"] == runs["transformers"][0]["tokens"] for rs in runs.values() for r in rs)
     med = {k: statistics.median(r["tokens_per_sec"] for r in v) for k, v in runs.items()}
     for k, v in runs.items():
@@ -108,6 +111,8 @@ def main() -> None:
               "identical_tokens": same, "rounds": [round(r["tokens_per_sec"], 2) for r in v]}, a.out)
     print(f"smoltrain {med['smoltrain']:.1f} tok/s, transformers {med['transformers']:.1f} tok/s, "
           f"ratio {med['smoltrain'] / med['transformers']:.2f}x, identical greedy tokens: {same}")
+    if not same:
+        sys.exit("The two sides produced different greedy tokens: the comparison is void.")
 
 
 if __name__ == "__main__":

@@ -121,6 +121,9 @@ def test_decode_layout_keeps_weights_and_tokens():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert list(generate(model, prompt, 30, GREEDY)) == before
+    assert not any(p.requires_grad for p in model.parameters())  # frozen: inference only
+    model.to(torch.float64)  # the fused copies are buffers, so conversions reach them too
+    assert len(list(generate(model, prompt, 5, GREEDY))) == 5
 
 
 def test_blas_products_equal_torch_and_fall_back_under_autograd():

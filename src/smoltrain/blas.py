@@ -1,10 +1,12 @@
-"""CPU matrix products through numpy's BLAS where it beats the one torch calls.
+"""CPU matrix products for inference through numpy's BLAS instead of the one torch calls.
 
 torch's CPU wheels call Intel MKL, which takes slow generic paths on non-Intel CPUs; numpy's wheels
 carry OpenBLAS (Accelerate on macOS), tuned per microarchitecture. On the 2-core AMD EPYC of
 BENCHMARKS.md, OpenBLAS runs the decode matrix-vector products ~1.5x faster (19.5 vs 13 GB/s of
-weights). Same math, another summation order. Used for inference (decode) only: in training, the
-two libraries' thread pools spin against each other between calls and the gain was a wash.
+weights); on Intel CPUs both should stream near memory bandwidth (not measured). Same math, another
+summation order. Used for inference (decode) only: in training the two libraries' thread pools spin
+against each other between calls and the gain was a wash. OpenBLAS uses every core and ignores
+torch.set_num_threads; cap it with OPENBLAS_NUM_THREADS where several processes share a machine.
 """
 
 from __future__ import annotations

@@ -44,7 +44,8 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def prepare_for_decode(model: SmolLM2) -> SmolLM2:
     """On CPU, the inference weight layout (model.to_inference_layout): k-major, fused projections,
-    matrix-vector products through numpy's BLAS. The same weights, so the same tokens; for inference only."""
+    matrix-vector products through numpy's BLAS. The same weights (logits equal up to summation
+    order); for inference only."""
     if model.model.embed_tokens.weight.device.type != "cpu":
         return model
     return to_inference_layout(model)

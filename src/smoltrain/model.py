@@ -32,7 +32,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused kernel; in fp32 it equals HF's formula bit for bit
+        if x.dtype == torch.float32:  # one fused kernel; on CPU in fp32 it equals HF's formula bit for bit
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * y.to(x.dtype)
@@ -85,7 +85,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.num_kv_heads * e, bias=False)
         self.o_proj = nn.Linear(self.num_heads * e, d, bias=False)
         self.kv_cache: KVCache | None = None
-        self.fused_qkv: torch.Tensor | None = None  # (D, H*E + 2*K*E), inference only (to_inference_layout)
+        # (D, H*E + 2*K*E), inference only (to_inference_layout); a buffer so .to() converts it too
+        self.register_buffer("fused_qkv", None, persistent=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int | None) -> torch.Tensor:
         b, t, _ = x.shape
@@ -121,7 +122,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.fused_gate_up: torch.Tensor | None = None  # (D, 2F), inference only (to_inference_layout)
+        self.register_buffer("fused_gate_up", None, persistent=False)  # (D, 2F), as fused_qkv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_gate_up is not None:
@@ -239,7 +240,7 @@ class KMajorLinear(nn.Module):
 
     def __init__(self, weight: nn.Parameter):
         super().__init__()
-        self.weight = weight  # (out, in) view of self.weight_km, shared (tied) where the caller shares it
+        self.weight = weight  # (out, in), the transpose of a contiguous (in, out) tensor; shared where tied
 
     @property
     def weight_km(self) -> torch.Tensor:
@@ -247,6 +248,9 @@ class KMajorLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return blas.matmul(x, self.weight_km)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}, k-major"
 
 
 @torch.no_grad()
@@ -256,7 +260,9 @@ def to_inference_layout(model: SmolLM2) -> SmolLM2:
     Batch-1 decoding streams all weights through one matrix-vector product per projection; stored
     k-major (the transpose contiguous, viewed back as (out, in)) those read memory sequentially, on
     CPU through OpenBLAS (blas.py), and fusing saves dispatches. Weight values and state_dict() keys
-    are unchanged, so tokens are too; do not train the model afterwards.
+    are unchanged; logits change only in summation order (~1e-7), so greedy tokens match unless two
+    logits tie. Apply it last: load weights before (a later load_state_dict would miss the fused
+    copies). The model is frozen; do not train it afterwards.
     """
     def kmajor(w: torch.Tensor) -> nn.Parameter:
         return nn.Parameter(w.t().contiguous().t(), requires_grad=False)
@@ -280,7 +286,7 @@ def to_inference_layout(model: SmolLM2) -> SmolLM2:
     emb.weight = kmajor(emb.weight)
     head = emb.weight if model.config.tie_word_embeddings else kmajor(model.lm_head.weight)
     model.lm_head = KMajorLinear(head)
-    return model
+    return model.requires_grad_(False)
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", init: bool = True) -> SmolLM2:
