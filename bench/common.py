@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +21,20 @@ def machine() -> str:
     except (StopIteration, OSError):
         model = platform.processor() or "unknown CPU"
     return f"{model}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+def interleaved(command: list[str], impls: list[str], rounds: int) -> dict[str, list[dict]]:
+    """Run `command --worker IMPL` once per implementation per round, in ABBA order so that drift in the
+    host's speed hits every side alike; each worker prints one JSON line last. Exits with the worker's
+    stderr if one fails."""
+    results: dict[str, list[dict]] = {impl: [] for impl in impls}
+    for r in range(rounds):
+        for impl in (impls if r % 2 == 0 else impls[::-1]):
+            proc = subprocess.run([*command, "--worker", impl], capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"{impl} worker failed:\n{proc.stderr}")
+            results[impl].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return results
 
 
 def emit(record: dict, out: str | Path | None) -> None:

@@ -6,8 +6,7 @@ Without --ckpt it imports the real SmolLM2-135M-Instruct from the asset cache (s
 Each measurement runs in a fresh subprocess (so neither side inherits the other's thread pools, caches
 or allocator state), the two interleaved in ABBA order; each subprocess warms up once, then times
 --repeats generations of --new-tokens tokens with EOS disabled and reports their median. The median
-over rounds of each side is reported, and
-the greedy tokens of both sides must be identical.
+over rounds of each side is reported, and the greedy tokens of both sides must be identical.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import emit  # noqa: E402
+from common import emit, interleaved  # noqa: E402
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived an old fisherman who"
 
@@ -96,13 +94,7 @@ def main() -> None:
         hf_dir = export_hf(ckpt, Path(tmp) / "hf")  # transformers reads the very same weights
         common = [sys.executable, __file__, "--ckpt", str(ckpt), "--hf-dir", str(hf_dir),
                   "--new-tokens", str(a.new_tokens), "--repeats", str(a.repeats), "--device", a.device]
-        runs: dict[str, list[dict]] = {"smoltrain": [], "transformers": []}
-        for r in range(a.rounds):
-            for impl in (list(runs) if r % 2 == 0 else list(runs)[::-1]):  # ABBA: drift hits both sides
-                proc = subprocess.run([*common, "--worker", impl], capture_output=True, text=True)
-                if proc.returncode != 0:
-                    sys.exit(f"{impl} worker failed:\n{proc.stderr}")
-                runs[impl].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        runs = interleaved(common, ["smoltrain", "transformers"], a.rounds)
     same = all(r["tokens"] == runs["transformers"][0]["tokens"] for rs in runs.values() for r in rs)
     med = {k: statistics.median(r["tokens_per_sec"] for r in v) for k, v in runs.items()}
     for k, v in runs.items():

@@ -8,7 +8,7 @@ Rounds run in ABBA order so that a drift in the host's speed hits both sides ali
 The baseline is what a user writes by hand: `logits = model(x).logits`, `F.cross_entropy` on fp32
 logits, `torch.optim.AdamW`. Ours is smoltrain's path: SmolLM2 model, fused chunked head + loss,
 `build_optimizer` (fused on CUDA, foreach on CPU). Each measurement runs in a fresh subprocess, the two
-interleaved round by round, so peak memory (max RSS on CPU, max allocated on CUDA) is per implementation.
+interleaved, so peak memory (max RSS on CPU, max allocated on CUDA) is per implementation.
 FLOPs per token follow the PaLM / nanoGPT convention (6N incl. the LM head + 12*L*H*Q*T, see
 smoltrain.metrics.flops_per_token). On CPU "MFU" is achieved FLOP/s over this machine's measured fp32
 matmul peak (a 2048^3 matmul, timed in each worker right after its steps), since CPUs have no datasheet
@@ -21,7 +21,6 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import emit  # noqa: E402
+from common import emit, interleaved  # noqa: E402
 
 from smoltrain.config import ModelConfig, OptimConfig  # noqa: E402
 from smoltrain.metrics import flops_per_token, peak_flops  # noqa: E402
@@ -146,12 +145,7 @@ def main() -> None:
         i = passthrough.index("--out")
         del passthrough[i:i + 2]
     passthrough = [arg for arg in passthrough if not arg.startswith("--out=")]
-    results: dict[str, list[dict]] = {"smoltrain": [], "transformers": []}
-    for r in range(a.rounds):
-        for impl in (list(results) if r % 2 == 0 else list(results)[::-1]):  # ABBA: drift hits both sides
-            out = subprocess.run([sys.executable, __file__, *passthrough, "--worker", impl], capture_output=True,
-                                 text=True, check=True).stdout
-            results[impl].append(json.loads(out.strip().splitlines()[-1]))
+    results = interleaved([sys.executable, __file__, *passthrough], ["smoltrain", "transformers"], a.rounds)
     cfg = shape(a)
     fpt = flops_per_token(cfg, a.seq_len)
     device = results["smoltrain"][0]["device"]

@@ -131,7 +131,7 @@ def test_blas_products_equal_torch_and_fall_back_under_autograd():
 
     torch.manual_seed(0)
     a, b = torch.randn(5, 7), torch.randn(9, 7)
-    assert torch.allclose(blas.mm(a, b.t()), a @ b.t(), atol=1e-6)  # a transposed (strided) operand
+    assert torch.allclose(blas.matmul(a, b.t()), a @ b.t(), atol=1e-6)  # a transposed (strided) operand
     x = torch.randn(2, 3, 7)
     assert torch.allclose(blas.matmul(x, b.t()), x @ b.t(), atol=1e-6)
     w = b.t().clone().requires_grad_()  # autograd wanted: torch computes, gradients flow

@@ -20,19 +20,10 @@ def usable(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad for t in tensors)
 
 
-def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """a (M, K) @ b (K, N) into `out` (M, N, contiguous) or a new tensor; any strides for a and b."""
-    if out is None:
-        out = a.new_empty(a.shape[0], b.shape[1])
-    if not usable(a, b, out):
-        return torch.mm(a, b, out=out)
-    np.matmul(a.numpy(), b.numpy(), out=out.numpy())
-    return out
-
-
 def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (..., K) @ w (K, N): the leading dimensions flattened into one product."""
+    """x (..., K) @ w (K, N), through numpy when `usable`: the leading dimensions flattened into one
+    product; any strides for x and w."""
     if not usable(x, w):
         return x @ w
-    y = mm(x.reshape(-1, x.shape[-1]), w)  # (M, N)
-    return y.view(*x.shape[:-1], w.shape[1])
+    y = np.matmul(x.reshape(-1, x.shape[-1]).numpy(), w.numpy())  # (M, N), a fresh C-contiguous array
+    return torch.from_numpy(y).view(*x.shape[:-1], w.shape[1])
