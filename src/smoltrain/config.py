@@ -219,6 +219,10 @@ class EvalConfig:
     temperature: float = checked(0.8, nonneg("greedy"))
     top_k: int = checked(50, nonneg("off"))
     top_p: float = checked(1.0, interval(0, 1, low_open=True, high_open=False))  # 1: off
+    # multiple-choice tasks scored at every evaluation: JSONL files, lm-eval suite names (hellaswag, ...), or
+    # next-line:DATASET (pick the true next line of four, built from that dataset's held-out split)
+    tasks: list[str] = field(default_factory=list)
+    tasks_limit: int = checked(200, positive)  # items per task at each evaluation (cheap by default)
 
 
 @dataclass
@@ -395,6 +399,9 @@ def validate(cfg: Config) -> list[str]:
         if not d.sources and not d.path:
             p.append(f"dataset {d.name!r} needs sources or a prepared path")
     p += _stage_problems(cfg.data.stages, names)
+    for spec in cfg.eval.tasks:
+        if spec.startswith("next-line:") and spec.split(":", 1)[1] not in names:
+            p.append(f"eval.tasks {spec!r} names no dataset (datasets: {', '.join(names) or 'none'})")
     return p
 
 

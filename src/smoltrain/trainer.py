@@ -51,6 +51,11 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         if ckpt is not None:
             self._restore(ckpt)
+        self.tasks = []  # eval.tasks: rank 0 scores them (FSDP shards the weights, so not there)
+        if self.dist.is_main and self.dist.strategy != "fsdp" and cfg.eval.tasks:
+            from smoltrain.pipeline import load_eval_tasks
+
+            self.tasks = load_eval_tasks(cfg, self.val_paths)
         self.log = RunLog(self.run_dir, self.step, cfg.log.tensorboard, cfg.log.wandb_project,
                           cfg.to_dict()) if self.dist.is_main else None
 
@@ -263,6 +268,7 @@ class Trainer:
         cfg, step, done = self.cfg, self.step, self.step == self.cfg.train.max_steps
         if done or (cfg.eval.every and step % cfg.eval.every == 0):
             self.evaluate()
+            self.evaluate_tasks()
         if cfg.eval.prompts and (done or (cfg.eval.sample_every and step % cfg.eval.sample_every == 0)):
             self.samples()
         if done or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
@@ -286,6 +292,15 @@ class Trainer:
             bpb = f", {res['bpb']:.3f} bits/byte" if res["bpb"] else ""
             self._print(f"step {self.step}: val loss {res['loss']:.4f} (ppl {res['ppl']:.2f}{bpb})")
         return res
+
+    def evaluate_tasks(self) -> None:
+        from smoltrain.tasks import score_in_loop
+
+        if self.tasks:
+            scores = score_in_loop(self.raw_model, self.tokenizer, self.tasks, self.device, self._autocast)
+            self.raw_model.train()
+            self.log.log({"step": self.step, **scores})
+            self._print(f"step {self.step}: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in scores.items()))
 
     def samples(self) -> None:
         if not self.dist.is_main or self.dist.strategy == "fsdp":
