@@ -184,6 +184,11 @@ class CheckpointConfig:
     keep_last: int = 3  # keep the newest N checkpoints (0 keeps all)
     export_hf: bool = False  # also write a complete HF folder inside each checkpoint (hf/)
     min_free_gb: float = 0.0  # extra free space to demand beyond the checkpoint's own size
+    remote: str | None = None  # fsspec URL (s3://bucket/prefix, gs://..., file:///dir): mirror + resume from it
+    remote_options: dict = field(default_factory=dict)  # fsspec storage options (endpoint_url, key, secret, ...)
+    remote_timeout: float = 600.0  # seconds the end of a run (or a signal) waits for the pending upload
+    push_to_hub: str | None = None  # HF repo id: push each checkpoint's export to branch step_NNNNNNNN
+    hub_private: bool = False  # create the push_to_hub repo as private
 
 
 @dataclass
@@ -396,9 +401,28 @@ def validate(cfg: Config) -> list[str]:
             p.append(f"dataset {d.name!r} needs sources or a prepared path")
         if d.weight < 0:
             p.append(f"dataset {d.name!r} has a negative weight")
+    if cfg.checkpoint.remote:
+        p += check_remote_url(cfg.checkpoint.remote)
+    if not cfg.checkpoint.remote_timeout > 0:
+        p.append(f"checkpoint.remote_timeout must be > 0 seconds (got {cfg.checkpoint.remote_timeout})")
     if not 0 <= cfg.data.val_fraction < 1:
         p.append(f"data.val_fraction must be in [0, 1) (got {cfg.data.val_fraction})")
     return p
+
+
+def check_remote_url(url: str) -> list[str]:
+    """Syntax problems of a checkpoint.remote URL (config resolve time: no network)."""
+    import fsspec
+
+    if "://" not in url:
+        return [f"checkpoint.remote must be a URL with a scheme (s3://bucket/prefix, gs://..., file:///abs/dir), "
+                f"got {url!r}"]
+    scheme, rest = url.split("://", 1)
+    if scheme not in fsspec.available_protocols():
+        return [f"checkpoint.remote {url!r}: unknown storage scheme {scheme!r} (fsspec knows s3, gs, file, ...)"]
+    if scheme not in ("file", "local") and not rest.split("/", 1)[0]:
+        return [f"checkpoint.remote {url!r} names no bucket (s3://BUCKET/prefix)"]
+    return []
 
 
 # Fields that define a run's trajectory: resuming with any of them changed is refused by default.
