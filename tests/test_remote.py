@@ -14,6 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from smoltrain.config import load_config
+from smoltrain.errors import UserError
+from smoltrain.trainer import Trainer
+
 from .conftest import DEBUG_TINY, assert_user_error
 from .test_trainer import losses
 
@@ -111,25 +115,77 @@ def test_kill_during_upload_keeps_the_previous_remote_checkpoint(tmp_path, tiny_
     assert remote_steps(s3_env, f"{bucket}/r")[0] == [10, 20, 30]  # step 20 uploaded again, whole this time
 
 
-def test_unusable_remotes_exit_2_before_training(tmp_path, tiny_data, s3_env, bucket):
-    """Bad URLs at config resolve; missing bucket, unreachable endpoint, no credentials at trainer start,
-    before data prep: exit 2, one message, nothing written in the run dir."""
-    no_creds = {k: v for k, v in s3_env.items() if not k.startswith("AWS_ACCESS_KEY_ID")
-                and not k.startswith("AWS_SECRET")}
-    no_creds.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"))
-    cases = [
-        ("s3//no-scheme", s3_env, "must be a URL with a scheme"),
-        ("nosuch://x/y", s3_env, "unknown storage scheme"),
-        ("s3:///prefix", s3_env, "names no bucket"),
-        (f"s3://missing-{bucket}/r", s3_env, "bucket or directory does not exist"),
-        (f"s3://{bucket}/r", {**s3_env, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "endpoint cannot be reached"),
-        (f"s3://{bucket}/r", no_creds, "no credentials"),
-    ]
-    base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    for i, (url, env, needle) in enumerate(cases):
-        run = tmp_path / f"run{i}"
-        args = [sys.executable, "-m", "smoltrain", "train", "--config", str(DEBUG_TINY), "--set", f"run.dir={run}",
-                *tiny_data, "--set", f"checkpoint.remote={url}"]
-        proc = subprocess.run(args, capture_output=True, text=True, timeout=120, env={**base, **env})
-        assert_user_error(proc, needle)
-        assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists(), url
+def test_bad_remote_urls_are_refused_at_config_resolve():
+    for url, needle in [("s3//no-scheme", "must be a URL with a scheme"), ("nosuch://x/y", "unknown storage scheme"),
+                        ("s3:///prefix", "names no bucket")]:
+        with pytest.raises(UserError, match=needle):
+            load_config(DEBUG_TINY, [f"checkpoint.remote={url}"])
+
+
+def test_unusable_stores_are_refused_before_data_prep(tmp_path, tiny_data, s3_env, bucket, monkeypatch):
+    """Missing bucket, unreachable endpoint, no credentials: refused when the trainer starts, before the
+    tokenizer or data are touched and before the run dir exists."""
+    import s3fs
+
+    for k, v in s3_env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    sets = [v for v in tiny_data if v != "--set"]
+    data_dir = tmp_path / "data"
+    cases = [(f"s3://missing-{bucket}/r", {}, "bucket or directory does not exist"),
+             (f"s3://{bucket}/r", {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "endpoint cannot be reached"),
+             (f"s3://{bucket}/r", {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None}, "no credentials")]
+    for url, env, needle in cases:
+        for k, v in env.items():
+            monkeypatch.setenv(k, v) if v else monkeypatch.delenv(k)
+        s3fs.S3FileSystem.clear_instance_cache()
+        cfg = load_config(DEBUG_TINY, [*sets, f"run.dir={tmp_path / 'run'}", f"run.data_dir={data_dir}",
+                                       f"checkpoint.remote={url}"])
+        with pytest.raises(UserError, match=needle):
+            Trainer(cfg)
+        assert not data_dir.exists() and not (tmp_path / "run" / "checkpoints").exists()
+        for k in env:
+            monkeypatch.setenv(k, s3_env[k])
+
+
+def test_cli_refusal_is_exit_2_without_traceback(tmp_path, tiny_data, s3_env, bucket):
+    proc = train(tmp_path / "run", tiny_data, "--set", f"checkpoint.remote=s3://missing-{bucket}/r", env=s3_env)
+    assert_user_error(proc, "is not usable", "bucket or directory does not exist")
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def _fake_run(tmp_path: Path, tiny_ckpt: Path, steps: list[int]) -> Path:
+    """A run dir whose checkpoints are copies of the tiny checkpoint (manifest included), plus a log."""
+    run = tmp_path / "local"
+    for step in steps:
+        shutil.copytree(tiny_ckpt, run / "checkpoints" / f"step_{step:08d}")
+    (run / "metrics.jsonl").write_text(json.dumps({"step": steps[-1], "loss": 1.0}) + "\n")
+    return run
+
+
+def test_local_directory_remote_commit_retention_and_verified_restore(tmp_path, tiny_ckpt, capsys):
+    """file:// as the remote: manifest-last validity, retention of valid copies, a corrupt newest copy skipped."""
+    from smoltrain.remote import Remote
+
+    run, store = _fake_run(tmp_path, tiny_ckpt, [10, 20, 30]), tmp_path / "store"
+    remote = Remote(f"file://{store}")
+    remote.check()
+    for step in (10, 20):
+        remote.upload_checkpoint(run / "checkpoints" / f"step_{step:08d}", step, run, keep_last=2)
+    (store / "checkpoints" / "step_00000030").mkdir()  # a half upload: files, no manifest
+    shutil.copy(tiny_ckpt / "config.json", store / "checkpoints" / "step_00000030")
+    assert remote.steps() == [10, 20] and remote.steps(valid_only=False) == [10, 20, 30]
+    remote.upload_checkpoint(run / "checkpoints" / "step_00000030", 30, run, keep_last=2)
+    assert remote.steps() == [20, 30] and remote.steps(valid_only=False) == [20, 30]
+    assert (store / "metrics.jsonl").read_text() == (run / "metrics.jsonl").read_text()
+
+    weights = store / "checkpoints" / "step_00000030" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"oops")  # corrupt the newest remote copy
+    fresh = tmp_path / "fresh"
+    (fresh / "checkpoints").mkdir(parents=True)
+    local, step = remote.restore(fresh)
+    assert step == 20 and local == fresh / "checkpoints" / "step_00000020"
+    assert "skipping" in capsys.readouterr().err and not (fresh / "checkpoints" / "step_00000030").exists()
+    assert sorted(p.name for p in (fresh / "checkpoints").iterdir()) == ["step_00000020"]  # no staging left
+    assert (fresh / "metrics.jsonl").read_text() == (run / "metrics.jsonl").read_text()  # logs restored too
