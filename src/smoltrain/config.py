@@ -158,6 +158,11 @@ class OptimConfig:
     decay_style: str = "linear"  # wsd decay shape: linear | cosine | 1-sqrt
     no_decay_norms_and_embeddings: bool = True  # exclude 1-d norms and the (tied) embedding from weight decay
     eight_bit: bool = False  # bitsandbytes AdamW8bit (CUDA only)
+    name: str = "adamw"  # adamw | muon (torch.optim.Muon for hidden matrices, AdamW for the rest)
+    muon_lr: float = 0.02  # muon: peak lr of the hidden matrices (the schedule scales it as it scales lr)
+    muon_momentum: float = 0.95  # muon: momentum of the hidden matrices (Nesterov)
+    muon_weight_decay: float = 0.0  # muon: decoupled weight decay of the hidden matrices (times muon lr)
+    muon_adjust_lr: str = "original"  # muon: per-shape lr scale: original (Keller Jordan) | match_rms_adamw
 
 
 @dataclass
@@ -242,6 +247,8 @@ class Config:
 CHOICES = {
     "optim.schedule": ("wsd", "cosine", "linear", "constant"),
     "optim.decay_style": ("linear", "cosine", "1-sqrt"),
+    "optim.name": ("adamw", "muon"),
+    "optim.muon_adjust_lr": ("original", "match_rms_adamw"),
     "train.dtype": ("auto", "fp32", "bf16", "fp16"),
     "parallel.strategy": ("auto", "single", "ddp", "fsdp"),
 }
@@ -384,6 +391,11 @@ def validate(cfg: Config) -> list[str]:
             p.append(f"{key} must be one of {', '.join(allowed)} (got {value!r})")
     if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
         p.append(f"optim.lr must be > 0 and 0 <= optim.min_lr <= optim.lr (got {o.lr}, {o.min_lr})")
+    if o.name == "muon" and (o.muon_lr <= 0 or o.muon_momentum < 0 or o.muon_weight_decay < 0):
+        p.append(f"optim.muon_lr must be > 0, optim.muon_momentum and optim.muon_weight_decay >= 0 "
+                 f"(got {o.muon_lr}, {o.muon_momentum}, {o.muon_weight_decay})")
+    if o.name == "muon" and o.eight_bit:
+        p.append("optim.eight_bit is AdamW8bit and cannot be combined with optim.name=muon")
     if o.warmup_steps < 0:
         p.append(f"optim.warmup_steps must be >= 0 (got {o.warmup_steps})")
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 0 or cfg.log.every < 1:
@@ -403,7 +415,7 @@ def validate(cfg: Config) -> list[str]:
 
 # Fields that define a run's trajectory: resuming with any of them changed is refused by default.
 # The global batch (micro x accum x world) is compared by the trainer: 2 x 4 on one process equals 2 x 2 on two.
-TRAJECTORY_FIELDS = ("model", "train.seq_len", "train.seed",
+TRAJECTORY_FIELDS = ("model", "train.seq_len", "train.seed", "optim.name",
                      "data.datasets", "data.stages", "data.tokenizer", "data.train_tokenizer_vocab_size",
                      "data.val_fraction")
 
