@@ -171,6 +171,13 @@ class OptimConfig:
     decay_style: str = checked("linear", one_of("linear", "cosine", "1-sqrt"))  # wsd decay shape
     no_decay_norms_and_embeddings: bool = True  # exclude 1-d norms and the (tied) embedding from weight decay
     eight_bit: bool = False  # bitsandbytes AdamW8bit (CUDA only)
+    # muon: torch.optim.Muon for the decoder's hidden matrices, AdamW (the fields above) for the rest
+    name: str = checked("adamw", one_of("adamw", "muon"))
+    muon_lr: float = checked(0.02, positive)  # peak lr of the hidden matrices; the schedule scales it like lr
+    muon_momentum: float = checked(0.95, interval(0, 1))  # Nesterov momentum of the hidden matrices
+    muon_weight_decay: float = checked(0.0, nonneg())  # decoupled, times the muon lr
+    # per-shape lr scale: original (Keller Jordan: sqrt(max(1, rows/cols))) | match_rms_adamw (Moonshot)
+    muon_adjust_lr: str = checked("original", one_of("original", "match_rms_adamw"))
 
 
 @dataclass
@@ -199,6 +206,11 @@ class CheckpointConfig:
     keep_last: int = checked(3, nonneg("keep all"))  # keep the newest N checkpoints
     export_hf: bool = False  # also write a complete HF folder inside each checkpoint (hf/)
     min_free_gb: float = checked(0.0, nonneg())  # extra free space to demand beyond the checkpoint's own size
+    remote: str | None = None  # fsspec URL (s3://bucket/prefix, gs://..., file:///dir): mirror + resume from it
+    remote_options: dict = field(default_factory=dict)  # fsspec storage options (endpoint_url, key, secret, ...)
+    remote_timeout: float = checked(600.0, positive)  # seconds the end of a run (or a signal) waits for the upload
+    push_to_hub: str | None = None  # HF repo id: push each checkpoint's export to branch step_NNNNNNNN
+    hub_private: bool = False  # create the push_to_hub repo as private
 
 
 @dataclass
@@ -392,6 +404,8 @@ def validate(cfg: Config) -> list[str]:
                  f"({cfg.model.max_position_embeddings})")
     if o.min_lr > o.lr:
         p.append(f"optim.min_lr ({o.min_lr}) must not exceed optim.lr ({o.lr})")
+    if o.name == "muon" and o.eight_bit:
+        p.append("optim.eight_bit is AdamW8bit and cannot be combined with optim.name=muon")
     names = [d.name for d in cfg.data.datasets]
     if len(set(names)) != len(names):
         p.append(f"data.datasets names must be unique (got {names})")
@@ -402,6 +416,8 @@ def validate(cfg: Config) -> list[str]:
     for spec in cfg.eval.tasks:
         if spec.startswith("next-line:") and spec.split(":", 1)[1] not in names:
             p.append(f"eval.tasks {spec!r} names no dataset (datasets: {', '.join(names) or 'none'})")
+    if cfg.checkpoint.remote:
+        p += check_remote_url(cfg.checkpoint.remote)
     return p
 
 
@@ -428,9 +444,24 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def check_remote_url(url: str) -> list[str]:
+    """Syntax problems of a checkpoint.remote URL (config resolve time: no network)."""
+    import fsspec
+
+    if "://" not in url:
+        return [f"checkpoint.remote must be a URL with a scheme (s3://bucket/prefix, gs://..., file:///abs/dir), "
+                f"got {url!r}"]
+    scheme, rest = url.split("://", 1)
+    if scheme not in fsspec.available_protocols():
+        return [f"checkpoint.remote {url!r}: unknown storage scheme {scheme!r} (fsspec knows s3, gs, file, ...)"]
+    if scheme not in ("file", "local") and not rest.split("/", 1)[0]:
+        return [f"checkpoint.remote {url!r} names no bucket (s3://BUCKET/prefix)"]
+    return []
+
+
 # Fields that define a run's trajectory: resuming with any of them changed is refused by default.
 # The global batch (micro x accum x world) is compared by the trainer: 2 x 4 on one process equals 2 x 2 on two.
-TRAJECTORY_FIELDS = ("model", "train.seq_len", "train.seed",
+TRAJECTORY_FIELDS = ("model", "train.seq_len", "train.seed", "optim.name",
                      "data.datasets", "data.stages", "data.tokenizer", "data.train_tokenizer_vocab_size",
                      "data.val_fraction")
 
