@@ -88,7 +88,8 @@ class Trainer:
         weights = {d.name: d.weight for d in cfg.data.datasets}
         common = dict(batch_size=cfg.train.micro_batch_size, seq_len=cfg.train.seq_len, seed=cfg.train.seed,
                       rank=self.dist.rank, world_size=self.dist.world_size, grad_accum_steps=cfg.train.grad_accum_steps)
-        self.loader = PackedLoader(paths, split="train", weights=weights, stages=cfg.data.stages or None, **common)
+        stages = cfg.to_dict()["data"]["stages"]  # plain dicts, as the loader takes them
+        self.loader = PackedLoader(paths, split="train", weights=weights, stages=stages or None, **common)
         self.val_paths = paths
         self.byte_lengths = token_byte_lengths(self.tokenizer)
 
@@ -292,7 +293,7 @@ class Trainer:
         ev = self.cfg.eval
         self.raw_model.eval()
         for prompt in ev.prompts:
-            for mode, sc in (("greedy", SamplingConfig(0)), ("sampled", SamplingConfig(ev.temperature, ev.top_k))):
+            for mode, sc in (("greedy", SamplingConfig(0)), ("sampled", SamplingConfig(ev.temperature, ev.top_k, ev.top_p))):
                 ids = generate(self.raw_model, self.tokenizer.encode(prompt), ev.sample_tokens, sc,
                                seed=self.cfg.train.seed + self.step, stop_ids=[self.tokenizer.eot_id])
                 text = self.tokenizer.decode(list(ids))
