@@ -29,8 +29,25 @@ def _cmd_import(a: argparse.Namespace) -> int:
 def _cmd_export(a: argparse.Namespace) -> int:
     from smoltrain.interop import export_hf
 
-    out = export_hf(a.ckpt, a.out, force=a.force)
-    print(f"Exported {a.ckpt} -> {out} (loads with transformers AutoModelForCausalLM / AutoTokenizer)")
+    if a.push_to_hub:
+        from smoltrain.hub import check_token, push_folder
+
+        check_token(a.push_to_hub)  # before any work
+    elif a.out is None:
+        raise UserError("export needs --out DIR (or --push-to-hub REPO_ID).")
+    if a.out is None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="smoltrain-export-") as tmp:
+            out = export_hf(a.ckpt, f"{tmp}/export")
+            url = push_folder(out, a.push_to_hub, a.revision, a.private, f"smoltrain export of {a.ckpt}")
+    else:
+        out = export_hf(a.ckpt, a.out, force=a.force)
+        print(f"Exported {a.ckpt} -> {out} (loads with transformers AutoModelForCausalLM / AutoTokenizer)")
+        if a.push_to_hub:
+            url = push_folder(out, a.push_to_hub, a.revision, a.private, f"smoltrain export of {a.ckpt}")
+    if a.push_to_hub:
+        print(f"Pushed {a.ckpt} to {a.push_to_hub} (revision {a.revision or 'main'}): {url}")
     return 0
 
 
@@ -94,8 +111,12 @@ def _add_model_commands(sub) -> None:
 
     p = sub.add_parser("export", help="export a checkpoint (or a run's newest) as an HF directory")
     p.add_argument("ckpt", help="checkpoint directory or run directory")
-    p.add_argument("--out", required=True, help="HF directory to write")
+    p.add_argument("--out", default=None, help="HF directory to write (optional with --push-to-hub)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
+                   help="upload the export to this Hub model repo (HF_TOKEN, HF_ENDPOINT honoured)")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo as private")
+    p.add_argument("--revision", default=None, metavar="BRANCH", help="with --push-to-hub: branch (default main)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("generate", help="generate text from a checkpoint")

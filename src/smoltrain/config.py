@@ -208,6 +208,11 @@ class CheckpointConfig:
     keep_last: int = checked(3, nonneg("keep all"))  # keep the newest N checkpoints
     export_hf: bool = False  # also write a complete HF folder inside each checkpoint (hf/)
     min_free_gb: float = checked(0.0, nonneg())  # extra free space to demand beyond the checkpoint's own size
+    remote: str | None = None  # fsspec URL (s3://bucket/prefix, gs://..., file:///dir): mirror + resume from it
+    remote_options: dict = field(default_factory=dict)  # fsspec storage options (endpoint_url, key, secret, ...)
+    remote_timeout: float = checked(600.0, positive)  # seconds the end of a run (or a signal) waits for the upload
+    push_to_hub: str | None = None  # HF repo id: push each checkpoint's export to branch step_NNNNNNNN
+    hub_private: bool = False  # create the push_to_hub repo as private
 
 
 @dataclass
@@ -406,6 +411,8 @@ def validate(cfg: Config) -> list[str]:
         if not d.sources and not d.path:
             p.append(f"dataset {d.name!r} needs sources or a prepared path")
     p += _stage_problems(cfg.data.stages, names)
+    if cfg.checkpoint.remote:
+        p += check_remote_url(cfg.checkpoint.remote)
     return p
 
 
@@ -430,6 +437,21 @@ def _stage_problems(stages: list[StageConfig], names: list[str]) -> list[str]:
 
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_remote_url(url: str) -> list[str]:
+    """Syntax problems of a checkpoint.remote URL (config resolve time: no network)."""
+    import fsspec
+
+    if "://" not in url:
+        return [f"checkpoint.remote must be a URL with a scheme (s3://bucket/prefix, gs://..., file:///abs/dir), "
+                f"got {url!r}"]
+    scheme, rest = url.split("://", 1)
+    if scheme not in fsspec.available_protocols():
+        return [f"checkpoint.remote {url!r}: unknown storage scheme {scheme!r} (fsspec knows s3, gs, file, ...)"]
+    if scheme not in ("file", "local") and not rest.split("/", 1)[0]:
+        return [f"checkpoint.remote {url!r} names no bucket (s3://BUCKET/prefix)"]
+    return []
 
 
 # Fields that define a run's trajectory: resuming with any of them changed is refused by default.

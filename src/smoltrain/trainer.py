@@ -27,6 +27,7 @@ from smoltrain.generate import SamplingConfig, generate, pick_device
 from smoltrain.metrics import RunLog, memory_gb, model_flops_utilization
 from smoltrain.model import IGNORE_INDEX, build_model
 from smoltrain.optim import build_optimizer, lr_at, rewarm_factor, set_lr
+from smoltrain.remote import RunMirror
 from smoltrain.runinfo import environment, fault_point, print_header
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -46,6 +47,7 @@ class Trainer:
         self.step, self.tokens_seen, self.stop_signal = 0, 0, None
         self.rewarm_from = None  # the step this run was last extended from (optim.rewarmup_steps ramps from it)
         torch.manual_seed(cfg.train.seed)
+        self.mirror = RunMirror.from_config(cfg) if self.dist.is_main else None  # checked before any work
         self._setup_data()
         ckpt = self._find_resume()
         self._setup_model(ckpt)
@@ -141,6 +143,8 @@ class Trainer:
             else:
                 ckpt_io.clean_debris(self.run_dir)
                 found[0] = ckpt_io.find_resume_checkpoint(self.run_dir)
+                if found[0] is None and self.mirror is not None:  # a fresh machine: the remote copy, if any
+                    found[0] = self.mirror.restore(self.run_dir)
             if found[0] is not None:
                 state = ckpt_io.load_train_state(found[0])
                 diffs = trajectory_diff(yaml.safe_load(state["config_yaml"]), cfg.to_dict())
@@ -174,7 +178,9 @@ class Trainer:
         self.loader.load_state_dict(loader)
         ckpt_io.set_rng_state(state["rng"])
         if self.dist.is_main:
-            print(f"Resuming from {ckpt} (step {self.step})", flush=True)
+            origin = getattr(self.mirror, "restored_from", None)
+            remote = f", downloaded from {origin} and verified against its manifest" if origin else ""
+            print(f"Resuming from {ckpt} (step {self.step}){remote}", flush=True)
 
     @property
     def global_batch(self) -> int:
@@ -194,6 +200,8 @@ class Trainer:
             self.log = RunLog(self.run_dir, self.step, cfg.log.tensorboard, cfg.log.wandb_project, cfg.to_dict())
             self._write_run_files()
             self._check_disk()
+            if self.mirror is not None:
+                self.mirror.run_started(self.run_dir)
         self._install_signal_handlers()
         bar = self._progress_bar()
         busy, last_tokens = 0.0, self.tokens_seen  # time in train_step only: eval and saves excluded
@@ -216,6 +224,8 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            if self.mirror is not None:
+                self.mirror.finish()  # the pending upload ends before exit (bounded by checkpoint.remote_timeout)
             if self.log is not None:
                 self.log.close()
         return 0
@@ -331,6 +341,8 @@ class Trainer:
             path = ckpt_io.finish_train_checkpoint(staging, self.run_dir, self.step, self.raw_model.config, weights,
                                                    self.tokenizer, cfg.to_yaml(), extra, state,
                                                    export_hf=cfg.checkpoint.export_hf)
+            if self.mirror is not None:  # before retention: a checkpoint being uploaded is never the one deleted
+                self.mirror.checkpoint_saved(path, self.step, self.run_dir)
             ckpt_io.retain(self.run_dir, cfg.checkpoint.keep_last)
         dist_io.barrier()
         return path
