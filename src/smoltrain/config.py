@@ -127,6 +127,14 @@ class DatasetConfig:
     sources: list[str] = field(default_factory=list)  # files, dirs, hf:NAME[:CONFIG], assets:shakespeare
     path: str = ""  # prepared dir; default {run.data_dir}/{name}
     weight: float = 1.0
+    val_documents: list[str] = field(default_factory=list)  # globs of source-relative names to hold out
+    val_fraction: float | None = None  # default data.val_fraction; 1.0: evaluation only (never trained on)
+
+    def eval_only(self, default_fraction: float) -> bool:
+        return not self.val_documents and self.held_out_fraction(default_fraction) == 1.0
+
+    def held_out_fraction(self, default_fraction: float) -> float:
+        return default_fraction if self.val_fraction is None else self.val_fraction
 
 
 @dataclass
@@ -197,7 +205,7 @@ class LogConfig:
 @dataclass
 class EvalConfig:
     every: int = 0  # validation loss every N steps (0: only at the end)
-    max_batches: int = 20
+    max_tokens: int | None = None  # per dataset: None evaluates the whole held-out split; N a fixed spread sample
     sample_every: int = 0  # generate from `prompts` every N steps (0: only at the end)
     prompts: list[str] = field(default_factory=list)
     sample_tokens: int = 48
@@ -398,6 +406,19 @@ def validate(cfg: Config) -> list[str]:
             p.append(f"dataset {d.name!r} has a negative weight")
     if not 0 <= cfg.data.val_fraction < 1:
         p.append(f"data.val_fraction must be in [0, 1) (got {cfg.data.val_fraction})")
+    for d in cfg.data.datasets:
+        if d.val_fraction is not None and not 0 <= d.val_fraction <= 1:
+            p.append(f"dataset {d.name!r}: val_fraction must be in [0, 1] (1: evaluation only; got {d.val_fraction})")
+        if d.val_documents and d.val_fraction is not None:
+            p.append(f"dataset {d.name!r}: give val_documents or val_fraction, not both")
+        if d.val_documents and not d.sources:
+            p.append(f"dataset {d.name!r}: val_documents needs sources (a prepared path is already split)")
+        if any(not g for g in d.val_documents):
+            p.append(f"dataset {d.name!r}: val_documents holds an empty glob")
+    if cfg.eval.max_tokens is not None and cfg.eval.max_tokens < 1:
+        p.append(f"eval.max_tokens must be at least 1, or null for the whole split (got {cfg.eval.max_tokens})")
+    if cfg.data.datasets and all(d.eval_only(cfg.data.val_fraction) for d in cfg.data.datasets):
+        p.append("every dataset is evaluation-only (val_fraction 1.0): at least one must be trained on")
     return p
 
 
