@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -76,16 +77,8 @@ class RunLog:
                 self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step + 1)
             except ImportError:
                 self.tb = None
-        self.wandb = None
-        if wandb_project:
-            try:
-                import wandb
-            except ImportError:
-                from smoltrain.errors import UserError
-
-                raise UserError("log.wandb_project is set but wandb is not installed: pip install wandb") from None
-            self.wandb = wandb.init(project=wandb_project, config=config, dir=str(run_dir),
-                                    name=Path(run_dir).name, resume="allow")
+        self.wandb = wandb_run(Path(run_dir), wandb_project, config) if wandb_project else None
+        self._sample_rows: list[list] = []
 
     def log(self, record: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
@@ -104,12 +97,48 @@ class RunLog:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
             self.tb.add_text(f"samples/{record['mode']}/{record['prompt'][:40]}", record["text"], record["step"])
+        self._sample_rows.append([record["step"], record["mode"], record["prompt"], record["text"]])
+
+    def samples_done(self, step: int) -> None:
+        """One wandb table per sampling round (every prompt, greedy and sampled), at that step."""
+        if self.wandb is not None and self._sample_rows:
+            import wandb
+
+            table = wandb.Table(columns=["step", "mode", "prompt", "text"], data=self._sample_rows)
+            self.wandb.log({"samples": table}, step=step)
+        self._sample_rows = []
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def wandb_run(run_dir: Path, project: str, config: dict[str, Any]):
+    """wandb.init that continues the same wandb run on every resume: its id is kept in RUN/wandb.json.
+
+    Online or offline (WANDB_MODE=offline, then `wandb sync RUN/wandb/offline-run-*`). Steps a killed
+    segment logged past its checkpoint are not rewritten (wandb keeps steps monotonic); an exact resume
+    logs the same values for them anyway.
+    """
+    try:
+        import wandb
+    except ImportError:
+        from smoltrain.errors import UserError
+
+        raise UserError("log.wandb_project is set but wandb is not installed: pip install 'smoltrain[wandb]'") from None
+    id_file = run_dir / "wandb.json"
+    try:
+        run_id = json.loads(id_file.read_text())["id"]
+    except (OSError, ValueError, KeyError):
+        run_id = uuid.uuid4().hex[:8]  # wandb ids: [a-z0-9]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = id_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"id": run_id, "project": project}) + "\n")
+        tmp.replace(id_file)
+    return wandb.init(project=project, id=run_id, resume="allow", config=config, dir=str(run_dir),
+                      name=run_dir.name)
 
 
 def rewind_jsonl(path: Path, step: int) -> None:

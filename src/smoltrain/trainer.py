@@ -309,6 +309,7 @@ class Trainer:
                 text = self.tokenizer.decode(list(ids))
                 self.log.sample({"step": self.step, "mode": mode, "prompt": prompt, "text": text})
                 self._print(f"[step {self.step} {mode}] {prompt}{text}")
+        self.log.samples_done(self.step)
         self.raw_model.train()
 
     def save(self) -> Path | None:
