@@ -155,6 +155,25 @@ def _cmd_tokenizer_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tasks_next_line(a: argparse.Namespace) -> int:
+    from smoltrain.nextline import next_line_cli
+
+    return next_line_cli(a)
+
+
+def _add_tasks_command(sub) -> None:
+    p = sub.add_parser("tasks", help="build multiple-choice task files for smoltrain eval --tasks")
+    tsub = p.add_subparsers(dest="tasks_command", required=True, metavar="ACTION")
+    t = tsub.add_parser("next-line", help="pick the true next line among four, from a prepared dataset's held-out split")
+    t.add_argument("--data", required=True, metavar="DIR", help="prepared data directory (its val split is used)")
+    t.add_argument("--out", required=True, metavar="FILE", help="JSONL task file to write")
+    t.add_argument("--items", type=int, default=500, help="number of items (default 500)")
+    t.add_argument("--context-lines", type=int, default=4, help="lines of context before the line to pick")
+    t.add_argument("--seed", type=int, default=0, help="seed for the distractors and answer positions")
+    t.add_argument("--force", action="store_true", help="replace an existing --out")
+    t.set_defaults(func=_cmd_tasks_next_line)
+
+
 def _add_data_commands(sub) -> None:
     src_help = "a .txt/.jsonl/.jsonl.gz/.parquet file, a directory of them, or hf:NAME[:CONFIG[:SPLIT]] (repeatable)"
     p = sub.add_parser("prepare", help="tokenize documents into token shards + meta.json for training")
@@ -233,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_model_commands(sub)
     _add_data_commands(sub)
+    _add_tasks_command(sub)
     _add_train_commands(sub)
     _add_show_commands(sub)
     return parser

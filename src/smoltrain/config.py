@@ -171,6 +171,8 @@ class OptimConfig:
     decay_style: str = checked("linear", one_of("linear", "cosine", "1-sqrt"))  # wsd decay shape
     no_decay_norms_and_embeddings: bool = True  # exclude 1-d norms and the (tied) embedding from weight decay
     eight_bit: bool = False  # bitsandbytes AdamW8bit (CUDA only)
+    # when a run is extended (train.max_steps raised on resume), ramp the LR up over this many steps
+    rewarmup_steps: int = checked(0, nonneg("no re-warmup"))
     # muon: torch.optim.Muon for the decoder's hidden matrices, AdamW (the fields above) for the rest
     name: str = checked("adamw", one_of("adamw", "muon"))
     muon_lr: float = checked(0.02, positive)  # peak lr of the hidden matrices; the schedule scales it like lr
@@ -231,6 +233,10 @@ class EvalConfig:
     temperature: float = checked(0.8, nonneg("greedy"))
     top_k: int = checked(50, nonneg("off"))
     top_p: float = checked(1.0, interval(0, 1, low_open=True, high_open=False))  # 1: off
+    # multiple-choice tasks scored at every evaluation: JSONL files, lm-eval suite names (hellaswag, ...), or
+    # next-line:DATASET (pick the true next line of four, built from that dataset's held-out split)
+    tasks: list[str] = field(default_factory=list)
+    tasks_limit: int = checked(200, positive)  # items per task at each evaluation (cheap by default)
 
 
 @dataclass
@@ -409,6 +415,9 @@ def validate(cfg: Config) -> list[str]:
         if not d.sources and not d.path:
             p.append(f"dataset {d.name!r} needs sources or a prepared path")
     p += _stage_problems(cfg.data.stages, names)
+    for spec in cfg.eval.tasks:
+        if spec.startswith("next-line:") and spec.split(":", 1)[1] not in names:
+            p.append(f"eval.tasks {spec!r} names no dataset (datasets: {', '.join(names) or 'none'})")
     if cfg.checkpoint.remote:
         p += check_remote_url(cfg.checkpoint.remote)
     return p
