@@ -75,6 +75,9 @@ def test_runlog_continues_one_wandb_run(tmp_path, wandb_offline):
         log.sample({"step": first + 1, "mode": "greedy", "prompt": "ROMEO:", "text": " hi"})
         log.samples_done(first + 1)
         log.close()
+    import wandb
+
+    wandb.teardown()  # the service writes the run files after finish() returns: let it end first
     run_id = json.loads((run / "wandb.json").read_text())["id"]
     segments = offline_runs(run)
     assert [s[0] for s in segments] == [run_id, run_id]  # resume="allow" with a kept id: the same run
@@ -100,3 +103,26 @@ def test_killed_and_resumed_training_logs_one_wandb_run(tmp_path, tiny_data, wan
     assert logged == expected
     assert {r["_step"] for r in rows if "val_loss" in r} == {20, 30}
     assert [r["_step"] for r in rows if r.get("samples/_type") == "table-file"] == [30]
+
+
+def test_runlog_continues_one_trackio_run(tmp_path, monkeypatch):
+    """trackio, the local-first alternative: same scalars, a samples table, one run across resumes."""
+    pytest.importorskip("trackio")
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
+    from trackio.sqlite_storage import SQLiteStorage
+
+    from smoltrain.metrics import RunLog
+
+    run = tmp_path / "run"
+    for first in (1, 3):
+        log = RunLog(run, first - 1, False, None, {"train": {"seed": 1}}, trackio_project="smoltrain-test")
+        for step in (first, first + 1):
+            log.log({"step": step, "loss": 1.0 / step, "mfu": None})
+        log.sample({"step": first + 1, "mode": "greedy", "prompt": "ROMEO:", "text": " hi"})
+        log.samples_done(first + 1)
+        log.close()
+    name = json.loads((run / "trackio.json").read_text())["id"]
+    assert SQLiteStorage.get_runs("smoltrain-test") == [name]
+    rows = SQLiteStorage.get_logs("smoltrain-test", name)
+    assert [(r["step"], r["loss"]) for r in rows if r.get("loss")] == [(1, 1.0), (2, 0.5), (3, 1 / 3), (4, 0.25)]
+    assert [r["step"] for r in rows if r.get("samples")] == [2, 4]

@@ -220,7 +220,8 @@ class LogConfig:
     every: int = checked(10, positive)
     progress: bool = True  # live progress bar
     tensorboard: bool = True
-    wandb_project: str | None = None
+    wandb_project: str | None = None  # wandb (online, or WANDB_MODE=offline): one wandb run per run dir
+    trackio_project: str | None = None  # trackio: local-first tracker (SQLite), `trackio show` to browse
 
 
 @dataclass

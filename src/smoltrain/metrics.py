@@ -1,4 +1,4 @@
-"""Throughput, FLOPs and MFU, and the run's logs: console progress, metrics.jsonl, TensorBoard, wandb."""
+"""Throughput, FLOPs and MFU, and the run's logs: console progress, metrics.jsonl, TensorBoard, wandb, trackio."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ class RunLog:
     """Appends events to RUN/metrics.jsonl and mirrors scalars to TensorBoard / wandb (rank 0 only)."""
 
     def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool, wandb_project: str | None,
-                 config: dict[str, Any]):
+                 config: dict[str, Any], trackio_project: str | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.samples_path = Path(run_dir) / "samples.jsonl"
         for p in (self.path, self.samples_path):
@@ -78,6 +78,7 @@ class RunLog:
             except ImportError:
                 self.tb = None
         self.wandb = wandb_run(Path(run_dir), wandb_project, config) if wandb_project else None
+        self.trackio = trackio_run(Path(run_dir), trackio_project, config) if trackio_project else None
         self._sample_rows: list[list] = []
 
     def log(self, record: dict[str, Any]) -> None:
@@ -91,6 +92,8 @@ class RunLog:
                 self.tb.add_scalar(k, v, step)
         if self.wandb is not None:
             self.wandb.log(scalars, step=step)
+        if self.trackio is not None:
+            self.trackio.log(scalars, step=step)
 
     def sample(self, record: dict[str, Any]) -> None:
         with open(self.samples_path, "a") as f:
@@ -106,6 +109,11 @@ class RunLog:
 
             table = wandb.Table(columns=["step", "mode", "prompt", "text"], data=self._sample_rows)
             self.wandb.log({"samples": table}, step=step)
+        if self.trackio is not None and self._sample_rows:
+            import trackio
+
+            self.trackio.log({"samples": trackio.Table(columns=["step", "mode", "prompt", "text"],
+                                                       data=self._sample_rows)}, step=step)
         self._sample_rows = []
 
     def close(self) -> None:
@@ -113,6 +121,8 @@ class RunLog:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+        if self.trackio is not None:
+            self.trackio.finish()
 
 
 def wandb_run(run_dir: Path, project: str, config: dict[str, Any]):
@@ -128,17 +138,35 @@ def wandb_run(run_dir: Path, project: str, config: dict[str, Any]):
         from smoltrain.errors import UserError
 
         raise UserError("log.wandb_project is set but wandb is not installed: pip install 'smoltrain[wandb]'") from None
-    id_file = run_dir / "wandb.json"
-    try:
-        run_id = json.loads(id_file.read_text())["id"]
-    except (OSError, ValueError, KeyError):
-        run_id = uuid.uuid4().hex[:8]  # wandb ids: [a-z0-9]
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = id_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"id": run_id, "project": project}) + "\n")
-        tmp.replace(id_file)
+    run_id = kept_id(run_dir / "wandb.json", uuid.uuid4().hex[:8], project)  # wandb ids: [a-z0-9]
     return wandb.init(project=project, id=run_id, resume="allow", config=config, dir=str(run_dir),
                       name=run_dir.name)
+
+
+def trackio_run(run_dir: Path, project: str, config: dict[str, Any]):
+    """trackio (local-first, SQLite under TRACKIO_DIR or ~/.cache/huggingface/trackio; `trackio show`):
+    one trackio run per run dir, resumed by the name kept in RUN/trackio.json."""
+    try:
+        import trackio
+    except ImportError:
+        from smoltrain.errors import UserError
+
+        raise UserError("log.trackio_project is set but trackio is not installed: pip install trackio") from None
+    name = kept_id(run_dir / "trackio.json", f"{run_dir.name}-{uuid.uuid4().hex[:6]}", project)
+    return trackio.init(project=project, name=name, config=config, resume="allow", embed=False,
+                        auto_log_cpu=False, auto_log_gpu=False)
+
+
+def kept_id(path: Path, new: str, project: str) -> str:
+    """The tracker run id recorded in `path`, or `new`, recorded there first (mirrored with the logs)."""
+    try:
+        return json.loads(path.read_text())["id"]
+    except (OSError, ValueError, KeyError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"id": new, "project": project}) + "\n")
+        tmp.replace(path)
+        return new
 
 
 def rewind_jsonl(path: Path, step: int) -> None:

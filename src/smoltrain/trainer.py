@@ -202,7 +202,8 @@ class Trainer:
                       "(optim.rewarmup_steps re-warms the learning rate).")
             return 0
         if main:
-            self.log = RunLog(self.run_dir, self.step, cfg.log.tensorboard, cfg.log.wandb_project, cfg.to_dict())
+            self.log = RunLog(self.run_dir, self.step, cfg.log.tensorboard, cfg.log.wandb_project, cfg.to_dict(),
+                              cfg.log.trackio_project)
             self._write_run_files()
             self._check_disk()
             if self.mirror is not None:
