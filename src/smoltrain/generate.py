@@ -18,7 +18,6 @@ from smoltrain.config import eos_ids
 from smoltrain.errors import UserError
 from smoltrain.model import KVCache, SmolLM2, to_inference_layout
 
-
 PROMPT_BATCH = 16  # prompts of a --prompt-file decoded together
 
 
