@@ -172,7 +172,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16 (with GradScaler)
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False
-    loss_chunk: int = 4096  # tokens per chunk of the fused head + cross-entropy; 0 = plain loss
+    loss_chunk: int | str = "auto"  # tokens per chunk of the fused head + loss; auto: for shape and device; 0: plain
     init_from: str | None = None  # continued pretraining: checkpoint, run dir, HF dir or .gguf
     allow_config_change: bool = False  # resume even if the trajectory-defining config differs
     resume_from: str | None = None  # explicit checkpoint to resume from (must exist)
@@ -382,6 +382,8 @@ def validate(cfg: Config) -> list[str]:
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             p.append(f"{key} must be one of {', '.join(allowed)} (got {value!r})")
+    if t.loss_chunk != "auto" and not (isinstance(t.loss_chunk, int) and t.loss_chunk >= 0):
+        p.append(f"train.loss_chunk must be 'auto' or an integer >= 0 (got {t.loss_chunk!r})")
     if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
         p.append(f"optim.lr must be > 0 and 0 <= optim.min_lr <= optim.lr (got {o.lr}, {o.min_lr})")
     if o.warmup_steps < 0:

@@ -18,7 +18,7 @@ from torch import nn
 
 from smoltrain import blas
 from smoltrain.config import ModelConfig
-from smoltrain.loss import chunked_cross_entropy
+from smoltrain.loss import auto_chunk, chunked_cross_entropy
 
 IGNORE_INDEX = -100
 
@@ -234,16 +234,19 @@ class SmolLM2(nn.Module):
         return self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, start_pos: int | None = None,
-                loss_chunk: int = 0, reduction: str = "mean") -> torch.Tensor:
+                loss_chunk: int | str = 0, reduction: str = "mean") -> torch.Tensor:
         """Logits (B, T, V) when `labels` is None, else the cross-entropy loss over labels != -100.
 
         labels are already aligned with input_ids (labels[t] is the token after input_ids[t]).
         loss_chunk > 0 computes the loss `loss_chunk` tokens at a time without ever holding the full
-        (B*T, V) logits (see loss.py); the result equals the plain loss.
+        (B*T, V) logits (see loss.py); the result equals the plain loss up to summation order. "auto" picks
+        the chunk for the shape and device (loss.auto_chunk).
         """
         h = self.hidden_states(input_ids, start_pos)
         if labels is None:
             return self.lm_head(h)
+        if loss_chunk == "auto":
+            loss_chunk = auto_chunk(h.shape[0] * h.shape[1], self.config.vocab_size, h.device)
         if loss_chunk > 0:
             return chunked_cross_entropy(h.flatten(0, 1), self.lm_head.weight, labels.flatten(),
                                          loss_chunk, IGNORE_INDEX, reduction)
