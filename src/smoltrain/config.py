@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from smoltrain.domain import checked, interval, nonneg, numeric, one_of, positive
+from smoltrain.domain import Domain, checked, interval, nonneg, numeric, one_of, positive
 from smoltrain.domain import problems as domain_problems
 from smoltrain.errors import UserError
 
@@ -205,7 +205,9 @@ class TrainConfig:
     dtype: str = checked("auto", one_of("auto", "fp32", "bf16", "fp16"))
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False
-    loss_chunk: int = checked(4096, nonneg("plain loss"))  # tokens per chunk of the fused head + cross-entropy
+    # tokens per chunk of the fused head + cross-entropy; auto: chosen for shape and device; 0: plain loss
+    loss_chunk: int | str = checked("auto", Domain(lambda v: v == "auto" or (isinstance(v, int) and v >= 0),
+                                                   "'auto' or an integer >= 0 (0: plain loss)"))
     init_from: str | None = None  # continued pretraining: checkpoint, run dir, HF dir or .gguf
     allow_config_change: bool = False  # resume even if the trajectory-defining config differs
     resume_from: str | None = None  # explicit checkpoint to resume from (must exist)
