@@ -28,6 +28,8 @@ from smoltrain.metrics import RunLog, memory_gb, model_flops_utilization
 from smoltrain.model import IGNORE_INDEX, build_model
 from smoltrain.optim import build_optimizer, lr_at, set_lr
 from smoltrain.runinfo import environment, fault_point, print_header
+from smoltrain.storage import tree_size
+from smoltrain.tokenizer import TOKENIZER_FILES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -44,6 +46,7 @@ class Trainer:
         self._apply_global_batch()
         self.run_dir = Path(cfg.run.dir)
         self.step, self.tokens_seen, self.stop_signal = 0, 0, None
+        self.checkpoint_bytes: int | None = None
         torch.manual_seed(cfg.train.seed)
         self._setup_data()
         ckpt = self._find_resume()
@@ -154,7 +157,7 @@ class Trainer:
         return found[0]
 
     def _restore(self, ckpt: Path) -> None:
-        """Optimizer (resharded by DCP), scaler, loop counters, loader position and RNG."""
+        """Optimizer (resharded to this world size), scaler, loop counters, loader position and RNG."""
         state = ckpt_io.load_train_state(ckpt)
         ckpt_io.load_optimizer(ckpt, self.raw_model, self.optimizer)
         if self.scaler is not None and state["extra"].get("scaler"):
@@ -168,7 +171,7 @@ class Trainer:
                                 f"({len(loader['per_rank'])} processes).")
             loader = loader["per_rank"][self.dist.rank]
         self.loader.load_state_dict(loader)
-        ckpt_io.set_rng_state(state["rng"])
+        ckpt_io.set_rng_state(*state["rng"])
         if self.dist.is_main:
             print(f"Resuming from {ckpt} (step {self.step})", flush=True)
 
@@ -303,14 +306,16 @@ class Trainer:
     def save(self) -> Path | None:
         """Every rank writes its optimizer shard into one staging dir; rank 0 adds the rest and commits."""
         cfg, main = self.cfg, self.dist.is_main
+        staging = [None]
         if main:
             self._check_disk()
-            ckpt_io.begin_train_checkpoint(self.run_dir, self.step)
-        dist_io.barrier()
-        staging = ckpt_io.staging_for(ckpt_io.step_dir(self.run_dir, self.step))
+            staging[0] = ckpt_io.begin_train_checkpoint(self.run_dir, self.step)
+        if self.dist.world_size > 1:  # the staging name is private to rank 0's process: tell the others
+            torch.distributed.broadcast_object_list(staging, src=0)
+        staging = staging[0]
         weights = dist_io.full_state_dict(self.raw_model, self.dist)  # collective under FSDP
         loader_state = self._loader_state()  # collective for streams (per-rank positions)
-        ckpt_io.save_optimizer(staging, self.raw_model, self.optimizer)  # collective
+        ckpt_io.save_optimizer(staging, self.raw_model, self.optimizer, main)  # collective under FSDP
         dist_io.barrier()
         path = None
         if main:
@@ -321,6 +326,7 @@ class Trainer:
             path = ckpt_io.finish_train_checkpoint(staging, self.run_dir, self.step, self.raw_model.config, weights,
                                                    self.tokenizer, cfg.to_yaml(), extra, state,
                                                    export_hf=cfg.checkpoint.export_hf)
+            self.checkpoint_bytes = tree_size(path)  # the real size, for the next free-space check
             ckpt_io.retain(self.run_dir, cfg.checkpoint.keep_last)
         dist_io.barrier()
         return path
@@ -367,8 +373,13 @@ class Trainer:
         print_header(self.cfg, env, self.raw_model.num_params(), self.dist.world_size)
 
     def _check_disk(self) -> None:
+        """The next checkpoint's size: measured from the last one written, estimated before the first."""
         ck = self.cfg.checkpoint
-        ckpt_io.check_free_space(self.run_dir, self.raw_model.num_params(), ck.export_hf, ck.min_free_gb)
+        if self.checkpoint_bytes is None:
+            tok_files = [self.tokenizer.directory / n for n in TOKENIZER_FILES]
+            self.checkpoint_bytes = ckpt_io.checkpoint_bytes(
+                self.raw_model.num_params(), len(list(self.raw_model.parameters())), ck.export_hf, sum(p.stat().st_size for p in tok_files if p.exists()))
+        ckpt_io.check_free_space(self.run_dir, self.checkpoint_bytes, ck.min_free_gb)
 
     def _install_signal_handlers(self) -> None:
         def handler(signum, _frame):
