@@ -1,19 +1,22 @@
 """Checkpoint directories: atomic commit, sha256 manifest, discovery, and loading a model from one.
 
 A checkpoint directory is also a Hugging Face model directory (config.json + model.safetensors with HF
-names + tokenizer files); training checkpoints add the trainer's state beside it. It is staged under a
-hidden name, fsynced, given a manifest with the sha256 of every file, and only then renamed into place:
-a directory with the final name is always complete.
+names + tokenizer files); training checkpoints add the trainer's state beside it, as safetensors and JSON
+only (nothing is unpickled). It is published by storage.commit: staged under a private name, fsynced, given
+a manifest with the sha256 of every file, and only then renamed into place, so a directory with the final
+name is always complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import uuid
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -217,6 +220,17 @@ def begin_train_checkpoint(run_dir: Path, step: int) -> Path:
     if final.exists():  # e.g. a corrupt one that resume skipped: set it aside, never delete it
         quarantine(final)
     return storage.make_staging(final)
+
+
+@contextlib.contextmanager
+def discard_on_error(staging: Path | None) -> Iterator[None]:
+    """Remove a staging dir when its save fails (a full disk, an error); a commit has renamed it away."""
+    try:
+        yield
+    except BaseException:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _optimizer_options(model: torch.nn.Module):

@@ -136,30 +136,36 @@ def _inside(child: Path, parent: Path) -> bool:
 
 def foreign_files(directory: Path, record: dict | None) -> list[str]:
     """Files in `directory` that its record does not list (all of them when there is no record)."""
-    listed = set((record or {}).get("files", {})) | ({record["record"]} if record else set())
+    listed = set((record or {}).get("files", {})) | ({record.get("record")} if record else set())
     return [str(p.relative_to(directory)) for p in _files(directory, "") if str(p.relative_to(directory)) not in listed]
 
 
-def check_target(out: str | Path, command: str, force: bool, inputs: Iterable[str | Path] = (),
-                 flag: str = "--out") -> None:
-    """Refuse (exit 2, naming the path) before any work when publishing `command`'s output at `out` could
-    lose something: `out` is or holds one of the command's inputs, or holds files the command did not write,
-    or is a previous output and --force was not given. An empty directory is fine."""
-    out_path = Path(out).expanduser()
-    target = _resolved(out_path)
+def check_inputs(out: str | Path, inputs: Iterable[str | Path], flag: str = "--out") -> None:
+    """Refuse (exit 2) an `out` that is, or contains, one of the command's inputs."""
+    target = _resolved(out)
     for src in inputs:
         src_path = _resolved(src)
         if _inside(src_path, target):
             what = "is" if src_path == target else "contains"
-            raise UserError(f"{flag} {out_path} {what} this command's own input {src}; writing there would "
-                            "replace it. Choose another " + flag + ".")
+            raise UserError(f"{flag} {out} {what} this command's own input {src}; writing there would replace "
+                            f"it. Choose another {flag}.")
+
+
+def check_target(out: str | Path, command: str, force: bool, inputs: Iterable[str | Path] = (),
+                 flag: str = "--out", legacy: dict | None = None) -> None:
+    """Refuse (exit 2, naming the path) before any work when publishing `command`'s output at `out` could
+    lose something: `out` is or holds one of the command's inputs, or holds files the command did not write,
+    or is a previous output and --force was not given. An empty directory is fine. `legacy` is the record
+    to assume for an output written before markers existed."""
+    out_path = Path(out).expanduser()
+    check_inputs(out_path, inputs, flag)
     if not out_path.exists():
         return
     if not out_path.is_dir():
         raise UserError(f"{flag} {out_path} exists and is a file, not a directory; choose another {flag}.")
     if not any(out_path.iterdir()):
         return
-    record = output_record(out_path)
+    record = output_record(out_path) or legacy
     foreign = foreign_files(out_path, record) if record and record["command"] == command else []
     if record is None or record["command"] != command or foreign:
         made = f"the output of smoltrain {record['command']}" if record else "not an output of smoltrain " + command
@@ -188,7 +194,7 @@ def make_staging(final: Path) -> Path:
 
 
 def commit(staging: Path, final: Path, command: str, info: dict | None = None, hashed: bool = True,
-           replace: bool = False, keep_existing: bool = False) -> Path:
+           replace: bool = False, keep_existing: bool = False, legacy: dict | None = None) -> Path:
     """Write the record, fsync everything, rename `staging` to `final` (the commit point).
 
     An existing `final` is replaced only with `replace` (the caller checked it with check_target) and only
@@ -208,7 +214,7 @@ def commit(staging: Path, final: Path, command: str, info: dict | None = None, h
         elif not replace:
             raise UserError(f"{final} appeared while it was being written; it was left alone.")
         else:
-            check_target(final, command, force=True)  # still only our own earlier output
+            check_target(final, command, force=True, legacy=legacy)  # still only our own earlier output
             old = private_name("old", final)
             os.replace(final, old)
     os.replace(staging, final)
@@ -220,7 +226,7 @@ def commit(staging: Path, final: Path, command: str, info: dict | None = None, h
 
 @contextlib.contextmanager
 def publish(final: str | Path, command: str, info: dict | None = None, hashed: bool = True,
-            replace: bool = False, keep_existing: bool = False) -> Iterator[Path]:
+            replace: bool = False, keep_existing: bool = False, legacy: dict | None = None) -> Iterator[Path]:
     """Yield a private staging directory beside `final`; on success commit it there.
 
     On any exception (ENOSPC included) the staging directory is removed and `final` is untouched.
@@ -229,7 +235,7 @@ def publish(final: str | Path, command: str, info: dict | None = None, hashed: b
     staging = make_staging(final)
     try:
         yield staging
-        commit(staging, final, command, info, hashed, replace, keep_existing)
+        commit(staging, final, command, info, hashed, replace, keep_existing, legacy)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as _HFTokenizer
 
 from smoltrain.errors import UserError
+from smoltrain.storage import check_target, publish
 
 EOT = "<|endoftext|>"  # document separator in SmolLM2's cosmo2 tokenizer (id 0)
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")  # SmolLM2's chat turn markers (ids 1 and 2)
@@ -96,10 +97,8 @@ def _from_gguf(path: Path) -> Path:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:  # gguf without a usable tokenizer, or not a gguf at all
         raise UserError(f"Could not read a tokenizer from {path}: {e}") from None
-    staging = target.with_name(target.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    tok.save_pretrained(str(staging))
-    os.replace(staging, target)
+    with publish(target, "tokenizer-cache", {"source": str(path)}, hashed=False, keep_existing=True) as staging:
+        tok.save_pretrained(str(staging))  # another process may have filled the cache first: then theirs stays
     return target
 
 
@@ -158,9 +157,9 @@ def train_tokenizer(sources, vocab_size: int, out_dir: str | Path, *, text_key: 
         raise UserError(f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least "
                         f"{len(special) + len(alphabet)} ids (256 bytes + {len(special)} special tokens).")
     out = Path(out_dir).expanduser()
-    if (out / "tokenizer.json").exists() and not force:
-        raise UserError(f"{out} already holds a tokenizer.json; pass --force to replace it.")
     srcs = resolve_sources(sources)
+    legacy = _legacy_record(out)
+    check_target(out, "tokenizer", force, inputs=[s.spec for s in srcs if s.kind != "hf"], legacy=legacy)
 
     backend = _HFTokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
@@ -172,19 +171,21 @@ def train_tokenizer(sources, vocab_size: int, out_dir: str | Path, *, text_key: 
     if backend.get_vocab_size() == len(special):
         raise UserError(f"The sources ({', '.join(s.spec for s in srcs)}) hold no text to train a tokenizer on.")
 
-    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    backend.save(str(staging / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 8192, "bos_token": EOT,
               "eos_token": EOT, "unk_token": EOT, "pad_token": EOT, "add_prefix_space": False,
               "clean_up_tokenization_spaces": False, "additional_special_tokens": special[1:]}
-    (staging / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (staging / "special_tokens_map.json").write_text(json.dumps(
-        {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token", "additional_special_tokens")},
-        indent=2) + "\n")
-    out.mkdir(parents=True, exist_ok=True)
-    for f in staging.iterdir():
-        os.replace(f, out / f.name)
-    staging.rmdir()
+    with publish(out, "tokenizer", {"vocab_size": vocab_size}, hashed=False, replace=force, legacy=legacy) as staging:
+        backend.save(str(staging / "tokenizer.json"))
+        (staging / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (staging / "special_tokens_map.json").write_text(json.dumps(
+            {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token", "additional_special_tokens")},
+            indent=2) + "\n")
     return Tokenizer(out, str(out))
+
+
+def _legacy_record(out: Path) -> dict | None:
+    """A tokenizer dir that `tokenizer train` wrote before storage markers: only its own three files."""
+    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+    if not (out / "tokenizer.json").is_file():
+        return None
+    return {"command": "tokenizer", "files": {n: {} for n in names if (out / n).exists()}}

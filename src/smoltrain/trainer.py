@@ -313,19 +313,20 @@ class Trainer:
         if self.dist.world_size > 1:  # the staging name is private to rank 0's process: tell the others
             torch.distributed.broadcast_object_list(staging, src=0)
         staging = staging[0]
-        weights = dist_io.full_state_dict(self.raw_model, self.dist)  # collective under FSDP
-        loader_state = self._loader_state()  # collective for streams (per-rank positions)
-        ckpt_io.save_optimizer(staging, self.raw_model, self.optimizer, main)  # collective under FSDP
-        dist_io.barrier()
         path = None
-        if main:
-            state = {"step": self.step, "tokens_seen": self.tokens_seen, "global_batch": self.global_batch,
-                     "world_size": self.dist.world_size, "loader": loader_state,
-                     "env": environment(self.device, self.dist.world_size)}
-            extra = {"scaler": self.scaler.state_dict() if self.scaler else None}
-            path = ckpt_io.finish_train_checkpoint(staging, self.run_dir, self.step, self.raw_model.config, weights,
-                                                   self.tokenizer, cfg.to_yaml(), extra, state,
-                                                   export_hf=cfg.checkpoint.export_hf)
+        with ckpt_io.discard_on_error(staging if main else None):  # a full disk leaves no staging behind
+            weights = dist_io.full_state_dict(self.raw_model, self.dist)  # collective under FSDP
+            loader_state = self._loader_state()  # collective for streams (per-rank positions)
+            ckpt_io.save_optimizer(staging, self.raw_model, self.optimizer, main)  # collective under FSDP
+            dist_io.barrier()
+            if main:
+                state = {"step": self.step, "tokens_seen": self.tokens_seen, "global_batch": self.global_batch,
+                         "world_size": self.dist.world_size, "loader": loader_state,
+                         "env": environment(self.device, self.dist.world_size)}
+                extra = {"scaler": self.scaler.state_dict() if self.scaler else None}
+                path = ckpt_io.finish_train_checkpoint(staging, self.run_dir, self.step, self.raw_model.config,
+                                                       weights, self.tokenizer, cfg.to_yaml(), extra, state,
+                                                       export_hf=cfg.checkpoint.export_hf)
             self.checkpoint_bytes = tree_size(path)  # the real size, for the next free-space check
             ckpt_io.retain(self.run_dir, cfg.checkpoint.keep_last)
         dist_io.barrier()
