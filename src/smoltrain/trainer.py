@@ -304,7 +304,7 @@ class Trainer:
         self.raw_model.train()
 
     def save(self) -> Path | None:
-        """Every rank writes its optimizer shard into one staging dir; rank 0 adds the rest and commits."""
+        """Every rank takes part in gathering weights and optimizer state; rank 0 writes them and commits."""
         cfg, main = self.cfg, self.dist.is_main
         staging = [None]
         if main:
@@ -327,6 +327,7 @@ class Trainer:
                 path = ckpt_io.finish_train_checkpoint(staging, self.run_dir, self.step, self.raw_model.config,
                                                        weights, self.tokenizer, cfg.to_yaml(), extra, state,
                                                        export_hf=cfg.checkpoint.export_hf)
+        if main:
             self.checkpoint_bytes = tree_size(path)  # the real size, for the next free-space check
             ckpt_io.retain(self.run_dir, cfg.checkpoint.keep_last)
         dist_io.barrier()
