@@ -97,6 +97,8 @@ def test_browser_types_prompt_and_sees_text(demo_url):
                     "([sel, n]) => (document.querySelector(sel)?.value || '').length > n",
                     arg=[f"#out-{pane} textarea", len(prompt)], timeout=60_000)
                 assert page.locator(f"#out-{pane} textarea").input_value().startswith(prompt)
+            heights = [page.locator(f"#out-{pane} textarea").bounding_box()["height"] for pane in ("a", "b")]
+            assert heights[0] == heights[1], heights  # the panes stay equal whatever each generated
         finally:
             browser.close()
 

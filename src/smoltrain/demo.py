@@ -176,7 +176,8 @@ def build_app(source: CheckpointSource, cache: ModelCache):
                 with gr.Column():
                     pickers.append(gr.Dropdown(choices=source.options(), value=key, label=f"checkpoint {pane}",
                                                allow_custom_value=True, elem_id=f"pick-{pane.lower()}"))
-                    outputs.append(gr.Textbox(label=f"output {pane}", lines=12, elem_id=f"out-{pane.lower()}"))
+                    outputs.append(gr.Textbox(label=f"output {pane}", lines=12, max_lines=12, autoscroll=True,
+                                              elem_id=f"out-{pane.lower()}"))  # fixed height: panes stay equal
         inputs = [prompt, *pickers, max_new, temperature, top_k, top_p, seed]
         gr.on([button.click, prompt.submit], on_generate, inputs, outputs, api_name="generate", concurrency_limit=1)
         app.load(refresh, None, pickers, api_visibility="private")
@@ -214,7 +215,7 @@ def demo_cli(a) -> int:
     print(f"smoltrain demo of {source.name} on http://{a.host}:{a.port} (Ctrl+C stops it)", flush=True)
     try:
         app.queue().launch(server_name=a.host, server_port=a.port, share=False, inbrowser=False, ssr_mode=False,
-                           theme=theme, footer_links=[])
+                           theme=theme, footer_links=[], quiet=True)  # quiet: our line above says where it is
     except OSError as e:  # the port was taken between the check and the start
         raise UserError(f"Cannot start the demo on {a.host}:{a.port}: {e}. Pick another --port.") from None
     return 0

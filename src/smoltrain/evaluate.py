@@ -59,7 +59,9 @@ def evaluate_batches(forward, batches: Iterable[torch.Tensor], device: torch.dev
 def _hf_forward(path: Path, device: torch.device):
     """A forward for a model our Llama loader does not handle (any HF causal LM)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar is noise inside our command
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
     except Exception as e:

