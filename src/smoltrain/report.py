@@ -154,8 +154,8 @@ def perplexity_table(models: list[tuple[str, Path]], data: Path, seq_len: int, b
     """Loss, perplexity and bits-per-byte on data's val split, through smoltrain.evaluate (as `eval` does)."""
     from smoltrain.evaluate import evaluate_models
 
-    rows = evaluate_models([str(path) for _, path in models], data, "val", seq_len, batch_size, max_batches,
-                           device)
+    rows = evaluate_models([str(path) for _, path in models], data, "val", seq_len, batch_size,
+                           max_batches * batch_size * seq_len, device)
     return [{**row, "model": label, "path": row["model"]} for (label, _), row in zip(models, rows)]
 
 

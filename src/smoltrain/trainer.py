@@ -22,7 +22,7 @@ from smoltrain import checkpoint as ckpt_io
 from smoltrain import distributed as dist_io
 from smoltrain.config import Config, trajectory_diff
 from smoltrain.errors import TrainingError, UserError
-from smoltrain.evaluate import evaluate_batches, token_byte_lengths
+from smoltrain.evaluate import TokenTables, evaluate_datasets, val_record
 from smoltrain.generate import SamplingConfig, generate, pick_device
 from smoltrain.metrics import RunLog, memory_gb, model_flops_utilization
 from smoltrain.model import IGNORE_INDEX, build_model
@@ -95,13 +95,14 @@ class Trainer:
         if self.tokenizer.vocab_size > cfg.model.vocab_size:
             raise UserError(f"The tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size is "
                             f"{cfg.model.vocab_size}; raise model.vocab_size or use a smaller tokenizer.")
-        weights = {d.name: d.weight for d in cfg.data.datasets}
+        trained = {d.name: d.weight for d in cfg.data.datasets if not d.eval_only(cfg.data.val_fraction)}
         common = dict(batch_size=cfg.train.micro_batch_size, seq_len=cfg.train.seq_len, seed=cfg.train.seed,
                       rank=self.dist.rank, world_size=self.dist.world_size, grad_accum_steps=cfg.train.grad_accum_steps)
         stages = cfg.to_dict()["data"]["stages"]  # plain dicts, as the loader takes them
-        self.loader = PackedLoader(paths, split="train", weights=weights, stages=stages or None, **common)
-        self.val_paths = paths
-        self.byte_lengths = token_byte_lengths(self.tokenizer)
+        self.loader = PackedLoader({n: paths[n] for n in trained}, split="train", weights=trained,
+                                   stages=stages or None, **common)
+        self.val_paths = paths  # every dataset's held-out split, evaluation-only datasets included
+        self.token_tables = TokenTables(self.tokenizer).to(self.device)
 
     def _setup_stream(self) -> None:
         """data.streaming: tokenize and pack one source on the fly; no prepare step, no held-out split."""
@@ -118,7 +119,6 @@ class Trainer:
                                    cfg.train.seq_len, text_key=cfg.data.text_key, rank=self.dist.rank,
                                    world_size=self.dist.world_size, name=ds.name)
         self.val_paths = None  # a stream has no held-out split: evaluations are skipped
-        self.byte_lengths = token_byte_lengths(self.tokenizer)
 
     def _setup_model(self, ckpt: Path | None) -> None:
         """Weights (fresh, init_from, or the resume checkpoint's) are loaded before any wrapping."""
@@ -298,23 +298,24 @@ class Trainer:
             self.save()
 
     def evaluate(self) -> dict | None:
-        from smoltrain.data.loader import eval_windows
-
+        """Every dataset's whole held-out split (or eval.max_tokens of it), as `smoltrain eval` computes it."""
         if self.val_paths is None:
             return None
-
+        cfg = self.cfg
         self.raw_model.eval()
-        fwd = lambda x, y: self.raw_model(x, labels=y, loss_chunk=self.cfg.train.loss_chunk, reduction="sum")  # noqa: E731
-        name = self.cfg.data.datasets[0].name
-        batches = eval_windows(self.val_paths[name], "val", self.cfg.train.seq_len, self.cfg.train.micro_batch_size,
-                               self.cfg.eval.max_batches)
-        res = evaluate_batches(fwd, batches, self.device, self.byte_lengths, self._autocast)
+        fwd = lambda x, y: self.raw_model(x, labels=y, loss_chunk=cfg.train.loss_chunk, reduction="none")  # noqa: E731
+        results = evaluate_datasets(fwd, self.val_paths, "val", cfg.train.seq_len, cfg.train.micro_batch_size,
+                                    cfg.eval.max_tokens, self.device, self.token_tables, self._autocast)
         self.raw_model.train()
+        if not results:
+            return None
+        rec = val_record(self.step, results)
         if self.log is not None:
-            self.log.log({"step": self.step, "val_loss": res["loss"], "val_ppl": res["ppl"], "val_bpb": res["bpb"]})
-            bpb = f", {res['bpb']:.3f} bits/byte" if res["bpb"] else ""
-            self._print(f"step {self.step}: val loss {res['loss']:.4f} (ppl {res['ppl']:.2f}{bpb})")
-        return res
+            self.log.log(rec)
+            bpb = f", {rec['val_bpb']:.3f} bits/byte" if rec["val_bpb"] else ""
+            each = "".join(f"; {n} {r['loss']:.4f}" for n, r in results.items()) if len(results) > 1 else ""
+            self._print(f"step {self.step}: val loss {rec['val_loss']:.4f} (ppl {rec['val_ppl']:.2f}{bpb}{each})")
+        return rec
 
     def evaluate_tasks(self) -> None:
         from smoltrain.tasks import score_in_loop
