@@ -89,9 +89,11 @@ def _add_train_commands(sub) -> None:
                         "mmlu; need the hub or its cache); comma-separated or repeated")
     p.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
     p.add_argument("--split", default="val", choices=["val", "train"])
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-batches", type=int, default=50)
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="window length (default: a training checkpoint's train.seq_len, else the model's context)")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per batch (default: the run's micro batch)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="evaluate a fixed sample of about this many tokens spread over the split (default: all)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_eval)
@@ -140,7 +142,7 @@ def _cmd_prepare(a: argparse.Namespace) -> int:
     from smoltrain.data.prepare import prepare
 
     prepare(a.source, a.tokenizer, a.out, text_key=a.text_key, val_fraction=a.val_fraction, val_docs=a.val_docs,
-            max_documents=a.max_documents, num_proc=a.num_proc, force=a.force, shard_tokens=a.shard_tokens,
+            val_documents=a.val_documents, max_documents=a.max_documents, num_proc=a.num_proc, force=a.force, shard_tokens=a.shard_tokens,
             model_vocab_size=a.model_vocab_size, progress=not a.no_progress)
     return 0
 
@@ -182,8 +184,12 @@ def _add_data_commands(sub) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (appears only when complete)")
     val = p.add_mutually_exclusive_group()
     val.add_argument("--val-fraction", type=float, default=0.01,
-                     help="fraction of documents held out for validation, evenly spaced (default 0.01)")
+                     help="fraction of documents held out for validation, evenly spaced (default 0.01; 1: all, "
+                          "an evaluation-only dataset)")
     val.add_argument("--val-docs", type=int, default=None, help="hold out exactly this many documents instead")
+    val.add_argument("--val-documents", action="append", default=[], metavar="GLOB",
+                     help="hold out the documents whose source-relative name (e.g. hamlet_gut.txt, rows.jsonl#3) or "
+                          "file matches GLOB, and only those (repeatable)")
     p.add_argument("--text-key", default="text", help="text column of jsonl/parquet/hf rows (default text)")
     p.add_argument("--max-documents", type=int, default=None, help="stop after this many documents in all")
     p.add_argument("--num-proc", type=int, default=None, help="tokenizer processes (default: all cores)")
@@ -272,7 +278,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         return 130
-    except Exception:
+    except Exception as e:
+        from smoltrain.storage import is_no_space
+
+        if is_no_space(e):  # a full disk is not a bug: one message; the partial output was already removed
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            print(f"smoltrain {args.command}: stopped: no space left on device{where}. What was being written was "
+                  "removed and earlier outputs (checkpoints included) are intact; free some space and run the "
+                  "same command again.", file=sys.stderr)
+            return 1
         traceback.print_exc()
         print(f"smoltrain {args.command}: internal error (a bug: please report it with the traceback above)",
               file=sys.stderr)

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from smoltrain.domain import checked, interval, nonneg, numeric, one_of, positive
+from smoltrain.domain import Domain, checked, interval, nonneg, numeric, one_of, positive
 from smoltrain.domain import problems as domain_problems
 from smoltrain.errors import UserError
 
@@ -130,6 +130,15 @@ class DatasetConfig:
     sources: list[str] = field(default_factory=list)  # files, dirs, hf:NAME[:CONFIG], assets:shakespeare
     path: str = ""  # prepared dir; default {run.data_dir}/{name}
     weight: float = checked(1.0, nonneg())
+    val_documents: list[str] = field(default_factory=list)  # globs of source-relative names to hold out
+    # default data.val_fraction; 1.0: evaluation only (never trained on)
+    val_fraction: float | None = checked(None, interval(0, 1, high_open=False))
+
+    def eval_only(self, default_fraction: float) -> bool:
+        return not self.val_documents and self.held_out_fraction(default_fraction) == 1.0
+
+    def held_out_fraction(self, default_fraction: float) -> float:
+        return default_fraction if self.val_fraction is None else self.val_fraction
 
 
 @dataclass
@@ -196,7 +205,9 @@ class TrainConfig:
     dtype: str = checked("auto", one_of("auto", "fp32", "bf16", "fp16"))
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False
-    loss_chunk: int = checked(4096, nonneg("plain loss"))  # tokens per chunk of the fused head + cross-entropy
+    # tokens per chunk of the fused head + cross-entropy; auto: chosen for shape and device; 0: plain loss
+    loss_chunk: int | str = checked("auto", Domain(lambda v: v == "auto" or (isinstance(v, int) and v >= 0),
+                                                   "'auto' or an integer >= 0 (0: plain loss)"))
     init_from: str | None = None  # continued pretraining: checkpoint, run dir, HF dir or .gguf
     allow_config_change: bool = False  # resume even if the trajectory-defining config differs
     resume_from: str | None = None  # explicit checkpoint to resume from (must exist)
@@ -220,13 +231,15 @@ class LogConfig:
     every: int = checked(10, positive)
     progress: bool = True  # live progress bar
     tensorboard: bool = True
-    wandb_project: str | None = None
+    wandb_project: str | None = None  # wandb (online, or WANDB_MODE=offline): one wandb run per run dir
+    trackio_project: str | None = None  # trackio: local-first tracker (SQLite), `trackio show` to browse
 
 
 @dataclass
 class EvalConfig:
     every: int = checked(0, nonneg("only at the end"))  # validation loss every N steps
-    max_batches: int | None = checked(20, positive)  # null: the whole split
+    # tokens per dataset: null evaluates the whole held-out split, N a fixed sample spread over it
+    max_tokens: int | None = checked(None, positive)
     sample_every: int = checked(0, nonneg("only at the end"))  # generate from `prompts` every N steps
     prompts: list[str] = field(default_factory=list)
     sample_tokens: int = checked(48, nonneg("no samples"))
@@ -414,6 +427,14 @@ def validate(cfg: Config) -> list[str]:
     for d in cfg.data.datasets:
         if not d.sources and not d.path:
             p.append(f"dataset {d.name!r} needs sources or a prepared path")
+        if d.val_documents and d.val_fraction is not None:
+            p.append(f"dataset {d.name!r}: give val_documents or val_fraction, not both")
+        if d.val_documents and not d.sources:
+            p.append(f"dataset {d.name!r}: val_documents needs sources (a prepared path is already split)")
+        if any(not g for g in d.val_documents):
+            p.append(f"dataset {d.name!r}: val_documents holds an empty glob")
+    if cfg.data.datasets and all(d.eval_only(cfg.data.val_fraction) for d in cfg.data.datasets):
+        p.append("every dataset is evaluation-only (val_fraction 1.0): at least one must be trained on")
     p += _stage_problems(cfg.data.stages, names)
     for spec in cfg.eval.tasks:
         if spec.startswith("next-line:") and spec.split(":", 1)[1] not in names:

@@ -27,14 +27,19 @@ def push_folder(folder: Path, repo_id: str, revision: str | None = None, private
                 message: str = "Upload from smoltrain") -> str:
     """Create the repo (and branch) if needed, then upload `folder` as one commit; returns the commit URL."""
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi()
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    if revision and revision != "main":
-        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
-    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision, repo_type="model",
-                             commit_message=message, ignore_patterns=["manifest.json"])
-    return str(info.commit_url if hasattr(info, "commit_url") else info)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision, repo_type="model",
+                                 commit_message=message, ignore_patterns=["manifest.json"])
+    except (HfHubHTTPError, OSError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"Pushing to {repo_id} on {api.endpoint} failed: {first}") from None
+    return str(info.commit_url)
 
 
 def push_checkpoint(ckpt: Path, repo_id: str, revision: str | None = None, private: bool = False) -> str:

@@ -1,7 +1,7 @@
 """A run's mirror on object storage (any fsspec URL): checkpoints, logs, resume on a fresh machine.
 
 Layout under the URL: `checkpoints/step_NNNNNNNN/` (the local checkpoint's files, its manifest.json
-uploaded last) and the run's log files (metrics.jsonl, samples.jsonl, config.yaml, env.json, wandb id).
+uploaded last) and the run's log files (metrics.jsonl, samples.jsonl, config.yaml, env.json, tracker run ids).
 A remote checkpoint counts only once its manifest exists, so a kill during an upload never leaves one
 that looks valid; a download is verified against that manifest before it is used.
 
@@ -28,7 +28,7 @@ from smoltrain.config import check_remote_url
 from smoltrain.errors import UserError
 from smoltrain.runinfo import fault_point
 
-LOG_FILES = ("metrics.jsonl", "samples.jsonl", "config.yaml", "env.json", "wandb.json")
+LOG_FILES = ("metrics.jsonl", "samples.jsonl", "config.yaml", "env.json", "wandb.json", "trackio.json")
 STEP_DIR = re.compile(r"step_(\d{8})$")
 
 
@@ -159,7 +159,7 @@ class Remote:
 
     def _download(self, step: int, run_dir: Path) -> Path:
         final = ckpt_io.step_dir(run_dir, step)
-        staging = final.parent / f".staging-{final.name}-{uuid.uuid4().hex[:8]}"
+        staging = final.parent / f".staging-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # private to us
         src = self._path("checkpoints", final.name)
         try:
             raw = self.fs.cat_file(posixpath.join(src, ckpt_io.MANIFEST))

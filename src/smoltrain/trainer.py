@@ -22,13 +22,15 @@ from smoltrain import checkpoint as ckpt_io
 from smoltrain import distributed as dist_io
 from smoltrain.config import Config, trajectory_diff
 from smoltrain.errors import TrainingError, UserError
-from smoltrain.evaluate import evaluate_batches, token_byte_lengths
+from smoltrain.evaluate import TokenTables, evaluate_datasets, val_record
 from smoltrain.generate import SamplingConfig, generate, pick_device
 from smoltrain.metrics import RunLog, memory_gb, model_flops_utilization
 from smoltrain.model import IGNORE_INDEX, build_model
 from smoltrain.optim import build_optimizer, lr_at, rewarm_factor, set_lr
 from smoltrain.remote import RunMirror
 from smoltrain.runinfo import environment, fault_point, print_header
+from smoltrain.storage import tree_size
+from smoltrain.tokenizer import TOKENIZER_FILES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -45,6 +47,7 @@ class Trainer:
         self._apply_global_batch()
         self.run_dir = Path(cfg.run.dir)
         self.step, self.tokens_seen, self.stop_signal = 0, 0, None
+        self.checkpoint_bytes: int | None = None
         self.rewarm_from = None  # the step this run was last extended from (optim.rewarmup_steps ramps from it)
         torch.manual_seed(cfg.train.seed)
         self.mirror = RunMirror.from_config(cfg) if self.dist.is_main else None  # checked before any work
@@ -92,13 +95,14 @@ class Trainer:
         if self.tokenizer.vocab_size > cfg.model.vocab_size:
             raise UserError(f"The tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size is "
                             f"{cfg.model.vocab_size}; raise model.vocab_size or use a smaller tokenizer.")
-        weights = {d.name: d.weight for d in cfg.data.datasets}
+        trained = {d.name: d.weight for d in cfg.data.datasets if not d.eval_only(cfg.data.val_fraction)}
         common = dict(batch_size=cfg.train.micro_batch_size, seq_len=cfg.train.seq_len, seed=cfg.train.seed,
                       rank=self.dist.rank, world_size=self.dist.world_size, grad_accum_steps=cfg.train.grad_accum_steps)
         stages = cfg.to_dict()["data"]["stages"]  # plain dicts, as the loader takes them
-        self.loader = PackedLoader(paths, split="train", weights=weights, stages=stages or None, **common)
-        self.val_paths = paths
-        self.byte_lengths = token_byte_lengths(self.tokenizer)
+        self.loader = PackedLoader({n: paths[n] for n in trained}, split="train", weights=trained,
+                                   stages=stages or None, **common)
+        self.val_paths = paths  # every dataset's held-out split, evaluation-only datasets included
+        self.token_tables = TokenTables(self.tokenizer).to(self.device)
 
     def _setup_stream(self) -> None:
         """data.streaming: tokenize and pack one source on the fly; no prepare step, no held-out split."""
@@ -115,7 +119,6 @@ class Trainer:
                                    cfg.train.seq_len, text_key=cfg.data.text_key, rank=self.dist.rank,
                                    world_size=self.dist.world_size, name=ds.name)
         self.val_paths = None  # a stream has no held-out split: evaluations are skipped
-        self.byte_lengths = token_byte_lengths(self.tokenizer)
 
     def _setup_model(self, ckpt: Path | None) -> None:
         """Weights (fresh, init_from, or the resume checkpoint's) are loaded before any wrapping."""
@@ -164,7 +167,7 @@ class Trainer:
         return found[0]
 
     def _restore(self, ckpt: Path) -> None:
-        """Optimizer (resharded by DCP), scaler, loop counters, loader position and RNG."""
+        """Optimizer (resharded to this world size), scaler, loop counters, loader position and RNG."""
         state = ckpt_io.load_train_state(ckpt)
         ckpt_io.load_optimizer(ckpt, self.raw_model, self.optimizer)
         if self.scaler is not None and state["extra"].get("scaler"):
@@ -181,7 +184,7 @@ class Trainer:
                                 f"({len(loader['per_rank'])} processes).")
             loader = loader["per_rank"][self.dist.rank]
         self.loader.load_state_dict(loader)
-        ckpt_io.set_rng_state(state["rng"])
+        ckpt_io.set_rng_state(*state["rng"])
         if self.dist.is_main:
             origin = getattr(self.mirror, "restored_from", None)
             remote = f", downloaded from {origin} and verified against its manifest" if origin else ""
@@ -202,7 +205,8 @@ class Trainer:
                       "(optim.rewarmup_steps re-warms the learning rate).")
             return 0
         if main:
-            self.log = RunLog(self.run_dir, self.step, cfg.log.tensorboard, cfg.log.wandb_project, cfg.to_dict())
+            self.log = RunLog(self.run_dir, self.step, cfg.log.tensorboard, cfg.log.wandb_project, cfg.to_dict(),
+                              cfg.log.trackio_project)
             self._write_run_files()
             self._check_disk()
             if self.mirror is not None:
@@ -294,23 +298,24 @@ class Trainer:
             self.save()
 
     def evaluate(self) -> dict | None:
-        from smoltrain.data.loader import eval_windows
-
+        """Every dataset's whole held-out split (or eval.max_tokens of it), as `smoltrain eval` computes it."""
         if self.val_paths is None:
             return None
-
+        cfg = self.cfg
         self.raw_model.eval()
-        fwd = lambda x, y: self.raw_model(x, labels=y, loss_chunk=self.cfg.train.loss_chunk, reduction="sum")  # noqa: E731
-        name = self.cfg.data.datasets[0].name
-        batches = eval_windows(self.val_paths[name], "val", self.cfg.train.seq_len, self.cfg.train.micro_batch_size,
-                               self.cfg.eval.max_batches)
-        res = evaluate_batches(fwd, batches, self.device, self.byte_lengths, self._autocast)
+        fwd = lambda x, y: self.raw_model(x, labels=y, loss_chunk=cfg.train.loss_chunk, reduction="none")  # noqa: E731
+        results = evaluate_datasets(fwd, self.val_paths, "val", cfg.train.seq_len, cfg.train.micro_batch_size,
+                                    cfg.eval.max_tokens, self.device, self.token_tables, self._autocast)
         self.raw_model.train()
+        if not results:
+            return None
+        rec = val_record(self.step, results)
         if self.log is not None:
-            self.log.log({"step": self.step, "val_loss": res["loss"], "val_ppl": res["ppl"], "val_bpb": res["bpb"]})
-            bpb = f", {res['bpb']:.3f} bits/byte" if res["bpb"] else ""
-            self._print(f"step {self.step}: val loss {res['loss']:.4f} (ppl {res['ppl']:.2f}{bpb})")
-        return res
+            self.log.log(rec)
+            bpb = f", {rec['val_bpb']:.3f} bits/byte" if rec["val_bpb"] else ""
+            each = "".join(f"; {n} {r['loss']:.4f}" for n, r in results.items()) if len(results) > 1 else ""
+            self._print(f"step {self.step}: val loss {rec['val_loss']:.4f} (ppl {rec['val_ppl']:.2f}{bpb}{each})")
+        return rec
 
     def evaluate_tasks(self) -> None:
         from smoltrain.tasks import score_in_loop
@@ -333,29 +338,35 @@ class Trainer:
                 text = self.tokenizer.decode(list(ids))
                 self.log.sample({"step": self.step, "mode": mode, "prompt": prompt, "text": text})
                 self._print(f"[step {self.step} {mode}] {prompt}{text}")
+        self.log.samples_done(self.step)
         self.raw_model.train()
 
     def save(self) -> Path | None:
-        """Every rank writes its optimizer shard into one staging dir; rank 0 adds the rest and commits."""
+        """Every rank takes part in gathering weights and optimizer state; rank 0 writes them and commits."""
         cfg, main = self.cfg, self.dist.is_main
+        staging = [None]
         if main:
             self._check_disk()
-            ckpt_io.begin_train_checkpoint(self.run_dir, self.step)
-        dist_io.barrier()
-        staging = ckpt_io.staging_for(ckpt_io.step_dir(self.run_dir, self.step))
-        weights = dist_io.full_state_dict(self.raw_model, self.dist)  # collective under FSDP
-        loader_state = self._loader_state()  # collective for streams (per-rank positions)
-        ckpt_io.save_optimizer(staging, self.raw_model, self.optimizer)  # collective
-        dist_io.barrier()
+            staging[0] = ckpt_io.begin_train_checkpoint(self.run_dir, self.step)
+        if self.dist.world_size > 1:  # the staging name is private to rank 0's process: tell the others
+            torch.distributed.broadcast_object_list(staging, src=0)
+        staging = staging[0]
         path = None
+        with ckpt_io.discard_on_error(staging if main else None):  # a full disk leaves no staging behind
+            weights = dist_io.full_state_dict(self.raw_model, self.dist)  # collective under FSDP
+            loader_state = self._loader_state()  # collective for streams (per-rank positions)
+            ckpt_io.save_optimizer(staging, self.raw_model, self.optimizer, main)  # collective under FSDP
+            dist_io.barrier()
+            if main:
+                state = {"step": self.step, "tokens_seen": self.tokens_seen, "global_batch": self.global_batch,
+                         "world_size": self.dist.world_size, "loader": loader_state,
+                         "rewarm_from": self.rewarm_from, "env": environment(self.device, self.dist.world_size)}
+                extra = {"scaler": self.scaler.state_dict() if self.scaler else None}
+                path = ckpt_io.finish_train_checkpoint(staging, self.run_dir, self.step, self.raw_model.config,
+                                                       weights, self.tokenizer, cfg.to_yaml(), extra, state,
+                                                       export_hf=cfg.checkpoint.export_hf)
         if main:
-            state = {"step": self.step, "tokens_seen": self.tokens_seen, "global_batch": self.global_batch,
-                     "world_size": self.dist.world_size, "loader": loader_state, "rewarm_from": self.rewarm_from,
-                     "env": environment(self.device, self.dist.world_size)}
-            extra = {"scaler": self.scaler.state_dict() if self.scaler else None}
-            path = ckpt_io.finish_train_checkpoint(staging, self.run_dir, self.step, self.raw_model.config, weights,
-                                                   self.tokenizer, cfg.to_yaml(), extra, state,
-                                                   export_hf=cfg.checkpoint.export_hf)
+            self.checkpoint_bytes = tree_size(path)  # the real size, for the next free-space check
             if self.mirror is not None:  # before retention: a checkpoint being uploaded is never the one deleted
                 self.mirror.checkpoint_saved(path, self.step, self.run_dir)
             ckpt_io.retain(self.run_dir, cfg.checkpoint.keep_last)
@@ -428,8 +439,13 @@ class Trainer:
         print_header(self.cfg, env, self.raw_model.num_params(), self.dist.world_size)
 
     def _check_disk(self) -> None:
+        """The next checkpoint's size: measured from the last one written, estimated before the first."""
         ck = self.cfg.checkpoint
-        ckpt_io.check_free_space(self.run_dir, self.raw_model.num_params(), ck.export_hf, ck.min_free_gb)
+        if self.checkpoint_bytes is None:
+            tok_files = [self.tokenizer.directory / n for n in TOKENIZER_FILES]
+            self.checkpoint_bytes = ckpt_io.checkpoint_bytes(
+                self.raw_model.num_params(), len(list(self.raw_model.parameters())), ck.export_hf, sum(p.stat().st_size for p in tok_files if p.exists()))
+        ckpt_io.check_free_space(self.run_dir, self.checkpoint_bytes, ck.min_free_gb)
 
     def _install_signal_handlers(self) -> None:
         def handler(signum, _frame):
