@@ -52,8 +52,23 @@ def setup(strategy: str, device_type: str) -> DistEnv:
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(env.local_rank)
-        dist.init_process_group(backend=backend)
+        _init_group(backend)
     return env
+
+
+def _init_group(backend: str) -> None:
+    """init_process_group, on a store namespace of its own under a torchrun restart.
+
+    torchrun's agent keeps one TCP store for the whole job; without a per-attempt prefix a restarted
+    group reads the dead attempt's gloo/NCCL addresses from it and fails with "Connection refused".
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        dist.init_process_group(backend=backend)
+        return
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"smoltrain/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/attempt_{attempt}/", store)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
 
 
 def teardown() -> None:
