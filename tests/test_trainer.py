@@ -43,12 +43,14 @@ def tree_hash(d: Path) -> str:
     return h.hexdigest()
 
 
-def test_kill_9_then_resume_is_bit_identical(tmp_path, tiny_data):
-    straight = train(tmp_path / "a", tiny_data)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_kill_9_then_resume_is_bit_identical(tmp_path, tiny_data, optimizer):
+    opt = ["--set", f"optim.name={optimizer}"]
+    straight = train(tmp_path / "a", tiny_data, *opt)
     assert straight.returncode == 0, straight.stderr
-    killed = train(tmp_path / "b", tiny_data, env={"SMOLTRAIN_FAULT": "after_step=14"})
+    killed = train(tmp_path / "b", tiny_data, *opt, env={"SMOLTRAIN_FAULT": "after_step=14"})
     assert killed.returncode == -signal.SIGKILL
-    resumed = train(tmp_path / "b", tiny_data)
+    resumed = train(tmp_path / "b", tiny_data, *opt)
     assert resumed.returncode == 0, resumed.stderr
     assert "Resuming from" in resumed.stdout and "step_00000010 (step 10)" in resumed.stdout
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
@@ -194,16 +196,25 @@ def test_continued_pretraining_from_imported_weights(tmp_path, tiny_data, tiny_c
     assert shape.returncode == 2 and "another shape" in shape.stderr
 
 
-def test_eval_command_table_and_json(tmp_path, tiny_data):
+def test_eval_command_defaults_equal_the_in_loop_numbers(tmp_path, tiny_data):
     run = tmp_path / "run"
     assert train(run, tiny_data, "--set", "train.max_steps=10").returncode == 0
     data = _data_dir(tiny_data)
-    proc = run_cli("eval", run, "--data", data, "--json", "--seq-len", "64", "--max-batches", "3")
+    proc = run_cli("eval", run, "--data", data, "--json")  # defaults: the run's seq_len, the whole split
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout)
-    assert res["loss"] > 0 and res["bpb"] > 0 and res["ppl"] == pytest.approx(2.718281828 ** res["loss"], rel=1e-6)
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rec = next(r for r in recs if r.get("val_loss") is not None and r["step"] == 10)
+    assert res["loss"] == pytest.approx(rec["val_loss"], rel=1e-6) and res["bpb"] == pytest.approx(rec["val_bpb"], rel=1e-6)
+    assert rec["val/tiny/loss"] == rec["val_loss"] and rec["val/tiny/bpb"] == rec["val_bpb"]  # one dataset
+    val_tokens = json.loads((data / "meta.json").read_text())["splits"]["val"]["num_tokens"]
+    assert res["tokens"] == rec["val_tokens"] == val_tokens - 1 and res["seq_len"] == 64  # every token once
+    assert res["ppl"] == pytest.approx(2.718281828 ** res["loss"], rel=1e-6)
+    sample = json.loads(run_cli("eval", run, "--data", data, "--json", "--max-tokens", "128").stdout)
+    assert sample["tokens"] == 128 and sample["loss"] != res["loss"]
     table = run_cli("eval", run, run / "checkpoints" / "step_00000010", "--data", data, "--seq-len", "64")
     assert table.returncode == 0 and table.stdout.count("\n") == 3
+    assert_user_error(run_cli("eval", run, "--data", data, "--seq-len", "5000"), "context", "256")
     assert_user_error(run_cli("eval", run, "--data", tmp_path / "nope"), "nope")
 
 
@@ -253,7 +264,7 @@ def test_eval_any_hf_causal_lm_beside_ours(tmp_path, tiny_data, tiny_tokenizer_d
     load_tokenizer(tiny_tokenizer_dir).save(gpt2)
     run = tmp_path / "run"
     assert train(run, tiny_data, "--set", "train.max_steps=10").returncode == 0
-    proc = run_cli("eval", run, gpt2, "--data", _data_dir(tiny_data), "--seq-len", "64", "--max-batches", "2",
+    proc = run_cli("eval", run, gpt2, "--data", _data_dir(tiny_data), "--seq-len", "64", "--max-tokens", "512",
                    "--json")
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)

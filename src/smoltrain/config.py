@@ -7,6 +7,7 @@ key, wrong type, bad value, inconsistent sizes) is collected and reported in one
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from smoltrain.domain import Domain, checked, interval, nonneg, numeric, one_of, positive
+from smoltrain.domain import problems as domain_problems
 from smoltrain.errors import UserError
 
 
@@ -22,19 +25,19 @@ from smoltrain.errors import UserError
 class ModelConfig:
     """The SmolLM2 / Llama architecture (HF `LlamaConfig` names; defaults are SmolLM2-135M's)."""
 
-    vocab_size: int = 49152
-    hidden_size: int = 576
-    intermediate_size: int = 1536
-    num_hidden_layers: int = 30
-    num_attention_heads: int = 9
-    num_key_value_heads: int = 3
-    max_position_embeddings: int = 8192
-    rope_theta: float = 100000.0
-    rms_norm_eps: float = 1e-5
+    vocab_size: int = checked(49152, positive)
+    hidden_size: int = checked(576, positive)
+    intermediate_size: int = checked(1536, positive)
+    num_hidden_layers: int = checked(30, positive)
+    num_attention_heads: int = checked(9, positive)
+    num_key_value_heads: int = checked(3, positive)
+    max_position_embeddings: int = checked(8192, positive)
+    rope_theta: float = checked(100000.0, positive)
+    rms_norm_eps: float = checked(1e-5, positive)
     tie_word_embeddings: bool = True
-    initializer_range: float = 0.041666666666666664  # nanotron's init_method.std
-    bos_token_id: int | None = 0
-    eos_token_id: int | list[int] | None = 0
+    initializer_range: float = checked(0.041666666666666664, positive)  # nanotron's init_method.std
+    bos_token_id: int | None = checked(0, nonneg())
+    eos_token_id: int | list[int] | None = checked(0, nonneg())
 
     @property
     def head_dim(self) -> int:
@@ -45,11 +48,11 @@ class ModelConfig:
 
     def validate(self) -> list[str]:
         """All problems with this shape, as messages (empty when fine)."""
-        problems = []
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
-            if getattr(self, name) <= 0:
-                problems.append(f"model.{name} must be positive (got {getattr(self, name)})")
+        problems = domain_problems(self, "model")
+        ids = [i for i in [self.bos_token_id, *eos_ids(self)] if isinstance(i, int)]
+        if any(i >= self.vocab_size for i in ids):
+            problems.append(f"model.bos_token_id / eos_token_id ({ids}) must be below model.vocab_size "
+                            f"({self.vocab_size})")
         if self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads:
             problems.append(f"model.hidden_size ({self.hidden_size}) must be divisible by "
                             f"model.num_attention_heads ({self.num_attention_heads})")
@@ -126,53 +129,85 @@ class DatasetConfig:
     name: str = "data"
     sources: list[str] = field(default_factory=list)  # files, dirs, hf:NAME[:CONFIG], assets:shakespeare
     path: str = ""  # prepared dir; default {run.data_dir}/{name}
-    weight: float = 1.0
+    weight: float = checked(1.0, nonneg())
+    val_documents: list[str] = field(default_factory=list)  # globs of source-relative names to hold out
+    # default data.val_fraction; 1.0: evaluation only (never trained on)
+    val_fraction: float | None = checked(None, interval(0, 1, high_open=False))
+
+    def eval_only(self, default_fraction: float) -> bool:
+        return not self.val_documents and self.held_out_fraction(default_fraction) == 1.0
+
+    def held_out_fraction(self, default_fraction: float) -> float:
+        return default_fraction if self.val_fraction is None else self.val_fraction
+
+
+@dataclass
+class StageConfig:
+    """From `start_step` on, sample the datasets with these weights (nanotron's data stages)."""
+
+    start_step: int = checked(0, nonneg())
+    weights: dict[str, float] = field(default_factory=dict)  # dataset name -> weight
 
 
 @dataclass
 class DataConfig:
     tokenizer: str = "assets:smollm2"  # hub id, dir, tokenizer.json, .gguf, assets:smollm2
-    train_tokenizer_vocab_size: int = 0  # > 0: train a byte-level BPE of this size on the sources first
+    # > 0: train a byte-level BPE of this size on the sources first
+    train_tokenizer_vocab_size: int = checked(0, nonneg("use data.tokenizer as is"))
     datasets: list[DatasetConfig] = field(default_factory=list)
-    stages: list[dict] = field(default_factory=list)  # [{start_step: N, weights: {name: w}}] (nanotron)
-    val_fraction: float = 0.01  # held-out documents per dataset
+    stages: list[StageConfig] = field(default_factory=list)  # [{start_step: N, weights: {name: w}}]
+    val_fraction: float = checked(0.01, interval(0, 1))  # held-out documents per dataset
     text_key: str = "text"
-    max_documents: int | None = None
+    max_documents: int | None = checked(None, positive)
     streaming: bool = False  # tokenize and pack on the fly from the sources, no prepare step
-    num_proc: int = 0  # prepare workers; 0 = all cores
+    num_proc: int = checked(0, nonneg("all cores"))  # prepare workers
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-3  # peak learning rate
-    min_lr: float = 0.0  # floor reached at the end of the decay
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # max global grad norm; 0 disables
-    schedule: str = "wsd"  # wsd | cosine | linear | constant
-    warmup_steps: int = 0
-    decay_start_step: int | None = None  # wsd: nanotron lr_decay_starting_step (default: 80% of max_steps)
-    decay_steps: int | None = None  # wsd: nanotron lr_decay_steps (default: to max_steps)
-    decay_style: str = "linear"  # wsd decay shape: linear | cosine | 1-sqrt
+    lr: float = checked(3e-3, positive)  # peak learning rate
+    min_lr: float = checked(0.0, nonneg())  # floor reached at the end of the decay
+    weight_decay: float = checked(0.01, nonneg())
+    beta1: float = checked(0.9, interval(0, 1))
+    beta2: float = checked(0.95, interval(0, 1))
+    eps: float = checked(1e-8, positive)
+    grad_clip: float = checked(1.0, nonneg("no clipping"))  # max global grad norm
+    schedule: str = checked("wsd", one_of("wsd", "cosine", "linear", "constant"))
+    warmup_steps: int = checked(0, nonneg())
+    # wsd: nanotron lr_decay_starting_step (default: 80% of max_steps)
+    decay_start_step: int | None = checked(None, nonneg())
+    decay_steps: int | None = checked(None, positive)  # wsd: nanotron lr_decay_steps (default: to max_steps)
+    decay_style: str = checked("linear", one_of("linear", "cosine", "1-sqrt"))  # wsd decay shape
     no_decay_norms_and_embeddings: bool = True  # exclude 1-d norms and the (tied) embedding from weight decay
     eight_bit: bool = False  # bitsandbytes AdamW8bit (CUDA only)
+    # when a run is extended (train.max_steps raised on resume), ramp the LR up over this many steps
+    rewarmup_steps: int = checked(0, nonneg("no re-warmup"))
+    # muon: torch.optim.Muon for the decoder's hidden matrices, AdamW (the fields above) for the rest
+    name: str = checked("adamw", one_of("adamw", "muon"))
+    muon_lr: float = checked(0.02, positive)  # peak lr of the hidden matrices; the schedule scales it like lr
+    muon_momentum: float = checked(0.95, interval(0, 1))  # Nesterov momentum of the hidden matrices
+    muon_weight_decay: float = checked(0.0, nonneg())  # decoupled, times the muon lr
+    # per-shape lr scale: original (Keller Jordan: sqrt(max(1, rows/cols))) | match_rms_adamw (Moonshot)
+    muon_adjust_lr: str = checked("original", one_of("original", "match_rms_adamw"))
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 100
-    micro_batch_size: int = 8
-    seq_len: int = 256
-    grad_accum_steps: int = 1
-    global_batch_size: int | None = None  # sequences per step; sets grad_accum_steps = this / (micro x world)
-    seed: int = 1337
+    max_steps: int = checked(100, positive)
+    micro_batch_size: int = checked(8, positive)
+    seq_len: int = checked(256, positive)
+    grad_accum_steps: int = checked(1, positive)
+    # sequences per step; sets grad_accum_steps = this / (micro x world)
+    global_batch_size: int | None = checked(None, positive)
+    seed: int = checked(1337, numeric(lambda v: 0 <= v < 2**63, "in [0, 2**63)"))
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | mps
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16 (with GradScaler)
+    # auto: bf16 on CUDA, fp32 elsewhere; fp16 trains with a GradScaler
+    dtype: str = checked("auto", one_of("auto", "fp32", "bf16", "fp16"))
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False
-    loss_chunk: int = 4096  # tokens per chunk of the fused head + cross-entropy; 0 = plain loss
+    # tokens per chunk of the fused head + cross-entropy; auto: chosen for shape and device; 0: plain loss
+    loss_chunk: int | str = checked("auto", Domain(lambda v: v == "auto" or (isinstance(v, int) and v >= 0),
+                                                   "'auto' or an integer >= 0 (0: plain loss)"))
     init_from: str | None = None  # continued pretraining: checkpoint, run dir, HF dir or .gguf
     allow_config_change: bool = False  # resume even if the trajectory-defining config differs
     resume_from: str | None = None  # explicit checkpoint to resume from (must exist)
@@ -181,34 +216,47 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0  # save every N steps (0: only at the end)
-    keep_last: int = 3  # keep the newest N checkpoints (0 keeps all)
+    every: int = checked(0, nonneg("only at the end"))  # save every N steps
+    keep_last: int = checked(3, nonneg("keep all"))  # keep the newest N checkpoints
     export_hf: bool = False  # also write a complete HF folder inside each checkpoint (hf/)
-    min_free_gb: float = 0.0  # extra free space to demand beyond the checkpoint's own size
+    min_free_gb: float = checked(0.0, nonneg())  # extra free space to demand beyond the checkpoint's own size
+    remote: str | None = None  # fsspec URL (s3://bucket/prefix, gs://..., file:///dir): mirror + resume from it
+    remote_options: dict = field(default_factory=dict)  # fsspec storage options (endpoint_url, key, secret, ...)
+    remote_timeout: float = checked(600.0, positive)  # seconds the end of a run (or a signal) waits for the upload
+    push_to_hub: str | None = None  # HF repo id: push each checkpoint's export to branch step_NNNNNNNN
+    hub_private: bool = False  # create the push_to_hub repo as private
 
 
 @dataclass
 class LogConfig:
-    every: int = 10
+    every: int = checked(10, positive)
     progress: bool = True  # live progress bar
     tensorboard: bool = True
-    wandb_project: str | None = None
+    wandb_project: str | None = None  # wandb (online, or WANDB_MODE=offline): one wandb run per run dir
+    trackio_project: str | None = None  # trackio: local-first tracker (SQLite), `trackio show` to browse
 
 
 @dataclass
 class EvalConfig:
-    every: int = 0  # validation loss every N steps (0: only at the end)
-    max_batches: int = 20
-    sample_every: int = 0  # generate from `prompts` every N steps (0: only at the end)
+    every: int = checked(0, nonneg("only at the end"))  # validation loss every N steps
+    # tokens per dataset: null evaluates the whole held-out split, N a fixed sample spread over it
+    max_tokens: int | None = checked(None, positive)
+    sample_every: int = checked(0, nonneg("only at the end"))  # generate from `prompts` every N steps
     prompts: list[str] = field(default_factory=list)
-    sample_tokens: int = 48
-    temperature: float = 0.8
-    top_k: int = 50
+    sample_tokens: int = checked(48, nonneg("no samples"))
+    temperature: float = checked(0.8, nonneg("greedy"))
+    top_k: int = checked(50, nonneg("off"))
+    top_p: float = checked(1.0, interval(0, 1, low_open=True, high_open=False))  # 1: off
+    # multiple-choice tasks scored at every evaluation: JSONL files, lm-eval suite names (hellaswag, ...), or
+    # next-line:DATASET (pick the true next line of four, built from that dataset's held-out split)
+    tasks: list[str] = field(default_factory=list)
+    tasks_limit: int = checked(200, positive)  # items per task at each evaluation (cheap by default)
 
 
 @dataclass
 class ParallelConfig:
-    strategy: str = "auto"  # auto (ddp under torchrun, else single) | single | ddp | fsdp
+    # auto: ddp under torchrun, else single
+    strategy: str = checked("auto", one_of("auto", "single", "ddp", "fsdp"))
 
 
 @dataclass
@@ -238,14 +286,6 @@ class Config:
     @property
     def data_dir(self) -> Path:
         return Path(self.run.data_dir) if self.run.data_dir else Path(self.run.dir) / "data"
-
-
-CHOICES = {
-    "optim.schedule": ("wsd", "cosine", "linear", "constant"),
-    "optim.decay_style": ("linear", "cosine", "1-sqrt"),
-    "train.dtype": ("auto", "fp32", "bf16", "fp16"),
-    "parallel.strategy": ("auto", "single", "ddp", "fsdp"),
-}
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
@@ -369,42 +409,83 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def validate(cfg: Config) -> list[str]:
-    """Cross-field checks that types alone cannot express."""
+    """Every field's domain (declared with `checked` on the dataclasses), then cross-field checks."""
     p = cfg.model.validate()
+    for section in dataclasses.fields(cfg):
+        if section.name != "model":
+            p += domain_problems(getattr(cfg, section.name), section.name)
     t, o = cfg.train, cfg.optim
-    for name in ("max_steps", "micro_batch_size", "seq_len", "grad_accum_steps"):
-        if getattr(t, name) < 1:
-            p.append(f"train.{name} must be at least 1 (got {getattr(t, name)})")
     if t.seq_len > cfg.model.max_position_embeddings:
         p.append(f"train.seq_len ({t.seq_len}) exceeds model.max_position_embeddings "
                  f"({cfg.model.max_position_embeddings})")
-    for key, allowed in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in allowed:
-            p.append(f"{key} must be one of {', '.join(allowed)} (got {value!r})")
-    if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
-        p.append(f"optim.lr must be > 0 and 0 <= optim.min_lr <= optim.lr (got {o.lr}, {o.min_lr})")
-    if o.warmup_steps < 0:
-        p.append(f"optim.warmup_steps must be >= 0 (got {o.warmup_steps})")
-    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 0 or cfg.log.every < 1:
-        p.append("checkpoint.every and checkpoint.keep_last must be >= 0 and log.every >= 1")
+    if o.min_lr > o.lr:
+        p.append(f"optim.min_lr ({o.min_lr}) must not exceed optim.lr ({o.lr})")
+    if o.name == "muon" and o.eight_bit:
+        p.append("optim.eight_bit is AdamW8bit and cannot be combined with optim.name=muon")
     names = [d.name for d in cfg.data.datasets]
     if len(set(names)) != len(names):
         p.append(f"data.datasets names must be unique (got {names})")
     for d in cfg.data.datasets:
         if not d.sources and not d.path:
             p.append(f"dataset {d.name!r} needs sources or a prepared path")
-        if d.weight < 0:
-            p.append(f"dataset {d.name!r} has a negative weight")
-    if not 0 <= cfg.data.val_fraction < 1:
-        p.append(f"data.val_fraction must be in [0, 1) (got {cfg.data.val_fraction})")
+        if d.val_documents and d.val_fraction is not None:
+            p.append(f"dataset {d.name!r}: give val_documents or val_fraction, not both")
+        if d.val_documents and not d.sources:
+            p.append(f"dataset {d.name!r}: val_documents needs sources (a prepared path is already split)")
+        if any(not g for g in d.val_documents):
+            p.append(f"dataset {d.name!r}: val_documents holds an empty glob")
+    if cfg.data.datasets and all(d.eval_only(cfg.data.val_fraction) for d in cfg.data.datasets):
+        p.append("every dataset is evaluation-only (val_fraction 1.0): at least one must be trained on")
+    p += _stage_problems(cfg.data.stages, names)
+    for spec in cfg.eval.tasks:
+        if spec.startswith("next-line:") and spec.split(":", 1)[1] not in names:
+            p.append(f"eval.tasks {spec!r} names no dataset (datasets: {', '.join(names) or 'none'})")
+    if cfg.checkpoint.remote:
+        p += check_remote_url(cfg.checkpoint.remote)
     return p
+
+
+def _stage_problems(stages: list[StageConfig], names: list[str]) -> list[str]:
+    """Stage weights name known datasets with finite non-negative numbers; start steps increase."""
+    p = []
+    for i, st in enumerate(stages):
+        where = f"data.stages[{i}]"
+        if not st.weights:
+            p.append(f"{where}.weights is required (a mapping of dataset name to weight)")
+        unknown = sorted(set(st.weights) - set(names)) if names else []
+        if unknown:
+            p.append(f"{where}.weights names unknown dataset(s) {', '.join(map(str, unknown))} "
+                     f"(datasets: {', '.join(names)})")
+        bad = {k: w for k, w in st.weights.items() if not _number(w) or not math.isfinite(w) or w < 0}
+        if bad:
+            p.append(f"{where}.weights must be finite numbers >= 0 (got {bad})")
+        if i and st.start_step <= stages[i - 1].start_step:
+            p.append(f"{where}.start_step ({st.start_step}) must be greater than the previous stage's")
+    return p
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_remote_url(url: str) -> list[str]:
+    """Syntax problems of a checkpoint.remote URL (config resolve time: no network)."""
+    import fsspec
+
+    if "://" not in url:
+        return [f"checkpoint.remote must be a URL with a scheme (s3://bucket/prefix, gs://..., file:///abs/dir), "
+                f"got {url!r}"]
+    scheme, rest = url.split("://", 1)
+    if scheme not in fsspec.available_protocols():
+        return [f"checkpoint.remote {url!r}: unknown storage scheme {scheme!r} (fsspec knows s3, gs, file, ...)"]
+    if scheme not in ("file", "local") and not rest.split("/", 1)[0]:
+        return [f"checkpoint.remote {url!r} names no bucket (s3://BUCKET/prefix)"]
+    return []
 
 
 # Fields that define a run's trajectory: resuming with any of them changed is refused by default.
 # The global batch (micro x accum x world) is compared by the trainer: 2 x 4 on one process equals 2 x 2 on two.
-TRAJECTORY_FIELDS = ("model", "train.seq_len", "train.seed",
+TRAJECTORY_FIELDS = ("model", "train.seq_len", "train.seed", "optim.name",
                      "data.datasets", "data.stages", "data.tokenizer", "data.train_tokenizer_vocab_size",
                      "data.val_fraction")
 

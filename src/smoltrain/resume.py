@@ -12,8 +12,10 @@ from smoltrain.errors import UserError
 from smoltrain.rundir import settings_diff
 
 
-def pick_resume(cfg: Config, run_dir: Path, global_batch: int) -> tuple[Path | None, list[str]]:
+def pick_resume(cfg: Config, run_dir: Path, global_batch: int, mirror=None) -> tuple[Path | None, list[str]]:
     """The checkpoint to resume (None: start fresh) and the settings that differ from its config.
+
+    With no local checkpoint, `mirror` (checkpoint.remote) may download the newest remote one.
 
     Trajectory changes (model, data, seed, global batch) are refused unless train.allow_config_change;
     other changes (lr, schedule, weight decay, ...) are accepted and returned for the diff and history.
@@ -26,6 +28,8 @@ def pick_resume(cfg: Config, run_dir: Path, global_batch: int) -> tuple[Path | N
         found = ckpt_io.resolve_checkpoint(explicit)
     else:
         found = ckpt_io.find_resume_checkpoint(run_dir, cfg.train.start_fresh)
+        if found is None and mirror is not None:  # a fresh machine: the remote copy, if any
+            found = mirror.restore(run_dir)
     if found is None:
         return None, []
     state = ckpt_io.load_train_state(found)

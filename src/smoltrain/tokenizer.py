@@ -148,29 +148,53 @@ def train_tokenizer(sources, vocab_size: int, out_dir: str | Path, *, text_key: 
     byte-level split (as cosmo2 does). `out_dir` gets tokenizer.json and tokenizer_config.json, so both
     `load_tokenizer(out_dir)` and `transformers.AutoTokenizer.from_pretrained(out_dir)` load it.
     """
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
     from smoltrain.data.sources import iter_documents, resolve_sources
 
-    special = [EOT, *CHAT_TOKENS, *(t for t in extra_special_tokens if t not in (EOT, *CHAT_TOKENS))]
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    if vocab_size < len(special) + len(alphabet):
-        raise UserError(f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least "
-                        f"{len(special) + len(alphabet)} ids (256 bytes + {len(special)} special tokens).")
+    _check_vocab_size(vocab_size, extra_special_tokens)
     out = Path(out_dir).expanduser()
     if (out / "tokenizer.json").exists() and not force:
         raise UserError(f"{out} already holds a tokenizer.json; pass --force to replace it.")
     srcs = resolve_sources(sources)
+    try:
+        return train_bpe(iter_documents(srcs, text_key, max_documents), vocab_size, out, min_frequency=min_frequency,
+                         extra_special_tokens=extra_special_tokens, show_progress=show_progress)
+    except _NoText:
+        raise UserError(f"The sources ({', '.join(s.spec for s in srcs)}) hold no text to train a tokenizer "
+                        "on.") from None
 
+
+class _NoText(UserError):
+    pass
+
+
+def _specials(extra: list[str] | tuple[str, ...]) -> list[str]:
+    return [EOT, *CHAT_TOKENS, *(t for t in extra if t not in (EOT, *CHAT_TOKENS))]
+
+
+def _check_vocab_size(vocab_size: int, extra: list[str] | tuple[str, ...]) -> None:
+    need = len(_specials(extra)) + 256  # every byte, then the special tokens
+    if vocab_size < need:
+        raise UserError(f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least {need} ids "
+                        f"(256 bytes + {need - 256} special tokens).")
+
+
+def train_bpe(documents, vocab_size: int, out_dir: str | Path, *, min_frequency: int = 2,
+              extra_special_tokens: list[str] | tuple[str, ...] = (), show_progress: bool = False) -> Tokenizer:
+    """`train_tokenizer` on an iterable of texts (the caller chooses them: e.g. only a training split)."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    _check_vocab_size(vocab_size, extra_special_tokens)
+    special, alphabet = _specials(extra_special_tokens), pre_tokenizers.ByteLevel.alphabet()
+    out = Path(out_dir).expanduser()
     backend = _HFTokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                      pre_tokenizers.ByteLevel(add_prefix_space=False)])
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=special,
                                   initial_alphabet=alphabet, show_progress=show_progress)
-    backend.train_from_iterator(iter_documents(srcs, text_key, max_documents), trainer)
+    backend.train_from_iterator(documents, trainer)
     if backend.get_vocab_size() == len(special):
-        raise UserError(f"The sources ({', '.join(s.spec for s in srcs)}) hold no text to train a tokenizer on.")
+        raise _NoText("The documents hold no text to train a tokenizer on.")
 
     staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,102 @@
+"""Declarative value domains for config dataclass fields, checked when a config is resolved.
+
+A field declares what it accepts next to its default, in one line:
+
+    lr: float = checked(3e-3, positive)
+    every: int = checked(0, nonneg("only at the end"))
+    beta1: float = checked(0.9, interval(0, 1))            # [0, 1)
+    schedule: str = checked("wsd", one_of("wsd", "cosine"))
+
+`problems(obj)` walks a dataclass tree and returns one message per value outside its domain, so the
+config loader can refuse everything at once, before any work is done. Every float field must also be
+finite (no domain needed). None is never checked here: whether a field may be None is its type's business,
+and so is the kind of value (a numeric domain lets a string through for a field typed `int | str`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Domain:
+    """Allowed values: `ok(value)` says whether one is allowed, `text` says which ("> 0", "in [0, 1)")."""
+
+    ok: Callable[[Any], bool]
+    text: str
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def numeric(test: Callable[[float], bool], text: str) -> Domain:
+    """A domain on numbers; non-numbers are left to the type check."""
+    return Domain(lambda v: not _number(v) or bool(test(v)), text)
+
+
+positive = numeric(lambda v: v > 0, "> 0")
+
+
+def at_least(low: float) -> Domain:
+    return numeric(lambda v: v >= low, f">= {low}")
+
+
+def nonneg(zero: str = "") -> Domain:
+    """>= 0; `zero` says what 0 means where it is a setting of its own ("off", "all cores")."""
+    return numeric(lambda v: v >= 0, ">= 0" + (f" (0: {zero})" if zero else ""))
+
+
+def interval(low: float, high: float, *, low_open: bool = False, high_open: bool = True) -> Domain:
+    """low <= v < high by default (e.g. Adam betas); `low_open` / `high_open` choose each end."""
+    def test(v: float) -> bool:
+        above = v > low if low_open else v >= low
+        below = v < high if high_open else v <= high
+        return above and below
+
+    return numeric(test, f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}")
+
+
+probability = interval(0, 1, high_open=False)
+
+
+def one_of(*choices: Any) -> Domain:
+    return Domain(lambda v: v in choices, "one of " + ", ".join(map(str, choices)))
+
+
+def checked(default: Any = dataclasses.MISSING, domain: Domain | None = None, **kw: Any) -> Any:
+    """A dataclass field whose value must lie in `domain`; `kw` goes to dataclasses.field (default_factory)."""
+    return field(default=default, metadata={"domain": domain}, **kw)
+
+
+def _floats(tp: Any) -> bool:
+    return tp is float or float in typing.get_args(tp)
+
+
+def problems(obj: Any, prefix: str) -> list[str]:
+    """Every value in the dataclass tree `obj` outside its field's domain (lists are checked item by item)."""
+    out: list[str] = []
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, path = getattr(obj, f.name), f"{prefix}.{f.name}"
+        items = value if isinstance(value, list) else [value]
+        for i, item in enumerate(items):
+            where = f"{path}[{i}]" if isinstance(value, list) else path
+            if dataclasses.is_dataclass(item):
+                out += problems(item, where)
+                continue
+            if item is None:
+                continue
+            if isinstance(item, float) and _floats(hints[f.name]) and not math.isfinite(item):
+                out.append(f"{where} must be a finite number (got {item})")
+                continue
+            domain = f.metadata.get("domain")
+            if domain is not None and not domain.ok(item):
+                null = " or null" if type(None) in typing.get_args(hints[f.name]) else ""
+                out.append(f"{where} must be {domain.text}{null} (got {item!r})")
+    return out

@@ -1,0 +1,109 @@
+"""Bad input is refused up front: config domains at resolve time, CLI option domains and broken files
+before any work, each with exit 2, one message naming the field, no traceback and nothing written."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from smoltrain.config import Config, load_config
+from smoltrain.domain import checked, interval, nonneg, positive, problems
+from smoltrain.errors import UserError
+
+# (override, words the message must contain): each one alone must be refused by load_config.
+BAD_CONFIG = [
+    ("eval.sample_tokens=-1", "eval.sample_tokens must be >= 0"),
+    ("eval.temperature=-1", "eval.temperature must be >= 0"),
+    ("eval.temperature=nan", "eval.temperature must be a finite number"),
+    ("eval.top_k=-1", "eval.top_k must be >= 0"),
+    ("eval.top_p=0", "eval.top_p must be in (0, 1]"),
+    ("eval.top_p=1.5", "eval.top_p must be in (0, 1]"),
+    ("eval.max_tokens=0", "eval.max_tokens must be > 0 or null"),
+    ("eval.every=-1", "eval.every must be >= 0 (0: only at the end)"),
+    ("eval.sample_every=-2", "eval.sample_every must be >= 0"),
+    ("optim.lr=nan", "optim.lr must be a finite number"),
+    ("optim.lr=inf", "optim.lr must be a finite number"),
+    ("optim.lr=.inf", "optim.lr must be a finite number"),
+    ("optim.lr=0", "optim.lr must be > 0"),
+    ("optim.beta1=1.5", "optim.beta1 must be in [0, 1)"),
+    ("optim.beta2=1", "optim.beta2 must be in [0, 1)"),
+    ("optim.eps=-1", "optim.eps must be > 0"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0"),
+    ("optim.grad_clip=-1", "optim.grad_clip must be >= 0 (0: no clipping)"),
+    ("optim.min_lr=1", "optim.min_lr (1.0) must not exceed optim.lr"),
+    ("optim.warmup_steps=-1", "optim.warmup_steps must be >= 0"),
+    ("optim.decay_steps=0", "optim.decay_steps must be > 0 or null"),
+    ("train.max_steps=0", "train.max_steps must be > 0"),
+    ("train.micro_batch_size=0", "train.micro_batch_size must be > 0"),
+    ("train.seq_len=-4", "train.seq_len must be > 0"),
+    ("train.grad_accum_steps=0", "train.grad_accum_steps must be > 0"),
+    ("train.global_batch_size=0", "train.global_batch_size must be > 0 or null"),
+    ("train.seed=-1", "train.seed must be in [0, 2**63)"),
+    ("train.loss_chunk=-1", "train.loss_chunk must be >= 0 (0: plain loss)"),
+    ("train.dtype=fp8", "train.dtype must be one of auto, fp32, bf16, fp16"),
+    ("checkpoint.every=-1", "checkpoint.every must be >= 0"),
+    ("checkpoint.keep_last=-1", "checkpoint.keep_last must be >= 0 (0: keep all)"),
+    ("checkpoint.min_free_gb=nan", "checkpoint.min_free_gb must be a finite number"),
+    ("log.every=0", "log.every must be > 0"),
+    ("data.val_fraction=1", "data.val_fraction must be in [0, 1)"),
+    ("data.max_documents=0", "data.max_documents must be > 0 or null"),
+    ("data.num_proc=-1", "data.num_proc must be >= 0 (0: all cores)"),
+    ("data.train_tokenizer_vocab_size=-5", "data.train_tokenizer_vocab_size must be >= 0"),
+    ("data.stages=[{start: 5, weights: {shakespeare: 1}}]", "unknown key 'data.stages[0].start'"),
+    ("data.stages=[{start_step: 5}]", "data.stages[0].weights is required"),
+    ("data.stages=[{start_step: -5, weights: {shakespeare: 1}}]", "data.stages[0].start_step must be >= 0"),
+    ("data.stages=[{start_step: 5, weights: {nope: 1}}]", "data.stages[0].weights names unknown dataset(s) nope"),
+    ("data.stages=[{start_step: 5, weights: {shakespeare: -1}}]", "data.stages[0].weights must be finite numbers"),
+    ("data.datasets=[{name: a, sources: [x], wieght: 2}]", "unknown key 'data.datasets[0].wieght'"),
+    ("data.datasets=[{name: a, sources: [x], weight: -2}]", "data.datasets[0].weight must be >= 0"),
+    ("model.rope_theta=0", "model.rope_theta must be > 0"),
+    ("model.rms_norm_eps=-1e-5", "model.rms_norm_eps must be > 0"),
+    ("model.eos_token_id=[0, -3]", "model.eos_token_id[1] must be >= 0"),
+    ("model.bos_token_id=100000", "must be below model.vocab_size"),
+    ("parallel.strategy=tp", "parallel.strategy must be one of"),
+]
+
+
+@pytest.mark.parametrize("override,needle", BAD_CONFIG, ids=[o for o, _ in BAD_CONFIG])
+def test_config_domain_refused(override, needle):
+    with pytest.raises(UserError) as e:
+        load_config("configs/debug-tiny.yaml", [override])
+    assert needle in str(e.value), str(e.value)
+
+
+def test_all_domain_problems_in_one_message():
+    one_per_key = {o.split("=")[0]: (o, needle) for o, needle in reversed(BAD_CONFIG)}
+    del one_per_key["optim.min_lr"]  # compared with optim.lr, which is nan here
+    with pytest.raises(UserError) as e:
+        load_config("configs/debug-tiny.yaml", [o for o, _ in one_per_key.values()])
+    msg = str(e.value)
+    missing = [needle for _, needle in one_per_key.values() if needle not in msg]
+    assert not missing and len(one_per_key) > 30, (missing, msg)
+
+
+def test_good_edges_accepted():
+    cfg = load_config("configs/debug-tiny.yaml", [
+        "eval.max_tokens=null", "eval.every=0", "eval.temperature=0", "eval.top_k=0", "eval.top_p=1",
+        "eval.sample_tokens=0", "optim.beta1=0", "optim.grad_clip=0", "optim.weight_decay=0",
+        "data.stages=[{start_step: 0, weights: {shakespeare: 1}}, {start_step: 9, weights: {shakespeare: 2}}]"])
+    assert cfg.eval.max_tokens is None and cfg.data.stages[1].start_step == 9
+    assert cfg.to_dict()["data"]["stages"][1] == {"start_step": 9, "weights": {"shakespeare": 2}}
+
+
+def test_every_default_lies_in_its_domain():
+    assert problems(Config(), "config") == []
+
+
+def test_a_new_field_needs_one_line():
+    """The mechanism other sections use: a domain next to the default, checked with everything else."""
+    @dataclasses.dataclass
+    class Section:
+        steps: int = checked(3, positive)
+        ratio: float = checked(0.5, interval(0, 1))
+        every: int | None = checked(None, nonneg("off"))
+
+    assert problems(Section(), "s") == []
+    assert problems(Section(steps=0, ratio=float("inf"), every=-1), "s") == [
+        "s.steps must be > 0 (got 0)", "s.ratio must be a finite number (got inf)",
+        "s.every must be >= 0 (0: off) or null (got -1)"]
