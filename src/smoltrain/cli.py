@@ -278,7 +278,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         return 130
-    except Exception:
+    except Exception as e:
+        from smoltrain.storage import is_no_space
+
+        if is_no_space(e):  # a full disk is not a bug: one message; the partial output was already removed
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            print(f"smoltrain {args.command}: stopped: no space left on device{where}. What was being written was "
+                  "removed and earlier outputs (checkpoints included) are intact; free some space and run the "
+                  "same command again.", file=sys.stderr)
+            return 1
         traceback.print_exc()
         print(f"smoltrain {args.command}: internal error (a bug: please report it with the traceback above)",
               file=sys.stderr)

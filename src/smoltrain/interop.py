@@ -17,11 +17,11 @@ from smoltrain.checkpoint import (
     read_hf_weights,
     resolve_checkpoint,
     save_model_files,
-    staged_dir,
 )
 from smoltrain.config import ModelConfig, eos_ids
 from smoltrain.errors import UserError
 from smoltrain.modelcard import ORIGIN, model_kind
+from smoltrain.storage import check_target, publish
 from smoltrain.tokenizer import Tokenizer, load_tokenizer
 
 # GGUF (llama.cpp) tensor names -> HF Llama names; "{i}" is the layer index.
@@ -110,8 +110,7 @@ def import_model(src: str | Path, out: str | Path, tokenizer: str | None = None,
     src, out = Path(src).expanduser(), Path(out).expanduser()
     if not src.exists():
         raise UserError(f"Import source {src} does not exist.")
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists (pass --force to replace it).")
+    check_target(out, "import", force, inputs=[src, *([tokenizer] if tokenizer else [])])
     if src.is_file() and src.suffix == ".gguf":
         cfg, state = read_gguf(src)
         tok = load_tokenizer(tokenizer or src)
@@ -124,7 +123,7 @@ def import_model(src: str | Path, out: str | Path, tokenizer: str | None = None,
         raise UserError(f"Import source {src} is neither an HF model directory nor a .gguf file.")
     _check_tokenizer(tok, cfg, src)
     model = model_from_state(cfg, state, str(src))  # validates names and shapes
-    with staged_dir(out, {"kind": "import", "source": str(src)}, replace=force) as d:
+    with publish(out, "import", {"kind": "import", "source": str(src)}, replace=force) as d:
         save_model_files(d, model_state(model), cfg, tok)
         (d / ORIGIN).write_text(json.dumps(origin, indent=2))
     return out
@@ -177,10 +176,9 @@ def export_hf(ckpt: str | Path, out: str | Path, force: bool = False, card: str 
     `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load offline."""
     src = resolve_checkpoint(ckpt)
     out = Path(out).expanduser()
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists (pass --force to replace it).")
+    check_target(out, "export", force, inputs=[ckpt, src])  # never over the run dir or the checkpoint
     model, tok, _ = load_resolved(src)  # resolve_checkpoint above verified the manifest
-    with staged_dir(out, {"kind": "export", "source": str(src)}, replace=force) as d:
+    with publish(out, "export", {"kind": "export", "source": str(src)}, replace=force) as d:
         save_model_files(d, model_state(model), model.config, tok)
         write_hf_extras(d, model.config, src, card)
     return out

@@ -32,6 +32,8 @@ from smoltrain.resume import pick_resume
 from smoltrain.rundir import own_run_dir, record_segment
 from smoltrain.runinfo import environment, fault_point, print_header
 from smoltrain.stopping import StopRequest
+from smoltrain.storage import tree_size
+from smoltrain.tokenizer import TOKENIZER_FILES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -50,6 +52,7 @@ class Trainer:
             raise UserError("The config has no data.datasets (e.g. --config configs/quickstart.yaml).")
         self.run_dir = Path(cfg.run.dir)
         self.step, self.tokens_seen, self.saved_step, self.resume_changes = 0, 0, None, []
+        self.checkpoint_bytes: int | None = None
         self.rewarm_from = None  # the step this run was last extended from (optim.rewarmup_steps ramps from it)
         self.stop = StopRequest()
         self.lock = own_run_dir(self.run_dir, self.dist.world_size)
@@ -165,7 +168,7 @@ class Trainer:
         return found
 
     def _restore(self, ckpt: Path) -> None:
-        """Optimizer (resharded by DCP), scaler, loop counters, loader position and RNG."""
+        """Optimizer (resharded to this world size), scaler, loop counters, loader position and RNG."""
         state = ckpt_io.load_train_state(ckpt)
         ckpt_io.load_optimizer(ckpt, self.raw_model, self.optimizer)
         if self.scaler is not None and state["extra"].get("scaler"):
@@ -182,7 +185,7 @@ class Trainer:
                                 f"({len(loader['per_rank'])} processes).")
             loader = loader["per_rank"][self.dist.rank]
         self.loader.load_state_dict(loader)
-        ckpt_io.set_rng_state(state["rng"])
+        ckpt_io.set_rng_state(*state["rng"])
         self.saved_step = self.step  # that checkpoint exists: a stop before the next step saves nothing
         if self.dist.is_main:
             origin = getattr(self.mirror, "restored_from", None)
@@ -361,26 +364,31 @@ class Trainer:
         return path
 
     def _write_checkpoint(self) -> Path | None:
-        """Every rank writes its optimizer shard into one staging dir; rank 0 adds the rest and commits."""
+        """Every rank takes part in gathering weights and optimizer state; rank 0 writes them and commits."""
         cfg, main = self.cfg, self.dist.is_main
+        staging = [None]
         if main:
             self._check_disk()
-            ckpt_io.begin_train_checkpoint(self.run_dir, self.step)
-        dist_io.barrier()
-        staging = ckpt_io.staging_for(ckpt_io.step_dir(self.run_dir, self.step))
-        weights = dist_io.full_state_dict(self.raw_model, self.dist)  # collective under FSDP
-        loader_state = self._loader_state()  # collective for streams (per-rank positions)
-        ckpt_io.save_optimizer(staging, self.raw_model, self.optimizer)  # collective
-        dist_io.barrier()
+            staging[0] = ckpt_io.begin_train_checkpoint(self.run_dir, self.step)
+        if self.dist.world_size > 1:  # the staging name is private to rank 0's process: tell the others
+            torch.distributed.broadcast_object_list(staging, src=0)
+        staging = staging[0]
         path = None
+        with ckpt_io.discard_on_error(staging if main else None):  # a full disk leaves no staging behind
+            weights = dist_io.full_state_dict(self.raw_model, self.dist)  # collective under FSDP
+            loader_state = self._loader_state()  # collective for streams (per-rank positions)
+            ckpt_io.save_optimizer(staging, self.raw_model, self.optimizer, main)  # collective under FSDP
+            dist_io.barrier()
+            if main:
+                state = {"step": self.step, "tokens_seen": self.tokens_seen, "global_batch": self.global_batch,
+                         "world_size": self.dist.world_size, "loader": loader_state,
+                         "rewarm_from": self.rewarm_from, "env": environment(self.device, self.dist.world_size)}
+                extra = {"scaler": self.scaler.state_dict() if self.scaler else None}
+                path = ckpt_io.finish_train_checkpoint(staging, self.run_dir, self.step, self.raw_model.config,
+                                                       weights, self.tokenizer, cfg.to_yaml(), extra, state,
+                                                       export_hf=cfg.checkpoint.export_hf)
         if main:
-            state = {"step": self.step, "tokens_seen": self.tokens_seen, "global_batch": self.global_batch,
-                     "world_size": self.dist.world_size, "loader": loader_state, "rewarm_from": self.rewarm_from,
-                     "env": environment(self.device, self.dist.world_size)}
-            extra = {"scaler": self.scaler.state_dict() if self.scaler else None}
-            path = ckpt_io.finish_train_checkpoint(staging, self.run_dir, self.step, self.raw_model.config, weights,
-                                                   self.tokenizer, cfg.to_yaml(), extra, state,
-                                                   export_hf=cfg.checkpoint.export_hf)
+            self.checkpoint_bytes = tree_size(path)  # the real size, for the next free-space check
             if self.mirror is not None:  # before retention: a checkpoint being uploaded is never the one deleted
                 self.mirror.checkpoint_saved(path, self.step, self.run_dir)
             ckpt_io.retain(self.run_dir, cfg.checkpoint.keep_last)
@@ -454,8 +462,13 @@ class Trainer:
         print_header(self.cfg, env, self.raw_model.num_params(), self.dist.world_size)
 
     def _check_disk(self) -> None:
+        """The next checkpoint's size: measured from the last one written, estimated before the first."""
         ck = self.cfg.checkpoint
-        ckpt_io.check_free_space(self.run_dir, self.raw_model.num_params(), ck.export_hf, ck.min_free_gb)
+        if self.checkpoint_bytes is None:
+            tok_files = [self.tokenizer.directory / n for n in TOKENIZER_FILES]
+            self.checkpoint_bytes = ckpt_io.checkpoint_bytes(
+                self.raw_model.num_params(), len(list(self.raw_model.parameters())), ck.export_hf, sum(p.stat().st_size for p in tok_files if p.exists()))
+        ckpt_io.check_free_space(self.run_dir, self.checkpoint_bytes, ck.min_free_gb)
 
     def _stop_on_signal(self, signum: int) -> int:
         """Every rank saves the same step (agreed in the loop) and exits; a finished run exits 0."""
