@@ -74,13 +74,25 @@ def load_forward(path: str, device: torch.device) -> tuple[object, Tokenizer, st
 
     directory = resolve_checkpoint(path)
     try:
-        model_type = json.loads((directory / "config.json").read_text()).get("model_type")
+        hf = json.loads((directory / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{directory}/config.json is missing or not valid JSON ({e}).") from None
+    if not isinstance(hf, dict):
+        raise UserError(f"{directory}/config.json must hold a JSON object, not {type(hf).__name__}.")
+    model_type = hf.get("model_type")
     if model_type != "llama":  # any other causal LM: let transformers run it
         return _hf_forward(directory, device), load_tokenizer(directory), str(directory)
     model, tok, _ = load_resolved(directory, device=device)
     return (lambda x, y: model(x, labels=y, loss_chunk=4096, reduction="sum")), tok, str(directory)
+
+
+def _check_context(directory: Path, seq_len: int | None) -> None:
+    """Windows longer than the model's positions fail inside attention: refuse them by name instead."""
+    hf = json.loads((directory / "config.json").read_text())  # load_forward read it already
+    limit = hf.get("max_position_embeddings") or hf.get("n_positions")
+    if seq_len is not None and isinstance(limit, int) and seq_len > limit:
+        raise UserError(f"--seq-len {seq_len} exceeds the context of {directory} ({limit} tokens, "
+                        f"max_position_embeddings); pass --seq-len {limit} or less.")
 
 
 def evaluate_models(paths: list[str], data: str | Path, split: str, seq_len: int, batch_size: int,
@@ -93,6 +105,7 @@ def evaluate_models(paths: list[str], data: str | Path, split: str, seq_len: int
     rows = []
     for path in paths:
         forward, tok, name = load_forward(str(path), device)
+        _check_context(Path(name), seq_len)
         if tok.sha256 != meta["tokenizer"]["sha256"] and tok.backend.get_vocab() != data_vocab(str(data)):
             raise UserError(f"{name} uses a different tokenizer than the data in {data} "
                             f"({meta['tokenizer']['source']}); losses would not be comparable.")
