@@ -59,6 +59,26 @@ def test_ddp_and_fsdp_match_one_process_and_fsdp_reshards(tmp_path, tiny_data):
     assert run_cli("export", src, "--out", tmp_path / "hf").returncode == 0
 
 
+@pytest.mark.slow
+def test_muon_ddp_matches_one_process_and_fsdp_runs_and_resumes(tmp_path, tiny_data):
+    muon = ["--set", "optim.name=muon", "--set", "train.global_batch_size=8"]
+    launch(tmp_path / "one", tiny_data, 0, *muon)
+    ref = curve(tmp_path / "one")
+    launch(tmp_path / "ddp", tiny_data, 2, "--set", "parallel.strategy=ddp", *muon)
+    got = curve(tmp_path / "ddp")
+    assert got.keys() == ref.keys() and len(ref) == 8
+    assert all(abs(got[s] - ref[s]) < 1e-3 for s in ref), (got, ref)
+    launch(tmp_path / "fsdp", tiny_data, 2, "--set", "parallel.strategy=fsdp", *muon)
+    fsdp = curve(tmp_path / "fsdp")
+    assert all(abs(fsdp[s] - ref[s]) < 1e-3 for s in ref), (fsdp, ref)
+    src = tmp_path / "fsdp" / "checkpoints" / "step_00000004"
+    out = launch(tmp_path / "r2", tiny_data, 2, "--set", "parallel.strategy=fsdp", "--set", f"train.resume_from={src}",
+                 *muon)
+    assert "(step 4)" in out.stdout
+    resumed = curve(tmp_path / "r2")
+    assert all(abs(resumed[s] - fsdp[s]) < 1e-5 for s in (5, 6, 7, 8)), (resumed, fsdp)
+
+
 def test_bad_launches_exit_2(tmp_path, tiny_data):
     base = ["train", "--config", str(DEBUG_TINY), "--set", f"run.dir={tmp_path / 'r'}", *tiny_data]
     assert_user_error(run_cli(*base, "--set", "parallel.strategy=fsdp"), "torchrun")

@@ -45,3 +45,52 @@ def test_param_groups_exclude_norms_and_embeddings():
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     flat = param_groups(model, OptimConfig(weight_decay=0.1, no_decay_norms_and_embeddings=False))
     assert len(flat) == 1
+
+
+def test_muon_takes_hidden_matrices_and_the_schedule_scales_both_groups():
+    import torch
+
+    from smoltrain.optim import build_optimizer, set_lr
+
+    model = build_model(get_preset("tiny"))
+    cfg = OptimConfig(name="muon", lr=1e-3, muon_lr=0.02, weight_decay=0.1, muon_weight_decay=0.05)
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    muon = {id(p) for g in opt.param_groups if g.get("muon") for p in g["params"]}
+    assert id(model.model.layers[0].self_attn.q_proj.weight) in muon
+    assert id(model.model.layers[1].mlp.down_proj.weight) in muon
+    assert id(model.model.embed_tokens.weight) not in muon  # the tied embedding/head stays with AdamW
+    assert id(model.model.norm.weight) not in muon
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    assert [g["weight_decay"] for g in opt.param_groups if g.get("muon")] == [0.05]
+    set_lr(opt, 5e-4, cfg)  # half of the peak: both groups at half their peak
+    assert sorted(g["lr"] for g in opt.param_groups) == [5e-4, 0.01]
+
+
+def test_muon_state_dict_is_plain_tensors_and_round_trips():
+    import copy
+
+    import torch
+
+    from smoltrain.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny"))
+    cfg = OptimConfig(name="muon")
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+
+    def step(m, o):
+        m(ids).float().pow(2).mean().backward()
+        o.step()
+        o.zero_grad()
+
+    step(model, opt)
+    sd = opt.state_dict()
+    assert all(torch.is_tensor(v) for s in sd["state"].values() for v in s.values())
+    assert {k for s in sd["state"].values() for k in s} == {"momentum_buffer", "step", "exp_avg", "exp_avg_sq"}
+    twin = copy.deepcopy(model)
+    twin_opt = build_optimizer(twin, cfg, torch.device("cpu"))
+    twin_opt.load_state_dict(copy.deepcopy(sd))
+    step(model, opt)
+    step(twin, twin_opt)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))

@@ -43,12 +43,14 @@ def tree_hash(d: Path) -> str:
     return h.hexdigest()
 
 
-def test_kill_9_then_resume_is_bit_identical(tmp_path, tiny_data):
-    straight = train(tmp_path / "a", tiny_data)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_kill_9_then_resume_is_bit_identical(tmp_path, tiny_data, optimizer):
+    opt = ["--set", f"optim.name={optimizer}"]
+    straight = train(tmp_path / "a", tiny_data, *opt)
     assert straight.returncode == 0, straight.stderr
-    killed = train(tmp_path / "b", tiny_data, env={"SMOLTRAIN_FAULT": "after_step=14"})
+    killed = train(tmp_path / "b", tiny_data, *opt, env={"SMOLTRAIN_FAULT": "after_step=14"})
     assert killed.returncode == -signal.SIGKILL
-    resumed = train(tmp_path / "b", tiny_data)
+    resumed = train(tmp_path / "b", tiny_data, *opt)
     assert resumed.returncode == 0, resumed.stderr
     assert "Resuming from" in resumed.stdout and "step_00000010 (step 10)" in resumed.stdout
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")

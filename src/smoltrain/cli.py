@@ -84,8 +84,12 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
 def _cmd_eval(a: argparse.Namespace) -> int:
     from smoltrain.evaluate import eval_cli
+    from smoltrain.tasks import tasks_cli
 
-    return eval_cli(a)
+    if (a.data is None) == (not a.tasks):
+        raise UserError("smoltrain eval needs exactly one of --data DIR (held-out loss and bits per byte) "
+                        "or --tasks FILE_OR_NAME (multiple-choice accuracy).")
+    return tasks_cli(a) if a.tasks else eval_cli(a)
 
 
 def _add_train_commands(sub) -> None:
@@ -95,9 +99,14 @@ def _add_train_commands(sub) -> None:
                    help="override a config value by dotted path, e.g. --set train.max_steps=100 (repeatable)")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="loss, perplexity and bits-per-byte of models on a prepared split")
+    p = sub.add_parser("eval", help="bits per byte on a prepared split, or accuracy on multiple-choice tasks")
     p.add_argument("models", nargs="+", help="checkpoint, run directory or HF model directory (several: a table)")
-    p.add_argument("--data", required=True, help="prepared data directory (smoltrain prepare)")
+    p.add_argument("--data", default=None, help="prepared data directory (smoltrain prepare)")
+    p.add_argument("--tasks", action="append", default=[], metavar="FILE_OR_NAME[,...]",
+                   help="multiple-choice tasks: JSONL files ({context, choices, label} a line) or lm-eval suite "
+                        "names (hellaswag, arc_easy, arc_challenge, piqa, winogrande, openbookqa, commonsense_qa, "
+                        "mmlu; need the hub or its cache); comma-separated or repeated")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
     p.add_argument("--split", default="val", choices=["val", "train"])
     p.add_argument("--seq-len", type=POSITIVE, default=512)
     p.add_argument("--batch-size", type=POSITIVE, default=4)

@@ -183,6 +183,13 @@ class OptimConfig:
     decay_style: str = checked("linear", one_of("linear", "cosine", "1-sqrt"))  # wsd decay shape
     no_decay_norms_and_embeddings: bool = True  # exclude 1-d norms and the (tied) embedding from weight decay
     eight_bit: bool = False  # bitsandbytes AdamW8bit (CUDA only)
+    # muon: torch.optim.Muon for the decoder's hidden matrices, AdamW (the fields above) for the rest
+    name: str = checked("adamw", one_of("adamw", "muon"))
+    muon_lr: float = checked(0.02, positive)  # peak lr of the hidden matrices; the schedule scales it like lr
+    muon_momentum: float = checked(0.95, interval(0, 1))  # Nesterov momentum of the hidden matrices
+    muon_weight_decay: float = checked(0.0, nonneg())  # decoupled, times the muon lr
+    # per-shape lr scale: original (Keller Jordan: sqrt(max(1, rows/cols))) | match_rms_adamw (Moonshot)
+    muon_adjust_lr: str = checked("original", one_of("original", "match_rms_adamw"))
 
 
 @dataclass
@@ -400,6 +407,8 @@ def validate(cfg: Config) -> list[str]:
                  f"({cfg.model.max_position_embeddings})")
     if o.min_lr > o.lr:
         p.append(f"optim.min_lr ({o.min_lr}) must not exceed optim.lr ({o.lr})")
+    if o.name == "muon" and o.eight_bit:
+        p.append("optim.eight_bit is AdamW8bit and cannot be combined with optim.name=muon")
     names = [d.name for d in cfg.data.datasets]
     if len(set(names)) != len(names):
         p.append(f"data.datasets names must be unique (got {names})")
@@ -435,7 +444,7 @@ def _number(value: Any) -> bool:
 
 # Fields that define a run's trajectory: resuming with any of them changed is refused by default.
 # The global batch (micro x accum x world) is compared by the trainer: 2 x 4 on one process equals 2 x 2 on two.
-TRAJECTORY_FIELDS = ("model", "train.seq_len", "train.seed",
+TRAJECTORY_FIELDS = ("model", "train.seq_len", "train.seed", "optim.name",
                      "data.datasets", "data.stages", "data.tokenizer", "data.train_tokenizer_vocab_size",
                      "data.val_fraction")
 

@@ -1,4 +1,5 @@
-"""AdamW with SmolLM2's parameter groups, and learning-rate schedules as pure functions of the step.
+"""AdamW with SmolLM2's parameter groups (or Muon + AdamW), and learning-rate schedules as pure
+functions of the step.
 
 The schedule keeps no state of its own: lr_at(step) is recomputed from the config, so a resumed run
 (or one whose max_steps was raised, or a WSD cooldown branched from a stable-phase checkpoint) gets
@@ -34,8 +35,57 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     return groups
 
 
+def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
+    """A 2-d weight inside the decoder (attention and MLP projections): what Muon orthogonalizes.
+
+    The embedding, the (tied) head and the norms' gains stay with AdamW, as in Keller Jordan's Muon.
+    """
+    return p.ndim == 2 and "embed_tokens" not in name and not name.startswith("lm_head")
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """torch.optim.Muon for the hidden matrices and torch.optim.AdamW for everything else, as one optimizer.
+
+    Muon (Keller Jordan, https://kellerjordan.github.io/posts/muon/, used by the modded-nanogpt speedrun)
+    takes SGD-momentum's update (Nesterov) and replaces it by the nearest semi-orthogonal matrix (5
+    Newton-Schulz steps in bf16), scaled by sqrt(max(1, rows / cols)). The two torch optimizers share
+    this object's param groups (the same dicts) and its `state`, so the trainer, GradScaler and DCP's
+    get/set_optimizer_state_dict see one ordinary optimizer whose state_dict() holds only tensors per
+    parameter (Muon: momentum_buffer; AdamW: step, exp_avg, exp_avg_sq) and numbers per group.
+    Groups of the Muon part carry "muon": True, which set_lr reads.
+    """
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer) -> None:
+        self._parts = (muon, adamw)
+        self._num_muon_groups = len(muon.param_groups)
+        super().__init__(muon.param_groups + adamw.param_groups, defaults={})
+        self._share()
+
+    def _share(self) -> None:
+        muon, adamw = self._parts
+        muon.param_groups = self.param_groups[: self._num_muon_groups]
+        adamw.param_groups = self.param_groups[self._num_muon_groups :]
+        muon.state = adamw.state = self.state  # parameters are disjoint: one mapping serves both
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)  # replaces self.state and self.param_groups...
+        self._share()  # ...so the parts are pointed at the new ones
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001 (torch's signature)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for part in self._parts:
+            part.step()
+        return loss
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW: fused kernel on CUDA, foreach elsewhere; bitsandbytes AdamW8bit when asked (CUDA only)."""
+    """AdamW (fused on CUDA, foreach elsewhere; bitsandbytes AdamW8bit when asked), or Muon + AdamW."""
+    if cfg.name == "muon":
+        return build_muon(model, cfg, device)
     groups = param_groups(model, cfg)
     kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if cfg.eight_bit:
@@ -46,9 +96,23 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
         except ImportError:
             raise UserError("optim.eight_bit needs bitsandbytes: pip install bitsandbytes") from None
         return bnb.optim.AdamW8bit(groups, **kw)
-    if device.type == "cuda":
-        return torch.optim.AdamW(groups, fused=True, **kw)
-    return torch.optim.AdamW(groups, foreach=True, **kw)
+    return torch.optim.AdamW(groups, **kw, **_adamw_kernel(device))
+
+
+def _adamw_kernel(device: torch.device) -> dict:
+    return {"fused": True} if device.type == "cuda" else {"foreach": True}
+
+
+def build_muon(model: nn.Module, cfg: OptimConfig, device: torch.device) -> MuonAdamW:
+    """Muon (optim.muon_*) for the hidden matrices; AdamW (optim.lr, betas, weight_decay) for the rest."""
+    hidden = [p for n, p in model.named_parameters() if p.requires_grad and is_hidden_matrix(n, p)]
+    hidden_ids = {id(p) for p in hidden}
+    rest = [{**g, "params": [p for p in g["params"] if id(p) not in hidden_ids]} for g in param_groups(model, cfg)]
+    rest = [g for g in rest if g["params"]]
+    muon = torch.optim.Muon([{"params": hidden, "muon": True}], lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+                            weight_decay=cfg.muon_weight_decay, nesterov=True, adjust_lr_fn=cfg.muon_adjust_lr)
+    adamw = torch.optim.AdamW(rest, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **_adamw_kernel(device))
+    return MuonAdamW(muon, adamw)
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
@@ -84,6 +148,8 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * frac
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, cfg: OptimConfig) -> None:
+    """AdamW groups get `lr`; Muon groups get optim.muon_lr scaled by the same schedule (lr / optim.lr)."""
+    scale = lr / cfg.lr
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = cfg.muon_lr * scale if g.get("muon") else lr

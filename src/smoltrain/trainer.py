@@ -215,7 +215,7 @@ class Trainer:
     def train_step(self) -> tuple[float, float, float]:
         cfg = self.cfg
         lr = lr_at(self.step, cfg.optim, cfg.train.max_steps)
-        set_lr(self.optimizer, lr)
+        set_lr(self.optimizer, lr, cfg.optim)
         batches = [self.loader.next_batch() for _ in range(cfg.train.grad_accum_steps)]
         num_tokens = sum(int((b[:, 1:] != IGNORE_INDEX).sum()) for b in batches)
         loss = torch.zeros((), device=self.device)

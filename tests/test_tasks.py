@@ -1,0 +1,187 @@
+"""Multiple-choice task scoring: lm-eval's encoding and metrics, the JSONL format, suites by name, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from .conftest import assert_user_error, run_cli
+
+ITEMS = [
+    {"context": "To be, or not to be, that is the ", "choices": ["question", "banana", "sword of the king"], "label": 0},
+    {"context": "The quick brown fox", "choices": [" jumps over the lazy dog.", " sat.", " 東京"], "label": 1},
+    {"context": "", "choices": ["def add(a, b):", "zzz qqq"], "label": 0},
+    {"context": "Numbers 0123456789 and", "choices": [" café", " naïve, 東京.", " the"], "label": 2},
+]
+
+
+def write_jsonl(path, items) -> str:
+    path.write_text("".join(json.dumps(i) + "\n" for i in items))
+    return str(path)
+
+
+class PlainLM:
+    """lm-eval's own request handling (TemplateLM.loglikelihood -> _encode_pair) over a full forward per
+    request: the reference our prefix-cached scorer must agree with."""
+
+    def __init__(self, model, tok):
+        from lm_eval.api.model import TemplateLM
+
+        class _LM(TemplateLM):
+            eot_token_id = tok.eot_id
+
+            def tok_encode(self, string, **kw):
+                return tok.encode(string)
+
+            def _loglikelihood_tokens(self, requests, **kw):
+                out = []
+                for _, ctx, cont in requests:
+                    x = torch.tensor([(ctx + cont)[:-1]])
+                    with torch.no_grad():
+                        logp = F.log_softmax(model(x)[0, -len(cont):].float(), -1)
+                    ll = float(logp.gather(-1, torch.tensor(cont)[:, None]).sum())
+                    out.append((ll, bool((logp.argmax(-1) == torch.tensor(cont)).all())))
+                return out
+
+            def loglikelihood_rolling(self, requests, **kw):
+                raise NotImplementedError
+
+            def generate_until(self, requests, **kw):
+                raise NotImplementedError
+
+        self.lm = _LM()
+
+    def loglikelihood(self, pairs):
+        from lm_eval.api.instance import Instance
+
+        reqs = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+        return [ll for ll, _ in self.lm.loglikelihood(reqs, disable_tqdm=True)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_ckpt):
+    from smoltrain.checkpoint import load_model
+
+    model, tok, _ = load_model(tiny_ckpt)
+    return model.eval(), tok
+
+
+def test_encode_pair_is_lm_evals(tiny):
+    from smoltrain.tasks import encode_pair
+
+    _, tok = tiny
+    ctx, cont = encode_pair(tok, "To be, or not to be, that is the ", "question")
+    assert ctx == tok.encode("To be, or not to be, that is the")  # the trailing space moved ...
+    assert cont == tok.encode("To be, or not to be, that is the question")[len(ctx):]  # ... to the continuation
+    assert encode_pair(tok, "", "zzz") == ([tok.eot_id], tok.encode("zzz"))
+
+
+def test_scores_equal_lm_eval_requests_on_full_forwards(tiny):
+    """Prefix-cached, batched log-likelihoods = lm-eval's requests scored one full forward at a time."""
+    from smoltrain.tasks import Scorer, _item_from_line, item_loglikelihoods
+
+    model, tok = tiny
+    scorer = Scorer(model, torch.device("cpu"), model.config.max_position_embeddings)
+    ref = PlainLM(model, tok)
+    for n, obj in enumerate(ITEMS):
+        item = _item_from_line(obj, f"line {n}")
+        ours = item_loglikelihoods(scorer, tok, item)
+        theirs = ref.loglikelihood(item.requests)
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
+
+
+def test_eval_tasks_json_matches_lm_eval_metrics(tiny, tiny_ckpt, tmp_path):
+    """acc = argmax of summed log-probs, acc_norm = argmax of log-prob / characters of the choice."""
+    model, tok = tiny
+    ref = PlainLM(model, tok)
+    acc = acc_norm = 0
+    for obj in ITEMS:
+        lls = np.array(ref.loglikelihood([(obj["context"], c) for c in obj["choices"]]))
+        acc += int(np.argmax(lls) == obj["label"])
+        acc_norm += int(np.argmax(lls / np.array([len(c) for c in obj["choices"]])) == obj["label"])
+    task = write_jsonl(tmp_path / "mini.jsonl", ITEMS)
+    proc = run_cli("eval", tiny_ckpt, "--tasks", task, "--json", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["model"] == str(tiny_ckpt)
+    assert out["tasks"] == {"mini": {"acc": acc / len(ITEMS), "acc_norm": acc_norm / len(ITEMS), "n": len(ITEMS)}}
+    other = write_jsonl(tmp_path / "other.jsonl", ITEMS[::-1])
+    proc = run_cli("eval", tiny_ckpt, "--tasks", f"{task},{other}", "--tasks", task, "--limit", "2", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines()[1:]]
+    assert [(r[1], r[-1]) for r in rows] == [("mini", "2"), ("other", "2")]  # a repeated task is scored once
+
+
+@pytest.mark.parametrize("line, needle", [
+    ('{"context": "a", "choices": ["b", "c"]}', "line 2 lacks label"),
+    ('{"context": "a", "choices": ["b", "c"], "label": 2}', "line 2: label must be an integer index"),
+    ('{"context": "a", "choices": [], "label": 0}', "line 2: choices must be a list"),
+    ('{"context": "a", "choices": ["b", ""], "label": 0}', "line 2: choices must be a list"),
+    ('not json', "line 2 is not valid JSON"),
+])
+def test_bad_task_file_is_exit_2_naming_the_line(tiny_ckpt, tmp_path, line, needle):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(ITEMS[0]) + "\n" + line + "\n")
+    assert_user_error(run_cli("eval", tiny_ckpt, "--tasks", path, "--device", "cpu"), needle, str(path))
+
+
+def test_eval_needs_data_or_tasks(tiny_ckpt, tmp_path):
+    assert_user_error(run_cli("eval", tiny_ckpt), "exactly one of --data")
+    assert_user_error(run_cli("eval", tiny_ckpt, "--tasks", "nonsense_task"), "unknown task", "arc_easy")
+    assert_user_error(run_cli("eval", tiny_ckpt, "--tasks", tmp_path / "missing.jsonl"), "does not exist")
+
+
+ARC_ROWS = [
+    {"id": "q1", "question": "Which is a mammal?", "choices": {"text": ["shark", "whale", "trout"],
+                                                              "label": ["A", "B", "C"]}, "answerKey": "B"},
+    {"id": "q2", "question": "Water boils at", "choices": {"text": ["100 C", "10 C"], "label": ["1", "2"]},
+     "answerKey": "1"},
+]
+
+
+@pytest.mark.slow  # lm-eval indexes its ~10k task files first (about 10 s of CPU)
+def test_suite_by_name_takes_lm_evals_prompts(monkeypatch):
+    """arc_easy through lm-eval's own task definition, its dataset loader given a local stand-in."""
+    import datasets
+
+    from smoltrain import tasks
+
+    calls = []
+
+    def fake_load_dataset(path=None, name=None, **kw):
+        calls.append((path, name))
+        return datasets.DatasetDict({split: datasets.Dataset.from_list(ARC_ROWS)
+                                     for split in ("train", "validation", "test")})
+
+    monkeypatch.setattr(tasks, "hub_reachable", lambda: True)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    task = tasks.load_task("arc_easy", limit=None)
+    assert calls == [("allenai/ai2_arc", "ARC-Easy")]
+    assert task.name == "arc_easy" and len(task.items) == 2
+    first = task.items[0]
+    assert first.requests == [("Question: Which is a mammal?\nAnswer:", f" {c}") for c in ("shark", "whale", "trout")]
+    assert first.norm_lengths == [5, 5, 5] and first.label == 1
+    assert task.items[1].label == 0
+
+
+@pytest.mark.slow
+def test_unreachable_hub_is_exit_2(monkeypatch, tmp_path):
+    import datasets.config
+    import huggingface_hub.constants
+
+    from smoltrain import tasks
+    from smoltrain.errors import UserError
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(var, "0")
+    for mod, attr in ((huggingface_hub.constants, "HF_HUB_OFFLINE"), (datasets.config, "HF_HUB_OFFLINE"),
+                      (datasets.config, "HF_DATASETS_OFFLINE")):
+        monkeypatch.setattr(mod, attr, getattr(mod, attr))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path)
+    monkeypatch.setattr(tasks, "hub_reachable", lambda: False)
+    with pytest.raises(UserError, match="hub is not reachable.*--tasks FILE.jsonl"):
+        tasks.load_task("arc_easy")
