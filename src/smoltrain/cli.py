@@ -106,7 +106,7 @@ def _add_train_commands(sub) -> None:
                    help="multiple-choice tasks: JSONL files ({context, choices, label} a line) or lm-eval suite "
                         "names (hellaswag, arc_easy, arc_challenge, piqa, winogrande, openbookqa, commonsense_qa, "
                         "mmlu; need the hub or its cache); comma-separated or repeated")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
+    p.add_argument("--limit", type=POSITIVE, default=None, help="score only the first N items of each task")
     p.add_argument("--split", default="val", choices=["val", "train"])
     p.add_argument("--seq-len", type=POSITIVE, default=512)
     p.add_argument("--batch-size", type=POSITIVE, default=4)

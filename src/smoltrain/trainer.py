@@ -68,11 +68,14 @@ class Trainer:
 
     def _setup_data(self) -> None:
         from smoltrain.data.loader import PackedLoader
-        from smoltrain.pipeline import prepare_datasets, resolve_tokenizer
+        from smoltrain.pipeline import missing_inputs, prepare_datasets, resolve_tokenizer
 
         cfg, main = self.cfg, self.dist.is_main
         if not cfg.data.datasets:  # before any asset is fetched or tokenizer trained
             raise UserError("The config has no data.datasets (e.g. --config configs/quickstart.yaml).")
+        missing = missing_inputs(cfg)
+        if missing:
+            raise UserError("The config names inputs that are not there: " + "; ".join(missing) + ".")
         if cfg.data.streaming:
             return self._setup_stream()
         if main:
