@@ -153,6 +153,11 @@ def files(tmp_path_factory, tiny_ckpt, tiny_tokenizer_dir) -> dict:
         (root / "corpus" / f"{i:02d}.txt").write_text(doc)
     prepare([root / "corpus"], tiny_tokenizer_dir, root / "data", val_docs=3, num_proc=1, progress=False)
     (root / "a_file").write_text("not a directory")
+    (root / "bad_tok").mkdir()
+    (root / "bad_tok" / "tokenizer.json").write_text("garbage")
+    (root / "latin1.yaml").write_bytes(b"\xff\xfe train: {}")
+    (root / "list_data").mkdir()
+    (root / "list_data" / "meta.json").write_text("[]")
     hf = json.loads((tiny_ckpt / "config.json").read_text())
     for name, cfg in (("no_fields", {k: v for k, v in hf.items() if k not in ("hidden_size", "vocab_size")}),
                       ("a_list", [hf])):
@@ -188,6 +193,10 @@ CLI_BAD = [
     ("report {ckpt} --out {out} --max-batches 0", ["--max-batches"]),
     ("demo {ckpt} --port 70000", ["--port", "[1, 65535]"]),
     ("train --config {corpus}", ["cannot read config file", "directory"]),
+    ("train --config {root}/latin1.yaml", ["not UTF-8 text"]),
+    ("prepare --source {corpus} --tokenizer {root}/bad_tok --out {out}", ["not a valid tokenizers JSON file"]),
+    ("import {ckpt} --out {out} --tokenizer {root}/bad_tok", ["not a valid tokenizers JSON file"]),
+    ("eval {ckpt} --data {root}/list_data", ["not a smoltrain prepared dataset"]),
 ]
 
 
@@ -203,3 +212,20 @@ def test_cli_refuses_before_any_work(files, tmp_path, monkeypatch, command, need
     assert_user_error(proc, *needles)
     assert not out.exists() and not (tmp_path / "cache").exists()
     assert sorted(p.relative_to(files["root"]) for p in files["root"].rglob("*")) == before
+
+
+def test_gguf_missing_fields_named():
+    from pathlib import Path
+
+    from smoltrain.interop import _gguf_config
+
+    class Field:  # what GGUFReader's fields hold: .contents() gives the value
+        def __init__(self, value):
+            self.value = value
+
+        def contents(self):
+            return self.value
+
+    fields = {"general.architecture": Field("llama"), "llama.block_count": Field(2)}
+    with pytest.raises(UserError, match="lacks the GGUF fields llama.attention.head_count, llama.embedding_length"):
+        _gguf_config(fields, [], Path("model.gguf"))

@@ -384,6 +384,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             text = Path(path).read_text()
         except OSError as e:
             raise UserError(f"Cannot read config file {path}: {e.strerror}.") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"Config file {path} is not UTF-8 text ({e.reason} at byte {e.start}).") from None
         try:
             tree = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:

@@ -64,8 +64,6 @@ def interval(low: float, high: float, *, low_open: bool = False, high_open: bool
 
 probability = interval(0, 1, high_open=False)
 top_p = interval(0, 1, low_open=True, high_open=False)  # nucleus mass kept; 1: off
-
-
 seed = numeric(lambda v: 0 <= v < 2**63, "in [0, 2**63)")  # what torch and numpy generators take
 
 # Sampling temperature: below 1e-4 sampling is greedy in all but name, and a denormal like 1e-300 turns
