@@ -32,6 +32,10 @@ def test_gguf_import_export_matches_transformers(real_assets, reference, tmp_pat
     ours = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, local_files_only=True).eval()
     tok = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
     assert ours.num_parameters() == 134_515_008
+    card = (hf_dir / "README.md").read_text()  # the card keeps the model's origin and kind, and no training
+    assert card.splitlines()[5] == "# HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "An instruction-tuned model imported from" in card
+    assert "## Training" not in card and "losses above" not in card and "does not follow instructions" not in card
     for prompt in PROMPTS:
         ids = ref_tok(prompt, return_tensors="pt").input_ids
         assert torch.equal(tok(prompt, return_tensors="pt").input_ids, ids)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import re
 import shutil
 import subprocess
 import sys
@@ -32,7 +34,7 @@ def _data_dir(tiny_data: list[str]) -> Path:
     return Path(next(a.split("=", 1)[1] for a in tiny_data if a.startswith("run.data_dir="))) / "tiny"
 
 
-def test_report_writes_html_and_pngs(run12, tmp_path, tiny_data):
+def test_report_writes_one_self_contained_page(run12, tmp_path, tiny_data):
     out = tmp_path / "report"
     ref = run12 / "checkpoints" / "step_00000006"
     proc = run_cli("report", run12, "--out", out, "--reference", ref, "--data", _data_dir(tiny_data),
@@ -40,16 +42,37 @@ def test_report_writes_html_and_pngs(run12, tmp_path, tiny_data):
     assert proc.returncode == 0, proc.stderr
     assert f"Wrote {out / 'index.html'}" in proc.stdout
     page = (out / "index.html").read_text()
-    for png in ("loss.png", "lr.png", "tokens_per_sec.png", "grad_norm.png"):
-        assert (out / png).read_bytes()[:8] == PNG_MAGIC, png
-        assert f'src="{png}"' in page
+    # the curves are inside the page; the marker says `report` wrote the directory (so a re-run may replace it)
+    assert sorted(p.name for p in out.iterdir()) == [".smoltrain-output.json", "index.html"]
+    images = re.findall(r'<img src="data:image/png;base64,([^"]+)" alt="([^"]+)">', page)
+    assert [alt for _, alt in images] == ["loss", "learning rate", "throughput", "gradient norm (before clipping)"]
+    assert all(base64.b64decode(data)[:8] == PNG_MAGIC for data, _ in images)
     assert "checkpoints kept at steps 6, 12" in page
     gens = page.split("<h2>Generations per checkpoint</h2>")[1].split("<h2>")[0]
     assert gens.count("ROMEO:") == 2  # the config's eval.prompts, once per kept checkpoint
-    assert "<td class=num>6</td>" in gens and "<td class=num>12</td>" in gens
+    assert "<td class='num nowrap'>6</td>" in gens and "<td class='num nowrap'>12</td>" in gens
+    assert "<table class=wide>" in gens
     assert "Perplexity on" in page and "this run (step 12)" in page and "step_00000006" in page
     assert "max_steps: 12" in page and "torch version" in page  # config.yaml and env.json
     assert "src=\"http" not in page and "<script" not in page and "<link" not in page  # self-contained
+
+
+def test_report_val_loss_at_every_checkpoint(tmp_path, tiny_data):
+    """A checkpoint saved between evaluations shows the nearest evaluation's val loss, with its step."""
+    args = [sys.executable, "-m", "smoltrain", "train", "--config", str(DEBUG_TINY), "--set",
+            f"run.dir={tmp_path / 'run'}", *tiny_data, "--set", "train.max_steps=6", "--set", "checkpoint.every=3",
+            "--set", "checkpoint.keep_last=5", "--set", "eval.every=4"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "report"
+    proc = run_cli("report", tmp_path / "run", "--out", out, "--max-new-tokens", "2")
+    assert proc.returncode == 0, proc.stderr
+    gens = (out / "index.html").read_text().split("<h2>Generations per checkpoint</h2>")[1].split("<h2>")[0]
+    cells = re.findall(r"<td class='num nowrap'>(\d+)</td><td class='num nowrap'>([^<]*)</td>", gens)
+    labels = {int(step): val for step, val in cells}
+    assert labels[3].endswith("(at step 4)")  # saved at 3, evaluated at 4 and at the end (6)
+    assert re.fullmatch(r"\d+\.\d{4}", labels[6])  # step 6 was evaluated itself: no label
+    assert "–" not in labels.values()
 
 
 def test_report_prompts_option_and_escaping(run12, tmp_path):
@@ -84,6 +107,8 @@ def test_export_card_describes_training(run12, tmp_path, tiny_ckpt):
     assert proc.returncode == 0, proc.stderr
     card = (out / "README.md").read_text()
     assert (out / "loss.png").read_bytes()[:8] == PNG_MAGIC and "](loss.png)" in card
+    assert card.splitlines()[5] == "# run (step 12)"  # the run's name, not the checkpoint dir's
+    assert "(CPU, " in card and "x86_64" not in card  # the CPU's model name
     for needle in ("| parameters | ", "12 steps on 3,072 tokens", "### Data", "`tiny`", "### Hyperparameters",
                    "peak 0.003", "final training loss", "final validation loss", "## Intended use and limitations"):
         assert needle in card, needle
@@ -92,4 +117,5 @@ def test_export_card_describes_training(run12, tmp_path, tiny_ckpt):
     assert proc.returncode == 0, proc.stderr
     card = (imported / "README.md").read_text()
     assert "## Intended use and limitations" in card and "## Training" not in card
+    assert "losses above" not in card  # no training here, so no losses to speak of
     assert not (imported / "loss.png").exists()

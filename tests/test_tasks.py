@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -185,3 +186,81 @@ def test_unreachable_hub_is_exit_2(monkeypatch, tmp_path):
     monkeypatch.setattr(tasks, "hub_reachable", lambda: False)
     with pytest.raises(UserError, match="hub is not reachable.*--tasks FILE.jsonl"):
         tasks.load_task("arc_easy")
+
+
+# --- the next-line task and in-loop evaluation ---------------------------------------------------
+@pytest.fixture(scope="module")
+def verse_corpus(tmp_path_factory) -> Path:
+    """12 'plays' of short lines; every line ends with its play's tag (p3), so its origin can be checked."""
+    from .conftest import make_corpus_text
+
+    d = tmp_path_factory.mktemp("verse")
+    for i, doc in enumerate(make_corpus_text(12, seed=5, words_per_doc=(400, 600))):
+        words = doc.split()
+        lines = [" ".join(words[j:j + 6]) + f" p{i}" for j in range(0, len(words), 6)]
+        (d / f"play{i:02d}.txt").write_text(f"PLAY {i}\n\n" + "\n".join(lines) + "\n")
+    return d
+
+
+def verse_sets(tok_dir, corpus, run_dir) -> list[str]:
+    return [f"data.tokenizer={tok_dir}", "data.train_tokenizer_vocab_size=0", "data.max_documents=null",
+            f"data.datasets=[{{name: verse, sources: ['{corpus}']}}]", "data.val_fraction=0.25", "data.num_proc=1",
+            f"run.dir={run_dir}", f"run.data_dir={run_dir}/data"]
+
+
+def test_next_line_task_from_held_out_documents(tiny_tokenizer_dir, verse_corpus, tmp_path):
+    from smoltrain.data.prepare import prepare
+    from smoltrain.nextline import held_out_documents
+
+    data = tmp_path / "data"
+    prepare([str(verse_corpus)], tiny_tokenizer_dir, data, val_fraction=0.25, num_proc=1, progress=False,
+            verbose=False)
+    docs = held_out_documents(data)
+    tags = {d.splitlines()[2].split()[-1] for d in docs}
+    assert len(docs) == 3 and len(tags) == 3  # the three held-out plays, decoded back to their exact text
+    assert all(d == (verse_corpus / f"play{t[1:].zfill(2)}.txt").read_text() for d, t in
+               zip(docs, [d.splitlines()[2].split()[-1] for d in docs]))
+    out = tmp_path / "nl.jsonl"
+    proc = run_cli("tasks", "next-line", "--data", data, "--out", out, "--items", "40")
+    assert proc.returncode == 0, proc.stderr
+    assert_user_error(run_cli("tasks", "next-line", "--data", data, "--out", out), "exists", "--force")
+    first = out.read_bytes()
+    assert run_cli("tasks", "next-line", "--data", data, "--out", out, "--items", "40", "--force").returncode == 0
+    assert out.read_bytes() == first  # deterministic by seed
+    items = [json.loads(line) for line in first.decode().splitlines()]
+    assert len(items) == 40
+    for it in items:
+        answer = it["choices"][it["label"]]
+        doc = next(d for d in docs if answer in d)
+        tag = answer.split()[-1]
+        assert tag in tags and it["context"].endswith("\n") and (it["context"] + answer + "\n") in doc
+        assert len(set(it["choices"])) == 4 and all(c.split()[-1] == tag for c in it["choices"])  # same play
+    assert len({it["label"] for it in items}) == 4
+
+
+def test_training_logs_task_accuracy(tiny_tokenizer_dir, verse_corpus, tmp_path):
+    """eval.tasks runs at every evaluation: metrics.jsonl gets task/<name>/acc and acc_norm, equal to
+    `smoltrain eval --tasks` on the checkpoint of the same step."""
+    from smoltrain.config import load_config
+    from smoltrain.trainer import Trainer
+
+    from .conftest import DEBUG_TINY
+
+    run = tmp_path / "run"
+    mc = write_jsonl(tmp_path / "mc.jsonl", ITEMS)
+    sets = verse_sets(tiny_tokenizer_dir, verse_corpus, run) + [
+        f"eval.tasks=[next-line:verse, '{mc}']", "eval.tasks_limit=5", "train.max_steps=4", "eval.every=2",
+        "checkpoint.every=0"]
+    Trainer(load_config(DEBUG_TINY, sets)).train()
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    task_recs = [r for r in recs if "task/verse-next-line/acc" in r]
+    assert [r["step"] for r in task_recs] == [2, 4]
+    assert all(r["task/mc/acc"] in (0, 0.25, 0.5, 0.75, 1) for r in task_recs)
+    built = run / "data" / "tasks" / "verse-next-line.jsonl"
+    proc = run_cli("eval", run, "--tasks", f"{built},{mc}", "--limit", "5", "--json", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    final = json.loads(proc.stdout)["tasks"]
+    assert final["verse-next-line"]["n"] == 5
+    for name in ("verse-next-line", "mc"):
+        for metric in ("acc", "acc_norm"):
+            assert task_recs[-1][f"task/{name}/{metric}"] == final[name][metric]

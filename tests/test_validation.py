@@ -20,7 +20,7 @@ BAD_CONFIG = [
     ("eval.top_k=-1", "eval.top_k must be >= 0"),
     ("eval.top_p=0", "eval.top_p must be in (0, 1]"),
     ("eval.top_p=1.5", "eval.top_p must be in (0, 1]"),
-    ("eval.max_batches=0", "eval.max_batches must be > 0 or null"),
+    ("eval.max_tokens=0", "eval.max_tokens must be > 0 or null"),
     ("eval.every=-1", "eval.every must be >= 0 (0: only at the end)"),
     ("eval.sample_every=-2", "eval.sample_every must be >= 0"),
     ("optim.lr=nan", "optim.lr must be a finite number"),
@@ -85,10 +85,10 @@ def test_all_domain_problems_in_one_message():
 
 def test_good_edges_accepted():
     cfg = load_config("configs/debug-tiny.yaml", [
-        "eval.max_batches=null", "eval.every=0", "eval.temperature=0", "eval.top_k=0", "eval.top_p=1",
+        "eval.max_tokens=null", "eval.every=0", "eval.temperature=0", "eval.top_k=0", "eval.top_p=1",
         "eval.sample_tokens=0", "optim.beta1=0", "optim.grad_clip=0", "optim.weight_decay=0",
         "data.stages=[{start_step: 0, weights: {shakespeare: 1}}, {start_step: 9, weights: {shakespeare: 2}}]"])
-    assert cfg.eval.max_batches is None and cfg.data.stages[1].start_step == 9
+    assert cfg.eval.max_tokens is None and cfg.data.stages[1].start_step == 9
     assert cfg.to_dict()["data"]["stages"][1] == {"start_step": 9, "weights": {"shakespeare": 2}}
 
 

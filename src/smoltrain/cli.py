@@ -65,8 +65,25 @@ def _cmd_import(a: argparse.Namespace) -> int:
 def _cmd_export(a: argparse.Namespace) -> int:
     from smoltrain.interop import export_hf
 
-    out = export_hf(a.ckpt, a.out, force=a.force)
-    print(f"Exported {a.ckpt} -> {out} (loads with transformers AutoModelForCausalLM / AutoTokenizer)")
+    if a.push_to_hub:
+        from smoltrain.hub import check_token, push_folder
+
+        check_token(a.push_to_hub)  # before any work
+    elif a.out is None:
+        raise UserError("export needs --out DIR (or --push-to-hub REPO_ID).")
+    if a.out is None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="smoltrain-export-") as tmp:
+            out = export_hf(a.ckpt, f"{tmp}/export")
+            url = push_folder(out, a.push_to_hub, a.revision, a.private, f"smoltrain export of {a.ckpt}")
+    else:
+        out = export_hf(a.ckpt, a.out, force=a.force)
+        print(f"Exported {a.ckpt} -> {out} (loads with transformers AutoModelForCausalLM / AutoTokenizer)")
+        if a.push_to_hub:
+            url = push_folder(out, a.push_to_hub, a.revision, a.private, f"smoltrain export of {a.ckpt}")
+    if a.push_to_hub:
+        print(f"Pushed {a.ckpt} to {a.push_to_hub} (revision {a.revision or 'main'}): {url}")
     return 0
 
 
@@ -108,9 +125,11 @@ def _add_train_commands(sub) -> None:
                         "mmlu; need the hub or its cache); comma-separated or repeated")
     p.add_argument("--limit", type=POSITIVE, default=None, help="score only the first N items of each task")
     p.add_argument("--split", default="val", choices=["val", "train"])
-    p.add_argument("--seq-len", type=POSITIVE, default=512)
-    p.add_argument("--batch-size", type=POSITIVE, default=4)
-    p.add_argument("--max-batches", type=POSITIVE, default=50)
+    p.add_argument("--seq-len", type=POSITIVE, default=None,
+                   help="window length (default: a training checkpoint's train.seq_len, else the model's context)")
+    p.add_argument("--batch-size", type=POSITIVE, default=None, help="windows per batch (default: the run's micro batch)")
+    p.add_argument("--max-tokens", type=POSITIVE, default=None,
+                   help="evaluate a fixed sample of about this many tokens spread over the split (default: all)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_eval)
@@ -130,8 +149,12 @@ def _add_model_commands(sub) -> None:
 
     p = sub.add_parser("export", help="export a checkpoint (or a run's newest) as an HF directory")
     p.add_argument("ckpt", help="checkpoint directory or run directory")
-    p.add_argument("--out", required=True, type=_out_dir, help="HF directory to write")
+    p.add_argument("--out", default=None, type=_out_dir, help="HF directory to write (optional with --push-to-hub)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
+                   help="upload the export to this Hub model repo (HF_TOKEN, HF_ENDPOINT honoured)")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo as private")
+    p.add_argument("--revision", default=None, metavar="BRANCH", help="with --push-to-hub: branch (default main)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("generate", help="generate text from a checkpoint")
@@ -156,7 +179,7 @@ def _cmd_prepare(a: argparse.Namespace) -> int:
     from smoltrain.data.prepare import prepare
 
     prepare(a.source, a.tokenizer, a.out, text_key=a.text_key, val_fraction=a.val_fraction, val_docs=a.val_docs,
-            max_documents=a.max_documents, num_proc=a.num_proc, force=a.force, shard_tokens=a.shard_tokens,
+            val_documents=a.val_documents, max_documents=a.max_documents, num_proc=a.num_proc, force=a.force, shard_tokens=a.shard_tokens,
             model_vocab_size=a.model_vocab_size, progress=not a.no_progress)
     return 0
 
@@ -171,6 +194,25 @@ def _cmd_tokenizer_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tasks_next_line(a: argparse.Namespace) -> int:
+    from smoltrain.nextline import next_line_cli
+
+    return next_line_cli(a)
+
+
+def _add_tasks_command(sub) -> None:
+    p = sub.add_parser("tasks", help="build multiple-choice task files for smoltrain eval --tasks")
+    tsub = p.add_subparsers(dest="tasks_command", required=True, metavar="ACTION")
+    t = tsub.add_parser("next-line", help="pick the true next line among four, from a prepared dataset's held-out split")
+    t.add_argument("--data", required=True, metavar="DIR", help="prepared data directory (its val split is used)")
+    t.add_argument("--out", required=True, metavar="FILE", help="JSONL task file to write")
+    t.add_argument("--items", type=int, default=500, help="number of items (default 500)")
+    t.add_argument("--context-lines", type=int, default=4, help="lines of context before the line to pick")
+    t.add_argument("--seed", type=int, default=0, help="seed for the distractors and answer positions")
+    t.add_argument("--force", action="store_true", help="replace an existing --out")
+    t.set_defaults(func=_cmd_tasks_next_line)
+
+
 def _add_data_commands(sub) -> None:
     src_help = "a .txt/.jsonl/.jsonl.gz/.parquet file, a directory of them, or hf:NAME[:CONFIG[:SPLIT]] (repeatable)"
     p = sub.add_parser("prepare", help="tokenize documents into token shards + meta.json for training")
@@ -179,10 +221,14 @@ def _add_data_commands(sub) -> None:
     p.add_argument("--out", required=True, metavar="DIR", type=_out_dir,
                    help="output directory (appears only when complete)")
     val = p.add_mutually_exclusive_group()
-    val.add_argument("--val-fraction", type=_arg(domain.interval(0, 1), float), default=0.01,
-                     help="fraction of documents held out for validation, evenly spaced (default 0.01)")
+    val.add_argument("--val-fraction", type=_arg(domain.probability, float), default=0.01,
+                     help="fraction of documents held out for validation, evenly spaced (default 0.01; 1: all, "
+                          "an evaluation-only dataset)")
     val.add_argument("--val-docs", type=_arg(domain.nonneg()), default=None,
                      help="hold out exactly this many documents instead")
+    val.add_argument("--val-documents", action="append", default=[], metavar="GLOB",
+                     help="hold out the documents whose source-relative name (e.g. hamlet_gut.txt, rows.jsonl#3) or "
+                          "file matches GLOB, and only those (repeatable)")
     p.add_argument("--text-key", default="text", help="text column of jsonl/parquet/hf rows (default text)")
     p.add_argument("--max-documents", type=POSITIVE, default=None, help="stop after this many documents in all")
     p.add_argument("--num-proc", type=POSITIVE, default=None, help="tokenizer processes (default: all cores)")
@@ -253,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_model_commands(sub)
     _add_data_commands(sub)
+    _add_tasks_command(sub)
     _add_train_commands(sub)
     _add_show_commands(sub)
     return parser
@@ -272,7 +319,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         return 130
-    except Exception:
+    except Exception as e:
+        from smoltrain.storage import is_no_space
+
+        if is_no_space(e):  # a full disk is not a bug: one message; the partial output was already removed
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            print(f"smoltrain {args.command}: stopped: no space left on device{where}. What was being written was "
+                  "removed and earlier outputs (checkpoints included) are intact; free some space and run the "
+                  "same command again.", file=sys.stderr)
+            return 1
         traceback.print_exc()
         print(f"smoltrain {args.command}: internal error (a bug: please report it with the traceback above)",
               file=sys.stderr)

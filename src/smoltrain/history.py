@@ -55,6 +55,10 @@ class History:
         """The evaluation logged at exactly this step, if any."""
         return next((r for r in self.evals if r["step"] == step), None)
 
+    def nearest_val(self, step: int) -> dict | None:
+        """The evaluation closest to `step` (the later one on a tie): labels checkpoints saved between evals."""
+        return min(self.evals, key=lambda r: (abs(r["step"] - step), -r["step"]), default=None)
+
     def last(self, evals: bool = False) -> dict | None:
         recs = self.evals if evals else self.train
         return recs[-1] if recs else None

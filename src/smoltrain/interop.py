@@ -17,10 +17,11 @@ from smoltrain.checkpoint import (
     read_hf_weights,
     resolve_checkpoint,
     save_model_files,
-    staged_dir,
 )
 from smoltrain.config import ModelConfig, eos_ids
 from smoltrain.errors import UserError
+from smoltrain.modelcard import ORIGIN, model_kind
+from smoltrain.storage import check_target, publish
 from smoltrain.tokenizer import Tokenizer, load_tokenizer
 
 # GGUF (llama.cpp) tensor names -> HF Llama names; "{i}" is the layer index.
@@ -119,21 +120,53 @@ def import_model(src: str | Path, out: str | Path, tokenizer: str | None = None,
     src, out = Path(src).expanduser(), Path(out).expanduser()
     if not src.exists():
         raise UserError(f"Import source {src} does not exist.")
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists (pass --force to replace it).")
+    check_target(out, "import", force, inputs=[src, *([tokenizer] if tokenizer else [])])
     if src.is_file() and src.suffix == ".gguf":
         cfg, state = read_gguf(src)
         tok = load_tokenizer(tokenizer or src)
+        origin = gguf_origin(src)
     elif src.is_dir():
         cfg, state = read_hf_config(src), read_hf_weights(src)
         tok = load_tokenizer(tokenizer or src)
+        origin = hf_origin(src)
     else:
         raise UserError(f"Import source {src} is neither an HF model directory nor a .gguf file.")
     _check_tokenizer(tok, cfg, src)
     model = model_from_state(cfg, state, str(src))  # validates names and shapes
-    with staged_dir(out, {"kind": "import", "source": str(src)}, replace=force) as d:
+    with publish(out, "import", {"kind": "import", "source": str(src)}, replace=force) as d:
         save_model_files(d, model_state(model), cfg, tok)
+        (d / ORIGIN).write_text(json.dumps(origin, indent=2))
     return out
+
+
+def gguf_origin(path: Path) -> dict:
+    """Where a GGUF came from, from its general.* metadata: name, organisation, base or instruct."""
+    import gguf
+
+    fields = gguf.GGUFReader(str(path)).fields
+
+    def get(key: str) -> str | None:
+        f = fields.get(key)
+        return str(f.contents()) if f is not None else None
+
+    stem = path.name.split(".")[0]  # SmolLM2-135M-Instruct.Q4_1.gguf -> SmolLM2-135M-Instruct
+    org = get("general.organization")
+    name = f"{org}/{stem}" if org else stem
+    names = [stem, get("general.name"), get("general.finetune")]
+    kind = model_kind(names, get("tokenizer.chat_template") is not None)
+    return {"source": str(path), "name": name, "kind": kind, "license": get("general.license")}
+
+
+def hf_origin(directory: Path) -> dict:
+    """Where an HF directory came from: its config's _name_or_path (or the folder) and its chat template."""
+    try:
+        hf = json.loads((directory / "config.json").read_text())
+        tok_cfg = json.loads((directory / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        hf, tok_cfg = {}, {}
+    name = hf.get("_name_or_path") or directory.resolve().name
+    kind = model_kind([name, directory.resolve().name], bool(tok_cfg.get("chat_template")))
+    return {"source": str(directory), "name": name, "kind": kind}
 
 
 def _check_tokenizer(tok: Tokenizer, cfg: ModelConfig, src: Path) -> None:
@@ -153,10 +186,9 @@ def export_hf(ckpt: str | Path, out: str | Path, force: bool = False, card: str 
     `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load offline."""
     src = resolve_checkpoint(ckpt)
     out = Path(out).expanduser()
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists (pass --force to replace it).")
+    check_target(out, "export", force, inputs=[ckpt, src])  # never over the run dir or the checkpoint
     model, tok, _ = load_resolved(src)  # resolve_checkpoint above verified the manifest
-    with staged_dir(out, {"kind": "export", "source": str(src)}, replace=force) as d:
+    with publish(out, "export", {"kind": "export", "source": str(src)}, replace=force) as d:
         save_model_files(d, model_state(model), model.config, tok)
         write_hf_extras(d, model.config, src, card)
     return out
@@ -171,7 +203,7 @@ def write_hf_extras(d: Path, cfg: ModelConfig, src: Path, card: str | None = Non
 def model_card(cfg: ModelConfig, src: Path, out: Path | None = None) -> str:
     """README.md for an HF folder; a training checkpoint's card adds its training (loss plot into `out`)."""
     from smoltrain.model import SmolLM2
-    from smoltrain.modelcard import intended_use, training_sections
+    from smoltrain.modelcard import card_title, intended_use, read_origin, training_sections
 
     with torch.device("meta"):
         num_params = SmolLM2(cfg).num_params()
@@ -181,7 +213,7 @@ library_name: transformers
 license: apache-2.0
 tags: [smoltrain, smollm2, llama]
 ---
-# {src.name}
+# {card_title(src)}
 
 A SmolLM2-architecture (Llama) causal language model exported by smoltrain from `{src}`.
 
@@ -198,7 +230,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 tok = AutoTokenizer.from_pretrained("PATH"); model = AutoModelForCausalLM.from_pretrained("PATH")
 ```
 
-{intended_use(bool(training))}"""
+{intended_use(bool(training), read_origin(src))}"""
 
 
 __all__ = ["WEIGHTS", "export_hf", "import_model", "read_gguf"]

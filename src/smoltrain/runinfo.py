@@ -35,8 +35,19 @@ def _version(pkg: str) -> str | None:
         return None
 
 
+def cpu_name() -> str:
+    """The CPU's model name ("AMD EPYC 7B13"), not just the architecture platform.processor() gives on Linux."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device, world_size: int) -> dict:
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {
         "git_sha": git_sha(), "python": sys.version.split()[0], "host": socket.gethostname(),
         "versions": {p: _version(p) for p in ("smoltrain", "torch", "transformers", "tokenizers", "numpy")},

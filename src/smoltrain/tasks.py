@@ -280,6 +280,17 @@ def item_loglikelihoods(scorer: Scorer, tok: Tokenizer, item: Item) -> list[floa
     return [scorer.score_group(c, [x])[0][0] for c, x in pairs]
 
 
+def score_in_loop(model: torch.nn.Module, tok: Tokenizer, tasks: list[Task], device: torch.device,
+                  autocast: Callable = contextlib.nullcontext) -> dict[str, float]:
+    """`task/<name>/acc` and `task/<name>/acc_norm` of the model being trained (left in eval mode)."""
+    scorer = Scorer(model.eval(), device, model.config.max_position_embeddings, autocast)
+    out = {}
+    for task in tasks:
+        s = score_task(scorer, tok, task)
+        out[f"task/{task.name}/acc"], out[f"task/{task.name}/acc_norm"] = s["acc"], s["acc_norm"]
+    return out
+
+
 # --- models and the CLI ----------------------------------------------------------------------------
 def load_scorer(path: str, device: torch.device) -> tuple[Scorer, Tokenizer, str]:
     """A Scorer for a checkpoint, run directory or HF directory (any causal LM transformers loads)."""

@@ -22,12 +22,15 @@ from smoltrain import checkpoint as ckpt_io
 from smoltrain import distributed as dist_io
 from smoltrain.config import Config, trajectory_diff
 from smoltrain.errors import TrainingError, UserError
-from smoltrain.evaluate import evaluate_batches, token_byte_lengths
+from smoltrain.evaluate import TokenTables, evaluate_datasets, val_record
 from smoltrain.generate import SamplingConfig, generate, pick_device
 from smoltrain.metrics import RunLog, memory_gb, model_flops_utilization
 from smoltrain.model import IGNORE_INDEX, build_model
-from smoltrain.optim import build_optimizer, lr_at, set_lr
+from smoltrain.optim import build_optimizer, lr_at, rewarm_factor, set_lr
+from smoltrain.remote import RunMirror
 from smoltrain.runinfo import environment, fault_point, print_header
+from smoltrain.storage import tree_size
+from smoltrain.tokenizer import TOKENIZER_FILES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -44,15 +47,22 @@ class Trainer:
         self._apply_global_batch()
         self.run_dir = Path(cfg.run.dir)
         self.step, self.tokens_seen, self.stop_signal = 0, 0, None
+        self.checkpoint_bytes: int | None = None
+        self.rewarm_from = None  # the step this run was last extended from (optim.rewarmup_steps ramps from it)
         torch.manual_seed(cfg.train.seed)
+        self.mirror = RunMirror.from_config(cfg) if self.dist.is_main else None  # checked before any work
         self._setup_data()
         ckpt = self._find_resume()
         self._setup_model(ckpt)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         if ckpt is not None:
             self._restore(ckpt)
-        self.log = RunLog(self.run_dir, self.step, cfg.log.tensorboard, cfg.log.wandb_project,
-                          cfg.to_dict()) if self.dist.is_main else None
+        self.tasks = []  # eval.tasks: rank 0 scores them (FSDP shards the weights, so not there)
+        if self.dist.is_main and self.dist.strategy != "fsdp" and cfg.eval.tasks:
+            from smoltrain.pipeline import load_eval_tasks
+
+            self.tasks = load_eval_tasks(cfg, self.val_paths)
+        self.log = None  # opened by train(): a run with nothing to do writes nothing
 
     # --- setup -------------------------------------------------------------------------------------
     def _apply_global_batch(self) -> None:
@@ -88,13 +98,14 @@ class Trainer:
         if self.tokenizer.vocab_size > cfg.model.vocab_size:
             raise UserError(f"The tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size is "
                             f"{cfg.model.vocab_size}; raise model.vocab_size or use a smaller tokenizer.")
-        weights = {d.name: d.weight for d in cfg.data.datasets}
+        trained = {d.name: d.weight for d in cfg.data.datasets if not d.eval_only(cfg.data.val_fraction)}
         common = dict(batch_size=cfg.train.micro_batch_size, seq_len=cfg.train.seq_len, seed=cfg.train.seed,
                       rank=self.dist.rank, world_size=self.dist.world_size, grad_accum_steps=cfg.train.grad_accum_steps)
         stages = cfg.to_dict()["data"]["stages"]  # plain dicts, as the loader takes them
-        self.loader = PackedLoader(paths, split="train", weights=weights, stages=stages or None, **common)
-        self.val_paths = paths
-        self.byte_lengths = token_byte_lengths(self.tokenizer)
+        self.loader = PackedLoader({n: paths[n] for n in trained}, split="train", weights=trained,
+                                   stages=stages or None, **common)
+        self.val_paths = paths  # every dataset's held-out split, evaluation-only datasets included
+        self.token_tables = TokenTables(self.tokenizer).to(self.device)
 
     def _setup_stream(self) -> None:
         """data.streaming: tokenize and pack one source on the fly; no prepare step, no held-out split."""
@@ -111,7 +122,6 @@ class Trainer:
                                    cfg.train.seq_len, text_key=cfg.data.text_key, rank=self.dist.rank,
                                    world_size=self.dist.world_size, name=ds.name)
         self.val_paths = None  # a stream has no held-out split: evaluations are skipped
-        self.byte_lengths = token_byte_lengths(self.tokenizer)
 
     def _setup_model(self, ckpt: Path | None) -> None:
         """Weights (fresh, init_from, or the resume checkpoint's) are loaded before any wrapping."""
@@ -144,6 +154,8 @@ class Trainer:
             else:
                 ckpt_io.clean_debris(self.run_dir)
                 found[0] = ckpt_io.find_resume_checkpoint(self.run_dir)
+                if found[0] is None and self.mirror is not None:  # a fresh machine: the remote copy, if any
+                    found[0] = self.mirror.restore(self.run_dir)
             if found[0] is not None:
                 state = ckpt_io.load_train_state(found[0])
                 diffs = trajectory_diff(yaml.safe_load(state["config_yaml"]), cfg.to_dict())
@@ -158,13 +170,16 @@ class Trainer:
         return found[0]
 
     def _restore(self, ckpt: Path) -> None:
-        """Optimizer (resharded by DCP), scaler, loop counters, loader position and RNG."""
+        """Optimizer (resharded to this world size), scaler, loop counters, loader position and RNG."""
         state = ckpt_io.load_train_state(ckpt)
         ckpt_io.load_optimizer(ckpt, self.raw_model, self.optimizer)
         if self.scaler is not None and state["extra"].get("scaler"):
             self.scaler.load_state_dict(state["extra"]["scaler"])
         ts = state["train_state"]
         self.step, self.tokens_seen = ts["step"], ts["tokens_seen"]
+        saved_max = (yaml.safe_load(state["config_yaml"]).get("train") or {}).get("max_steps", self.step)
+        # raising max_steps past the saved run's starts an extension here; otherwise keep the saved one
+        self.rewarm_from = self.step if self.cfg.train.max_steps > saved_max else ts.get("rewarm_from")
         loader = ts["loader"]
         if "per_rank" in loader:
             if len(loader["per_rank"]) != self.dist.world_size:
@@ -172,9 +187,11 @@ class Trainer:
                                 f"({len(loader['per_rank'])} processes).")
             loader = loader["per_rank"][self.dist.rank]
         self.loader.load_state_dict(loader)
-        ckpt_io.set_rng_state(state["rng"])
+        ckpt_io.set_rng_state(*state["rng"])
         if self.dist.is_main:
-            print(f"Resuming from {ckpt} (step {self.step})", flush=True)
+            origin = getattr(self.mirror, "restored_from", None)
+            remote = f", downloaded from {origin} and verified against its manifest" if origin else ""
+            print(f"Resuming from {ckpt} (step {self.step}){remote}", flush=True)
 
     @property
     def global_batch(self) -> int:
@@ -186,14 +203,21 @@ class Trainer:
         cfg, main = self.cfg, self.dist.is_main
         if self.step >= cfg.train.max_steps:
             if main:
-                print(f"The run is already at step {self.step} = train.max_steps; raise train.max_steps to extend it.")
+                print(f"Nothing to do: the run in {self.run_dir} is already at step {self.step} and this config's "
+                      f"train.max_steps is {cfg.train.max_steps}. Raise train.max_steps to extend it "
+                      "(optim.rewarmup_steps re-warms the learning rate).")
             return 0
         if main:
+            self.log = RunLog(self.run_dir, self.step, cfg.log.tensorboard, cfg.log.wandb_project, cfg.to_dict(),
+                              cfg.log.trackio_project)
             self._write_run_files()
             self._check_disk()
+            if self.mirror is not None:
+                self.mirror.run_started(self.run_dir)
         self._install_signal_handlers()
         bar = self._progress_bar()
         busy, last_tokens = 0.0, self.tokens_seen  # time in train_step only: eval and saves excluded
+        started = time.perf_counter()
         try:
             while self.step < cfg.train.max_steps:
                 t0 = time.perf_counter()
@@ -208,16 +232,20 @@ class Trainer:
                 self._maybe_eval_sample_save()
                 if self.stop_signal is not None:
                     return self._stop_on_signal()
+            self._print_summary(time.perf_counter() - started)
         finally:
             if bar is not None:
                 bar.close()
+            if self.mirror is not None:
+                self.mirror.finish()  # the pending upload ends before exit (bounded by checkpoint.remote_timeout)
             if self.log is not None:
                 self.log.close()
         return 0
 
     def train_step(self) -> tuple[float, float, float]:
         cfg = self.cfg
-        lr = lr_at(self.step, cfg.optim, cfg.train.max_steps)
+        lr = lr_at(self.step, cfg.optim, cfg.train.max_steps) * rewarm_factor(self.step, self.rewarm_from,
+                                                                               cfg.optim.rewarmup_steps)
         set_lr(self.optimizer, lr, cfg.optim)
         batches = [self.loader.next_batch() for _ in range(cfg.train.grad_accum_steps)]
         num_tokens = sum(int((b[:, 1:] != IGNORE_INDEX).sum()) for b in batches)
@@ -266,29 +294,40 @@ class Trainer:
         cfg, step, done = self.cfg, self.step, self.step == self.cfg.train.max_steps
         if done or (cfg.eval.every and step % cfg.eval.every == 0):
             self.evaluate()
+            self.evaluate_tasks()
         if cfg.eval.prompts and (done or (cfg.eval.sample_every and step % cfg.eval.sample_every == 0)):
             self.samples()
         if done or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
             self.save()
 
     def evaluate(self) -> dict | None:
-        from smoltrain.data.loader import eval_windows
-
+        """Every dataset's whole held-out split (or eval.max_tokens of it), as `smoltrain eval` computes it."""
         if self.val_paths is None:
             return None
-
+        cfg = self.cfg
         self.raw_model.eval()
-        fwd = lambda x, y: self.raw_model(x, labels=y, loss_chunk=self.cfg.train.loss_chunk, reduction="sum")  # noqa: E731
-        name = self.cfg.data.datasets[0].name
-        batches = eval_windows(self.val_paths[name], "val", self.cfg.train.seq_len, self.cfg.train.micro_batch_size,
-                               self.cfg.eval.max_batches)
-        res = evaluate_batches(fwd, batches, self.device, self.byte_lengths, self._autocast)
+        fwd = lambda x, y: self.raw_model(x, labels=y, loss_chunk=cfg.train.loss_chunk, reduction="none")  # noqa: E731
+        results = evaluate_datasets(fwd, self.val_paths, "val", cfg.train.seq_len, cfg.train.micro_batch_size,
+                                    cfg.eval.max_tokens, self.device, self.token_tables, self._autocast)
         self.raw_model.train()
+        if not results:
+            return None
+        rec = val_record(self.step, results)
         if self.log is not None:
-            self.log.log({"step": self.step, "val_loss": res["loss"], "val_ppl": res["ppl"], "val_bpb": res["bpb"]})
-            bpb = f", {res['bpb']:.3f} bits/byte" if res["bpb"] else ""
-            self._print(f"step {self.step}: val loss {res['loss']:.4f} (ppl {res['ppl']:.2f}{bpb})")
-        return res
+            self.log.log(rec)
+            bpb = f", {rec['val_bpb']:.3f} bits/byte" if rec["val_bpb"] else ""
+            each = "".join(f"; {n} {r['loss']:.4f}" for n, r in results.items()) if len(results) > 1 else ""
+            self._print(f"step {self.step}: val loss {rec['val_loss']:.4f} (ppl {rec['val_ppl']:.2f}{bpb}{each})")
+        return rec
+
+    def evaluate_tasks(self) -> None:
+        from smoltrain.tasks import score_in_loop
+
+        if self.tasks:
+            scores = score_in_loop(self.raw_model, self.tokenizer, self.tasks, self.device, self._autocast)
+            self.raw_model.train()
+            self.log.log({"step": self.step, **scores})
+            self._print(f"step {self.step}: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in scores.items()))
 
     def samples(self) -> None:
         if not self.dist.is_main or self.dist.strategy == "fsdp":
@@ -302,29 +341,37 @@ class Trainer:
                 text = self.tokenizer.decode(list(ids))
                 self.log.sample({"step": self.step, "mode": mode, "prompt": prompt, "text": text})
                 self._print(f"[step {self.step} {mode}] {prompt}{text}")
+        self.log.samples_done(self.step)
         self.raw_model.train()
 
     def save(self) -> Path | None:
-        """Every rank writes its optimizer shard into one staging dir; rank 0 adds the rest and commits."""
+        """Every rank takes part in gathering weights and optimizer state; rank 0 writes them and commits."""
         cfg, main = self.cfg, self.dist.is_main
+        staging = [None]
         if main:
             self._check_disk()
-            ckpt_io.begin_train_checkpoint(self.run_dir, self.step)
-        dist_io.barrier()
-        staging = ckpt_io.staging_for(ckpt_io.step_dir(self.run_dir, self.step))
-        weights = dist_io.full_state_dict(self.raw_model, self.dist)  # collective under FSDP
-        loader_state = self._loader_state()  # collective for streams (per-rank positions)
-        ckpt_io.save_optimizer(staging, self.raw_model, self.optimizer)  # collective
-        dist_io.barrier()
+            staging[0] = ckpt_io.begin_train_checkpoint(self.run_dir, self.step)
+        if self.dist.world_size > 1:  # the staging name is private to rank 0's process: tell the others
+            torch.distributed.broadcast_object_list(staging, src=0)
+        staging = staging[0]
         path = None
+        with ckpt_io.discard_on_error(staging if main else None):  # a full disk leaves no staging behind
+            weights = dist_io.full_state_dict(self.raw_model, self.dist)  # collective under FSDP
+            loader_state = self._loader_state()  # collective for streams (per-rank positions)
+            ckpt_io.save_optimizer(staging, self.raw_model, self.optimizer, main)  # collective under FSDP
+            dist_io.barrier()
+            if main:
+                state = {"step": self.step, "tokens_seen": self.tokens_seen, "global_batch": self.global_batch,
+                         "world_size": self.dist.world_size, "loader": loader_state,
+                         "rewarm_from": self.rewarm_from, "env": environment(self.device, self.dist.world_size)}
+                extra = {"scaler": self.scaler.state_dict() if self.scaler else None}
+                path = ckpt_io.finish_train_checkpoint(staging, self.run_dir, self.step, self.raw_model.config,
+                                                       weights, self.tokenizer, cfg.to_yaml(), extra, state,
+                                                       export_hf=cfg.checkpoint.export_hf)
         if main:
-            state = {"step": self.step, "tokens_seen": self.tokens_seen, "global_batch": self.global_batch,
-                     "world_size": self.dist.world_size, "loader": loader_state,
-                     "env": environment(self.device, self.dist.world_size)}
-            extra = {"scaler": self.scaler.state_dict() if self.scaler else None}
-            path = ckpt_io.finish_train_checkpoint(staging, self.run_dir, self.step, self.raw_model.config, weights,
-                                                   self.tokenizer, cfg.to_yaml(), extra, state,
-                                                   export_hf=cfg.checkpoint.export_hf)
+            self.checkpoint_bytes = tree_size(path)  # the real size, for the next free-space check
+            if self.mirror is not None:  # before retention: a checkpoint being uploaded is never the one deleted
+                self.mirror.checkpoint_saved(path, self.step, self.run_dir)
             ckpt_io.retain(self.run_dir, cfg.checkpoint.keep_last)
         dist_io.barrier()
         return path
@@ -354,6 +401,30 @@ class Trainer:
         else:
             print(f"step {self.step}/{self.cfg.train.max_steps} {msg}", flush=True)
 
+    def _print_summary(self, seconds: float) -> None:
+        """Where everything is, the final held-out scores, and what to run next."""
+        if not self.dist.is_main:
+            return
+        from smoltrain.history import History
+
+        run, val = self.run_dir, History.load(self.run_dir).last(evals=True) or {}
+        newest = ckpt_io.newest_valid(run)
+        lines = [f"\nDone: step {self.step}, {self.tokens_seen:,} tokens in {seconds / 60:.1f} min."]
+        if isinstance(val.get("val_loss"), float):
+            bpb = f", {val['val_bpb']:.3f} bits per byte" if isinstance(val.get("val_bpb"), float) else ""
+            lines.append(f"Held-out (step {val['step']}): loss {val['val_loss']:.4f}{bpb}.")
+        lines += [f"  checkpoint   {newest}", f"  metrics      {run / 'metrics.jsonl'}",
+                  f"  samples      {run / 'samples.jsonl'}"]
+        if self.cfg.log.tensorboard:
+            lines.append(f"  tensorboard  tensorboard --logdir {run / 'tb'}")
+        lines += ["Next:", f"  smoltrain generate {run} --prompt \"{(self.cfg.eval.prompts or ['Hello'])[0]}\"",
+                  f"  smoltrain eval {run} --data {self.val_paths[self.cfg.data.datasets[0].name]}"
+                  if self.val_paths else f"  smoltrain eval {run} --data DIR",
+                  f"  smoltrain export {run} --out hf/{run.name}",
+                  f"  smoltrain report {run} --out report/{run.name}",
+                  f"  smoltrain demo {run}"]
+        self._print("\n".join(lines))
+
     def _print(self, msg: str) -> None:
         if self.dist.is_main:
             tqdm.write(msg)
@@ -371,8 +442,13 @@ class Trainer:
         print_header(self.cfg, env, self.raw_model.num_params(), self.dist.world_size)
 
     def _check_disk(self) -> None:
+        """The next checkpoint's size: measured from the last one written, estimated before the first."""
         ck = self.cfg.checkpoint
-        ckpt_io.check_free_space(self.run_dir, self.raw_model.num_params(), ck.export_hf, ck.min_free_gb)
+        if self.checkpoint_bytes is None:
+            tok_files = [self.tokenizer.directory / n for n in TOKENIZER_FILES]
+            self.checkpoint_bytes = ckpt_io.checkpoint_bytes(
+                self.raw_model.num_params(), len(list(self.raw_model.parameters())), ck.export_hf, sum(p.stat().st_size for p in tok_files if p.exists()))
+        ckpt_io.check_free_space(self.run_dir, self.checkpoint_bytes, ck.min_free_gb)
 
     def _install_signal_handlers(self) -> None:
         def handler(signum, _frame):

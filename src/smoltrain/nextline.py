@@ -1,0 +1,106 @@
+"""An offline multiple-choice task from held-out text: given a few lines, pick the true next line of four.
+
+Built from a prepared dataset's held-out split (its tokens decoded back to the documents, so it needs
+nothing but the prepared directory and sees exactly the text the model never trained on). For the
+Shakespeare corpus that is verse and prose from the held-out plays. The distractors are other lines of
+the held-out documents (from another document where there is one), and everything is drawn from one
+seeded generator, so the same data and seed give the same file byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+
+from smoltrain.errors import UserError
+
+MIN_CHARS = 20  # shorter lines ("Well, what then?") are guessable from length alone
+FAR = 50  # distractors come from at least this many lines away
+
+
+def held_out_documents(data: str | Path) -> list[str]:
+    """The texts of the held-out documents of a prepared directory, in stored order."""
+    from smoltrain.data.shards import load_meta, read_shard
+    from smoltrain.tokenizer import load_tokenizer
+
+    meta = load_meta(data)
+    val = meta["splits"].get("val") or {}
+    if not val.get("num_tokens"):
+        raise UserError(f"{data} has no held-out documents to build a task from (its val split is empty).")
+    tok = load_tokenizer(Path(data) / "tokenizer")
+    tokens = np.concatenate([read_shard(Path(data) / s["file"]) for s in val["shards"]])
+    ends = np.flatnonzero(tokens == meta["eot_id"])
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    return [tok.decode(tokens[s:e].tolist()) for s, e in zip(starts, ends) if e > s]
+
+
+def _is_candidate(line: str) -> bool:
+    """A line of speech: long enough, not a speaker's name (upper case) or a stage direction."""
+    text = line.strip()
+    return len(text) >= MIN_CHARS and not text.isupper() and not text.startswith(("[", "<", "ACT ", "SCENE "))
+
+
+def build_items(docs: list[str], num_items: int, context_lines: int = 4, num_choices: int = 4,
+                seed: int = 0) -> list[dict]:
+    """Items `{"context", "choices", "label"}`; targets evenly spaced over all candidate lines."""
+    lines = [[line.rstrip() for line in d.splitlines()] for d in docs]
+    targets = [(d, i) for d, ls in enumerate(lines) for i in range(context_lines, len(ls))
+               if _is_candidate(ls[i]) and ls[i - 1].strip()]  # mid-speech: the line before is not blank
+    pool = [[(i, ls[i].strip()) for i in range(len(ls)) if _is_candidate(ls[i])] for ls in lines]
+    every = sorted({t for p in pool for _, t in p})
+    if not targets or len(every) < num_choices:
+        raise UserError(f"The held-out documents have too few lines of at least {MIN_CHARS} characters for a "
+                        f"{num_choices}-choice next-line task.")
+    rng = random.Random(seed)
+    step = max(1, len(targets) // num_items)
+    items = []
+    for d, i in targets[::step][:num_items]:
+        answer = lines[d][i].strip()
+        # same document (same spelling and edition), far from the answer, so style gives nothing away
+        others = [t for j, t in pool[d] if abs(j - i) > FAR and t != answer]
+        if len(set(others)) < num_choices - 1:  # a short document: anywhere in it but the context
+            others = [t for j, t in pool[d] if not i - context_lines <= j <= i and t != answer]
+        if len(set(others)) < num_choices - 1:
+            others = [t for t in every if t != answer]
+        distractors = []
+        while len(distractors) < num_choices - 1:  # draws in a fixed order: deterministic by seed
+            line = others[rng.randrange(len(others))]
+            if line not in distractors:
+                distractors.append(line)
+        label = rng.randrange(num_choices)
+        choices = distractors[:label] + [answer] + distractors[label:]
+        context = "\n".join(lines[d][i - context_lines:i]) + "\n"
+        items.append({"context": context, "choices": choices, "label": label})
+    return items
+
+
+def write_task(items: list[dict], out: str | Path) -> Path:
+    """Write atomically (a temp name, then rename), so a half-written task file never exists."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items), encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
+def make_next_line_task(data: str | Path, out: str | Path, num_items: int = 500, seed: int = 0,
+                        context_lines: int = 4) -> Path:
+    return write_task(build_items(held_out_documents(data), num_items, context_lines, seed=seed), out)
+
+
+def next_line_cli(a) -> int:
+    """`smoltrain tasks next-line --data DIR --out FILE`."""
+    for name in ("items", "context_lines"):
+        if getattr(a, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(a, name)}).")
+    if Path(a.out).exists() and not a.force:
+        raise UserError(f"{a.out} exists; pass --force to replace it.")
+    out = make_next_line_task(a.data, a.out, a.items, a.seed, a.context_lines)
+    n = sum(1 for _ in open(out, encoding="utf-8"))
+    print(f"Wrote {n} next-line items from the held-out documents of {a.data} -> {out}")
+    return 0

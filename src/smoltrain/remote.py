@@ -1,0 +1,286 @@
+"""A run's mirror on object storage (any fsspec URL): checkpoints, logs, resume on a fresh machine.
+
+Layout under the URL: `checkpoints/step_NNNNNNNN/` (the local checkpoint's files, its manifest.json
+uploaded last) and the run's log files (metrics.jsonl, samples.jsonl, config.yaml, env.json, tracker run ids).
+A remote checkpoint counts only once its manifest exists, so a kill during an upload never leaves one
+that looks valid; a download is verified against that manifest before it is used.
+
+Uploads run on one background thread, one checkpoint at a time: training goes on while the previous
+checkpoint uploads, and waits only if the next save comes before that upload ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import re
+import shutil
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from smoltrain import checkpoint as ckpt_io
+from smoltrain.config import check_remote_url
+from smoltrain.errors import UserError
+from smoltrain.runinfo import fault_point
+
+LOG_FILES = ("metrics.jsonl", "samples.jsonl", "config.yaml", "env.json", "wandb.json", "trackio.json")
+STEP_DIR = re.compile(r"step_(\d{8})$")
+
+
+def _explain(e: BaseException) -> str:
+    """One sentence for the usual ways a store is unusable; the exception class names the rest."""
+    names = {c.__name__ for c in type(e).__mro__}
+    if "NoCredentialsError" in names or "PartialCredentialsError" in names:
+        return ("no credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile), "
+                "or pass them in checkpoint.remote_options")
+    if names & {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionError", "ClientConnectorError"}:
+        return f"the endpoint cannot be reached ({e}); check AWS_ENDPOINT_URL or checkpoint.remote_options"
+    if isinstance(e, FileNotFoundError) or "NoSuchBucket" in str(e):
+        return f"the bucket or directory does not exist ({e}); create it first"
+    if isinstance(e, PermissionError):
+        return f"access was denied ({e}); check the credentials' permissions"
+    return f"{type(e).__name__}: {e}"
+
+
+class Remote:
+    """The run's copy at `url`: a checkpoint store with manifest-last commits, and the run's log files."""
+
+    def __init__(self, url: str, options: dict | None = None):
+        import fsspec
+
+        problems = check_remote_url(url)
+        if problems:
+            raise UserError(problems[0] + ".")
+        opts = dict(options or {})
+        if url.startswith(("file://", "local://")):
+            opts.setdefault("auto_mkdir", True)
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(url, **opts)
+        except (ImportError, ValueError, TypeError) as e:
+            raise UserError(f"checkpoint.remote {url!r} cannot be opened: {e}.") from None
+        self.url = url.rstrip("/")
+        self.root = self.root.rstrip("/")
+
+    # --- paths -------------------------------------------------------------------------------------
+    def _path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def url_of(self, step: int) -> str:
+        return f"{self.url}/checkpoints/step_{step:08d}"
+
+    # --- checks (before any work) ------------------------------------------------------------------
+    def check(self) -> None:
+        """Write, read back and delete a probe object: bad endpoints, buckets and credentials exit 2 now."""
+        probe = self._path(f".smoltrain-probe-{uuid.uuid4().hex[:8]}")
+        try:
+            self.fs.pipe_file(probe, b"ok")
+            ok = self.fs.cat_file(probe) == b"ok"
+            self.fs.rm_file(probe)
+        except Exception as e:  # every backend raises its own classes: all mean "unusable"
+            raise UserError(f"checkpoint.remote {self.url} is not usable: {_explain(e)}. Nothing was trained.") from None
+        if not ok:
+            raise UserError(f"checkpoint.remote {self.url} did not return what was written to it.")
+
+    # --- listing -----------------------------------------------------------------------------------
+    def steps(self, valid_only: bool = True) -> list[int]:
+        """Remote checkpoint steps, oldest first; valid means its manifest (uploaded last) exists."""
+        self.fs.invalidate_cache()
+        pattern = "*/" + ckpt_io.MANIFEST if valid_only else "*"
+        found = self.fs.glob(self._path("checkpoints", "step_" + pattern))
+        steps = set()
+        for p in found:
+            m = STEP_DIR.search(posixpath.dirname(p) if valid_only else p.rstrip("/"))
+            if m:
+                steps.add(int(m.group(1)))
+        return sorted(steps)
+
+    # --- upload ------------------------------------------------------------------------------------
+    def upload_checkpoint(self, ckpt: Path, step: int, run_dir: Path, keep_last: int) -> None:
+        """Logs, then every file of the checkpoint, then its manifest (the commit), then retention."""
+        dest = self._path("checkpoints", ckpt.name)
+        manifest = json.loads((ckpt / ckpt_io.MANIFEST).read_text())
+        if self.fs.exists(posixpath.join(dest, ckpt_io.MANIFEST)):  # re-saving a step: invalidate the old copy first
+            self.fs.rm_file(posixpath.join(dest, ckpt_io.MANIFEST))
+        self.upload_logs(run_dir)
+        for i, name in enumerate(sorted(manifest["files"])):
+            self.fs.put_file(str(ckpt / name), posixpath.join(dest, name))
+            if i == 0:
+                fault_point("in_upload", step)  # crash tests: die with a half-uploaded checkpoint
+        self.fs.put_file(str(ckpt / ckpt_io.MANIFEST), posixpath.join(dest, ckpt_io.MANIFEST))
+        self.retain(keep_last)
+        fault_point("after_upload", step)  # crash tests: a preempted machine, its remote copy complete
+
+    def upload_logs(self, run_dir: Path) -> None:
+        """Snapshots of the run's log files (read whole: the trainer may append meanwhile)."""
+        for name in LOG_FILES:
+            path = Path(run_dir) / name
+            if path.is_file():
+                self.fs.pipe_file(self._path(name), path.read_bytes())
+
+    def retain(self, keep_last: int) -> None:
+        """Keep the newest `keep_last` valid remote checkpoints; older ones (and older partial uploads) go.
+
+        The manifest is removed first, so a checkpoint stops counting before any of its files disappear.
+        """
+        if keep_last <= 0:
+            return
+        valid = self.steps()
+        if len(valid) <= keep_last:
+            return
+        oldest_kept = valid[-keep_last]
+        for step in self.steps(valid_only=False):
+            if step < oldest_kept:
+                d = self._path("checkpoints", f"step_{step:08d}")
+                if step in valid:
+                    self.fs.rm_file(posixpath.join(d, ckpt_io.MANIFEST))
+                self.fs.rm(d, recursive=True)
+
+    # --- download ----------------------------------------------------------------------------------
+    def restore(self, run_dir: Path) -> tuple[Path, int] | None:
+        """Newest remote checkpoint that downloads and verifies, committed into RUN/checkpoints; logs first.
+
+        Returns (local path, step), or None when the remote holds no valid checkpoint.
+        """
+        for step in reversed(self.steps()):
+            print(f"No checkpoint in {run_dir}: downloading {self.url_of(step)}...", flush=True)
+            try:
+                local = self._download(step, Path(run_dir))
+            except UserError as e:
+                print(f"remote: skipping {self.url_of(step)}: {e}", file=sys.stderr, flush=True)
+                continue
+            self.restore_logs(Path(run_dir))
+            return local, step
+        return None
+
+    def _download(self, step: int, run_dir: Path) -> Path:
+        final = ckpt_io.step_dir(run_dir, step)
+        staging = final.parent / f".staging-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # private to us
+        src = self._path("checkpoints", final.name)
+        try:
+            raw = self.fs.cat_file(posixpath.join(src, ckpt_io.MANIFEST))
+            manifest = json.loads(raw)
+            for name in manifest["files"]:
+                target = staging / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self.fs.get_file(posixpath.join(src, name), str(target))
+            (staging / ckpt_io.MANIFEST).write_bytes(raw)
+            ckpt_io.verify_checkpoint(staging)
+            os.replace(staging, final)
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"download failed ({_explain(e)})") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return final
+
+    def restore_logs(self, run_dir: Path) -> None:
+        """The remote's log files replace local ones, so history reads as if the machine never changed."""
+        for name in LOG_FILES:
+            src = self._path(name)
+            if self.fs.exists(src):
+                tmp = run_dir / f".{name}.remote-tmp"
+                tmp.write_bytes(self.fs.cat_file(src))
+                tmp.replace(run_dir / name)
+
+
+class Uploader:
+    """One background thread, one job at a time: a new job first waits for the one in flight."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self._thread: threading.Thread | None = None
+        self._what = ""
+        self.errors: list[str] = []
+
+    def submit(self, what: str, job: Callable[[], None]) -> None:
+        self.wait()
+        self._what = what
+
+        def run() -> None:
+            try:
+                job()
+            except Exception as e:  # the run goes on: the remote is a copy, the local checkpoint is committed
+                msg = f"remote: {what} failed: {_explain(e)}"
+                self.errors.append(msg)
+                print(msg, file=sys.stderr, flush=True)
+
+        self._thread = threading.Thread(target=run, name="smoltrain-upload", daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Block until the job in flight ends (or `timeout_s` passes); True when nothing is pending."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    def drain(self) -> bool:
+        """End of run or a signal: finish the pending job within `timeout_s`; False if it did not."""
+        if self._thread is None or not self._thread.is_alive():
+            return True
+        t0 = time.perf_counter()
+        print(f"remote: finishing {self._what} (waiting at most {self.timeout_s:.0f} s)...", flush=True)
+        if self.wait(self.timeout_s):
+            print(f"remote: done in {time.perf_counter() - t0:.1f} s.", flush=True)
+            return True
+        print(f"remote: {self._what} did not finish in {self.timeout_s:.0f} s (checkpoint.remote_timeout); "
+              "the remote keeps its previous complete checkpoint.", file=sys.stderr, flush=True)
+        return False
+
+
+class RunMirror:
+    """What the trainer talks to (rank 0): checkpoint.remote and checkpoint.push_to_hub, in the background."""
+
+    def __init__(self, cfg):
+        ck = cfg.checkpoint
+        self.remote = Remote(ck.remote, ck.remote_options) if ck.remote else None
+        if self.remote is not None:
+            self.remote.check()
+        self.hub_repo, self.hub_private = ck.push_to_hub, ck.hub_private
+        if self.hub_repo:
+            from smoltrain.hub import check_token
+
+            check_token(self.hub_repo)
+        self.keep_last = ck.keep_last
+        self.restored_from: str | None = None  # the remote checkpoint this run resumed from
+        self.uploads = Uploader(ck.remote_timeout)
+
+    @classmethod
+    def from_config(cfg_cls, cfg) -> RunMirror | None:
+        """None when neither is configured; checks the store now (exit 2 before data prep or training)."""
+        if not (cfg.checkpoint.remote or cfg.checkpoint.push_to_hub):
+            return None
+        return cfg_cls(cfg)
+
+    def restore(self, run_dir: Path) -> Path | None:
+        """A fresh machine: the newest valid remote checkpoint (and the logs) into the empty run dir."""
+        if self.remote is None:
+            return None
+        got = self.remote.restore(Path(run_dir))
+        if got is None:
+            return None
+        self.restored_from = self.remote.url_of(got[1])
+        return got[0]
+
+    def run_started(self, run_dir: Path) -> None:
+        if self.remote is not None:
+            self.uploads.submit("the upload of the run's log files", lambda: self.remote.upload_logs(run_dir))
+
+    def checkpoint_saved(self, ckpt: Path, step: int, run_dir: Path) -> None:
+        """Queue the upload of a committed checkpoint (waits only for the previous upload to end)."""
+        def job() -> None:
+            if self.remote is not None:
+                self.remote.upload_checkpoint(ckpt, step, run_dir, self.keep_last)
+            if self.hub_repo:
+                from smoltrain.hub import push_checkpoint
+
+                push_checkpoint(ckpt, self.hub_repo, f"step_{step:08d}", self.hub_private)
+
+        self.uploads.submit(f"the upload of step {step}", job)
+
+    def finish(self) -> None:
+        self.uploads.drain()

@@ -1,0 +1,101 @@
+"""Push to the Hugging Face Hub without a network: huggingface_hub's own HfApi runs unchanged, with its HTTP
+transport replaced (huggingface_hub.set_client_factory -> an httpx MockTransport) by a fake Hub that records
+every request and answers like the Hub's API. HF_ENDPOINT is simulated by patching the endpoint constant
+HfApi reads (the variable itself is read once, when huggingface_hub is imported)."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from smoltrain.cli import main
+
+from .conftest import DEBUG_TINY
+
+ENDPOINT = "http://hub.test"
+
+
+class FakeHub:
+    """Answers create_repo, validate-yaml, create_branch, preupload (every file 'regular': inline in the commit) and commit."""
+
+    def __init__(self):
+        self.requests: list[tuple[str, str, dict]] = []
+        self.commits: list[dict] = []
+
+    def __call__(self, request):
+        import httpx2
+
+        path, body = request.url.path, request.content
+        self.requests.append((request.method, path, dict(request.headers)))
+        if path == "/api/repos/create":
+            req = json.loads(body)
+            return httpx2.Response(200, json={"url": f"{ENDPOINT}/{req['organization']}/{req['name']}"})
+        if path == "/api/validate-yaml":  # the model card's metadata block
+            return httpx2.Response(200, json={"errors": [], "warnings": []})
+        if "/branch/" in path:
+            return httpx2.Response(200, json={})
+        if "/preupload/" in path:
+            files = json.loads(body)["files"]
+            return httpx2.Response(200, json={"files": [{"path": f["path"], "uploadMode": "regular",
+                                                         "shouldIgnore": False} for f in files]})
+        if "/commit/" in path:
+            lines = [json.loads(line) for line in body.decode().splitlines()]
+            files = {ln["value"]["path"]: base64.b64decode(ln["value"]["content"]) for ln in lines if ln["key"] == "file"}
+            self.commits.append({"path": path, "files": files, "header": lines[0]["value"]})
+            repo, oid = path.removeprefix("/api/models/").split("/commit/")[0], f"{len(self.commits):040d}"
+            return httpx2.Response(200, json={"commitUrl": f"{ENDPOINT}/{repo}/commit/{oid}", "commitOid": oid,
+                                              "pullRequestUrl": None})
+        return httpx2.Response(404, json={"error": f"fake hub: no route for {request.method} {path}"})
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    import httpx2
+    from huggingface_hub import constants, set_client_factory
+    from huggingface_hub.utils._http import default_client_factory
+
+    fake = FakeHub()
+    monkeypatch.setenv("HF_TOKEN", "hf_fake_write_token")
+    monkeypatch.setattr(constants, "ENDPOINT", ENDPOINT)
+    set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(fake), follow_redirects=True))
+    yield fake
+    set_client_factory(default_client_factory)
+
+
+def test_export_push_to_hub_uploads_the_hf_export_to_a_branch(hub, tiny_ckpt, capsys):
+    assert main(["export", str(tiny_ckpt), "--push-to-hub", "me/tiny-smol", "--private", "--revision", "v1"]) == 0
+    methods = [(m, p) for m, p, _ in hub.requests]
+    assert ("POST", "/api/repos/create") in methods and ("POST", "/api/models/me/tiny-smol/branch/v1") in methods
+    create = next(r for r in hub.requests if r[1] == "/api/repos/create")
+    assert create[2]["authorization"] == "Bearer hf_fake_write_token"
+    (commit,) = hub.commits
+    assert commit["path"] == "/api/models/me/tiny-smol/commit/v1"
+    files = commit["files"]
+    assert {"model.safetensors", "config.json", "tokenizer.json", "generation_config.json", "README.md"} <= set(files)
+    assert "manifest.json" not in files
+    assert files["model.safetensors"] == (tiny_ckpt / "model.safetensors").read_bytes()
+    assert "me/tiny-smol (revision v1)" in capsys.readouterr().out
+
+
+def test_export_push_without_a_token_is_refused_before_any_work(tmp_path, tiny_ckpt, monkeypatch, capsys):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no saved login either
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "hf" / "token"))
+    assert main(["export", str(tiny_ckpt), "--push-to-hub", "me/tiny"]) == 2
+    assert "HF_TOKEN" in capsys.readouterr().err
+
+
+def test_checkpoint_push_to_hub_pushes_each_checkpoint_to_its_branch(hub, tmp_path, tiny_data):
+    from smoltrain.config import load_config
+    from smoltrain.trainer import Trainer
+
+    pairs = [s for s in tiny_data if s != "--set"] + [f"run.dir={tmp_path / 'run'}", "train.max_steps=20",
+                                                       "checkpoint.push_to_hub=me/run", "eval.prompts=[]"]
+    Trainer(load_config(DEBUG_TINY, pairs)).train()
+    assert [c["path"] for c in hub.commits] == ["/api/models/me/run/commit/step_00000010",
+                                                "/api/models/me/run/commit/step_00000020"]
+    weights = hub.commits[-1]["files"]["model.safetensors"]
+    assert weights == (tmp_path / "run" / "checkpoints" / "step_00000020" / "model.safetensors").read_bytes()
+    assert "loss.png" in hub.commits[-1]["files"] and "training" in hub.commits[-1]["files"]["README.md"].decode().lower()

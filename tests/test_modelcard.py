@@ -1,0 +1,29 @@
+"""Model cards tell the truth: base or instruction-tuned from the source's own metadata."""
+
+from __future__ import annotations
+
+import json
+
+from smoltrain.interop import hf_origin
+from smoltrain.modelcard import intended_use, model_kind
+
+
+def test_model_kind_from_names_and_chat_template():
+    assert model_kind(["SmolLM2-135M-Instruct"], has_chat_template=False) == "instruct"
+    assert model_kind(["SmolLM2-135M"], has_chat_template=True) == "instruct"
+    assert model_kind(["SmolLM2-135M", None], has_chat_template=False) == "base"
+
+
+def test_hf_origin_reads_the_directory(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"_name_or_path": "HuggingFaceTB/SmolLM2-360M"}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 8192}))
+    assert hf_origin(tmp_path) == {"source": str(tmp_path), "name": "HuggingFaceTB/SmolLM2-360M", "kind": "base"}
+
+
+def test_intended_use_per_kind():
+    instruct = intended_use(False, {"source": "x.gguf", "kind": "instruct"})
+    assert "instruction-tuned" in instruct and "does not follow instructions" not in instruct
+    base = intended_use(False, {"source": "d", "kind": "base"})
+    assert "A base language model imported from `d`" in base and "losses above" not in base
+    trained = intended_use(True)
+    assert "described above" in trained and "losses above" in trained
