@@ -50,3 +50,22 @@ def test_eval_bpb_matches_transformers_on_the_export(tmp_path, tiny_ckpt, tiny_t
     assert math.isclose(ours["bpb"], text_nats / math.log(2) / nbytes, rel_tol=5e-3)
     assert math.isclose(ours["loss"], nats / tokens, rel_tol=5e-3)
     assert ours["bpb"] != nats / math.log(2) / nbytes  # the <|endoftext|> prediction is not counted
+
+
+def test_eval_a_split_shorter_than_one_window(tmp_path, tiny_ckpt, tiny_tokenizer_dir):
+    from smoltrain.data.prepare import prepare
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "long.txt").write_text(" ".join(make_corpus_text(3, seed=1)))
+    (tmp_path / "src" / "short.txt").write_text("To be, or not.")
+    meta = prepare([tmp_path / "src"], tiny_tokenizer_dir, tmp_path / "data", val_documents=["short.txt"],
+                   num_proc=1, verbose=False, progress=False)
+    n = meta["splits"]["val"]["num_tokens"]
+    assert 2 <= n < 256  # no complete window of the model's context (256)
+    proc = run_cli("eval", tiny_ckpt, "--data", tmp_path / "data", "--json")
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)
+    from smoltrain.tokenizer import load_tokenizer
+
+    first = load_tokenizer(tiny_tokenizer_dir).decode(load_tokenizer(tiny_tokenizer_dir).encode("To be, or not.")[:1])
+    assert res["tokens"] == n - 1 and res["seq_len"] == 256 and res["bytes"] == len("To be, or not.") - len(first)

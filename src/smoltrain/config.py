@@ -223,6 +223,7 @@ class TrainConfig:
     init_from: str | None = None  # continued pretraining: checkpoint, run dir, HF dir or .gguf
     allow_config_change: bool = False  # resume even if the trajectory-defining config differs
     resume_from: str | None = None  # explicit checkpoint to resume from (must exist)
+    start_fresh: bool = False  # train from step 0 even though every checkpoint in run.dir is corrupt
 
 
 @dataclass
