@@ -68,7 +68,8 @@ def print_header(cfg: Config, env: dict, num_params: int, world_size: int) -> No
 
 
 def fault_point(name: str, step: int) -> None:
-    """Test hook: SMOLTRAIN_FAULT="after_step=12" or "in_save=20" SIGKILLs this process right there.
+    """Test hook: SMOLTRAIN_FAULT="after_step=12" or "in_save=20" SIGKILLs this process right there;
+    "in_save=20:enospc" raises the OSError a full disk gives instead.
 
     Lets the crash tests kill a run at an exact point (after an optimizer step, or inside a checkpoint
     save) instead of racing a timer; a no-op when the variable is unset.
@@ -76,3 +77,7 @@ def fault_point(name: str, step: int) -> None:
     spec = os.environ.get("SMOLTRAIN_FAULT")
     if spec and spec == f"{name}={step}":
         os.kill(os.getpid(), signal.SIGKILL)
+    if spec and spec == f"{name}={step}:enospc":
+        import errno
+
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
