@@ -153,7 +153,7 @@ def test_tampered_checkpoint_payload_is_never_executed(run4, tmp_path, tiny_data
     proc = train(tmp_path / "init", tiny_data, "--set", "train.max_steps=1", "--set", f"train.init_from={ckpt}")
     assert proc.returncode == 0, proc.stderr
     data = Path(next(a.split("=", 1)[1] for a in tiny_data if a.startswith("run.data_dir="))) / "tiny"
-    for args in (["eval", ckpt, "--data", data, "--seq-len", "64", "--max-batches", "1"],
+    for args in (["eval", ckpt, "--data", data, "--seq-len", "64", "--max-tokens", "512"],
                  ["export", ckpt, "--out", tmp_path / "hf"],
                  ["import", ckpt / "hf", "--out", tmp_path / "imported"],
                  ["generate", ckpt, "--prompt", "The", "--max-new-tokens", "2"]):
