@@ -128,7 +128,7 @@ def run_recipe(name: str, overrides: list[str], args: argparse.Namespace) -> dic
         sys.exit(f"recipe {name} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
     names = [d.name for d in cfg.data.datasets]
     ev = smoltrain("eval", str(run), "--data", str(data / names[0]), "--json", "--seq-len", str(cfg.train.seq_len),
-                   "--batch-size", "16", "--max-batches", str(args.eval_batches))
+                   "--batch-size", "16", "--max-tokens", str(args.eval_batches * 16 * cfg.train.seq_len))
     if ev.returncode != 0:
         sys.exit(f"eval of {name} failed:\n{ev.stderr[-4000:]}")
     row = json.loads(ev.stdout)

@@ -211,6 +211,7 @@ class TrainConfig:
     init_from: str | None = None  # continued pretraining: checkpoint, run dir, HF dir or .gguf
     allow_config_change: bool = False  # resume even if the trajectory-defining config differs
     resume_from: str | None = None  # explicit checkpoint to resume from (must exist)
+    start_fresh: bool = False  # train from step 0 even though every checkpoint in run.dir is corrupt
 
 
 @dataclass
@@ -495,11 +496,20 @@ def _get(tree: dict, dotted: str) -> Any:
     return tree
 
 
+def _dataset_defaults(datasets: Any) -> Any:
+    if not isinstance(datasets, list):
+        return datasets
+    base = dataclasses.asdict(DatasetConfig())
+    return [{**base, **d} if isinstance(d, dict) else d for d in datasets]
+
+
 def trajectory_diff(old: dict, new: dict) -> list[str]:
     """Trajectory-defining fields whose values differ between two resolved config dicts."""
     diffs = []
     for key in TRAJECTORY_FIELDS:
         a, b = _get(old, key), _get(new, key)
+        if key == "data.datasets":  # a config saved before a dataset field existed had its default
+            a, b = _dataset_defaults(a), _dataset_defaults(b)
         if isinstance(a, dict) and isinstance(b, dict):
             diffs += [f"{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
         elif a != b:

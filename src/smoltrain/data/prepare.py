@@ -116,8 +116,11 @@ def _recipe(sources: list[Source], tok: Tokenizer, text_key: str, val_fraction: 
             max_documents: int | None, val_documents: list[str]) -> dict:
     """What determines the output: a re-run with the same recipe is a no-op."""
     specs = [s.spec if s.kind == "hf" else str(Path(s.spec).expanduser().resolve()) for s in sources]
-    return {"sources": specs, "tokenizer_sha256": tok.sha256, "text_key": text_key, "val_fraction": val_fraction,
-            "val_docs": val_docs, "max_documents": max_documents, "val_documents": list(val_documents)}
+    recipe = {"sources": specs, "tokenizer_sha256": tok.sha256, "text_key": text_key, "val_fraction": val_fraction,
+              "val_docs": val_docs, "max_documents": max_documents}
+    if val_documents:  # only then: data prepared before names could be held out keeps its recipe
+        recipe["val_documents"] = list(val_documents)
+    return recipe
 
 
 def _existing(out: Path, recipe: dict, force: bool, sources: list[Source]) -> dict | None:
