@@ -1,7 +1,16 @@
-"""Training throughput: smoltrain's train step vs a plain transformers LlamaForCausalLM loop.
+"""Training throughput: `smoltrain train` and smoltrain's train step vs a plain transformers loop.
 
     python bench/train.py [--rounds 3] [--steps 10] [--out bench/results.jsonl]        # CPU shape of issue 6
     python bench/train.py --preset smollm2-135m --micro-batch 16 --seq-len 2048 --dtype bf16 --compile  # GPU
+
+Three sides, each in a fresh subprocess, ABBA-ordered rounds:
+- `smoltrain train`: the real command (trainer, data loader, progress bar, metrics.jsonl, TensorBoard)
+  with the shipped CPU recipe (configs/quickstart.yaml) set to this shape, on data prepared once before
+  the rounds. Its speed is wall-clock: the time between the metrics.jsonl lines of two logged steps, read
+  as they appear, so everything the loop does per step counts (start-up, the final eval and save do not).
+- smoltrain step: model + fused loss + clip + AdamW in isolation, random tokens.
+- transformers: the plain loop a user writes, random tokens.
+The loop's overhead is 1 - (train's tokens/s) / (the isolated step's tokens/s).
 
 Same shape, micro-batch, sequence length, AdamW (betas 0.9/0.95, wd 0.01), clip 1.0 and dtype for both.
 Rounds run in ABBA order so that a drift in the host's speed hits both sides alike.
@@ -18,15 +27,20 @@ peak worth the name.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import emit, interleaved  # noqa: E402
@@ -53,13 +67,14 @@ def build(impl: str, cfg: ModelConfig, device: torch.device, a):
     torch.manual_seed(0)
     dtype = DTYPES[a.dtype]
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else None
-    if impl == "smoltrain":
+    if impl == "smoltrain step":
         from smoltrain.model import build_model
         from smoltrain.optim import build_optimizer
 
         model = build_model(cfg, device).train()
         opt = build_optimizer(model, OptimConfig(lr=1e-3, weight_decay=0.01), device)
-        loss_fn = lambda x, y: model(x, labels=y, loss_chunk=a.loss_chunk)  # noqa: E731
+        chunk = a.loss_chunk if a.loss_chunk == "auto" else int(a.loss_chunk)
+        loss_fn = lambda x, y: model(x, labels=y, loss_chunk=chunk)  # noqa: E731
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -89,6 +104,8 @@ def build(impl: str, cfg: ModelConfig, device: torch.device, a):
 
 def worker(a) -> None:
     """One measurement in this process: warm-up steps, then timed steps; prints one JSON line."""
+    if a.worker == "smoltrain train":
+        return train_worker(a)
     device = torch.device("cuda" if torch.cuda.is_available() and a.device != "cpu" else "cpu")
     cfg = shape(a)
     step = build(a.worker, cfg, device, a)
@@ -113,6 +130,67 @@ def worker(a) -> None:
                       "device": device.type, "cpu_peak": peak}))
 
 
+QUICKSTART = Path(__file__).parent.parent / "configs" / "quickstart.yaml"
+
+
+def train_config(a, work: Path) -> Path:
+    """The shipped CPU recipe (quickstart) at this bench's shape, batch and dtype, on a few documents;
+    evaluation, sampling and the save fall after the last logged step (they are not per-step work)."""
+    tree = yaml.safe_load(QUICKSTART.read_text())
+    model = dataclasses.asdict(shape(a))
+    model.update({k: tree["model"][k] for k in ("tie_word_embeddings", "bos_token_id", "eos_token_id")})
+    tree["model"] = model
+    log_every = tree["log"]["every"]
+    tree["train"].update(micro_batch_size=a.micro_batch, seq_len=a.seq_len, dtype=a.dtype, compile=a.compile,
+                         max_steps=log_every * (1 + a.train_logs), device=a.device)
+    if a.loss_chunk != "auto":
+        tree["train"]["loss_chunk"] = int(a.loss_chunk)
+    tree["data"].update(max_documents=8, val_fraction=0.125)
+    tree["eval"].update(every=0, sample_every=0)
+    tree["checkpoint"]["every"] = 0
+    tree["run"] = {"dir": str(work / "prep"), "data_dir": str(work / "data")}
+    path = work / "train.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def train_worker(a) -> None:
+    """`smoltrain train` as a user runs it, in a child process. Its metrics.jsonl is read as it grows:
+    tokens/s is the wall time between the first and last logged steps, so the loop's per-step work
+    (loader, logging, progress bar, syncs) counts. Prints one JSON line."""
+    run_dir = Path(a.work) / f"run-{os.getpid()}"
+    run_dir.mkdir()
+    cmd = [sys.executable, "-m", "smoltrain", "train", "--config", a.train_config, "--set", f"run.dir={run_dir}"]
+    with open(run_dir.with_suffix(".log"), "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        seen, offset, pending = [], 0, ""
+        metrics = run_dir / "metrics.jsonl"
+        while True:
+            done = proc.poll() is not None
+            if metrics.exists():
+                with open(metrics) as f:
+                    f.seek(offset)
+                    chunk = f.read()
+                    offset = f.tell()
+                now = time.perf_counter()
+                pending += chunk
+                *lines, pending = pending.split("\n")
+                seen += [(now, json.loads(line)) for line in lines if line.strip()]
+            if done:
+                break
+            time.sleep(0.01)
+    if proc.returncode != 0:
+        sys.exit(f"smoltrain train failed:\n{run_dir.with_suffix('.log').read_text()[-3000:]}")
+    steps = [(t, r) for t, r in seen if "loss" in r]
+    (t0, first), (t1, last) = steps[0], steps[-1]
+    busy = statistics.median(r["tokens_per_sec"] for _, r in steps[1:])
+    mem = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    print(json.dumps({"tokens_per_sec": (last["tokens"] - first["tokens"]) / (t1 - t0), "peak_mem_gb": mem,
+                      "device": "cuda" if torch.cuda.is_available() and a.device != "cpu" else "cpu",
+                      "cpu_peak": cpu_matmul_peak(), "logged_tokens_per_sec": busy,
+                      "steps": [first["step"], last["step"]]}))
+
+
 def cpu_matmul_peak() -> float:
     x = torch.randn(2048, 2048)
     for _ in range(3):
@@ -133,7 +211,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     ap.add_argument("--compile", action="store_true", help="torch.compile both models")
-    ap.add_argument("--loss-chunk", type=int, default=4096)
+    ap.add_argument("--loss-chunk", default="auto", help="smoltrain's fused-loss chunk (default: auto, as train)")
+    ap.add_argument("--train-logs", type=int, default=2,
+                    help="logged steps timed in `smoltrain train` (log.every apart, after one warm-up interval)")
+    ap.add_argument("--work", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--train-config", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=None, help="append JSON lines here")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -145,10 +227,18 @@ def main() -> None:
         i = passthrough.index("--out")
         del passthrough[i:i + 2]
     passthrough = [arg for arg in passthrough if not arg.startswith("--out=")]
-    results = interleaved([sys.executable, __file__, *passthrough], ["smoltrain", "transformers"], a.rounds)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        config = train_config(a, work)
+        prep = subprocess.run([sys.executable, "-m", "smoltrain", "train", "--config", str(config), "--set",
+                               "train.max_steps=1"], capture_output=True, text=True)  # tokenizer + data, once
+        if prep.returncode != 0:
+            sys.exit(f"preparing the data failed:\n{prep.stderr[-3000:]}")
+        command = [sys.executable, __file__, *passthrough, "--work", tmp, "--train-config", str(config)]
+        results = interleaved(command, ["smoltrain train", "smoltrain step", "transformers"], a.rounds)
     cfg = shape(a)
     fpt = flops_per_token(cfg, a.seq_len)
-    device = results["smoltrain"][0]["device"]
+    device = results["smoltrain step"][0]["device"]
     summary = {}
     for impl, runs in results.items():
         tps = statistics.median(r["tokens_per_sec"] for r in runs)
@@ -165,8 +255,13 @@ def main() -> None:
               "peak_mem_gb": round(max(r["peak_mem_gb"] for r in runs), 3), "rounds": [round(r["tokens_per_sec"], 1)
                                                                                       for r in runs],
               "shape": a.preset or "issue6-cpu", "micro_batch": a.micro_batch, "seq_len": a.seq_len,
-              "dtype": a.dtype, "compile": a.compile, "device": device}, a.out)
-    print(f"ratio smoltrain / transformers: {summary['smoltrain'] / summary['transformers']:.2f}x")
+              "dtype": a.dtype, "compile": a.compile, "device": device,
+              **({"logged_tokens_per_sec": round(statistics.median(r["logged_tokens_per_sec"] for r in runs), 1)}
+                 if "logged_tokens_per_sec" in runs[0] else {})}, a.out)
+    base = summary["transformers"]
+    print(f"smoltrain train / transformers: {summary['smoltrain train'] / base:.2f}x; smoltrain step / "
+          f"transformers: {summary['smoltrain step'] / base:.2f}x; loop overhead (1 - train / step): "
+          f"{1 - summary['smoltrain train'] / summary['smoltrain step']:.1%}")
 
 
 if __name__ == "__main__":

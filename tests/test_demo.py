@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 from smoltrain.errors import UserError
 
@@ -132,3 +133,54 @@ def test_demo_bad_inputs_exit_2(run12, tmp_path):
         busy.listen()
         port = busy.getsockname()[1]
         assert_user_error(run_cli("demo", run12, "--port", str(port)), f"127.0.0.1:{port}", "in use", "--port")
+
+
+@pytest.fixture(scope="module")
+def lively_ckpt(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """A tiny checkpoint whose next token depends on the context (init std 0.2), so a mixed-up KV cache shows."""
+    from smoltrain.checkpoint import model_state, save_model_files, staged_dir
+    from smoltrain.model import build_model
+    from smoltrain.presets import get_preset
+    from smoltrain.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    cfg = get_preset("tiny").replace(initializer_range=0.2)
+    out = tmp_path_factory.mktemp("lively") / "ckpt"
+    with staged_dir(out) as d:
+        save_model_files(d, model_state(build_model(cfg)), cfg, load_tokenizer(tiny_tokenizer_dir))
+    return out
+
+
+@pytest.mark.parametrize("temperature, seed", [(0.0, None), (1.0, 5)])
+def test_concurrent_requests_on_one_checkpoint_equal_their_solo_output(lively_ckpt, temperature, seed):
+    """Both panes on one checkpoint, and two requests at once in threads: every stream owns its KV cache,
+    so each output equals the same generation alone (greedy with no seed, and seeded sampling)."""
+    import threading
+
+    from smoltrain.demo import CheckpointSource, Generator, ModelCache
+    from smoltrain.generate import SamplingConfig, generate
+
+    source = CheckpointSource(lively_ckpt)
+    cache = ModelCache(torch.device("cpu"))
+    key = source.defaults()[1]
+    model, tok = cache.get(source.path(key))
+    prompts = ["The king", "Tomorrow and tomorrow and"]
+    cfg = SamplingConfig(temperature, 0, 1.0)
+    solo = [p + tok.decode(list(generate(model, tok.encode(p), 60, cfg, seed, [tok.eot_id]))) for p in prompts]
+    run = Generator(source, cache)
+    threads_before = torch.get_num_threads()
+    results: dict[int, tuple[str, str]] = {}
+
+    def request(i: int) -> None:
+        for both in run(prompts[i], key, key, 60, temperature, 0, 1.0, seed):
+            results[i] = both
+
+    threads = [threading.Thread(target=request, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert solo[0] != solo[1]
+    assert results[0] == (solo[0], solo[0])
+    assert results[1] == (solo[1], solo[1])
+    assert torch.get_num_threads() == threads_before  # decoding drops to one thread, the last one out restores

@@ -6,7 +6,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from smoltrain.checkpoint import load_model
-from smoltrain.generate import SamplingConfig, generate, sample, stream_text
+from smoltrain.generate import SamplingConfig, generate, generate_batch, sample, stream_text
 from smoltrain.model import build_model
 from smoltrain.presets import get_preset
 
@@ -15,9 +15,15 @@ from .conftest import assert_user_error, run_cli
 GREEDY = SamplingConfig(temperature=0)
 
 
-def _model(seed=0):
+def _model(seed=0, std=0.02):
     torch.manual_seed(seed)
-    return build_model(get_preset("tiny").replace(eos_token_id=None)).eval()
+    return build_model(get_preset("tiny").replace(eos_token_id=None, initializer_range=std)).eval()
+
+
+def _lively_model():
+    """Weights large enough that the next token depends on the context (at std 0.02 the tiny model
+    repeats one token whatever came before, which would hide a mixed-up KV cache)."""
+    return _model(std=0.2)
 
 
 def _greedy_no_cache(model, prompt, n):
@@ -103,6 +109,52 @@ def test_generate_cli_greedy_and_prompt_file(tiny_ckpt, tmp_path):
     f.write_text("To be\nThe quick\n")
     proc = run_cli("generate", tiny_ckpt, "--prompt-file", f, "--temperature", "0", "--max-new-tokens", "4")
     assert proc.returncode == 0 and proc.stdout.count("=== prompt") == 2
+    solo = ["To be" + tok.decode(list(generate(model, tok.encode("To be"), 4, GREEDY))),
+            "The quick" + tok.decode(list(generate(model, tok.encode("The quick"), 4, GREEDY)))]
+    assert proc.stdout.splitlines() == ["=== prompt 1/2 ===", solo[0], "=== prompt 2/2 ===", solo[1]]
+
+
+def test_interleaved_generations_on_one_model_are_independent():
+    """Each generate() call owns its KV cache: two streams advanced in turn on one model (the demo's two
+    panes) equal their solo outputs, also when the shorter one ends first."""
+    model = _lively_model()
+    cfg = SamplingConfig(temperature=1.0, top_k=50)
+    for sc, seeds in ((GREEDY, (None, None)), (cfg, (1, 2))):
+        jobs = [([5, 17, 200, 3], 40, seeds[0]), ([9, 8], 12, seeds[1])]
+        solo = [list(generate(model, p, n, sc, seed=s)) for p, n, s in jobs]
+        streams = [generate(model, p, n, sc, seed=s) for p, n, s in jobs]
+        got: list[list[int]] = [[], []]
+        live = [0, 1]
+        while live:
+            for i in list(live):
+                tid = next(streams[i], None)
+                if tid is None:
+                    live.remove(i)
+                else:
+                    got[i].append(tid)
+        assert got == solo
+
+
+def test_batched_generation_equals_one_by_one():
+    """Prompts of different lengths decoded as one left-padded batch: each row's tokens are the ones
+    generate() gives that prompt alone, greedy and seeded sampling, with stops and per-row budgets."""
+    from smoltrain.generate import prepare_for_decode
+
+    model = prepare_for_decode(_lively_model())
+    prompts = [[5, 17, 200, 3, 99, 42, 7], [11], [8, 9, 10, 250], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
+    greedy = generate_batch(model, prompts, 30, GREEDY)
+    assert greedy == [list(generate(model, p, 30, GREEDY)) for p in prompts]
+    assert all(len(g) == 30 for g in greedy) and len({tuple(g) for g in greedy}) == len(prompts)
+    stop = greedy[0][3]  # one row stops early, the others go on
+    assert generate_batch(model, prompts, 30, GREEDY, stop_ids=[stop]) == [
+        list(generate(model, p, 30, GREEDY, stop_ids=[stop])) for p in prompts]
+    cfg = SamplingConfig(temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.2)
+    seeds = [3, 4, 5, 6]
+    sampled = generate_batch(model, prompts, 25, cfg, seeds)
+    assert sampled == [list(generate(model, p, 25, cfg, seed=s)) for p, s in zip(prompts, seeds)]
+    assert len({tuple(x) for x in sampled}) == len(prompts)
+    near_end = [list(range(1, 250)), [4, 5]]  # tiny's context is 256: the long row gets 7 tokens
+    assert [len(x) for x in generate_batch(model, near_end, 20, GREEDY)] == [7, 20]
 
 
 def test_prompt_longer_than_context_is_a_user_error(tiny_ckpt):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -99,3 +101,30 @@ def test_meta_build_allocates_once_and_rope_not_in_state():
     model = build_model(get_preset("tiny"), init=False)
     assert "rope_cos" not in model.state_dict()
     assert model.rope_cos.shape == (256, 16) and model.rope_cos.device.type == "cpu"
+
+
+def test_auto_loss_chunk_is_the_default_and_picks_the_fused_path(monkeypatch):
+    """A config that does not mention train.loss_chunk (debug-tiny included) gets the fused loss, sized
+    for the shape on CPU; the plain loss only when asked for with 0; bad values are refused."""
+    from smoltrain import loss as loss_mod
+    from smoltrain.config import load_config
+    from smoltrain.errors import UserError
+
+    root = Path(__file__).parent.parent / "configs"
+    for name in ("debug-tiny", "quickstart"):
+        assert load_config(root / f"{name}.yaml").train.loss_chunk == "auto"
+    cpu = torch.device("cpu")
+    assert loss_mod.auto_chunk(2048, 49152, cpu) == 256  # the issue-6 shape: ~48 MB blocks, not one 400 MB one
+    assert loss_mod.auto_chunk(4096, 2048, cpu) == 2048
+    assert loss_mod.auto_chunk(100, 512, cpu) == 100  # never more rows than the batch has
+    calls = []
+    real = loss_mod.chunked_cross_entropy
+    monkeypatch.setattr("smoltrain.model.chunked_cross_entropy", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny"))
+    ids = torch.randint(0, model.config.vocab_size, (2, 41))
+    auto = model(ids, labels=ids, loss_chunk="auto")
+    assert calls == [82] and abs(auto.item() - model(ids, labels=ids).item()) < 1e-6
+    for bad in ("-1", "big", "true"):
+        with pytest.raises(UserError, match="train.loss_chunk"):
+            load_config(root / "debug-tiny.yaml", [f"train.loss_chunk={bad}"])

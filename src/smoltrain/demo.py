@@ -84,16 +84,18 @@ class ModelCache:
         self.device, self.size = device, size
         self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.models: OrderedDict[str, tuple] = OrderedDict()
+        self.lock = threading.Lock()  # requests load from several threads; a model is only read once loaded
 
     def get(self, path: Path) -> tuple:
         key = str(path)
-        if key not in self.models:
-            model, tok, _ = load_model(path, device=self.device, dtype=self.dtype)
-            self.models[key] = (prepare_for_decode(model), tok)
-            while len(self.models) > self.size:
-                self.models.popitem(last=False)
-        self.models.move_to_end(key)
-        return self.models[key]
+        with self.lock:
+            if key not in self.models:
+                model, tok, _ = load_model(path, device=self.device, dtype=self.dtype)
+                self.models[key] = (prepare_for_decode(model), tok)
+                while len(self.models) > self.size:
+                    self.models.popitem(last=False)
+            self.models.move_to_end(key)
+            return self.models[key]
 
 
 def interleave(streams: list[Iterator[str]]) -> Iterator[list[str]]:
@@ -113,12 +115,13 @@ def interleave(streams: list[Iterator[str]]) -> Iterator[list[str]]:
 
 
 class Generator:
-    """The page's one action: stream a prompt's continuation from each picked checkpoint."""
+    """The page's one action: stream a prompt's continuation from each picked checkpoint.
+
+    Each stream owns its KV cache (generate() makes one per call), so two panes on the same checkpoint,
+    or two requests at once, never touch each other's state: each equals the stream it would be alone."""
 
     def __init__(self, source: CheckpointSource, cache: ModelCache):
         self.source, self.cache = source, cache
-        self.lock = threading.Lock()  # one generation at a time: a model's KV cache lives on the model
-        self.threads = torch.get_num_threads()
 
     def __call__(self, prompt: str, key_a: str, key_b: str, max_new_tokens: float, temperature: float,
                  top_k: float, top_p: float, seed: float | None) -> Iterator[tuple[str, str]]:
@@ -127,18 +130,16 @@ class Generator:
         cfg = SamplingConfig(float(temperature), int(top_k or 0), float(top_p))
         cfg.validate()
         seed = None if seed is None else int(seed)
-        with self.lock:
-            models = [self.cache.get(self.source.path(k)) for k in (key_a, key_b)]
-            token_streams = [generate(m, tok.encode(prompt), int(max_new_tokens), cfg, seed, [tok.eot_id])
-                             for m, tok in models]
-            try:
-                texts = [stream_text(t, tok.decode) for t, (_, tok) in zip(token_streams, models)]
-                for a, b in interleave(texts):
-                    yield prompt + a, prompt + b
-            finally:
-                for t in token_streams:
-                    t.close()  # frees the KV caches even when the page stops listening mid-stream
-                torch.set_num_threads(self.threads)  # decoding drops to one thread; later prefills want all
+        models = [self.cache.get(self.source.path(k)) for k in (key_a, key_b)]
+        token_streams = [generate(m, tok.encode(prompt), int(max_new_tokens), cfg, seed, [tok.eot_id])
+                         for m, tok in models]
+        try:
+            texts = [stream_text(t, tok.decode) for t, (_, tok) in zip(token_streams, models)]
+            for a, b in interleave(texts):
+                yield prompt + a, prompt + b
+        finally:
+            for t in token_streams:
+                t.close()  # ends the decode (its cache and thread setting) when the page stops listening
 
 
 def build_app(source: CheckpointSource, cache: ModelCache):

@@ -6,28 +6,35 @@ Greedy decoding (temperature 0) gives exactly transformers' greedy `generate` to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
+from smoltrain import domain
 from smoltrain.config import eos_ids
+from smoltrain.domain import checked
 from smoltrain.errors import UserError
-from smoltrain.model import SmolLM2, to_inference_layout
+from smoltrain.model import KVCache, SmolLM2, to_inference_layout
+
+PROMPT_BATCH = 16  # prompts of a --prompt-file decoded together
 
 
 @dataclass
 class SamplingConfig:
-    temperature: float = 0.8  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1.0 = off
-    repetition_penalty: float = 1.0  # 1.0 = off; HF semantics (divide positive logits, multiply negative)
+    temperature: float = checked(0.8, domain.temperature)
+    top_k: int = checked(0, domain.nonneg("off"))
+    top_p: float = checked(1.0, domain.top_p)
+    # 1.0 = off; HF semantics (divide positive logits, multiply negative)
+    repetition_penalty: float = checked(1.0, domain.positive)
 
     def validate(self) -> None:
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
-            raise UserError("Sampling needs temperature >= 0, top_k >= 0, 0 < top_p <= 1 and "
-                            f"repetition_penalty > 0 (got {self})")
+        problems = domain.problems(self, "sampling")
+        if problems:
+            raise UserError("Bad sampling settings: " + "; ".join(problems) + ".")
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -74,43 +81,73 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, history: torch.Tensor | No
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-def prefill(model: SmolLM2, ids: torch.Tensor) -> torch.Tensor:
-    """Run the prompt (B, T) through the model, filling the cache; logits of the last position (B, V)."""
-    h = model.hidden_states(ids, start_pos=0)
+def prefill(model: SmolLM2, ids: torch.Tensor, cache: KVCache, pad: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the prompts (B, T) through the model, filling `cache`; logits of the last position (B, V)."""
+    h = model.hidden_states(ids, start_pos=0, cache=cache, pad=pad)
     return model.lm_head(h[:, -1])
 
 
-def decode_one_token(model: SmolLM2, token: torch.Tensor, pos: int) -> torch.Tensor:
-    """One step: token (B, 1) at absolute position `pos` -> next-token logits (B, V)."""
-    h = model.hidden_states(token, start_pos=pos)
+def decode_one_token(model: SmolLM2, token: torch.Tensor, slot: int, cache: KVCache,
+                     pad: torch.Tensor | None = None) -> torch.Tensor:
+    """One step: token (B, 1) at cache slot `slot` -> next-token logits (B, V)."""
+    h = model.hidden_states(token, start_pos=slot, cache=cache, pad=pad)
     return model.lm_head(h[:, -1])
 
 
-@torch.inference_mode()
-def generate(model: SmolLM2, prompt: list[int], max_new_tokens: int, cfg: SamplingConfig,
-             seed: int | None = None, stop_ids: list[int] | None = None) -> Iterator[int]:
-    """Yield new token ids one at a time (stops after max_new_tokens or at a stop id, not yielded)."""
-    cfg.validate()
+_threads_lock = threading.Lock()
+_threads_state = {"decoders": 0, "saved": 0}
+
+
+@contextlib.contextmanager
+def decode_threads(device: torch.device) -> Iterator[None]:
+    """One torch thread while decoding on CPU (one token at a time: fork/join costs more than it brings).
+    The count is process-wide, so concurrent generations share it: the first in sets it, the last out
+    restores it."""
+    if device.type != "cpu":
+        yield
+        return
+    with _threads_lock:
+        if _threads_state["decoders"] == 0:
+            _threads_state["saved"] = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _threads_state["decoders"] += 1
+    try:
+        yield
+    finally:
+        with _threads_lock:
+            _threads_state["decoders"] -= 1
+            if _threads_state["decoders"] == 0:
+                torch.set_num_threads(_threads_state["saved"])
+
+
+def _budget(model: SmolLM2, prompt: list[int], max_new_tokens: int) -> int:
+    """New tokens this prompt may get within the model's context; refuses empty or too-long prompts."""
     limit = model.config.max_position_embeddings
     if not prompt:
         raise UserError("The prompt is empty.")
     if len(prompt) >= limit:
         raise UserError(f"The prompt is {len(prompt)} tokens long; this model's context "
                         f"(max_position_embeddings) is {limit} tokens.")
-    max_new_tokens = min(max_new_tokens, limit - len(prompt))
+    return min(max_new_tokens, limit - len(prompt))
+
+
+@torch.inference_mode()
+def generate(model: SmolLM2, prompt: list[int], max_new_tokens: int, cfg: SamplingConfig,
+             seed: int | None = None, stop_ids: list[int] | None = None) -> Iterator[int]:
+    """Yield new token ids one at a time (stops after max_new_tokens or at a stop id, not yielded).
+    The KV cache belongs to this call: generations running side by side on one model are independent."""
+    cfg.validate()
+    max_new_tokens = _budget(model, prompt, max_new_tokens)
     device = model.model.embed_tokens.weight.device
     stop = set(eos_ids(model.config) if stop_ids is None else stop_ids)
     gen = None
     if seed is not None:
         gen = torch.Generator(device=device).manual_seed(seed)
     ids = torch.tensor([prompt], device=device)
-    model.setup_kv_cache(1, len(prompt) + max_new_tokens)
-    threads = torch.get_num_threads()
-    try:
-        logits = prefill(model, ids)
-        if device.type == "cpu":  # one token at a time: thread fork/join costs more than it brings
-            torch.set_num_threads(1)
-        history = ids
+    cache = model.new_kv_cache(1, len(prompt) + max_new_tokens)
+    logits = prefill(model, ids, cache)
+    history = ids
+    with decode_threads(device):
         for i in range(max_new_tokens):
             token = sample(logits, cfg, history, gen)  # (1,)
             tid = int(token)
@@ -120,10 +157,52 @@ def generate(model: SmolLM2, prompt: list[int], max_new_tokens: int, cfg: Sampli
             if i + 1 == max_new_tokens:
                 return
             history = torch.cat([history, token[:, None]], dim=1) if cfg.repetition_penalty != 1.0 else history
-            logits = decode_one_token(model, token[:, None], len(prompt) + i)
-    finally:
-        torch.set_num_threads(threads)
-        model.clear_kv_cache()
+            logits = decode_one_token(model, token[:, None], len(prompt) + i, cache)
+
+
+def _sample_rows(logits: torch.Tensor, cfg: SamplingConfig, histories: list[torch.Tensor],
+                 gens: list[torch.Generator | None]) -> torch.Tensor:
+    """Next tokens (B,): each row sampled as generate() samples it alone (its own history and generator)."""
+    if cfg.temperature == 0 and cfg.repetition_penalty == 1.0:
+        return logits.float().argmax(dim=-1)
+    return torch.cat([sample(logits[r : r + 1], cfg, histories[r], gens[r]) for r in range(logits.shape[0])])
+
+
+@torch.inference_mode()
+def generate_batch(model: SmolLM2, prompts: list[list[int]], max_new_tokens: int, cfg: SamplingConfig,
+                   seeds: list[int | None] | None = None, stop_ids: list[int] | None = None) -> list[list[int]]:
+    """Each prompt's new tokens, all prompts decoded together in one batch: the same tokens as generate()
+    on each prompt alone (seeds[i] for prompt i), up to float summation order. Prompts of different
+    lengths are left-padded; their positions start after the padding, which no query attends to."""
+    cfg.validate()
+    budgets = [_budget(model, p, max_new_tokens) for p in prompts]
+    device = model.model.embed_tokens.weight.device
+    stop = set(eos_ids(model.config) if stop_ids is None else stop_ids)
+    seeds = seeds or [None] * len(prompts)
+    gens = [None if s is None else torch.Generator(device=device).manual_seed(s) for s in seeds]
+    longest = max(len(p) for p in prompts)
+    pads = [longest - len(p) for p in prompts]
+    ids = torch.tensor([[0] * n + p for n, p in zip(pads, prompts)], device=device)  # (B, T)
+    pad = torch.tensor(pads, device=device) if any(pads) else None
+    histories = [torch.tensor([p], device=device) for p in prompts]
+    cache = model.new_kv_cache(len(prompts), longest + max(budgets))
+    logits = prefill(model, ids, cache, pad)
+    out: list[list[int]] = [[] for _ in prompts]
+    live = [b > 0 for b in budgets]
+    with decode_threads(device):
+        for i in range(max(budgets)):
+            tokens = _sample_rows(logits, cfg, histories, gens)  # (B,)
+            for r, tid in enumerate(tokens.tolist()):
+                if live[r]:
+                    live[r] = tid not in stop
+                    out[r] += [tid] if live[r] else []
+                    live[r] = live[r] and len(out[r]) < budgets[r]
+            if not any(live):
+                break
+            if cfg.repetition_penalty != 1.0:
+                histories = [torch.cat([h, t.view(1, 1)], dim=1) for h, t in zip(histories, tokens)]
+            logits = decode_one_token(model, tokens[:, None], longest + i, cache, pad)
+    return out
 
 
 def stream_text(tokens: Iterator[int], decode: Callable[[list[int]], str]) -> Iterator[str]:
@@ -163,12 +242,10 @@ def generate_cli(a: argparse.Namespace) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, tok, _ = load_model(a.ckpt, device=device, dtype=dtype)
     prepare_for_decode(model)
-    for n, prompt in enumerate(prompts):
-        if len(prompts) > 1:
-            print(f"=== prompt {n + 1}/{len(prompts)} ===")
-        seed = None if a.seed is None else a.seed + n
-        tokens = generate(model, tok.encode(prompt), a.max_new_tokens, cfg, seed)
-        sys.stdout.write(prompt)
+    if len(prompts) == 1:
+        seed = a.seed
+        tokens = generate(model, tok.encode(prompts[0]), a.max_new_tokens, cfg, seed)
+        sys.stdout.write(prompts[0])
         if a.no_stream:
             sys.stdout.write(tok.decode(list(tokens)))
         else:
@@ -176,4 +253,17 @@ def generate_cli(a: argparse.Namespace) -> int:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
         sys.stdout.write("\n")
+        return 0
+    encoded = [tok.encode(p) for p in prompts]
+    for p, ids in zip(prompts, encoded):  # every prompt checked before any work
+        if not ids:
+            raise UserError(f"The prompt {p!r} encodes to no tokens.")
+        _budget(model, ids, a.max_new_tokens)
+    for lo in range(0, len(prompts), PROMPT_BATCH):  # a --prompt-file: PROMPT_BATCH prompts decoded at once
+        hi = min(lo + PROMPT_BATCH, len(prompts))
+        seeds = [None if a.seed is None else a.seed + n for n in range(lo, hi)]
+        outs = generate_batch(model, encoded[lo:hi], a.max_new_tokens, cfg, seeds)
+        for n, new_ids in zip(range(lo, hi), outs):
+            print(f"=== prompt {n + 1}/{len(prompts)} ===")
+            print(prompts[n] + tok.decode(new_ids), flush=True)
     return 0

@@ -57,9 +57,42 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_h * g.to(grad_h.dtype), grad_w * g.to(grad_w.dtype), None, None, None, None, None
 
 
+CPU_BLOCK_BYTES = 16 * 2**20  # target size of one (chunk, V) fp32 logits block on CPU
+GPU_CHUNK = 4096  # rows per chunk on accelerators: memory-bound there, and 4096 keeps the matmuls large
+
+
+def auto_chunk(num_rows: int, vocab_size: int, device: torch.device) -> int:
+    """The fused loss's chunk when train.loss_chunk is 'auto' (the default), for this shape and device.
+
+    On CPU the time goes into passes over the (chunk, V) logits block (max, exp, sum, two gradient
+    products): a block of a few tens of MB stays in cache between passes, while one over the whole
+    batch streams hundreds of MB from memory each pass. On the issue-6 shape (2048 tokens x 49152) the
+    loss took ~575 ms at chunk 256 vs ~800 ms at 2048 (BENCHMARKS.md). Rows are a power of two in
+    [256, 4096]; never more than the batch has.
+    """
+    if device.type != "cpu":
+        return min(GPU_CHUNK, num_rows)
+    rows = max(256, min(4096, CPU_BLOCK_BYTES // (4 * vocab_size)))
+    return min(1 << (rows.bit_length() - 1), num_rows)
+
+
 def chunked_cross_entropy(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, chunk: int = 4096,
                           ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of `h @ w.T` against `labels` (mean or sum over labels != ignore_index)."""
-    assert reduction in ("mean", "sum"), reduction
+    """Cross-entropy of `h @ w.T` against `labels` (mean or sum over labels != ignore_index; "none": the
+    (N,) per-token losses, 0 at ignored labels, without gradients: what evaluation needs)."""
+    assert reduction in ("mean", "sum", "none"), reduction
     need_grad = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)
+    if reduction == "none":
+        assert not need_grad, "reduction='none' is for evaluation (no gradients)"
+        return _token_losses(h, w, labels, chunk, ignore_index)
     return _ChunkedLinearCrossEntropy.apply(h, w, labels, chunk, ignore_index, reduction == "mean", need_grad)
+
+
+def _token_losses(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, chunk: int,
+                  ignore_index: int) -> torch.Tensor:
+    out = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
+    for s in range(0, h.shape[0], chunk):
+        logits = (h[s : s + chunk] @ w.t()).float()  # (C, V)
+        out[s : s + chunk] = torch.nn.functional.cross_entropy(logits, labels[s : s + chunk],
+                                                               ignore_index=ignore_index, reduction="none")
+    return out

@@ -18,7 +18,7 @@ from torch import nn
 
 from smoltrain import blas
 from smoltrain.config import ModelConfig
-from smoltrain.loss import chunked_cross_entropy
+from smoltrain.loss import auto_chunk, chunked_cross_entropy
 
 IGNORE_INDEX = -100
 
@@ -59,20 +59,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin).to(x.dtype)
 
 
-class KVCache(nn.Module):
-    """A preallocated per-layer cache (B, K, S, E), written in place at the given positions."""
+class LayerKV:
+    """One layer's preallocated keys and values (B, K, S, E), written in place at the given slots."""
 
-    def __init__(self, batch: int, num_kv_heads: int, max_len: int, head_dim: int, dtype, device):
-        super().__init__()
-        shape = (batch, num_kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+    def __init__(self, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device):
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + k.shape[2]
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """A generation's own KV cache, passed through hidden_states (gpt-fast style): the model holds no
+    per-generation state, so concurrent generations on one model never share a cache."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.layers = [LayerKV(shape, dtype, device) for _ in range(cfg.num_hidden_layers)]
+        self.max_len = max_len
 
 
 class Attention(nn.Module):
@@ -84,11 +92,13 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.num_kv_heads * e, bias=False)
         self.v_proj = nn.Linear(d, self.num_kv_heads * e, bias=False)
         self.o_proj = nn.Linear(self.num_heads * e, d, bias=False)
-        self.kv_cache: KVCache | None = None
         # (D, H*E + 2*K*E), inference only (to_inference_layout); a buffer so .to() converts it too
         self.register_buffer("fused_qkv", None, persistent=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
+                kv: LayerKV | None = None, start: int = 0) -> torch.Tensor:
+        """mask: a boolean attention mask (T, S) or (B, 1, T, S); None is causal over this call's keys
+        (a single query token sees every key). kv: this layer's cache, written at slots start..start+T."""
         b, t, _ = x.shape
         h, kh, e = self.num_heads, self.num_kv_heads, self.head_dim
         if self.fused_qkv is not None:  # inference: one matmul, and RoPE on q and k together
@@ -100,16 +110,9 @@ class Attention(nn.Module):
             k = apply_rope(self.k_proj(x).view(b, t, kh, e), cos, sin)  # (B, T, K, E)
             v = self.v_proj(x).view(b, t, kh, e)  # (B, T, K, E)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, h, T, E)
-        mask, causal = None, True
-        if self.kv_cache is not None and start is not None:
-            k, v = self.kv_cache.update(start, k, v)  # (B, K, S, E) with S = start + T
-            if t == 1:
-                causal = False  # one new token sees the whole prefix
-            elif start > 0:  # a chunk after an existing prefix: explicit causal mask
-                rows = torch.arange(start, start + t, device=x.device)[:, None]
-                mask = torch.arange(start + t, device=x.device)[None, :] <= rows  # (T, S)
-                causal = False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+        if kv is not None:
+            k, v = kv.update(start, k, v)  # (B, K, S, E) with S = start + T
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
                                            enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, T, E)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
@@ -139,8 +142,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, start):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start)
+    def forward(self, x, cos, sin, mask=None, kv=None, start=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -192,40 +195,58 @@ class SmolLM2(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() counts a tied weight once
 
-    def setup_kv_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
-        cfg, w = self.config, self.model.embed_tokens.weight
-        for layer in self.model.layers:
-            layer.self_attn.kv_cache = KVCache(batch, cfg.num_key_value_heads, max_len, cfg.head_dim,
-                                               dtype or w.dtype, w.device)
+    def new_kv_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty cache for one generation of `batch` rows and up to `max_len` positions."""
+        w = self.model.embed_tokens.weight
+        return KVCache(self.config, batch, max_len, dtype or w.dtype, w.device)
 
-    def clear_kv_cache(self) -> None:
-        for layer in self.model.layers:
-            layer.self_attn.kv_cache = None
+    def hidden_states(self, input_ids: torch.Tensor, start_pos: int | None = None, cache: KVCache | None = None,
+                      pad: torch.Tensor | None = None) -> torch.Tensor:
+        """Final normed hidden states (B, T, D).
 
-    def hidden_states(self, input_ids: torch.Tensor, start_pos: int | None = None) -> torch.Tensor:
-        """Final normed hidden states (B, T, D). With a KV cache set up, `start_pos` is the absolute
-        position of input_ids[:, 0] (a host int: no device sync per layer)."""
+        With a `cache`, input_ids[:, 0] goes to cache slot `start_pos` (a host int: no device sync per
+        layer). `pad` (B,) counts the left-padding slots of each row (batched prompts of different
+        lengths): a row's positions start after its padding and no query attends to a padding slot.
+        """
         t, s = input_ids.shape[1], start_pos or 0
-        cos, sin = self.rope_cos[s : s + t, None], self.rope_sin[s : s + t, None]  # (T, 1, E)
+        mask = None
+        if pad is not None:
+            slots = torch.arange(s + t, device=input_ids.device)
+            # (B, T); clamped: a finished row is fed on (discarded) while longer rows decode past its context
+            pos = (slots[s:][None] - pad[:, None]).clamp(0, self.rope_cos.shape[0] - 1)
+            cos, sin = self.rope_cos[pos][:, :, None], self.rope_sin[pos][:, :, None]  # (B, T, 1, E)
+            keys, queries = slots[None, None, :], slots[None, s:, None]
+            # causal and off the padding; a padding query sees itself, so its (unused) row stays finite
+            mask = ((keys <= queries) & (keys >= pad[:, None, None])) | (keys == queries)  # (B, T, S)
+            mask = mask[:, None]  # (B, 1, T, S)
+        else:
+            cos, sin = self.rope_cos[s : s + t, None], self.rope_sin[s : s + t, None]  # (T, 1, E)
+            if cache is not None and s > 0 and t > 1:  # a chunk after an existing prefix: explicit causal mask
+                rows = torch.arange(s, s + t, device=input_ids.device)[:, None]
+                mask = torch.arange(s + t, device=input_ids.device)[None, :] <= rows  # (T, S)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
-        for layer in self.model.layers:
+        for i, layer in enumerate(self.model.layers):
+            kv = cache.layers[i] if cache is not None else None
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, start_pos, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, kv, s, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, start_pos)
+                x = layer(x, cos, sin, mask, kv, s)
         return self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, start_pos: int | None = None,
-                loss_chunk: int = 0, reduction: str = "mean") -> torch.Tensor:
+                loss_chunk: int | str = 0, reduction: str = "mean") -> torch.Tensor:
         """Logits (B, T, V) when `labels` is None, else the cross-entropy loss over labels != -100.
 
         labels are already aligned with input_ids (labels[t] is the token after input_ids[t]).
         loss_chunk > 0 computes the loss `loss_chunk` tokens at a time without ever holding the full
-        (B*T, V) logits (see loss.py); the result equals the plain loss.
+        (B*T, V) logits (see loss.py); the result equals the plain loss up to summation order. "auto" picks
+        the chunk for the shape and device (loss.auto_chunk).
         """
         h = self.hidden_states(input_ids, start_pos)
         if labels is None:
             return self.lm_head(h)
+        if loss_chunk == "auto":
+            loss_chunk = auto_chunk(h.shape[0] * h.shape[1], self.config.vocab_size, h.device)
         if loss_chunk > 0:
             return chunked_cross_entropy(h.flatten(0, 1), self.lm_head.weight, labels.flatten(),
                                          loss_chunk, IGNORE_INDEX, reduction)
