@@ -404,10 +404,17 @@ def clean_debris(run_dir: Path) -> list[Path]:
     return storage.clean_stale(Path(run_dir) / "checkpoints")
 
 
-def find_resume_checkpoint(run_dir: Path) -> Path | None:
+def quarantined(run_dir: Path) -> list[Path]:
+    """Checkpoints moved aside as corrupt by an earlier resume, oldest name first."""
+    root = Path(run_dir) / "checkpoints"
+    return sorted(p for p in root.iterdir() if p.name.startswith(".corrupt-")) if root.is_dir() else []
+
+
+def find_resume_checkpoint(run_dir: Path, start_fresh: bool = False) -> Path | None:
     """Newest valid checkpoint; corrupt newer ones are warned about and quarantined.
 
-    If checkpoints exist but none is valid, refuse: starting fresh silently would discard the run.
+    If checkpoints exist (or were quarantined by an earlier run) but none is valid, refuse unless
+    `start_fresh`: training from step 0 silently would rewind the run's logs over them.
     """
     found = list_checkpoints(run_dir)
     for ckpt in reversed(found):
@@ -417,7 +424,11 @@ def find_resume_checkpoint(run_dir: Path) -> Path | None:
         except UserError as e:
             moved = quarantine(ckpt)
             warnings.warn(f"{e} Skipping it (moved to {moved.name}) and trying the previous one.", stacklevel=2)
-    if found:
-        raise UserError(f"Every checkpoint in {run_dir}/checkpoints is corrupt (moved aside as .corrupt-*); "
-                        "refusing to start fresh over them. Inspect them, or use a new run.dir.")
+    bad = quarantined(run_dir)
+    if bad and not start_fresh:
+        names = ", ".join(p.name for p in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise UserError(f"Every checkpoint in {run_dir}/checkpoints is corrupt (moved aside as {names}); "
+                        "refusing to start fresh over them, which would rewind metrics.jsonl. Inspect them, then "
+                        "move them out of that directory, or set train.start_fresh=true to train from step 0 in "
+                        "this run dir (they are kept), or use another run.dir.")
     return None
