@@ -63,6 +63,7 @@ BAD_CONFIG = [
     ("model.eos_token_id=[0, -3]", "model.eos_token_id[1] must be >= 0"),
     ("model.bos_token_id=100000", "must be below model.vocab_size"),
     ("parallel.strategy=tp", "parallel.strategy must be one of"),
+    ("train.device=gpu", "train.device must be auto, cpu, mps, cuda or cuda:N"),
 ]
 
 
@@ -192,6 +193,9 @@ CLI_BAD = [
     ("tokenizer train --source {corpus} --vocab-size 0 --out {out}", ["--vocab-size"]),
     ("report {ckpt} --out {out} --max-batches 0", ["--max-batches"]),
     ("demo {ckpt} --port 70000", ["--port", "[1, 65535]"]),
+    ("generate {ckpt} --prompt hi --device gpu", ["--device", "cuda:N"]),
+    ("tasks next-line --data {data} --out {file}/x.jsonl", ["--out", "is a file, not a directory"]),
+    ("tasks next-line --data {data} --out {out}.jsonl --items 0", ["--items"]),
     ("train --config {corpus}", ["cannot read config file", "directory"]),
     ("train --config {root}/latin1.yaml", ["not UTF-8 text"]),
     ("prepare --source {corpus} --tokenizer {root}/bad_tok --out {out}", ["not a valid tokenizers JSON file"]),

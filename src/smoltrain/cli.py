@@ -33,6 +33,7 @@ def _arg(dom: Domain, parse: type = int) -> Callable[[str], Any]:
 
 
 POSITIVE = _arg(domain.positive)
+DEVICE = _arg(domain.device, str)
 
 
 def _out_dir(raw: str) -> str:
@@ -42,6 +43,15 @@ def _out_dir(raw: str) -> str:
         if p.exists() and not p.is_dir():
             what = "is a file" if p == path else f"lies under {p}, which is a file"
             raise argparse.ArgumentTypeError(f"{raw} {what}, not a directory")
+    return raw
+
+
+def _out_file(raw: str) -> str:
+    """An output file: not a directory, and no file among the directories above it."""
+    path = Path(raw).expanduser()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{raw} is a directory, not a file")
+    _out_dir(str(path.parent))
     return raw
 
 
@@ -130,7 +140,7 @@ def _add_train_commands(sub) -> None:
     p.add_argument("--batch-size", type=POSITIVE, default=None, help="windows per batch (default: the run's micro batch)")
     p.add_argument("--max-tokens", type=POSITIVE, default=None,
                    help="evaluate a fixed sample of about this many tokens spread over the split (default: all)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", type=DEVICE, help="auto (cuda > mps > cpu), cpu, cuda, mps")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_eval)
 
@@ -169,7 +179,7 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--repetition-penalty", type=_arg(domain.positive, float), default=1.0,
                    help="1.0 disables (HF semantics)")
     p.add_argument("--seed", type=_arg(domain.seed), default=None)
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
+    p.add_argument("--device", default="auto", type=DEVICE, help="auto (cuda > mps > cpu), cpu, cuda, mps")
     p.add_argument("--no-stream", action="store_true", help="print when done instead of token by token")
     p.set_defaults(func=_cmd_generate)
 
@@ -205,10 +215,10 @@ def _add_tasks_command(sub) -> None:
     tsub = p.add_subparsers(dest="tasks_command", required=True, metavar="ACTION")
     t = tsub.add_parser("next-line", help="pick the true next line among four, from a prepared dataset's held-out split")
     t.add_argument("--data", required=True, metavar="DIR", help="prepared data directory (its val split is used)")
-    t.add_argument("--out", required=True, metavar="FILE", help="JSONL task file to write")
-    t.add_argument("--items", type=int, default=500, help="number of items (default 500)")
-    t.add_argument("--context-lines", type=int, default=4, help="lines of context before the line to pick")
-    t.add_argument("--seed", type=int, default=0, help="seed for the distractors and answer positions")
+    t.add_argument("--out", required=True, metavar="FILE", type=_out_file, help="JSONL task file to write")
+    t.add_argument("--items", type=POSITIVE, default=500, help="number of items (default 500)")
+    t.add_argument("--context-lines", type=POSITIVE, default=4, help="lines of context before the line to pick")
+    t.add_argument("--seed", type=_arg(domain.seed), default=0, help="seed for the distractors and answer positions")
     t.add_argument("--force", action="store_true", help="replace an existing --out")
     t.set_defaults(func=_cmd_tasks_next_line)
 
@@ -282,14 +292,14 @@ def _add_show_commands(sub) -> None:
     p.add_argument("--data", default=None, metavar="DIR",
                    help="prepared data for the perplexity table (default with --reference: the run's own)")
     p.add_argument("--max-batches", type=POSITIVE, default=50, help="evaluation batches per model")
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
+    p.add_argument("--device", default="auto", type=DEVICE, help="auto (cuda > mps > cpu), cpu, cuda, mps")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("demo", help="a local web demo: prompt, sampling controls, checkpoints side by side")
     p.add_argument("ckpt", help="run directory (pick among its checkpoints), checkpoint or HF directory")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_arg(domain.interval(1, 65535, high_open=False)), default=7860)
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
+    p.add_argument("--device", default="auto", type=DEVICE, help="auto (cuda > mps > cpu), cpu, cuda, mps")
     p.set_defaults(func=_cmd_demo)
 # --- end show commands ---
 

@@ -16,7 +16,18 @@ from typing import Any
 
 import yaml
 
-from smoltrain.domain import Domain, checked, interval, nonneg, one_of, positive, seed, temperature, top_p
+from smoltrain.domain import (
+    Domain,
+    checked,
+    device,
+    interval,
+    nonneg,
+    one_of,
+    positive,
+    seed,
+    temperature,
+    top_p,
+)
 from smoltrain.domain import problems as domain_problems
 from smoltrain.errors import UserError
 
@@ -212,7 +223,7 @@ class TrainConfig:
     # sequences per step; sets grad_accum_steps = this / (micro x world)
     global_batch_size: int | None = checked(None, positive)
     seed: int = checked(1337, seed)
-    device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | mps
+    device: str = checked("auto", device)  # auto (cuda > mps > cpu) | cpu | cuda | mps
     # auto: bf16 on CUDA, fp32 elsewhere; fp16 trains with a GradScaler
     dtype: str = checked("auto", one_of("auto", "fp32", "bf16", "fp16"))
     compile: bool = False  # torch.compile the model

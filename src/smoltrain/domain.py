@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,6 +65,8 @@ def interval(low: float, high: float, *, low_open: bool = False, high_open: bool
 
 probability = interval(0, 1, high_open=False)
 top_p = interval(0, 1, low_open=True, high_open=False)  # nucleus mass kept; 1: off
+device = Domain(lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None,
+                "auto, cpu, mps, cuda or cuda:N")
 seed = numeric(lambda v: 0 <= v < 2**63, "in [0, 2**63)")  # what torch and numpy generators take
 
 # Sampling temperature: below 1e-4 sampling is greedy in all but name, and a denormal like 1e-300 turns
