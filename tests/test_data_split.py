@@ -157,3 +157,17 @@ def test_meta_lists_fraction_held_out_documents(tmp_path, bpe_dir):
                    progress=False)
     assert meta["val_selection"] == "fraction" and len(meta["val_documents"]) == 2
     assert np.all([n.endswith(".txt") for n in meta["val_documents"]])
+
+
+def test_resume_check_fills_new_dataset_fields_with_defaults():
+    from smoltrain.config import load_config, trajectory_diff
+
+    new = load_config(DEBUG_TINY).to_dict()
+    old = json.loads(json.dumps(new))
+    for d in old["data"]["datasets"]:  # a run saved before val_documents / val_fraction existed
+        del d["val_fraction"]
+        d["val_documents"] = []
+    stripped = json.loads(json.dumps(old))
+    del stripped["data"]["datasets"][0]["val_documents"]
+    assert trajectory_diff(stripped, {**new, "data": {**new["data"], "datasets": old["data"]["datasets"]}}) == []
+    assert trajectory_diff(old, new)  # but holding out other documents changes the run

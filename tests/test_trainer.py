@@ -218,6 +218,30 @@ def test_eval_command_defaults_equal_the_in_loop_numbers(tmp_path, tiny_data):
     assert_user_error(run_cli("eval", run, "--data", tmp_path / "nope"), "nope")
 
 
+def test_in_loop_eval_per_dataset_with_an_eval_only_dataset(tmp_path, tiny_data):
+    from .conftest import make_corpus_text
+
+    corpus = next(a for a in tiny_data if a.startswith("data.datasets=")).split("sources: ['")[1].split("'")[0]
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    for i, doc in enumerate(make_corpus_text(3, seed=11, words_per_doc=(100, 150))):
+        (probe / f"p{i}.txt").write_text(doc)
+    datasets = f"data.datasets=[{{name: tiny, sources: ['{corpus}']}}, {{name: probe, sources: ['{probe}'], val_fraction: 1.0}}]"
+    run = tmp_path / "run"
+    proc = train(run, tiny_data, "--set", datasets, "--set", f"run.data_dir={tmp_path / 'data'}",
+                 "--set", "train.max_steps=4", "--set", "eval.every=4")
+    assert proc.returncode == 0, proc.stderr
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    ev = next(r for r in recs if r.get("val_loss") is not None)
+    n = {name: ev[f"val/{name}/tokens"] for name in ("tiny", "probe")}
+    probe_meta = json.loads((tmp_path / "data" / "probe" / "meta.json").read_text())
+    assert n["probe"] == probe_meta["splits"]["val"]["num_tokens"] - 1 and ev["val_tokens"] == sum(n.values())
+    weighted = sum(ev[f"val/{k}/loss"] * v for k, v in n.items()) / sum(n.values())
+    assert ev["val_loss"] == pytest.approx(weighted, rel=1e-9)  # the total is token-weighted
+    steps = [r for r in recs if r.get("tokens_per_source")]
+    assert steps and all(set(r["tokens_per_source"]) == {"tiny"} for r in steps)  # never trained on probe
+
+
 @pytest.mark.slow
 def test_chaos_random_kills_give_the_same_curve(tmp_path, tiny_data):
     import random
@@ -275,7 +299,7 @@ def test_eval_any_hf_causal_lm_beside_ours(tmp_path, tiny_data, tiny_tokenizer_d
 def test_fp16_with_grad_scaler_trains_and_resumes(tmp_path, tiny_data):
     run, common = tmp_path / "f16", ["--set", "train.dtype=fp16", "--set", "checkpoint.every=2"]
     assert train(run, tiny_data, *common, "--set", "train.max_steps=4").returncode == 0
-    scaler = torch.load(run / "checkpoints" / "step_00000004" / "rng.pt", weights_only=False)["scaler"]
+    scaler = json.loads((run / "checkpoints" / "step_00000004" / "extra.json").read_text())["scaler"]
     assert scaler is not None and scaler["scale"] > 0
     more = train(run, tiny_data, *common, "--set", "train.max_steps=6")
     assert more.returncode == 0 and "(step 4)" in more.stdout

@@ -125,7 +125,7 @@ def val_record(step: int, results: Mapping[str, dict]) -> dict:
     rec = {"step": step, "val_loss": total["loss"], "val_ppl": total["ppl"], "val_bpb": total["bpb"],
            "val_tokens": total["tokens"]}
     for name, r in results.items():
-        rec[f"val/{name}/loss"], rec[f"val/{name}/bpb"] = r["loss"], r["bpb"]
+        rec[f"val/{name}/loss"], rec[f"val/{name}/bpb"], rec[f"val/{name}/tokens"] = r["loss"], r["bpb"], r["tokens"]
     return rec
 
 
@@ -153,14 +153,17 @@ def load_forward(path: str, device: torch.device) -> tuple[object, Tokenizer, st
     if model_type != "llama":  # any other causal LM: let transformers run it
         return _hf_forward(directory, device), load_tokenizer(directory), str(directory)
     model, tok, _ = load_resolved(directory, device=device)
-    return (lambda x, y: model(x, labels=y, loss_chunk=4096, reduction="none")), tok, str(directory)
+    return (lambda x, y: model(x, labels=y, loss_chunk="auto", reduction="none")), tok, str(directory)
 
 
 def _hf_config(directory: Path) -> dict:
     try:
-        return json.loads((directory / "config.json").read_text())
+        hf = json.loads((directory / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{directory}/config.json is missing or not valid JSON ({e}).") from None
+    if not isinstance(hf, dict):
+        raise UserError(f"{directory}/config.json must hold a JSON object, not {type(hf).__name__}.")
+    return hf
 
 
 def default_shape(directory: Path) -> tuple[int, int, int]:

@@ -4,19 +4,18 @@ Each document is encoded without special tokens and followed by one `<|endoftext
 documents and writes shards; worker processes (spawned, each with its own tokenizer) encode chunks of about
 a megabyte, and results come back in submission order, so the output is identical for any `num_proc`.
 
-Everything is written into a hidden staging directory next to `out` and renamed into place once meta.json
-is written, so `out` is either complete or absent; an interrupted run leaves only staging debris, which the
-next run removes. Validation documents are chosen by name or by position (data/split.py), deterministically;
-meta.json lists them under `val_documents` (source-relative names).
+Everything is written into a private staging directory next to `out` and published by `storage.publish`
+(fsynced, a marker listing the files written last, one rename), so `out` is either complete or absent; an
+interrupted run leaves only staging debris, which the next run removes once its process is gone. `--force`
+replaces only an earlier prepare output, never a source or a directory with other files. Validation
+documents are chosen by name or by position (data/split.py), deterministically; meta.json lists them under
+`val_documents` (source-relative names).
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import secrets
-import shutil
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -25,9 +24,17 @@ from pathlib import Path
 import numpy as np
 
 from smoltrain.data.shards import META_FORMAT, VERSION, ShardWriter, check_vocab, dtype_for_vocab, load_meta
-from smoltrain.data.sources import Document, Source, count_documents, iter_named_documents, open_datasets, resolve_sources
+from smoltrain.data.sources import (
+    Document,
+    Source,
+    count_documents,
+    iter_named_documents,
+    open_datasets,
+    resolve_sources,
+)
 from smoltrain.data.split import Holdout, is_val, raise_unmatched
 from smoltrain.errors import UserError
+from smoltrain.storage import check_inputs, check_target, clean_stale, publish, write_text_synced
 from smoltrain.tokenizer import Tokenizer, load_tokenizer
 
 CHUNK_CHARS = 1 << 20  # characters per work item: large enough to amortise pickling, small enough to balance
@@ -105,63 +112,41 @@ def _encode_all(chunks: Iterator, tokenizer_dir: Path, dtype: np.dtype, num_proc
 # --- the output directory ------------------------------------------------------------------------------------
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _clean_debris(out: Path) -> None:
-    """Remove staging / set-aside directories of earlier runs on `out` whose process is gone."""
-    for p in out.parent.glob(f".{glob.escape(out.name)}.*-*-*"):
-        kind, _, rest = p.name[len(out.name) + 2:].partition("-")
-        pid = rest.split("-")[0]
-        if kind in ("staging", "old") and pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _aside(out: Path, kind: str) -> Path:
-    return out.parent / f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-def _commit(staging: Path, out: Path) -> None:
-    """Put the finished staging dir at `out`; an old `out` is only removed once the new one is in place."""
-    old = None
-    if out.exists():
-        old = _aside(out, "old")
-        os.replace(out, old)
-    os.replace(staging, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _recipe(sources: list[Source], tok: Tokenizer, text_key: str, val_fraction: float, val_docs: int | None,
             max_documents: int | None, val_documents: list[str]) -> dict:
     """What determines the output: a re-run with the same recipe is a no-op."""
     specs = [s.spec if s.kind == "hf" else str(Path(s.spec).expanduser().resolve()) for s in sources]
-    return {"sources": specs, "tokenizer_sha256": tok.sha256, "text_key": text_key, "val_fraction": val_fraction,
-            "val_docs": val_docs, "max_documents": max_documents, "val_documents": list(val_documents)}
+    recipe = {"sources": specs, "tokenizer_sha256": tok.sha256, "text_key": text_key, "val_fraction": val_fraction,
+              "val_docs": val_docs, "max_documents": max_documents}
+    if val_documents:  # only then: data prepared before names could be held out keeps its recipe
+        recipe["val_documents"] = list(val_documents)
+    return recipe
 
 
-def _existing(out: Path, recipe: dict, force: bool) -> dict | None:
-    """The meta of a complete output with the same recipe (nothing to do), else None; refuses to overwrite
-    anything else without --force."""
-    if not out.exists() or force:
-        if out.exists() and not out.is_dir():
-            raise UserError(f"--out {out} is a file, not a directory.")
-        return None
-    if not out.is_dir() or not (out / "meta.json").exists():
-        raise UserError(f"--out {out} exists and is not a prepared dataset; remove it or pass --force.")
-    meta = load_meta(out)
-    differs = [k for k, v in recipe.items() if meta.get("recipe", {}).get(k) != v]
-    if differs:
+def _existing(out: Path, recipe: dict, force: bool, sources: list[Source]) -> dict | None:
+    """The meta of a complete output with the same recipe (nothing to do), else None once it is safe to
+    write `out`: never over a source, and over an earlier prepare output only with --force."""
+    check_inputs(out, [s.spec for s in sources if s.kind != "hf"])
+    if not force and (out / "meta.json").exists():
+        meta = load_meta(out)
+        differs = [k for k, v in recipe.items() if meta.get("recipe", {}).get(k) != v]
+        if not differs:
+            return meta
         raise UserError(f"{out} already holds data prepared with a different {', '.join(differs)}; pass --force "
                         "to rebuild it, or choose another --out.")
-    return meta
+    check_target(out, "prepare", force, legacy=legacy_record(out))
+    return None
+
+
+def legacy_record(out: Path) -> dict | None:
+    """What a prepare output from before storage markers holds: meta.json, its shards, tokenizer/."""
+    try:
+        meta = load_meta(out)
+        files = ["meta.json"] + [s["file"] for split in meta["splits"].values() for s in split["shards"]]
+    except (UserError, KeyError, TypeError, AttributeError):
+        return None
+    files += [str(p.relative_to(out)) for p in (out / "tokenizer").rglob("*") if p.is_file()]
+    return {"command": "prepare", "files": dict.fromkeys(files, {})}
 
 
 # --- the entry point -----------------------------------------------------------------------------------------
@@ -186,7 +171,7 @@ def prepare(sources: Iterable[str | Path], tokenizer: str | Path | Tokenizer, ou
     Holdout(globs).check_files(srcs)
     out = Path(out).expanduser()
     recipe = _recipe(srcs, tok, text_key, val_fraction, val_docs, max_documents, list(globs))
-    meta = _existing(out, recipe, force)
+    meta = _existing(out, recipe, force, srcs)
     if meta is not None:
         if verbose:
             print(f"{out} is already prepared ({meta['num_tokens']:,} tokens, {meta['num_documents']:,} documents)"
@@ -201,10 +186,8 @@ def prepare(sources: Iterable[str | Path], tokenizer: str | Path | Tokenizer, ou
     max_id = max(max(tok.backend.get_vocab().values()), eot)
     dtype = dtype_for_vocab(max_id)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _clean_debris(out)
-    staging = _aside(out, "staging")
-    staging.mkdir()
-    try:
+    clean_stale(out.parent, out.name)
+    with publish(out, "prepare", hashed=False, replace=force, legacy=legacy_record(out)) as staging:
         docs = iter_named_documents(srcs, text_key, max_documents, opened)
         holdout, val_names, seen = Holdout(globs, val_fraction), [], []
         chunks = _chunks(docs, holdout, val_names, seen)
@@ -224,10 +207,7 @@ def prepare(sources: Iterable[str | Path], tokenizer: str | Path | Tokenizer, ou
         if meta["num_documents"] == 0:
             raise UserError(f"The sources ({', '.join(s.spec for s in srcs)}) yielded no documents.")
         tok.save(staging / "tokenizer")
-        _write_synced(staging / "meta.json", json.dumps(meta, indent=2) + "\n")  # last: marks completeness
-        _commit(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # a no-op after a successful commit
+        write_text_synced(staging / "meta.json", json.dumps(meta, indent=2) + "\n")
     if verbose:
         _report(out, meta)
     return meta
@@ -257,13 +237,6 @@ def _val_docs_fraction(val_docs: int, total: int | None) -> float:
     if val_docs >= max(total, 1):
         raise UserError(f"--val-docs {val_docs} must be below the number of documents ({total}).")
     return val_docs / total if total else 0.0
-
-
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _cpu_count() -> int:
