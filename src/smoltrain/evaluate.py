@@ -158,9 +158,12 @@ def load_forward(path: str, device: torch.device) -> tuple[object, Tokenizer, st
 
 def _hf_config(directory: Path) -> dict:
     try:
-        return json.loads((directory / "config.json").read_text())
+        hf = json.loads((directory / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{directory}/config.json is missing or not valid JSON ({e}).") from None
+    if not isinstance(hf, dict):
+        raise UserError(f"{directory}/config.json must hold a JSON object, not {type(hf).__name__}.")
+    return hf
 
 
 def default_shape(directory: Path) -> tuple[int, int, int]:

@@ -55,6 +55,10 @@ def _unpermute(w: np.ndarray, num_heads: int) -> np.ndarray:
     return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+GGUF_REQUIRED = ("llama.attention.head_count", "llama.embedding_length", "llama.feed_forward_length",
+                 "llama.block_count")
+
+
 def _gguf_config(fields: dict, tensor_names: list[str], path: Path) -> ModelConfig:
     def get(key, default=None):
         f = fields.get(key)
@@ -63,9 +67,15 @@ def _gguf_config(fields: dict, tensor_names: list[str], path: Path) -> ModelConf
     arch = get("general.architecture")
     if arch != "llama":
         raise UserError(f"{path} holds a {arch!r} model; smoltrain imports Llama/SmolLM2 GGUF files only.")
+    missing = [k for k in GGUF_REQUIRED if get(k) is None]
+    if get("llama.vocab_size") is None and "tokenizer.ggml.tokens" not in fields:
+        missing.append("llama.vocab_size (or tokenizer.ggml.tokens)")
+    if missing:
+        raise UserError(f"{path} lacks the GGUF fields {', '.join(missing)}, so it does not describe a model.")
     heads = int(get("llama.attention.head_count"))
+    vocab = get("llama.vocab_size")
     cfg = ModelConfig(
-        vocab_size=int(get("llama.vocab_size", len(fields["tokenizer.ggml.tokens"].data))),
+        vocab_size=int(vocab if vocab is not None else len(fields["tokenizer.ggml.tokens"].data)),
         hidden_size=int(get("llama.embedding_length")), intermediate_size=int(get("llama.feed_forward_length")),
         num_hidden_layers=int(get("llama.block_count")), num_attention_heads=heads,
         num_key_value_heads=int(get("llama.attention.head_count_kv", heads)),

@@ -28,6 +28,21 @@ def resolve_asset(spec: str) -> str:
     return str(fetch_asset(key))
 
 
+def missing_inputs(cfg: Config) -> list[str]:
+    """Local paths the config reads that are not there, so a typo fails before assets are fetched,
+    a tokenizer is trained or data is prepared (URLs, hf: and assets: names are left to their readers)."""
+    problems = []
+    for key in ("init_from", "resume_from"):
+        value = getattr(cfg.train, key)
+        if value and "://" not in value and not Path(value).expanduser().exists():
+            problems.append(f"train.{key} {value} does not exist")
+    for i, ds in enumerate(cfg.data.datasets):
+        for src in ds.sources:
+            if not src.startswith(("hf:", "assets:")) and "://" not in src and not Path(src).expanduser().exists():
+                problems.append(f"data.datasets[{i}].sources: {src} does not exist")
+    return problems
+
+
 def dataset_path(cfg: Config, name: str, path: str) -> Path:
     return Path(path) if path else cfg.data_dir / name
 

@@ -75,8 +75,8 @@ def fault_point(name: str, step: int) -> None:
 
     Lets the crash tests kill a run at an exact point (after an optimizer step, or inside a checkpoint
     save) instead of racing a timer; a no-op when the variable is unset. `NAME=STEP:ACTION` sends
-    another signal (stop, term, int) instead, and comma-separated specs fire in order ("in_save=5:term,
-    in_save=5:int" is a doubled signal inside a save). Under torchrun, SMOLTRAIN_FAULT_RANK limits it to
+    another signal (stop, term, int) instead, or raises a full disk's OSError (enospc); comma-separated
+    specs fire in order ("in_save=5:term,in_save=5:int" is a doubled signal inside a save). Under torchrun, SMOLTRAIN_FAULT_RANK limits it to
     one rank.
     """
     spec = os.environ.get("SMOLTRAIN_FAULT")
@@ -84,5 +84,9 @@ def fault_point(name: str, step: int) -> None:
         return
     for part in spec.split(","):
         point, _, action = part.strip().partition(":")
+        if point == f"{name}={step}" and action == "enospc":
+            import errno
+
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         if point == f"{name}={step}":
             os.kill(os.getpid(), FAULT_ACTIONS[action or "kill"])

@@ -27,6 +27,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SMOLTRAIN_CACHE", Path.home() / ".cache" / "smoltrain"))
 
 
+def read_backend(path: Path) -> _HFTokenizer:
+    """A tokenizers backend from tokenizer.json; a file that is not one is the user's error, not a crash."""
+    try:
+        return _HFTokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for malformed JSON
+        raise UserError(f"{path} is not a valid tokenizers JSON file: {e}") from None
+
+
 class Tokenizer:
     """A thin wrapper: encode without special tokens, the `<|endoftext|>` id, and a stable identity."""
 
@@ -34,10 +42,15 @@ class Tokenizer:
         self.directory = Path(directory)
         self.source = source
         path = self.directory / "tokenizer.json"
-        self.backend = _HFTokenizer.from_file(str(path))
+        self.backend = read_backend(path)
         self.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
         config = self.directory / "tokenizer_config.json"
-        self.config = json.loads(config.read_text()) if config.exists() else {}
+        try:
+            self.config = json.loads(config.read_text()) if config.exists() else {}
+        except (OSError, ValueError) as e:
+            raise UserError(f"{config} is unreadable ({e}).") from None
+        if not isinstance(self.config, dict):
+            raise UserError(f"{config} must hold a JSON object, not {type(self.config).__name__}.")
 
     @property
     def vocab_size(self) -> int:
@@ -124,13 +137,11 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
         if path.suffix == ".gguf":
             return Tokenizer(_from_gguf(path), str(spec))
         if path.name.endswith(".json"):
+            read_backend(path)  # before a copy of it lands in the cache
             tmp = cache_dir() / "tokenizers" / ("json-" + hashlib.sha256(path.read_bytes()).hexdigest()[:16])
             tmp.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, tmp / "tokenizer.json")
-            try:
-                return Tokenizer(tmp, str(spec))
-            except Exception as e:
-                raise UserError(f"{path} is not a valid tokenizers JSON file: {e}") from None
+            return Tokenizer(tmp, str(spec))
         raise UserError(f"Tokenizer {path} is neither a directory, a tokenizer.json nor a .gguf file.")
     if str(spec).count("/") == 1 and not str(spec).startswith((".", "/", "~")):
         return Tokenizer(_from_hub(str(spec)), str(spec))

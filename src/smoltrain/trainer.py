@@ -27,6 +27,7 @@ from smoltrain.generate import SamplingConfig, generate, pick_device
 from smoltrain.metrics import RunLog, memory_gb, model_flops_utilization
 from smoltrain.model import IGNORE_INDEX, build_model
 from smoltrain.optim import build_optimizer, lr_at, rewarm_factor, set_lr
+from smoltrain.pipeline import missing_inputs
 from smoltrain.remote import RunMirror
 from smoltrain.resume import pick_resume
 from smoltrain.rundir import own_run_dir, record_segment
@@ -50,6 +51,9 @@ class Trainer:
         self._apply_global_batch()
         if not cfg.data.datasets:  # before the run dir is touched or any asset fetched
             raise UserError("The config has no data.datasets (e.g. --config configs/quickstart.yaml).")
+        missing = missing_inputs(cfg)
+        if missing:
+            raise UserError("The config names inputs that are not there: " + "; ".join(missing) + ".")
         self.run_dir = Path(cfg.run.dir)
         self.step, self.tokens_seen, self.saved_step, self.resume_changes = 0, 0, None, []
         self.checkpoint_bytes: int | None = None
@@ -344,8 +348,9 @@ class Trainer:
             return
         ev = self.cfg.eval
         self.raw_model.eval()
+        sampled = SamplingConfig(ev.temperature, ev.top_k, ev.top_p)
         for prompt in ev.prompts:
-            for mode, sc in (("greedy", SamplingConfig(0)), ("sampled", SamplingConfig(ev.temperature, ev.top_k, ev.top_p))):
+            for mode, sc in (("greedy", SamplingConfig(0)), ("sampled", sampled)):
                 ids = generate(self.raw_model, self.tokenizer.encode(prompt), ev.sample_tokens, sc,
                                seed=self.cfg.train.seed + self.step, stop_ids=[self.tokenizer.eot_id])
                 text = self.tokenizer.decode(list(ids))
@@ -466,8 +471,9 @@ class Trainer:
         ck = self.cfg.checkpoint
         if self.checkpoint_bytes is None:
             tok_files = [self.tokenizer.directory / n for n in TOKENIZER_FILES]
-            self.checkpoint_bytes = ckpt_io.checkpoint_bytes(
-                self.raw_model.num_params(), len(list(self.raw_model.parameters())), ck.export_hf, sum(p.stat().st_size for p in tok_files if p.exists()))
+            shapes = {name: p.numel() for name, p in self.raw_model.named_parameters()}  # a tied weight once
+            self.checkpoint_bytes = ckpt_io.checkpoint_bytes(shapes, ck.export_hf,
+                                                             sum(p.stat().st_size for p in tok_files if p.exists()))
         ckpt_io.check_free_space(self.run_dir, self.checkpoint_bytes, ck.min_free_gb)
 
     def _stop_on_signal(self, signum: int) -> int:
