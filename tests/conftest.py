@@ -47,7 +47,7 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     """A committed smoltrain checkpoint of a randomly initialised tiny model."""
-    from smoltrain.checkpoint import model_state, save_model_files, staged_dir
+    from smoltrain.checkpoint import model_state, save_model_files
     from smoltrain.model import build_model
     from smoltrain.presets import get_preset
     from smoltrain.tokenizer import load_tokenizer
@@ -56,7 +56,9 @@ def tiny_ckpt(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     cfg = get_preset("tiny")
     model = build_model(cfg)
     out = tmp_path_factory.mktemp("ckpt") / "tiny"
-    with staged_dir(out) as d:
+    from smoltrain.storage import publish
+
+    with publish(out, "import") as d:
         save_model_files(d, model_state(model), cfg, load_tokenizer(tiny_tokenizer_dir))
     return out
 

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from smoltrain import checkpoint as ck
+from smoltrain import storage
 from smoltrain.errors import UserError
 
 
 def _commit(run, step, payload=b"x"):
-    with ck.staged_dir(ck.step_dir(run, step)) as d:
+    with storage.publish(ck.step_dir(run, step), "train") as d:
         (d / "a.bin").write_bytes(payload * 100)
     return ck.step_dir(run, step)
 
 
 def test_failed_save_leaves_nothing_and_previous_intact(tmp_path):
     _commit(tmp_path, 10)
-    with pytest.raises(RuntimeError), ck.staged_dir(ck.step_dir(tmp_path, 20)) as d:
+    with pytest.raises(RuntimeError), storage.publish(ck.step_dir(tmp_path, 20), "train") as d:
         (d / "a.bin").write_bytes(b"half")
         raise RuntimeError("killed mid-save")
     assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["step_00000010"]
@@ -43,14 +46,30 @@ def test_all_corrupt_refuses_fresh_start(tmp_path):
         ck.find_resume_checkpoint(tmp_path)
 
 
-def test_staging_debris_is_ignored_and_cleaned(tmp_path):
+def test_staging_debris_is_ignored_and_only_dead_processes_debris_is_cleaned(tmp_path):
+    import os
+    import subprocess
+    import sys
+
     _commit(tmp_path, 5)
-    debris = tmp_path / "checkpoints" / ".staging-step_00000010-abcd"
-    debris.mkdir()
-    (tmp_path / "checkpoints" / "step_00000099.tmp").mkdir()  # not a committed name either
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    root = tmp_path / "checkpoints"
+    debris = root / f".staging-step_00000010-{int(dead.stdout)}-0123abcd"
+    live = root / f".staging-step_00000010-{os.getppid()}-0123abcd"  # a live process's: never touched
+    foreign = root / ".staging-step_00000010-abcd"  # not our naming pattern: never touched
+    for d in (debris, live, foreign):
+        d.mkdir()
+    (root / "step_00000099.tmp").mkdir()  # not a committed name either
     assert ck.find_resume_checkpoint(tmp_path).name == "step_00000005"
-    ck.clean_debris(tmp_path)
-    assert not debris.exists()
+    assert ck.clean_debris(tmp_path) == [debris]
+    assert not debris.exists() and live.exists() and foreign.exists()
+
+
+def test_staging_names_are_private_to_the_process(tmp_path):
+    a = ck.begin_train_checkpoint(tmp_path, 10)
+    b = ck.begin_train_checkpoint(tmp_path, 10)
+    assert a != b and a.parent == b.parent == tmp_path / "checkpoints"
+    assert str(os.getpid()) in a.name
 
 
 def test_retention_keeps_newest(tmp_path):

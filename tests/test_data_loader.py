@@ -195,3 +195,18 @@ def test_loader_over_a_real_prepared_dataset(tmp_path, bpe_dir):
     flat = torch.cat(batches)
     assert int(flat.max()) < 400 and (flat == 0).any()
     assert loader.tokens_per_source == {"shakespeare": 20 * 2 * 32}
+
+
+def test_eval_windows_predict_every_token_once_or_a_spread_sample(tmp_path):
+    from smoltrain.data.loader import eval_spans
+
+    n = 16 * 5 + 7  # 5 full windows of T=16, then 6 more predicted tokens
+    d = fake_prepared(tmp_path / "v", np.arange(100), val=np.arange(1000, 1000 + n))
+    batches = list(eval_windows(d, "val", T, 2))
+    assert [tuple(b.shape) for b in batches] == [(2, 17), (2, 17), (1, 17), (1, 7)]  # the short one alone
+    labels = torch.cat([b[:, 1:].flatten() for b in batches])
+    assert labels.tolist() == list(range(1001, 1000 + n))  # every token after the first, exactly once
+    assert eval_spans(1, T) == [] and eval_spans(2, T) == [(0, 2)]  # no complete window: still evaluated
+    sample = eval_spans(16 * 100 + 1, T, max_tokens=16 * 4)
+    assert [s for s, _ in sample] == [16 * w for w in (12, 37, 62, 87)]  # evenly spread, not the first four
+    assert eval_spans(16 * 100 + 1, T, max_tokens=10**9) == eval_spans(16 * 100 + 1, T)

@@ -123,8 +123,41 @@ def test_rerun_is_a_noop_force_rebuilds_and_other_inputs_are_refused(tmp_path, b
     assert (tmp_path / "out" / "meta.json").stat().st_mtime_ns != stamp
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "keep.txt").write_text("mine")
-    with pytest.raises(UserError, match="not a prepared dataset"):
+    with pytest.raises(UserError, match="not an output of smoltrain prepare"):
         prepare([tmp_path / "a.txt"], bpe_dir, tmp_path / "other", num_proc=1)
+
+
+def test_force_never_replaces_sources_or_foreign_files(tmp_path, bpe_dir):
+    """--force replaces an earlier prepare output only: not the source dir, not a parent of a source, not a
+    directory with files prepare did not write. Each refusal names the path and deletes nothing."""
+    src = tmp_path / "texts"
+    src.mkdir()
+    (src / "a.txt").write_text("some text to tokenize " * 20)
+    before = sorted(p.name for p in src.iterdir())
+    for out in (src, tmp_path):
+        with pytest.raises(UserError, match=f"--out {out} (is|contains) this command's own input"):
+            prepare([src], bpe_dir, out, num_proc=1, force=True, verbose=False)
+    with pytest.raises(UserError, match="own input"):
+        prepare([src / "a.txt"], bpe_dir, src, num_proc=1, force=True, verbose=False)
+    assert sorted(p.name for p in src.iterdir()) == before
+    out = tmp_path / "out"
+    prepare([src], bpe_dir, out, num_proc=1, verbose=False)
+    (out / "notes.md").write_text("my notes")  # a file prepare did not write
+    with pytest.raises(UserError, match="notes.md") as e:
+        prepare([src], bpe_dir, out, num_proc=1, force=True, max_documents=1, verbose=False)
+    assert "even with --force" in str(e.value) and (out / "notes.md").read_text() == "my notes"
+    (out / "notes.md").unlink()
+    rebuilt = prepare([src], bpe_dir, out, num_proc=1, force=True, max_documents=1, verbose=False)
+    assert load_meta(out) == rebuilt and json.loads((out / ".smoltrain-output.json").read_text())["command"] == "prepare"
+
+
+def test_a_prepare_output_from_before_markers_is_still_recognised(tmp_path, bpe_dir):
+    (tmp_path / "a.txt").write_text("some text to tokenize " * 20)
+    out = tmp_path / "out"
+    prepare([tmp_path / "a.txt"], bpe_dir, out, num_proc=1, verbose=False)
+    (out / ".smoltrain-output.json").unlink()
+    meta = prepare([tmp_path / "a.txt"], bpe_dir, out, num_proc=1, max_documents=1, force=True, verbose=False)
+    assert load_meta(out) == meta
 
 
 def _fail_on_second_chunk(monkeypatch):
@@ -169,7 +202,7 @@ def test_killed_prepare_leaves_no_trusted_output(tmp_path, bpe_dir):
                              "--tokenizer", str(bpe_dir), "--out", str(out), "--num-proc", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 60
-    while not list(tmp_path.glob(".out.staging-*")) and proc.poll() is None and time.time() < deadline:
+    while not list(tmp_path.glob(".staging-out-*")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -177,7 +210,7 @@ def test_killed_prepare_leaves_no_trusted_output(tmp_path, bpe_dir):
     assert not out.exists()
     with pytest.raises(UserError, match="does not exist"):
         load_meta(out)
-    assert list(tmp_path.glob(".out.staging-*"))  # debris of the dead run ...
+    assert list(tmp_path.glob(".staging-out-*"))  # debris of the dead run ...
     meta = prepare([tmp_path / "src"], bpe_dir, out, num_proc=1, max_documents=2, verbose=False)
-    assert not list(tmp_path.glob(".out.*"))  # ... removed by the next run
+    assert not list(tmp_path.glob(".*-out-*"))  # ... removed by the next run
     assert load_meta(out) == meta

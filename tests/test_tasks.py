@@ -33,7 +33,7 @@ class PlainLM:
         from lm_eval.api.model import TemplateLM
 
         class _LM(TemplateLM):
-            eot_token_id = tok.eot_id
+            eot_token_id = tok.eot_id  # lm-eval's default prefix token
 
             def tok_encode(self, string, **kw):
                 return tok.encode(string)
@@ -78,7 +78,7 @@ def test_encode_pair_is_lm_evals(tiny):
     ctx, cont = encode_pair(tok, "To be, or not to be, that is the ", "question")
     assert ctx == tok.encode("To be, or not to be, that is the")  # the trailing space moved ...
     assert cont == tok.encode("To be, or not to be, that is the question")[len(ctx):]  # ... to the continuation
-    assert encode_pair(tok, "", "zzz") == ([tok.eot_id], tok.encode("zzz"))
+    assert encode_pair(tok, "", "zzz") == ([tok.eot_id], tok.encode("zzz"))  # its BOS is <|endoftext|>
 
 
 def test_scores_equal_lm_eval_requests_on_full_forwards(tiny):
@@ -264,3 +264,52 @@ def test_training_logs_task_accuracy(tiny_tokenizer_dir, verse_corpus, tmp_path)
     for name in ("verse-next-line", "mc"):
         for metric in ("acc", "acc_norm"):
             assert task_recs[-1][f"task/{name}/{metric}"] == final[name][metric]
+
+
+# --- parity with lm-evaluation-harness on the real SmolLM2-135M-Instruct --------------------------
+PARITY_ITEMS = ITEMS + [
+    {"context": "Question: What is the capital of France?\nAnswer:", "choices": [" Paris", " London", " Rome"], "label": 0},
+    {"context": "ROMEO:\nBut, soft! what light through yonder window breaks?\n",
+     "choices": ["It is the east, and Juliet is the sun.", "The quick brown fox jumps over the lazy dog.",
+                 "Sell the shares before the market closes."], "label": 0},
+    {"context": "2 + 2 =", "choices": [" 4", " 5", " 22", " four"], "label": 0},
+    {"context": "The opposite of hot is  ", "choices": ["cold", "warm", "spicy"], "label": 0},
+]
+
+
+def lm_eval_reference(hf_dir, task_file) -> tuple[dict, list[list[float]]]:
+    """lm-eval's own pipeline: its `hf` model on our export, the JSONL file as a custom local task."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    task = {"task": "smoltrain_mc", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": task_file}},
+            "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "context",
+            "doc_to_choice": "choices", "doc_to_target": "label", "target_delimiter": "",
+            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]}
+    lm = HFLM(pretrained=str(hf_dir), device="cpu", dtype="float32", batch_size=8)
+    res = simple_evaluate(model=lm, tasks=[task], num_fewshot=0, log_samples=True)
+    samples = sorted(res["samples"]["smoltrain_mc"], key=lambda s: s["doc_id"])
+    lls = [[r[0][0] for r in s["resps"]] for s in samples]
+    r = res["results"]["smoltrain_mc"]
+    return {"acc": r["acc,none"], "acc_norm": r["acc_norm,none"], "n": len(samples)}, lls
+
+
+@pytest.mark.slow
+def test_real_smollm2_scores_equal_lm_evals(real_assets, tmp_path):
+    from smoltrain.tasks import item_loglikelihoods, load_jsonl_task, load_scorer
+
+    ckpt, hf_dir = tmp_path / "ckpt", tmp_path / "hf"
+    assert run_cli("import", real_assets["gguf"], "--out", ckpt).returncode == 0
+    assert run_cli("export", ckpt, "--out", hf_dir).returncode == 0
+    task = write_jsonl(tmp_path / "parity.jsonl", PARITY_ITEMS)
+    proc = run_cli("eval", ckpt, "--tasks", task, "--json", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    ours = json.loads(proc.stdout)["tasks"]["parity"]
+    theirs, their_lls = lm_eval_reference(hf_dir, task)
+    assert ours == theirs
+    assert 0 < ours["acc"] < 1 or 0 < ours["acc_norm"] < 1 or ours["acc"] != ours["acc_norm"]  # not degenerate
+    scorer, tok, _ = load_scorer(str(ckpt), torch.device("cpu"))
+    our_lls = [item_loglikelihoods(scorer, tok, item) for item in load_jsonl_task(task).items]
+    for a, b in zip(our_lls, their_lls, strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)

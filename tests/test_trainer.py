@@ -196,17 +196,50 @@ def test_continued_pretraining_from_imported_weights(tmp_path, tiny_data, tiny_c
     assert shape.returncode == 2 and "another shape" in shape.stderr
 
 
-def test_eval_command_table_and_json(tmp_path, tiny_data):
+def test_eval_command_defaults_equal_the_in_loop_numbers(tmp_path, tiny_data):
     run = tmp_path / "run"
     assert train(run, tiny_data, "--set", "train.max_steps=10").returncode == 0
     data = _data_dir(tiny_data)
-    proc = run_cli("eval", run, "--data", data, "--json", "--seq-len", "64", "--max-batches", "3")
+    proc = run_cli("eval", run, "--data", data, "--json")  # defaults: the run's seq_len, the whole split
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout)
-    assert res["loss"] > 0 and res["bpb"] > 0 and res["ppl"] == pytest.approx(2.718281828 ** res["loss"], rel=1e-6)
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rec = next(r for r in recs if r.get("val_loss") is not None and r["step"] == 10)
+    assert res["loss"] == pytest.approx(rec["val_loss"], rel=1e-6) and res["bpb"] == pytest.approx(rec["val_bpb"], rel=1e-6)
+    assert rec["val/tiny/loss"] == rec["val_loss"] and rec["val/tiny/bpb"] == rec["val_bpb"]  # one dataset
+    val_tokens = json.loads((data / "meta.json").read_text())["splits"]["val"]["num_tokens"]
+    assert res["tokens"] == rec["val_tokens"] == val_tokens - 1 and res["seq_len"] == 64  # every token once
+    assert res["ppl"] == pytest.approx(2.718281828 ** res["loss"], rel=1e-6)
+    sample = json.loads(run_cli("eval", run, "--data", data, "--json", "--max-tokens", "128").stdout)
+    assert sample["tokens"] == 128 and sample["loss"] != res["loss"]
     table = run_cli("eval", run, run / "checkpoints" / "step_00000010", "--data", data, "--seq-len", "64")
     assert table.returncode == 0 and table.stdout.count("\n") == 3
+    assert_user_error(run_cli("eval", run, "--data", data, "--seq-len", "5000"), "context", "256")
     assert_user_error(run_cli("eval", run, "--data", tmp_path / "nope"), "nope")
+
+
+def test_in_loop_eval_per_dataset_with_an_eval_only_dataset(tmp_path, tiny_data):
+    from .conftest import make_corpus_text
+
+    corpus = next(a for a in tiny_data if a.startswith("data.datasets=")).split("sources: ['")[1].split("'")[0]
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    for i, doc in enumerate(make_corpus_text(3, seed=11, words_per_doc=(100, 150))):
+        (probe / f"p{i}.txt").write_text(doc)
+    datasets = f"data.datasets=[{{name: tiny, sources: ['{corpus}']}}, {{name: probe, sources: ['{probe}'], val_fraction: 1.0}}]"
+    run = tmp_path / "run"
+    proc = train(run, tiny_data, "--set", datasets, "--set", f"run.data_dir={tmp_path / 'data'}",
+                 "--set", "train.max_steps=4", "--set", "eval.every=4")
+    assert proc.returncode == 0, proc.stderr
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    ev = next(r for r in recs if r.get("val_loss") is not None)
+    n = {name: ev[f"val/{name}/tokens"] for name in ("tiny", "probe")}
+    probe_meta = json.loads((tmp_path / "data" / "probe" / "meta.json").read_text())
+    assert n["probe"] == probe_meta["splits"]["val"]["num_tokens"] - 1 and ev["val_tokens"] == sum(n.values())
+    weighted = sum(ev[f"val/{k}/loss"] * v for k, v in n.items()) / sum(n.values())
+    assert ev["val_loss"] == pytest.approx(weighted, rel=1e-9)  # the total is token-weighted
+    steps = [r for r in recs if r.get("tokens_per_source")]
+    assert steps and all(set(r["tokens_per_source"]) == {"tiny"} for r in steps)  # never trained on probe
 
 
 @pytest.mark.slow
@@ -255,7 +288,7 @@ def test_eval_any_hf_causal_lm_beside_ours(tmp_path, tiny_data, tiny_tokenizer_d
     load_tokenizer(tiny_tokenizer_dir).save(gpt2)
     run = tmp_path / "run"
     assert train(run, tiny_data, "--set", "train.max_steps=10").returncode == 0
-    proc = run_cli("eval", run, gpt2, "--data", _data_dir(tiny_data), "--seq-len", "64", "--max-batches", "2",
+    proc = run_cli("eval", run, gpt2, "--data", _data_dir(tiny_data), "--seq-len", "64", "--max-tokens", "512",
                    "--json")
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
@@ -266,7 +299,7 @@ def test_eval_any_hf_causal_lm_beside_ours(tmp_path, tiny_data, tiny_tokenizer_d
 def test_fp16_with_grad_scaler_trains_and_resumes(tmp_path, tiny_data):
     run, common = tmp_path / "f16", ["--set", "train.dtype=fp16", "--set", "checkpoint.every=2"]
     assert train(run, tiny_data, *common, "--set", "train.max_steps=4").returncode == 0
-    scaler = torch.load(run / "checkpoints" / "step_00000004" / "rng.pt", weights_only=False)["scaler"]
+    scaler = json.loads((run / "checkpoints" / "step_00000004" / "extra.json").read_text())["scaler"]
     assert scaler is not None and scaler["scale"] > 0
     more = train(run, tiny_data, *common, "--set", "train.max_steps=6")
     assert more.returncode == 0 and "(step 4)" in more.stdout

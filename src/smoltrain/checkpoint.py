@@ -1,15 +1,15 @@
 """Checkpoint directories: atomic commit, sha256 manifest, discovery, and loading a model from one.
 
 A checkpoint directory is also a Hugging Face model directory (config.json + model.safetensors with HF
-names + tokenizer files); training checkpoints add the trainer's state beside it. It is staged under a
-hidden name, fsynced, given a manifest with the sha256 of every file, and only then renamed into place:
-a directory with the final name is always complete.
+names + tokenizer files); training checkpoints add the trainer's state beside it, as safetensors and JSON
+only (nothing is unpickled). It is published by storage.commit: staged under a private name, fsynced, given
+a manifest with the sha256 of every file, and only then renamed into place, so a directory with the final
+name is always complete.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -22,92 +22,20 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from smoltrain import storage
 from smoltrain.config import ModelConfig
 from smoltrain.errors import UserError
 from smoltrain.model import SmolLM2
 from smoltrain.tokenizer import Tokenizer, load_tokenizer
 
-MANIFEST = "manifest.json"
+MANIFEST = storage.MANIFEST
 WEIGHTS = "model.safetensors"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_manifest(directory: Path, info: dict | None = None) -> None:
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
-    manifest = {"format": "smoltrain-checkpoint", "version": 1, **(info or {}),
-                "files": {str(p.relative_to(directory)): {"sha256": sha256_file(p), "size": p.stat().st_size}
-                          for p in files}}
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    for p in [*files, directory / MANIFEST]:
-        _fsync(p)
-
-
-def read_manifest(directory: Path) -> dict:
-    try:
-        return json.loads((directory / MANIFEST).read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"Checkpoint {directory} has a missing or unreadable {MANIFEST} ({e}).") from None
-
-
 def verify_checkpoint(directory: Path) -> dict:
     """The manifest, after checking every file it lists exists with the recorded size and sha256."""
-    manifest = read_manifest(directory)
-    for name, rec in manifest.get("files", {}).items():
-        path = directory / name
-        if not path.is_file():
-            raise UserError(f"Checkpoint {directory} is incomplete: {name} is missing.")
-        if path.stat().st_size != rec["size"] or sha256_file(path) != rec["sha256"]:
-            raise UserError(f"Checkpoint {directory} is corrupted: {name} does not match its sha256 in {MANIFEST}.")
-    return manifest
-
-
-@contextlib.contextmanager
-def staged_dir(final: Path, info: dict | None = None, replace: bool = False) -> Iterator[Path]:
-    """Yield a hidden staging directory beside `final`; on success write the manifest, fsync, rename.
-
-    On an exception the staging directory is removed and `final` is untouched. With `replace`, an
-    existing `final` is swapped out only after the new one is complete.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.parent / f".staging-{final.name}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
-        yield staging
-        commit_staged(staging, final, info, replace)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def commit_staged(staging: Path, final: Path, info: dict | None = None, replace: bool = False) -> None:
-    """Manifest + fsync the staging dir, then rename it to `final` (the commit point)."""
-    write_manifest(staging, info)
-    old = None
-    if final.exists():
-        if not replace:
-            raise UserError(f"{final} already exists (pass --force to replace it).")
-        old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
-        os.replace(final, old)
-    os.replace(staging, final)
-    _fsync(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    return storage.verify_manifest(directory)
 
 
 def model_state(model: SmolLM2) -> dict[str, torch.Tensor]:
@@ -121,7 +49,7 @@ def model_state(model: SmolLM2) -> dict[str, torch.Tensor]:
 def save_model_files(directory: Path, state: dict[str, torch.Tensor], cfg: ModelConfig,
                      tokenizer: Tokenizer | None) -> None:
     """config.json + model.safetensors (+ tokenizer files): what transformers needs to load the model."""
-    save_file(state, str(directory / WEIGHTS), metadata={"format": "pt"})
+    save_tensors(state, directory / WEIGHTS, metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
     if tokenizer is not None:
         tokenizer.save(directory)
@@ -173,8 +101,9 @@ def read_hf_config(directory: Path) -> ModelConfig:
 
 
 def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """Tensors of an HF directory: model.safetensors, a sharded safetensors index, or pytorch_model*.bin."""
-    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
+    """Tensors of an HF directory: model.safetensors, its shards, or pytorch_model*.bin (read with
+    weights_only=True: plain tensors only, nothing in the file is executed)."""
+    files = sorted(directory.glob("model*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
     if not files:
         raise UserError(f"{directory} has no model weights (model.safetensors or pytorch_model.bin).")
     state: dict[str, torch.Tensor] = {}
@@ -237,87 +166,156 @@ def load_resolved(directory: Path, device: str | torch.device = "cpu", dtype: to
 
 
 # --- training checkpoints: RUN/checkpoints/step_NNNNNNNN ---------------------------------------------
+# Nothing in a checkpoint is unpickled: weights, optimizer moments and torch RNG states are safetensors,
+# everything else (loop counters, loader position, scaler, Python/numpy RNG, param groups) is JSON.
 
-TRAIN_STATE, OPTIMIZER_DIR, RNG, RUN_CONFIG = "train_state.json", "optimizer", "rng.pt", "config.yaml"
+TRAIN_STATE, RUN_CONFIG, EXTRA = "train_state.json", "config.yaml", "extra.json"
+RNG_TENSORS, RNG_JSON = "rng.safetensors", "rng.json"
+OPTIMIZER_DIR, OPTIM_TENSORS, OPTIM_JSON = "optimizer", "state.safetensors", "optimizer.json"
+PICKLED = ("rng.pt", "optimizer/.metadata")  # what checkpoints of smoltrain <= 0.1 held
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
 
 
-def rng_state() -> dict:
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """(uint8 tensors for safetensors, JSON-able Python/numpy states) of every RNG the loop uses."""
     import random
 
     import numpy as np
 
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    plain = {"python": [version, list(internal), gauss],
+             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    return tensors, plain
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict) -> None:
     import random
 
     import numpy as np
 
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def staging_for(final: Path) -> Path:
-    """The one staging dir every rank of a distributed save writes into (rank 0 commits it)."""
-    return final.parent / f".staging-{final.name}"
+    torch.set_rng_state(tensors["torch"])
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    cuda = [tensors[f"cuda.{i}"] for i in range(sum(k.startswith("cuda.") for k in tensors))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def begin_train_checkpoint(run_dir: Path, step: int) -> Path:
-    """Rank 0, before a save: set aside a same-named (corrupt) checkpoint, make a fresh staging dir."""
+    """Rank 0, before a save: set aside a same-named (corrupt) checkpoint, make a private staging dir.
+
+    The staging name holds this process's PID and a random tag, so no other process (a second trainer,
+    a debris cleanup) ever writes into or removes it; under torchrun rank 0 tells the others its name.
+    """
     final = step_dir(run_dir, step)
     if final.exists():  # e.g. a corrupt one that resume skipped: set it aside, never delete it
         quarantine(final)
-    staging = staging_for(final)
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    return staging
+    return storage.make_staging(final)
 
 
-def save_optimizer(staging: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """All ranks: optimizer state through torch.distributed.checkpoint, keyed by parameter name.
+@contextlib.contextmanager
+def discard_on_error(staging: Path | None) -> Iterator[None]:
+    """Remove a staging dir when its save fails (a full disk, an error); a commit has renamed it away."""
+    try:
+        yield
+    except BaseException:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
 
-    DCP reshards on load, so a checkpoint written by N processes (DDP, FSDP or one) resumes with M.
-    """
-    import torch.distributed.checkpoint as dcp
+
+def _optimizer_options(model: torch.nn.Module):
+    """Full (unsharded) state dicts under FSDP2, gathered to rank 0 on the CPU; plain ones otherwise."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    sharded = dist.is_initialized() and any(type(p).__name__ == "DTensor" for p in model.parameters())
+    return StateDictOptions(full_state_dict=True, cpu_offload=True) if sharded else None
+
+
+def save_optimizer(staging: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, main: bool = True) -> None:
+    """All ranks (a collective under FSDP): the whole optimizer state keyed by parameter name; rank 0 writes
+    the tensors as safetensors and the param groups as JSON. Loading reshards it to any world size."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    with warnings.catch_warnings():  # DCP warns without a process group; in one process that is the intent
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(staging / OPTIMIZER_DIR))
+    state = get_optimizer_state_dict(model, optimizer, options=_optimizer_options(model))
+    if not main:
+        return
+    tensors, layout = {}, {}
+    for fqn, entries in state["state"].items():
+        layout[fqn] = {}
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{fqn}:{key}"] = value.detach().cpu().contiguous()
+                layout[fqn][key] = {"tensor": f"{fqn}:{key}"}
+            else:
+                layout[fqn][key] = {"value": value}
+    directory = staging / OPTIMIZER_DIR
+    directory.mkdir(exist_ok=True)
+    save_tensors(tensors, directory / OPTIM_TENSORS)
+    doc = {"format": "smoltrain-optimizer", "version": 1, "state": layout, "param_groups": state["param_groups"]}
+    (directory / OPTIM_JSON).write_text(json.dumps(doc, indent=2))
 
 
 def load_optimizer(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    """Every rank reads the full state and keeps its own shard of it (set_optimizer_state_dict)."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(ckpt / OPTIMIZER_DIR))
-    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    directory = ckpt / OPTIMIZER_DIR
+    try:
+        doc = json.loads((directory / OPTIM_JSON).read_text())
+        tensors = load_file(str(directory / OPTIM_TENSORS))
+        state = {fqn: {key: tensors[rec["tensor"]] if "tensor" in rec else rec["value"] for key, rec in entries.items()}
+                 for fqn, entries in doc["state"].items()}
+        full = {"state": state, "param_groups": doc["param_groups"]}
+        opts = _optimizer_options(model)
+        if opts is not None:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+            opts = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(model, optimizer, full, options=opts)
+    except Exception as e:  # a consistent manifest does not make the content readable
+        raise UserError(f"The optimizer state in {directory} is unreadable or does not fit this model "
+                        f"({type(e).__name__}: {str(e)[:200]}); resume from another checkpoint.") from None
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, with a full disk reported as the OSError it is."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except OSError:
+        raise
+    except Exception as e:
+        if storage.is_no_space(e):
+            raise OSError(28, f"No space left on device: {path}") from None
+        raise
 
 
 def finish_train_checkpoint(staging: Path, run_dir: Path, step: int, model_cfg: ModelConfig,
                             weights: dict[str, torch.Tensor], tokenizer: Tokenizer | None, config_yaml: str,
                             extra: dict, train_state: dict, export_hf: bool = False) -> Path:
-    """Rank 0, after every rank wrote its shards: weights, config, RNG, loop state; then commit."""
+    """Rank 0, after every rank wrote its part: weights, config, RNG, loop state; then commit.
+
+    The rename in commit() is the one point where the checkpoint becomes visible and complete.
+    """
     final = step_dir(run_dir, step)
     if model_cfg.tie_word_embeddings:
         weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}
     save_model_files(staging, weights, model_cfg, tokenizer)
     (staging / RUN_CONFIG).write_text(config_yaml)
-    torch.save({"rng": rng_state(), **extra}, staging / RNG)
+    rng_tensors, rng_plain = rng_state()
+    save_tensors(rng_tensors, staging / RNG_TENSORS)
+    (staging / RNG_JSON).write_text(json.dumps(rng_plain))
+    (staging / EXTRA).write_text(json.dumps(extra, indent=2))
     (staging / TRAIN_STATE).write_text(json.dumps(train_state, indent=2))
     from smoltrain.runinfo import fault_point
 
@@ -329,32 +327,58 @@ def finish_train_checkpoint(staging: Path, run_dir: Path, step: int, model_cfg: 
         hf.mkdir()
         save_model_files(hf, weights, model_cfg, tokenizer)
         write_hf_extras(hf, model_cfg, final)
-    commit_staged(staging, final, {"kind": "train", "step": step})
-    return final
+    return storage.commit(staging, final, "train", {"kind": "train", "step": step})
 
 
 def load_train_state(ckpt: Path) -> dict:
-    """Everything but weights and optimizer: train_state.json, RNG (+ scaler), the run config."""
+    """Everything but weights and optimizer: loop state, RNG, scaler, the run config (no unpickling)."""
+    if not (ckpt / RNG_TENSORS).exists() and any((ckpt / p).exists() for p in PICKLED):
+        raise UserError(f"{ckpt} was written by an older smoltrain whose RNG and optimizer files are pickles, "
+                        "which could run code when loaded; smoltrain no longer reads them. Its weights still "
+                        "work for init_from, eval, export and generate; to continue training, start a new run.dir "
+                        f"with train.init_from={ckpt}.")
     try:
-        extra = torch.load(ckpt / RNG, map_location="cpu", weights_only=False)
-        return {"train_state": json.loads((ckpt / TRAIN_STATE).read_text()), "rng": extra.pop("rng"),
-                "extra": extra, "config_yaml": (ckpt / RUN_CONFIG).read_text()}
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"{ckpt} is not a training checkpoint that can be resumed ({e}).") from None
+        rng_tensors = load_file(str(ckpt / RNG_TENSORS))
+        rng_plain = json.loads((ckpt / RNG_JSON).read_text())
+        _check_rng(rng_tensors, rng_plain)
+        return {"train_state": json.loads((ckpt / TRAIN_STATE).read_text()), "rng": (rng_tensors, rng_plain),
+                "extra": json.loads((ckpt / EXTRA).read_text()), "config_yaml": (ckpt / RUN_CONFIG).read_text()}
+    except Exception as e:  # safetensors raises its own error type for a damaged file
+        raise UserError(f"{ckpt} is not a training checkpoint that can be resumed: its trainer state is missing "
+                        f"or unreadable ({type(e).__name__}: {str(e)[:200]}).") from None
 
 
-def check_free_space(run_dir: Path, num_params: int, export_hf: bool, min_free_gb: float) -> None:
-    """Fail before a save (and before training) when the next checkpoint cannot fit on the disk.
+def _check_rng(tensors: dict[str, torch.Tensor], plain: dict) -> None:
+    """Shapes and types an RNG accepts, checked before training starts rather than at set_rng_state."""
+    if tensors["torch"].dtype != torch.uint8 or tensors["torch"].numel() != torch.get_rng_state().numel():
+        raise ValueError(f"torch RNG state has {tensors['torch'].numel()} {tensors['torch'].dtype} values")
+    version, internal, _ = plain["python"]
+    if len(internal) != 625 or not all(isinstance(x, int) for x in internal):
+        raise ValueError("Python RNG state is not 625 integers")
+    if len(plain["numpy"][1]) != 624:
+        raise ValueError("numpy RNG state is not 624 integers")
 
-    fp32 weights + AdamW's two moments (+ the HF copy) with 5% slack, plus the configured reserve.
-    """
+
+def checkpoint_bytes(num_params: int, num_tensors: int, export_hf: bool, tokenizer_bytes: int) -> int:
+    """Bytes of a training checkpoint before it is written: fp32 weights (+ the HF copy), AdamW's two moments
+    and step counters, safetensors headers, tokenizer files (+ the copy), and the small JSON files."""
+    weights = num_params * 4 + num_tensors * 160
+    optimizer = 2 * num_params * 4 + num_tensors * (3 * 220 + 4)
+    copies = 1 + export_hf
+    return weights * copies + optimizer + tokenizer_bytes * copies + 48 * 1024 + 16 * 1024 * export_hf
+
+
+def check_free_space(run_dir: Path, need_bytes: int, min_free_gb: float) -> None:
+    """Fail before a save (and before training) when the next checkpoint cannot fit on the disk."""
     from smoltrain.errors import TrainingError
 
-    need = num_params * 4 * (3 + export_hf) * 1.05 + min_free_gb * 2**30
+    need = need_bytes + min_free_gb * 2**30
     free = shutil.disk_usage(run_dir if Path(run_dir).exists() else Path.cwd()).free
     if free < need:
-        raise TrainingError(f"Not enough free disk in {run_dir} for the next checkpoint: "
-                            f"{free / 2**30:.2f} GiB free, about {need / 2**30:.2f} GiB needed.")
+        fmt = storage.format_bytes
+        raise TrainingError(f"Not enough free disk in {run_dir} for the next checkpoint: {fmt(free)} free, about "
+                            f"{fmt(need)} needed ({fmt(need_bytes)} for the checkpoint + checkpoint.min_free_gb "
+                            f"{min_free_gb:g} GiB kept free). Free some space or lower checkpoint.keep_last.")
 
 
 def quarantine(ckpt: Path) -> Path:
@@ -369,24 +393,28 @@ def retain(run_dir: Path, keep_last: int) -> None:
     if keep_last <= 0:
         return
     for old in list_checkpoints(run_dir)[:-keep_last]:
-        doomed = old.parent / f".deleting-{old.name}"
-        os.replace(old, doomed)  # leaves discovery at once, even if the delete is interrupted
-        shutil.rmtree(doomed, ignore_errors=True)
+        storage.remove_dir(old)  # renamed first: leaves discovery at once, even if the delete is interrupted
 
 
-def clean_debris(run_dir: Path) -> None:
-    """Remove staging and half-deleted directories left by a kill (never committed checkpoints)."""
+def clean_debris(run_dir: Path) -> list[Path]:
+    """Remove the staging and half-deleted dirs of dead processes (never a live one's, never a checkpoint).
+
+    The trainer calls this only while it holds the run-dir lock.
+    """
+    return storage.clean_stale(Path(run_dir) / "checkpoints")
+
+
+def quarantined(run_dir: Path) -> list[Path]:
+    """Checkpoints moved aside as corrupt by an earlier resume, oldest name first."""
     root = Path(run_dir) / "checkpoints"
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.name.startswith((".staging-", ".deleting-")):
-                shutil.rmtree(p, ignore_errors=True)
+    return sorted(p for p in root.iterdir() if p.name.startswith(".corrupt-")) if root.is_dir() else []
 
 
-def find_resume_checkpoint(run_dir: Path) -> Path | None:
+def find_resume_checkpoint(run_dir: Path, start_fresh: bool = False) -> Path | None:
     """Newest valid checkpoint; corrupt newer ones are warned about and quarantined.
 
-    If checkpoints exist but none is valid, refuse: starting fresh silently would discard the run.
+    If checkpoints exist (or were quarantined by an earlier run) but none is valid, refuse unless
+    `start_fresh`: training from step 0 silently would rewind the run's logs over them.
     """
     found = list_checkpoints(run_dir)
     for ckpt in reversed(found):
@@ -396,7 +424,11 @@ def find_resume_checkpoint(run_dir: Path) -> Path | None:
         except UserError as e:
             moved = quarantine(ckpt)
             warnings.warn(f"{e} Skipping it (moved to {moved.name}) and trying the previous one.", stacklevel=2)
-    if found:
-        raise UserError(f"Every checkpoint in {run_dir}/checkpoints is corrupt (moved aside as .corrupt-*); "
-                        "refusing to start fresh over them. Inspect them, or use a new run.dir.")
+    bad = quarantined(run_dir)
+    if bad and not start_fresh:
+        names = ", ".join(p.name for p in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise UserError(f"Every checkpoint in {run_dir}/checkpoints is corrupt (moved aside as {names}); "
+                        "refusing to start fresh over them, which would rewind metrics.jsonl. Inspect them, then "
+                        "move them out of that directory, or set train.start_fresh=true to train from step 0 in "
+                        "this run dir (they are kept), or use another run.dir.")
     return None

@@ -16,7 +16,18 @@ from typing import Any
 
 import yaml
 
-from smoltrain.domain import Domain, checked, interval, nonneg, numeric, one_of, positive
+from smoltrain.domain import (
+    Domain,
+    checked,
+    device,
+    interval,
+    nonneg,
+    one_of,
+    positive,
+    seed,
+    temperature,
+    top_p,
+)
 from smoltrain.domain import problems as domain_problems
 from smoltrain.errors import UserError
 
@@ -76,41 +87,53 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any], source: str = "config") -> ModelConfig:
         """Read a transformers Llama config dict; anything that is not plain SmolLM2/Llama is an error."""
+        if not isinstance(hf, dict):
+            raise UserError(f"{source} must hold a JSON object, not {type(hf).__name__}.")
         arch = hf.get("model_type")
         if arch != "llama":
             archs = hf.get("architectures") or []
             raise UserError(f"{source} describes a {arch or archs or 'unknown'} model; smoltrain handles "
                             "Llama/SmolLM2 models (model_type 'llama') only.")
+        missing = [k for k in HF_REQUIRED if hf.get(k) is None]
+        if missing:
+            raise UserError(f"{source} lacks {', '.join(missing)}: a Llama config.json names every one of "
+                            f"{', '.join(HF_REQUIRED)}.")
+        rope = hf.get("rope_scaling") or {}
+        params = hf.get("rope_parameters") or {}
+        params = params if isinstance(params, dict) else {"rope_type": params}
+        heads = hf["num_attention_heads"]
+        kw = dict(
+            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=heads, num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            rope_theta=hf.get("rope_theta", params.get("rope_theta", 10000.0)),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6), tie_word_embeddings=hf.get("tie_word_embeddings", True),
+            initializer_range=hf.get("initializer_range", 0.02), bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+        )
+        problems: list[str] = []
+        cfg = _build(cls, kw, "", problems)  # wrong types are named, not raised by the arithmetic below
+        problems += cfg.validate()  # a field of the wrong type kept its default: safe to check
+        if problems:
+            raise UserError(f"{source} has an invalid shape: " + "; ".join(problems) + ".")
         unsupported = []
         if hf.get("hidden_act", "silu") != "silu":
             unsupported.append(f"hidden_act={hf['hidden_act']}")
         for flag in ("attention_bias", "mlp_bias"):
             if hf.get(flag):
                 unsupported.append(f"{flag}=true")
-        rope = hf.get("rope_scaling") or {}
-        params = hf.get("rope_parameters") or {}
         if rope or params.get("rope_type", "default") != "default":
             unsupported.append(f"rope scaling {rope or params}")
-        heads = hf["num_attention_heads"]
-        if hf.get("head_dim") not in (None, hf["hidden_size"] // heads):
+        if hf.get("head_dim") not in (None, cfg.head_dim):
             unsupported.append(f"head_dim={hf['head_dim']} != hidden_size/num_attention_heads")
         if unsupported:
             raise UserError(f"{source} is a Llama variant smoltrain does not implement: {', '.join(unsupported)}.")
-        theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))
-        kw = dict(
-            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
-            num_attention_heads=heads, num_key_value_heads=hf.get("num_key_value_heads") or heads,
-            max_position_embeddings=hf.get("max_position_embeddings", 2048), rope_theta=float(theta),
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6), tie_word_embeddings=hf.get("tie_word_embeddings", True),
-            initializer_range=hf.get("initializer_range", 0.02), bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=hf.get("eos_token_id"),
-        )
-        cfg = cls(**kw)
-        problems = cfg.validate()
-        if problems:
-            raise UserError(f"{source} has an invalid shape: " + "; ".join(problems) + ".")
         return cfg
+
+
+# What from_hf cannot default: without these a config.json does not describe a model.
+HF_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 def eos_ids(cfg: ModelConfig) -> list[int]:
@@ -130,6 +153,15 @@ class DatasetConfig:
     sources: list[str] = field(default_factory=list)  # files, dirs, hf:NAME[:CONFIG], assets:shakespeare
     path: str = ""  # prepared dir; default {run.data_dir}/{name}
     weight: float = checked(1.0, nonneg())
+    val_documents: list[str] = field(default_factory=list)  # globs of source-relative names to hold out
+    # default data.val_fraction; 1.0: evaluation only (never trained on)
+    val_fraction: float | None = checked(None, interval(0, 1, high_open=False))
+
+    def eval_only(self, default_fraction: float) -> bool:
+        return not self.val_documents and self.held_out_fraction(default_fraction) == 1.0
+
+    def held_out_fraction(self, default_fraction: float) -> float:
+        return default_fraction if self.val_fraction is None else self.val_fraction
 
 
 @dataclass
@@ -190,8 +222,8 @@ class TrainConfig:
     grad_accum_steps: int = checked(1, positive)
     # sequences per step; sets grad_accum_steps = this / (micro x world)
     global_batch_size: int | None = checked(None, positive)
-    seed: int = checked(1337, numeric(lambda v: 0 <= v < 2**63, "in [0, 2**63)"))
-    device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | mps
+    seed: int = checked(1337, seed)
+    device: str = checked("auto", device)  # auto (cuda > mps > cpu) | cpu | cuda | mps
     # auto: bf16 on CUDA, fp32 elsewhere; fp16 trains with a GradScaler
     dtype: str = checked("auto", one_of("auto", "fp32", "bf16", "fp16"))
     compile: bool = False  # torch.compile the model
@@ -202,6 +234,7 @@ class TrainConfig:
     init_from: str | None = None  # continued pretraining: checkpoint, run dir, HF dir or .gguf
     allow_config_change: bool = False  # resume even if the trajectory-defining config differs
     resume_from: str | None = None  # explicit checkpoint to resume from (must exist)
+    start_fresh: bool = False  # train from step 0 even though every checkpoint in run.dir is corrupt
 
 
 @dataclass
@@ -229,13 +262,14 @@ class LogConfig:
 @dataclass
 class EvalConfig:
     every: int = checked(0, nonneg("only at the end"))  # validation loss every N steps
-    max_batches: int | None = checked(20, positive)  # null: the whole split
+    # tokens per dataset: null evaluates the whole held-out split, N a fixed sample spread over it
+    max_tokens: int | None = checked(None, positive)
     sample_every: int = checked(0, nonneg("only at the end"))  # generate from `prompts` every N steps
     prompts: list[str] = field(default_factory=list)
     sample_tokens: int = checked(48, nonneg("no samples"))
-    temperature: float = checked(0.8, nonneg("greedy"))
+    temperature: float = checked(0.8, temperature)
     top_k: int = checked(50, nonneg("off"))
-    top_p: float = checked(1.0, interval(0, 1, low_open=True, high_open=False))  # 1: off
+    top_p: float = checked(1.0, top_p)
     # multiple-choice tasks scored at every evaluation: JSONL files, lm-eval suite names (hellaswag, ...), or
     # next-line:DATASET (pick the true next line of four, built from that dataset's held-out split)
     tasks: list[str] = field(default_factory=list)
@@ -386,6 +420,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             text = Path(path).read_text()
         except OSError as e:
             raise UserError(f"Cannot read config file {path}: {e.strerror}.") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"Config file {path} is not UTF-8 text ({e.reason} at byte {e.start}).") from None
         try:
             tree = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
@@ -417,6 +453,14 @@ def validate(cfg: Config) -> list[str]:
     for d in cfg.data.datasets:
         if not d.sources and not d.path:
             p.append(f"dataset {d.name!r} needs sources or a prepared path")
+        if d.val_documents and d.val_fraction is not None:
+            p.append(f"dataset {d.name!r}: give val_documents or val_fraction, not both")
+        if d.val_documents and not d.sources:
+            p.append(f"dataset {d.name!r}: val_documents needs sources (a prepared path is already split)")
+        if any(not g for g in d.val_documents):
+            p.append(f"dataset {d.name!r}: val_documents holds an empty glob")
+    if cfg.data.datasets and all(d.eval_only(cfg.data.val_fraction) for d in cfg.data.datasets):
+        p.append("every dataset is evaluation-only (val_fraction 1.0): at least one must be trained on")
     p += _stage_problems(cfg.data.stages, names)
     for spec in cfg.eval.tasks:
         if spec.startswith("next-line:") and spec.split(":", 1)[1] not in names:
@@ -477,11 +521,20 @@ def _get(tree: dict, dotted: str) -> Any:
     return tree
 
 
+def _dataset_defaults(datasets: Any) -> Any:
+    if not isinstance(datasets, list):
+        return datasets
+    base = dataclasses.asdict(DatasetConfig())
+    return [{**base, **d} if isinstance(d, dict) else d for d in datasets]
+
+
 def trajectory_diff(old: dict, new: dict) -> list[str]:
     """Trajectory-defining fields whose values differ between two resolved config dicts."""
     diffs = []
     for key in TRAJECTORY_FIELDS:
         a, b = _get(old, key), _get(new, key)
+        if key == "data.datasets":  # a config saved before a dataset field existed had its default
+            a, b = _dataset_defaults(a), _dataset_defaults(b)
         if isinstance(a, dict) and isinstance(b, dict):
             diffs += [f"{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
         elif a != b:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from smoltrain.errors import UserError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -48,13 +52,69 @@ def setup(strategy: str, device_type: str) -> DistEnv:
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(env.local_rank)
-        dist.init_process_group(backend=backend)
+        _init_group(backend)
     return env
 
 
+def _init_group(backend: str) -> None:
+    """init_process_group, on a store namespace of its own under a torchrun restart.
+
+    torchrun's agent keeps one TCP store for the whole job; without a per-attempt prefix a restarted
+    group reads the dead attempt's gloo/NCCL addresses from it and fails with "Connection refused".
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        dist.init_process_group(backend=backend)
+        return
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"smoltrain/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/attempt_{attempt}/", store)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
+
+
 def teardown() -> None:
+    """Leave the group cleanly, so a torchrun restart re-forms it from a fresh store."""
     if dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except Exception:  # a peer already gone: nothing left to release  # noqa: BLE001
+            pass
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """Run `fn` on rank 0 and hand every rank its result, or its UserError (every rank then raises it).
+
+    Without this, a refusal on rank 0 leaves the other ranks blocked in the next collective.
+    """
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return fn()
+    box: list = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = fn()
+        except UserError as e:
+            box[1] = str(e)
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise UserError(box[1])
+    return box[0]
+
+
+def all_ranks(value: object) -> list:
+    """Every rank's `value`, in rank order (one element outside torchrun)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [value]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def agree_max(value: int, device: torch.device) -> int:
+    """The largest `value` over all ranks: one tiny all-reduce, so every rank takes the same decision."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def barrier() -> None:

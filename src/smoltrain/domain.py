@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,6 +64,15 @@ def interval(low: float, high: float, *, low_open: bool = False, high_open: bool
 
 
 probability = interval(0, 1, high_open=False)
+top_p = interval(0, 1, low_open=True, high_open=False)  # nucleus mass kept; 1: off
+device = Domain(lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None,
+                "auto, cpu, mps, cuda or cuda:N")
+seed = numeric(lambda v: 0 <= v < 2**63, "in [0, 2**63)")  # what torch and numpy generators take
+
+# Sampling temperature: below 1e-4 sampling is greedy in all but name, and a denormal like 1e-300 turns
+# logits / T into inf and the softmax into nan; such values are refused with a pointer to 0 (greedy).
+MIN_TEMPERATURE = 1e-4
+temperature = numeric(lambda v: v == 0 or v >= MIN_TEMPERATURE, f"0 (greedy) or >= {MIN_TEMPERATURE}")
 
 
 def one_of(*choices: Any) -> Domain:
@@ -70,7 +80,7 @@ def one_of(*choices: Any) -> Domain:
 
 
 def checked(default: Any = dataclasses.MISSING, domain: Domain | None = None, **kw: Any) -> Any:
-    """A dataclass field whose value must lie in `domain`; `kw` goes to dataclasses.field (default_factory)."""
+    """A dataclass field whose value must lie in `domain`; `kw` goes to dataclasses.field."""
     return field(default=default, metadata={"domain": domain}, **kw)
 
 

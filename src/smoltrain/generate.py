@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from smoltrain import domain
 from smoltrain.config import eos_ids
+from smoltrain.domain import checked
 from smoltrain.errors import UserError
 from smoltrain.model import KVCache, SmolLM2, to_inference_layout
 
@@ -23,15 +25,16 @@ PROMPT_BATCH = 16  # prompts of a --prompt-file decoded together
 
 @dataclass
 class SamplingConfig:
-    temperature: float = 0.8  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1.0 = off
-    repetition_penalty: float = 1.0  # 1.0 = off; HF semantics (divide positive logits, multiply negative)
+    temperature: float = checked(0.8, domain.temperature)
+    top_k: int = checked(0, domain.nonneg("off"))
+    top_p: float = checked(1.0, domain.top_p)
+    # 1.0 = off; HF semantics (divide positive logits, multiply negative)
+    repetition_penalty: float = checked(1.0, domain.positive)
 
     def validate(self) -> None:
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
-            raise UserError("Sampling needs temperature >= 0, top_k >= 0, 0 < top_p <= 1 and "
-                            f"repetition_penalty > 0 (got {self})")
+        problems = domain.problems(self, "sampling")
+        if problems:
+            raise UserError("Bad sampling settings: " + "; ".join(problems) + ".")
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -17,11 +17,11 @@ from smoltrain.checkpoint import (
     read_hf_weights,
     resolve_checkpoint,
     save_model_files,
-    staged_dir,
 )
 from smoltrain.config import ModelConfig, eos_ids
 from smoltrain.errors import UserError
 from smoltrain.modelcard import ORIGIN, model_kind
+from smoltrain.storage import check_target, publish
 from smoltrain.tokenizer import Tokenizer, load_tokenizer
 
 # GGUF (llama.cpp) tensor names -> HF Llama names; "{i}" is the layer index.
@@ -55,6 +55,10 @@ def _unpermute(w: np.ndarray, num_heads: int) -> np.ndarray:
     return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+GGUF_REQUIRED = ("llama.attention.head_count", "llama.embedding_length", "llama.feed_forward_length",
+                 "llama.block_count")
+
+
 def _gguf_config(fields: dict, tensor_names: list[str], path: Path) -> ModelConfig:
     def get(key, default=None):
         f = fields.get(key)
@@ -63,9 +67,15 @@ def _gguf_config(fields: dict, tensor_names: list[str], path: Path) -> ModelConf
     arch = get("general.architecture")
     if arch != "llama":
         raise UserError(f"{path} holds a {arch!r} model; smoltrain imports Llama/SmolLM2 GGUF files only.")
+    missing = [k for k in GGUF_REQUIRED if get(k) is None]
+    if get("llama.vocab_size") is None and "tokenizer.ggml.tokens" not in fields:
+        missing.append("llama.vocab_size (or tokenizer.ggml.tokens)")
+    if missing:
+        raise UserError(f"{path} lacks the GGUF fields {', '.join(missing)}, so it does not describe a model.")
     heads = int(get("llama.attention.head_count"))
+    vocab = get("llama.vocab_size")
     cfg = ModelConfig(
-        vocab_size=int(get("llama.vocab_size", len(fields["tokenizer.ggml.tokens"].data))),
+        vocab_size=int(vocab if vocab is not None else len(fields["tokenizer.ggml.tokens"].data)),
         hidden_size=int(get("llama.embedding_length")), intermediate_size=int(get("llama.feed_forward_length")),
         num_hidden_layers=int(get("llama.block_count")), num_attention_heads=heads,
         num_key_value_heads=int(get("llama.attention.head_count_kv", heads)),
@@ -110,8 +120,7 @@ def import_model(src: str | Path, out: str | Path, tokenizer: str | None = None,
     src, out = Path(src).expanduser(), Path(out).expanduser()
     if not src.exists():
         raise UserError(f"Import source {src} does not exist.")
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists (pass --force to replace it).")
+    check_target(out, "import", force, inputs=[src, *([tokenizer] if tokenizer else [])])
     if src.is_file() and src.suffix == ".gguf":
         cfg, state = read_gguf(src)
         tok = load_tokenizer(tokenizer or src)
@@ -124,7 +133,7 @@ def import_model(src: str | Path, out: str | Path, tokenizer: str | None = None,
         raise UserError(f"Import source {src} is neither an HF model directory nor a .gguf file.")
     _check_tokenizer(tok, cfg, src)
     model = model_from_state(cfg, state, str(src))  # validates names and shapes
-    with staged_dir(out, {"kind": "import", "source": str(src)}, replace=force) as d:
+    with publish(out, "import", {"kind": "import", "source": str(src)}, replace=force) as d:
         save_model_files(d, model_state(model), cfg, tok)
         (d / ORIGIN).write_text(json.dumps(origin, indent=2))
     return out
@@ -177,10 +186,9 @@ def export_hf(ckpt: str | Path, out: str | Path, force: bool = False, card: str 
     `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load offline."""
     src = resolve_checkpoint(ckpt)
     out = Path(out).expanduser()
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists (pass --force to replace it).")
+    check_target(out, "export", force, inputs=[ckpt, src])  # never over the run dir or the checkpoint
     model, tok, _ = load_resolved(src)  # resolve_checkpoint above verified the manifest
-    with staged_dir(out, {"kind": "export", "source": str(src)}, replace=force) as d:
+    with publish(out, "export", {"kind": "export", "source": str(src)}, replace=force) as d:
         save_model_files(d, model_state(model), model.config, tok)
         write_hf_extras(d, model.config, src, card)
     return out

@@ -78,7 +78,21 @@ def auto_chunk(num_rows: int, vocab_size: int, device: torch.device) -> int:
 
 def chunked_cross_entropy(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, chunk: int = 4096,
                           ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of `h @ w.T` against `labels` (mean or sum over labels != ignore_index)."""
-    assert reduction in ("mean", "sum"), reduction
+    """Cross-entropy of `h @ w.T` against `labels` (mean or sum over labels != ignore_index; "none": the
+    (N,) per-token losses, 0 at ignored labels, without gradients: what evaluation needs)."""
+    assert reduction in ("mean", "sum", "none"), reduction
     need_grad = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)
+    if reduction == "none":
+        assert not need_grad, "reduction='none' is for evaluation (no gradients)"
+        return _token_losses(h, w, labels, chunk, ignore_index)
     return _ChunkedLinearCrossEntropy.apply(h, w, labels, chunk, ignore_index, reduction == "mean", need_grad)
+
+
+def _token_losses(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, chunk: int,
+                  ignore_index: int) -> torch.Tensor:
+    out = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
+    for s in range(0, h.shape[0], chunk):
+        logits = (h[s : s + chunk] @ w.t()).float()  # (C, V)
+        out[s : s + chunk] = torch.nn.functional.cross_entropy(logits, labels[s : s + chunk],
+                                                               ignore_index=ignore_index, reduction="none")
+    return out

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from smoltrain.config import ModelConfig
+from smoltrain.runinfo import fault_point
 
 # Dense bf16 tensor-core peaks (FLOP/s) from NVIDIA datasheets; GeForce cards at fp32 accumulate
 # (what PyTorch's bf16 matmuls use). Sparse figures are never a fair MFU denominator.
@@ -84,6 +85,7 @@ class RunLog:
     def log(self, record: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with open(self.path, "a") as f:
+            fault_point("in_log", record.get("step", 0))  # tests: a disk that fills while logging
             f.write(json.dumps(clean) + "\n")
         step = record.get("step", 0)
         scalars = {k: v for k, v in clean.items() if isinstance(v, (int, float)) and k != "step" and v is not None}

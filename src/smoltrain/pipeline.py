@@ -5,9 +5,12 @@ Runs on rank 0 before training (other ranks wait), and is a no-op when everythin
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Iterator
 from pathlib import Path
 
-from smoltrain.config import Config
+from smoltrain.config import Config, DatasetConfig
 from smoltrain.errors import UserError
 from smoltrain.tokenizer import Tokenizer, load_tokenizer
 
@@ -25,25 +28,70 @@ def resolve_asset(spec: str) -> str:
     return str(fetch_asset(key))
 
 
+def missing_inputs(cfg: Config) -> list[str]:
+    """Local paths the config reads that are not there, so a typo fails before assets are fetched,
+    a tokenizer is trained or data is prepared (URLs, hf: and assets: names are left to their readers)."""
+    problems = []
+    for key in ("init_from", "resume_from"):
+        value = getattr(cfg.train, key)
+        if value and "://" not in value and not Path(value).expanduser().exists():
+            problems.append(f"train.{key} {value} does not exist")
+    for i, ds in enumerate(cfg.data.datasets):
+        for src in ds.sources:
+            if not src.startswith(("hf:", "assets:")) and "://" not in src and not Path(src).expanduser().exists():
+                problems.append(f"data.datasets[{i}].sources: {src} does not exist")
+    return problems
+
+
 def dataset_path(cfg: Config, name: str, path: str) -> Path:
     return Path(path) if path else cfg.data_dir / name
 
 
+def _holdout(cfg: Config, ds: DatasetConfig):
+    from smoltrain.data.split import Holdout
+
+    return Holdout(tuple(ds.val_documents), ds.held_out_fraction(cfg.data.val_fraction))
+
+
+def tokenizer_documents(cfg: Config) -> tuple[Iterator[str], str]:
+    """The texts a trained tokenizer may see, the training side of every dataset (held-out documents and
+    evaluation-only datasets never shape the vocabulary), and a short hash naming that selection."""
+    from smoltrain.data.sources import iter_named_documents, resolve_sources
+
+    d = cfg.data
+    plan = [(ds, [resolve_asset(s) for s in ds.sources]) for ds in d.datasets if ds.sources]
+    plan = [(ds, srcs) for ds, srcs in plan if not ds.eval_only(d.val_fraction)]
+    if not plan:
+        raise UserError("data.train_tokenizer_vocab_size needs datasets with sources to train on.")
+    resolved = [(ds, resolve_sources(srcs)) for ds, srcs in plan]
+    for ds, srcs in resolved:
+        _holdout(cfg, ds).check_files(srcs)
+    recipe = [[[str(Path(s).expanduser().resolve()) if not s.startswith("hf:") else s for s in srcs],
+               list(ds.val_documents), ds.held_out_fraction(d.val_fraction)] for ds, srcs in plan]
+    key = hashlib.sha256(json.dumps([recipe, d.text_key, d.max_documents]).encode()).hexdigest()[:8]
+
+    def texts() -> Iterator[str]:
+        for ds, srcs in resolved:
+            yield from _holdout(cfg, ds).train_texts(iter_named_documents(srcs, d.text_key, d.max_documents))
+
+    return texts(), key
+
+
 def resolve_tokenizer(cfg: Config, verbose: bool = True) -> Tokenizer:
-    """The run's tokenizer: trained on the sources (once) when train_tokenizer_vocab_size > 0."""
+    """The run's tokenizer: trained (once) on the training split of the sources when
+    train_tokenizer_vocab_size > 0; its directory name carries a hash of the documents it was trained on."""
     d = cfg.data
     if d.train_tokenizer_vocab_size <= 0:
         return load_tokenizer(resolve_asset(d.tokenizer))
-    out = cfg.data_dir / f"tokenizer-bpe{d.train_tokenizer_vocab_size}"
+    docs, key = tokenizer_documents(cfg)
+    out = cfg.data_dir / f"tokenizer-bpe{d.train_tokenizer_vocab_size}-{key}"
     if not (out / "tokenizer.json").exists():
-        from smoltrain.tokenizer import train_tokenizer
+        from smoltrain.tokenizer import train_bpe
 
-        sources = [resolve_asset(s) for ds in d.datasets for s in ds.sources]
-        if not sources:
-            raise UserError("data.train_tokenizer_vocab_size needs datasets with sources to train on.")
         if verbose:
-            print(f"Training a byte-level BPE tokenizer ({d.train_tokenizer_vocab_size} tokens) -> {out}")
-        train_tokenizer(sources, d.train_tokenizer_vocab_size, out, text_key=d.text_key)
+            print(f"Training a byte-level BPE tokenizer ({d.train_tokenizer_vocab_size} tokens) on the training "
+                  f"split -> {out}")
+        train_bpe(docs, d.train_tokenizer_vocab_size, out)
     return load_tokenizer(out)
 
 
@@ -58,7 +106,8 @@ def prepare_datasets(cfg: Config, tokenizer: Tokenizer, verbose: bool = True) ->
         path = dataset_path(cfg, ds.name, ds.path)
         if ds.sources:
             prepare([resolve_asset(s) for s in ds.sources], tokenizer, path, text_key=cfg.data.text_key,
-                    val_fraction=cfg.data.val_fraction, max_documents=cfg.data.max_documents,
+                    val_fraction=ds.held_out_fraction(cfg.data.val_fraction), val_documents=ds.val_documents,
+                    max_documents=cfg.data.max_documents,
                     num_proc=cfg.data.num_proc or None, model_vocab_size=cfg.model.vocab_size,
                     progress=verbose, verbose=verbose)
         elif not (path / "meta.json").exists():

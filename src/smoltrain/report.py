@@ -23,6 +23,7 @@ import yaml
 from smoltrain.checkpoint import MANIFEST, list_checkpoints, load_model, newest_valid, resolve_checkpoint
 from smoltrain.errors import UserError
 from smoltrain.history import History, plot_loss, plot_series, read_jsonl
+from smoltrain.storage import check_target, publish
 
 REPORT = "index.html"
 CHARTS = (  # file, metric (None: the loss chart), title, y label
@@ -153,8 +154,8 @@ def perplexity_table(models: list[tuple[str, Path]], data: Path, seq_len: int, b
     """Loss, perplexity and bits-per-byte on data's val split, through smoltrain.evaluate (as `eval` does)."""
     from smoltrain.evaluate import evaluate_models
 
-    rows = evaluate_models([str(path) for _, path in models], data, "val", seq_len, batch_size, max_batches,
-                           device)
+    rows = evaluate_models([str(path) for _, path in models], data, "val", seq_len, batch_size,
+                           max_batches * batch_size * seq_len, device)
     return [{**row, "model": label, "path": row["model"]} for (label, _), row in zip(models, rows)]
 
 
@@ -299,8 +300,8 @@ def make_report(run_dir: str | Path, out: str | Path, prompts: list[str] | None 
     if refs and data_dir is None:
         raise UserError("--reference needs --data DIR (a prepared dataset); this run's own data was not found.")
     out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory.")
+    legacy = _legacy_record(out)
+    check_target(out, "report", True, inputs=[run.dir], legacy=legacy)  # a report is rebuilt in place; nothing else is
     dev = pick_device(device)
     ppl = []
     if data_dir is not None:
@@ -310,14 +311,19 @@ def make_report(run_dir: str | Path, out: str | Path, prompts: list[str] | None 
         seq_len = int((run.config.get("train") or {}).get("seq_len") or 512)
         ppl = perplexity_table([(f"this run (step {step_of(final)})", final), *refs], data_dir, seq_len,
                                batch_size, max_batches, dev)
-    out.mkdir(parents=True, exist_ok=True)
-    charts = draw_charts(run)
     gens = checkpoint_generations(run, prompts, max_new_tokens, dev)
-    page = out / REPORT
-    tmp = out / f".{REPORT}.tmp"
-    tmp.write_text(render(run, charts, gens, prompts, max_new_tokens, ppl, data_dir), encoding="utf-8")
-    tmp.replace(page)
-    return page
+    with publish(out, "report", {"run": str(run.dir)}, hashed=False, replace=True, legacy=legacy) as staging:
+        charts = draw_charts(run)
+        (staging / REPORT).write_text(render(run, charts, gens, prompts, max_new_tokens, ppl, data_dir),
+                                      encoding="utf-8")
+    return out / REPORT
+
+
+def _legacy_record(out: Path) -> dict | None:
+    """A report from before storage markers: index.html and its PNGs, nothing else."""
+    if not (out / REPORT).is_file():
+        return None
+    return {"command": "report", "files": {p.name: {} for p in out.iterdir() if p.name == REPORT or p.suffix == ".png"}}
 
 
 def _reference(path: str) -> Path:

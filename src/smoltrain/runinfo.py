@@ -67,12 +67,26 @@ def print_header(cfg: Config, env: dict, num_params: int, world_size: int) -> No
     print(f"run dir: {cfg.run.dir} (resolved config in config.yaml)", flush=True)
 
 
+FAULT_ACTIONS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM, "int": signal.SIGINT}
+
+
 def fault_point(name: str, step: int) -> None:
     """Test hook: SMOLTRAIN_FAULT="after_step=12" or "in_save=20" SIGKILLs this process right there.
 
     Lets the crash tests kill a run at an exact point (after an optimizer step, or inside a checkpoint
-    save) instead of racing a timer; a no-op when the variable is unset.
+    save) instead of racing a timer; a no-op when the variable is unset. `NAME=STEP:ACTION` sends
+    another signal (stop, term, int) instead, or raises a full disk's OSError (enospc); comma-separated
+    specs fire in order ("in_save=5:term,in_save=5:int" is a doubled signal inside a save). Under torchrun, SMOLTRAIN_FAULT_RANK limits it to
+    one rank.
     """
     spec = os.environ.get("SMOLTRAIN_FAULT")
-    if spec and spec == f"{name}={step}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    if not spec or os.environ.get("SMOLTRAIN_FAULT_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
+        return
+    for part in spec.split(","):
+        point, _, action = part.strip().partition(":")
+        if point == f"{name}={step}" and action == "enospc":
+            import errno
+
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if point == f"{name}={step}":
+            os.kill(os.getpid(), FAULT_ACTIONS[action or "kill"])

@@ -4,7 +4,7 @@ An item is a context and a few choices; the model's log-probability of each choi
 picks its answer. The conventions are lm-eval's, so the numbers compare with published ones:
 - `encode_pair` is lm-eval's `_encode_pair`: trailing spaces of the context move to the continuation,
   and the continuation's tokens are tokens(context + continuation) minus the first len(tokens(context));
-  an empty context is conditioned on `<|endoftext|>` (lm-eval's prefix token);
+  an empty context is conditioned on the tokenizer's BOS token, else its EOS (lm-eval's prefix token);
 - `acc` is argmax of the summed log-probs; `acc_norm` is argmax of log-prob / len(choice) in characters;
   ties go to the first choice (numpy's argmax).
 
@@ -175,11 +175,21 @@ def parse_task_specs(specs: Iterable[str]) -> list[str]:
 
 
 # --- encoding (lm-eval's conventions) --------------------------------------------------------------
+def prefix_token_id(tok: Tokenizer) -> int:
+    """What an empty context is conditioned on: the tokenizer's BOS, else its EOS (lm-eval's HFLM)."""
+    for key in ("bos_token", "eos_token"):
+        token = tok.config.get(key)
+        token = token.get("content") if isinstance(token, dict) else token
+        if isinstance(token, str) and tok.token_id(token) is not None:
+            return tok.token_id(token)
+    return tok.eot_id
+
+
 def encode_pair(tok: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """lm-eval's loglikelihood encoding: (context tokens, continuation tokens) for a causal model."""
     if context == "":  # conditioned on the prefix token, as lm-eval does
         cont = tok.encode(continuation)
-        prefix = tok.eot_id
+        prefix = prefix_token_id(tok)
         return ([prefix], cont) if cont[0] != prefix else (cont[:1], cont[1:])
     spaces = len(context) - len(context.rstrip())
     if spaces:

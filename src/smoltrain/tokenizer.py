@@ -15,6 +15,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as _HFTokenizer
 
 from smoltrain.errors import UserError
+from smoltrain.storage import check_target, publish
 
 EOT = "<|endoftext|>"  # document separator in SmolLM2's cosmo2 tokenizer (id 0)
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")  # SmolLM2's chat turn markers (ids 1 and 2)
@@ -26,6 +27,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SMOLTRAIN_CACHE", Path.home() / ".cache" / "smoltrain"))
 
 
+def read_backend(path: Path) -> _HFTokenizer:
+    """A tokenizers backend from tokenizer.json; a file that is not one is the user's error, not a crash."""
+    try:
+        return _HFTokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for malformed JSON
+        raise UserError(f"{path} is not a valid tokenizers JSON file: {e}") from None
+
+
 class Tokenizer:
     """A thin wrapper: encode without special tokens, the `<|endoftext|>` id, and a stable identity."""
 
@@ -33,10 +42,15 @@ class Tokenizer:
         self.directory = Path(directory)
         self.source = source
         path = self.directory / "tokenizer.json"
-        self.backend = _HFTokenizer.from_file(str(path))
+        self.backend = read_backend(path)
         self.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
         config = self.directory / "tokenizer_config.json"
-        self.config = json.loads(config.read_text()) if config.exists() else {}
+        try:
+            self.config = json.loads(config.read_text()) if config.exists() else {}
+        except (OSError, ValueError) as e:
+            raise UserError(f"{config} is unreadable ({e}).") from None
+        if not isinstance(self.config, dict):
+            raise UserError(f"{config} must hold a JSON object, not {type(self.config).__name__}.")
 
     @property
     def vocab_size(self) -> int:
@@ -96,10 +110,8 @@ def _from_gguf(path: Path) -> Path:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:  # gguf without a usable tokenizer, or not a gguf at all
         raise UserError(f"Could not read a tokenizer from {path}: {e}") from None
-    staging = target.with_name(target.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    tok.save_pretrained(str(staging))
-    os.replace(staging, target)
+    with publish(target, "tokenizer-cache", {"source": str(path)}, hashed=False, keep_existing=True) as staging:
+        tok.save_pretrained(str(staging))  # another process may have filled the cache first: then theirs stays
     return target
 
 
@@ -125,13 +137,11 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
         if path.suffix == ".gguf":
             return Tokenizer(_from_gguf(path), str(spec))
         if path.name.endswith(".json"):
+            read_backend(path)  # before a copy of it lands in the cache
             tmp = cache_dir() / "tokenizers" / ("json-" + hashlib.sha256(path.read_bytes()).hexdigest()[:16])
             tmp.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, tmp / "tokenizer.json")
-            try:
-                return Tokenizer(tmp, str(spec))
-            except Exception as e:
-                raise UserError(f"{path} is not a valid tokenizers JSON file: {e}") from None
+            return Tokenizer(tmp, str(spec))
         raise UserError(f"Tokenizer {path} is neither a directory, a tokenizer.json nor a .gguf file.")
     if str(spec).count("/") == 1 and not str(spec).startswith((".", "/", "~")):
         return Tokenizer(_from_hub(str(spec)), str(spec))
@@ -148,43 +158,73 @@ def train_tokenizer(sources, vocab_size: int, out_dir: str | Path, *, text_key: 
     byte-level split (as cosmo2 does). `out_dir` gets tokenizer.json and tokenizer_config.json, so both
     `load_tokenizer(out_dir)` and `transformers.AutoTokenizer.from_pretrained(out_dir)` load it.
     """
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
     from smoltrain.data.sources import iter_documents, resolve_sources
 
-    special = [EOT, *CHAT_TOKENS, *(t for t in extra_special_tokens if t not in (EOT, *CHAT_TOKENS))]
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    if vocab_size < len(special) + len(alphabet):
-        raise UserError(f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least "
-                        f"{len(special) + len(alphabet)} ids (256 bytes + {len(special)} special tokens).")
+    _check_vocab_size(vocab_size, extra_special_tokens)
     out = Path(out_dir).expanduser()
-    if (out / "tokenizer.json").exists() and not force:
-        raise UserError(f"{out} already holds a tokenizer.json; pass --force to replace it.")
     srcs = resolve_sources(sources)
+    legacy = _legacy_record(out)
+    check_target(out, "tokenizer", force, inputs=[s.spec for s in srcs if s.kind != "hf"], legacy=legacy)
+    try:
+        return train_bpe(iter_documents(srcs, text_key, max_documents), vocab_size, out, min_frequency=min_frequency,
+                         extra_special_tokens=extra_special_tokens, show_progress=show_progress, force=force)
+    except _NoText:
+        raise UserError(f"The sources ({', '.join(s.spec for s in srcs)}) hold no text to train a tokenizer "
+                        "on.") from None
 
+
+class _NoText(UserError):
+    pass
+
+
+def _specials(extra: list[str] | tuple[str, ...]) -> list[str]:
+    return [EOT, *CHAT_TOKENS, *(t for t in extra if t not in (EOT, *CHAT_TOKENS))]
+
+
+def _check_vocab_size(vocab_size: int, extra: list[str] | tuple[str, ...]) -> None:
+    need = len(_specials(extra)) + 256  # every byte, then the special tokens
+    if vocab_size < need:
+        raise UserError(f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least {need} ids "
+                        f"(256 bytes + {need - 256} special tokens).")
+
+
+def train_bpe(documents, vocab_size: int, out_dir: str | Path, *, min_frequency: int = 2,
+              extra_special_tokens: list[str] | tuple[str, ...] = (), show_progress: bool = False,
+              force: bool = False) -> Tokenizer:
+    """`train_tokenizer` on an iterable of texts (the caller chooses them: e.g. only a training split).
+
+    Published by storage.publish; with `force` it replaces an earlier tokenizer output only."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    _check_vocab_size(vocab_size, extra_special_tokens)
+    special, alphabet = _specials(extra_special_tokens), pre_tokenizers.ByteLevel.alphabet()
+    out = Path(out_dir).expanduser()
     backend = _HFTokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                      pre_tokenizers.ByteLevel(add_prefix_space=False)])
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=special,
                                   initial_alphabet=alphabet, show_progress=show_progress)
-    backend.train_from_iterator(iter_documents(srcs, text_key, max_documents), trainer)
+    backend.train_from_iterator(documents, trainer)
     if backend.get_vocab_size() == len(special):
-        raise UserError(f"The sources ({', '.join(s.spec for s in srcs)}) hold no text to train a tokenizer on.")
+        raise _NoText("The documents hold no text to train a tokenizer on.")
 
-    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    backend.save(str(staging / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 8192, "bos_token": EOT,
               "eos_token": EOT, "unk_token": EOT, "pad_token": EOT, "add_prefix_space": False,
               "clean_up_tokenization_spaces": False, "additional_special_tokens": special[1:]}
-    (staging / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (staging / "special_tokens_map.json").write_text(json.dumps(
-        {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token", "additional_special_tokens")},
-        indent=2) + "\n")
-    out.mkdir(parents=True, exist_ok=True)
-    for f in staging.iterdir():
-        os.replace(f, out / f.name)
-    staging.rmdir()
+    legacy = _legacy_record(out)
+    with publish(out, "tokenizer", {"vocab_size": vocab_size}, hashed=False, replace=force, legacy=legacy) as staging:
+        backend.save(str(staging / "tokenizer.json"))
+        (staging / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (staging / "special_tokens_map.json").write_text(json.dumps(
+            {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token", "additional_special_tokens")},
+            indent=2) + "\n")
     return Tokenizer(out, str(out))
+
+
+def _legacy_record(out: Path) -> dict | None:
+    """A tokenizer dir that `tokenizer train` wrote before storage markers: only its own three files."""
+    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+    if not (out / "tokenizer.json").is_file():
+        return None
+    return {"command": "tokenizer", "files": {n: {} for n in names if (out / n).exists()}}

@@ -20,15 +20,21 @@ from tqdm import tqdm
 
 from smoltrain import checkpoint as ckpt_io
 from smoltrain import distributed as dist_io
-from smoltrain.config import Config, trajectory_diff
+from smoltrain.config import Config
 from smoltrain.errors import TrainingError, UserError
-from smoltrain.evaluate import evaluate_batches, token_byte_lengths
+from smoltrain.evaluate import TokenTables, evaluate_datasets, val_record
 from smoltrain.generate import SamplingConfig, generate, pick_device
 from smoltrain.metrics import RunLog, memory_gb, model_flops_utilization
 from smoltrain.model import IGNORE_INDEX, build_model
 from smoltrain.optim import build_optimizer, lr_at, rewarm_factor, set_lr
+from smoltrain.pipeline import missing_inputs
 from smoltrain.remote import RunMirror
+from smoltrain.resume import pick_resume
+from smoltrain.rundir import own_run_dir, record_segment
 from smoltrain.runinfo import environment, fault_point, print_header
+from smoltrain.stopping import StopRequest
+from smoltrain.storage import tree_size
+from smoltrain.tokenizer import TOKENIZER_FILES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -43,9 +49,24 @@ class Trainer:
         name = cfg.train.dtype if cfg.train.dtype != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         self.amp_dtype = DTYPES[name]
         self._apply_global_batch()
+        if not cfg.data.datasets:  # before the run dir is touched or any asset fetched
+            raise UserError("The config has no data.datasets (e.g. --config configs/quickstart.yaml).")
+        missing = missing_inputs(cfg)
+        if missing:
+            raise UserError("The config names inputs that are not there: " + "; ".join(missing) + ".")
         self.run_dir = Path(cfg.run.dir)
-        self.step, self.tokens_seen, self.stop_signal = 0, 0, None
+        self.step, self.tokens_seen, self.saved_step, self.resume_changes = 0, 0, None, []
+        self.checkpoint_bytes: int | None = None
         self.rewarm_from = None  # the step this run was last extended from (optim.rewarmup_steps ramps from it)
+        self.stop = StopRequest()
+        self.lock = own_run_dir(self.run_dir, self.dist.world_size)
+        try:
+            self._setup(cfg)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, cfg: Config) -> None:
         torch.manual_seed(cfg.train.seed)
         self.mirror = RunMirror.from_config(cfg) if self.dist.is_main else None  # checked before any work
         self._setup_data()
@@ -60,6 +81,11 @@ class Trainer:
 
             self.tasks = load_eval_tasks(cfg, self.val_paths)
         self.log = None  # opened by train(): a run with nothing to do writes nothing
+
+    def close(self) -> None:
+        """Release the run dir (the kernel would at exit; in-process callers get it back now)."""
+        if self.lock is not None:
+            self.lock.release()
 
     # --- setup -------------------------------------------------------------------------------------
     def _apply_global_batch(self) -> None:
@@ -78,8 +104,6 @@ class Trainer:
         from smoltrain.pipeline import prepare_datasets, resolve_tokenizer
 
         cfg, main = self.cfg, self.dist.is_main
-        if not cfg.data.datasets:  # before any asset is fetched or tokenizer trained
-            raise UserError("The config has no data.datasets (e.g. --config configs/quickstart.yaml).")
         if cfg.data.streaming:
             return self._setup_stream()
         if main:
@@ -92,13 +116,14 @@ class Trainer:
         if self.tokenizer.vocab_size > cfg.model.vocab_size:
             raise UserError(f"The tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size is "
                             f"{cfg.model.vocab_size}; raise model.vocab_size or use a smaller tokenizer.")
-        weights = {d.name: d.weight for d in cfg.data.datasets}
+        trained = {d.name: d.weight for d in cfg.data.datasets if not d.eval_only(cfg.data.val_fraction)}
         common = dict(batch_size=cfg.train.micro_batch_size, seq_len=cfg.train.seq_len, seed=cfg.train.seed,
                       rank=self.dist.rank, world_size=self.dist.world_size, grad_accum_steps=cfg.train.grad_accum_steps)
         stages = cfg.to_dict()["data"]["stages"]  # plain dicts, as the loader takes them
-        self.loader = PackedLoader(paths, split="train", weights=weights, stages=stages or None, **common)
-        self.val_paths = paths
-        self.byte_lengths = token_byte_lengths(self.tokenizer)
+        self.loader = PackedLoader({n: paths[n] for n in trained}, split="train", weights=trained,
+                                   stages=stages or None, **common)
+        self.val_paths = paths  # every dataset's held-out split, evaluation-only datasets included
+        self.token_tables = TokenTables(self.tokenizer).to(self.device)
 
     def _setup_stream(self) -> None:
         """data.streaming: tokenize and pack one source on the fly; no prepare step, no held-out split."""
@@ -109,13 +134,16 @@ class Trainer:
         if len(cfg.data.datasets) != 1 or len(cfg.data.datasets[0].sources) != 1:
             raise UserError("data.streaming trains from exactly one dataset with one source; prepare the data "
                             "(data.streaming: false) to mix several.")
-        ds = cfg.data.datasets[0]
-        self.tokenizer = resolve_tokenizer(cfg, verbose=self.dist.is_main)
-        self.loader = StreamLoader(resolve_asset(ds.sources[0]), self.tokenizer, cfg.train.micro_batch_size,
+        ds, main = cfg.data.datasets[0], self.dist.is_main
+        if main:  # rank 0 fetches assets and trains the tokenizer; the others then read them
+            self.tokenizer, source = resolve_tokenizer(cfg, verbose=True), resolve_asset(ds.sources[0])
+        dist_io.barrier()
+        if not main:
+            self.tokenizer, source = resolve_tokenizer(cfg, verbose=False), resolve_asset(ds.sources[0])
+        self.loader = StreamLoader(source, self.tokenizer, cfg.train.micro_batch_size,
                                    cfg.train.seq_len, text_key=cfg.data.text_key, rank=self.dist.rank,
                                    world_size=self.dist.world_size, name=ds.name)
         self.val_paths = None  # a stream has no held-out split: evaluations are skipped
-        self.byte_lengths = token_byte_lengths(self.tokenizer)
 
     def _setup_model(self, ckpt: Path | None) -> None:
         """Weights (fresh, init_from, or the resume checkpoint's) are loaded before any wrapping."""
@@ -139,32 +167,12 @@ class Trainer:
 
     def _find_resume(self) -> Path | None:
         """Rank 0 picks the checkpoint (quarantining corrupt ones) and checks it fits; all ranks use it."""
-        cfg, explicit, found = self.cfg, self.cfg.train.resume_from, [None]
-        if self.dist.is_main:
-            if explicit:
-                if not Path(explicit).exists():
-                    raise UserError(f"train.resume_from {explicit} does not exist (refusing to start fresh).")
-                found[0] = ckpt_io.resolve_checkpoint(explicit)
-            else:
-                ckpt_io.clean_debris(self.run_dir)
-                found[0] = ckpt_io.find_resume_checkpoint(self.run_dir)
-                if found[0] is None and self.mirror is not None:  # a fresh machine: the remote copy, if any
-                    found[0] = self.mirror.restore(self.run_dir)
-            if found[0] is not None:
-                state = ckpt_io.load_train_state(found[0])
-                diffs = trajectory_diff(yaml.safe_load(state["config_yaml"]), cfg.to_dict())
-                if state["train_state"].get("global_batch", self.global_batch) != self.global_batch:
-                    diffs.append(f"global batch (micro x accum x world): {state['train_state']['global_batch']} "
-                                 f"-> {self.global_batch}")
-                if diffs and not cfg.train.allow_config_change:
-                    raise UserError(f"Resuming from {found[0]} with a config that changes the run's trajectory: "
-                                    + "; ".join(diffs) + ". Use another run.dir, or set train.allow_config_change=true.")
-        if self.dist.world_size > 1:
-            torch.distributed.broadcast_object_list(found, src=0)
-        return found[0]
+        found, self.resume_changes = dist_io.on_main(
+            lambda: pick_resume(self.cfg, self.run_dir, self.global_batch, self.mirror))
+        return found
 
     def _restore(self, ckpt: Path) -> None:
-        """Optimizer (resharded by DCP), scaler, loop counters, loader position and RNG."""
+        """Optimizer (resharded to this world size), scaler, loop counters, loader position and RNG."""
         state = ckpt_io.load_train_state(ckpt)
         ckpt_io.load_optimizer(ckpt, self.raw_model, self.optimizer)
         if self.scaler is not None and state["extra"].get("scaler"):
@@ -181,11 +189,15 @@ class Trainer:
                                 f"({len(loader['per_rank'])} processes).")
             loader = loader["per_rank"][self.dist.rank]
         self.loader.load_state_dict(loader)
-        ckpt_io.set_rng_state(state["rng"])
+        ckpt_io.set_rng_state(*state["rng"])
+        self.saved_step = self.step  # that checkpoint exists: a stop before the next step saves nothing
         if self.dist.is_main:
             origin = getattr(self.mirror, "restored_from", None)
             remote = f", downloaded from {origin} and verified against its manifest" if origin else ""
             print(f"Resuming from {ckpt} (step {self.step}){remote}", flush=True)
+            if self.resume_changes:
+                print(f"Settings changed since step {self.step}: " + "; ".join(self.resume_changes)
+                      + f" (each segment's settings are kept in {self.run_dir}/config_history.jsonl)", flush=True)
 
     @property
     def global_batch(self) -> int:
@@ -194,6 +206,12 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------------------
     def train(self) -> int:
+        try:
+            return self._train()
+        finally:
+            self.close()
+
+    def _train(self) -> int:
         cfg, main = self.cfg, self.dist.is_main
         if self.step >= cfg.train.max_steps:
             if main:
@@ -208,7 +226,7 @@ class Trainer:
             self._check_disk()
             if self.mirror is not None:
                 self.mirror.run_started(self.run_dir)
-        self._install_signal_handlers()
+        self.stop.install()
         bar = self._progress_bar()
         busy, last_tokens = 0.0, self.tokens_seen  # time in train_step only: eval and saves excluded
         started = time.perf_counter()
@@ -224,10 +242,12 @@ class Trainer:
                     self._log_step(loss, grad_norm, lr, (self.tokens_seen - last_tokens) / max(busy, 1e-9), bar)
                     busy, last_tokens = 0.0, self.tokens_seen
                 self._maybe_eval_sample_save()
-                if self.stop_signal is not None:
-                    return self._stop_on_signal()
+                signum = dist_io.agree_max(self.stop.signum or 0, self.device)  # every rank stops at this step
+                if signum:
+                    return self._stop_on_signal(signum)
             self._print_summary(time.perf_counter() - started)
         finally:
+            self.stop.restore()
             if bar is not None:
                 bar.close()
             if self.mirror is not None:
@@ -297,23 +317,24 @@ class Trainer:
             self.save()
 
     def evaluate(self) -> dict | None:
-        from smoltrain.data.loader import eval_windows
-
+        """Every dataset's whole held-out split (or eval.max_tokens of it), as `smoltrain eval` computes it."""
         if self.val_paths is None:
             return None
-
+        cfg = self.cfg
         self.raw_model.eval()
-        fwd = lambda x, y: self.raw_model(x, labels=y, loss_chunk=self.cfg.train.loss_chunk, reduction="sum")  # noqa: E731
-        name = self.cfg.data.datasets[0].name
-        batches = eval_windows(self.val_paths[name], "val", self.cfg.train.seq_len, self.cfg.train.micro_batch_size,
-                               self.cfg.eval.max_batches)
-        res = evaluate_batches(fwd, batches, self.device, self.byte_lengths, self._autocast)
+        fwd = lambda x, y: self.raw_model(x, labels=y, loss_chunk=cfg.train.loss_chunk, reduction="none")  # noqa: E731
+        results = evaluate_datasets(fwd, self.val_paths, "val", cfg.train.seq_len, cfg.train.micro_batch_size,
+                                    cfg.eval.max_tokens, self.device, self.token_tables, self._autocast)
         self.raw_model.train()
+        if not results:
+            return None
+        rec = val_record(self.step, results)
         if self.log is not None:
-            self.log.log({"step": self.step, "val_loss": res["loss"], "val_ppl": res["ppl"], "val_bpb": res["bpb"]})
-            bpb = f", {res['bpb']:.3f} bits/byte" if res["bpb"] else ""
-            self._print(f"step {self.step}: val loss {res['loss']:.4f} (ppl {res['ppl']:.2f}{bpb})")
-        return res
+            self.log.log(rec)
+            bpb = f", {rec['val_bpb']:.3f} bits/byte" if rec["val_bpb"] else ""
+            each = "".join(f"; {n} {r['loss']:.4f}" for n, r in results.items()) if len(results) > 1 else ""
+            self._print(f"step {self.step}: val loss {rec['val_loss']:.4f} (ppl {rec['val_ppl']:.2f}{bpb}{each})")
+        return rec
 
     def evaluate_tasks(self) -> None:
         from smoltrain.tasks import score_in_loop
@@ -329,8 +350,9 @@ class Trainer:
             return
         ev = self.cfg.eval
         self.raw_model.eval()
+        sampled = SamplingConfig(ev.temperature, ev.top_k, ev.top_p)
         for prompt in ev.prompts:
-            for mode, sc in (("greedy", SamplingConfig(0)), ("sampled", SamplingConfig(ev.temperature, ev.top_k, ev.top_p))):
+            for mode, sc in (("greedy", SamplingConfig(0)), ("sampled", sampled)):
                 ids = generate(self.raw_model, self.tokenizer.encode(prompt), ev.sample_tokens, sc,
                                seed=self.cfg.train.seed + self.step, stop_ids=[self.tokenizer.eot_id])
                 text = self.tokenizer.decode(list(ids))
@@ -340,26 +362,40 @@ class Trainer:
         self.raw_model.train()
 
     def save(self) -> Path | None:
-        """Every rank writes its optimizer shard into one staging dir; rank 0 adds the rest and commits."""
+        """Save this step once: a stop right after a scheduled save (or a resume) has nothing to add."""
+        if self.saved_step == self.step:
+            return ckpt_io.step_dir(self.run_dir, self.step) if self.dist.is_main else None
+        with self.stop.saving(self.step):  # a signal meanwhile is acted on after the commit
+            path = self._write_checkpoint()
+        self.saved_step = self.step
+        return path
+
+    def _write_checkpoint(self) -> Path | None:
+        """Every rank takes part in gathering weights and optimizer state; rank 0 writes them and commits."""
         cfg, main = self.cfg, self.dist.is_main
+        staging = [None]
         if main:
             self._check_disk()
-            ckpt_io.begin_train_checkpoint(self.run_dir, self.step)
-        dist_io.barrier()
-        staging = ckpt_io.staging_for(ckpt_io.step_dir(self.run_dir, self.step))
-        weights = dist_io.full_state_dict(self.raw_model, self.dist)  # collective under FSDP
-        loader_state = self._loader_state()  # collective for streams (per-rank positions)
-        ckpt_io.save_optimizer(staging, self.raw_model, self.optimizer)  # collective
-        dist_io.barrier()
+            staging[0] = ckpt_io.begin_train_checkpoint(self.run_dir, self.step)
+        if self.dist.world_size > 1:  # the staging name is private to rank 0's process: tell the others
+            torch.distributed.broadcast_object_list(staging, src=0)
+        staging = staging[0]
         path = None
+        with ckpt_io.discard_on_error(staging if main else None):  # a full disk leaves no staging behind
+            weights = dist_io.full_state_dict(self.raw_model, self.dist)  # collective under FSDP
+            loader_state = self._loader_state()  # collective for streams (per-rank positions)
+            ckpt_io.save_optimizer(staging, self.raw_model, self.optimizer, main)  # collective under FSDP
+            dist_io.barrier()
+            if main:
+                state = {"step": self.step, "tokens_seen": self.tokens_seen, "global_batch": self.global_batch,
+                         "world_size": self.dist.world_size, "loader": loader_state,
+                         "rewarm_from": self.rewarm_from, "env": environment(self.device, self.dist.world_size)}
+                extra = {"scaler": self.scaler.state_dict() if self.scaler else None}
+                path = ckpt_io.finish_train_checkpoint(staging, self.run_dir, self.step, self.raw_model.config,
+                                                       weights, self.tokenizer, cfg.to_yaml(), extra, state,
+                                                       export_hf=cfg.checkpoint.export_hf)
         if main:
-            state = {"step": self.step, "tokens_seen": self.tokens_seen, "global_batch": self.global_batch,
-                     "world_size": self.dist.world_size, "loader": loader_state, "rewarm_from": self.rewarm_from,
-                     "env": environment(self.device, self.dist.world_size)}
-            extra = {"scaler": self.scaler.state_dict() if self.scaler else None}
-            path = ckpt_io.finish_train_checkpoint(staging, self.run_dir, self.step, self.raw_model.config, weights,
-                                                   self.tokenizer, cfg.to_yaml(), extra, state,
-                                                   export_hf=cfg.checkpoint.export_hf)
+            self.checkpoint_bytes = tree_size(path)  # the real size, for the next free-space check
             if self.mirror is not None:  # before retention: a checkpoint being uploaded is never the one deleted
                 self.mirror.checkpoint_saved(path, self.step, self.run_dir)
             ckpt_io.retain(self.run_dir, cfg.checkpoint.keep_last)
@@ -430,34 +466,32 @@ class Trainer:
         (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
         env = environment(self.device, self.dist.world_size)
         (self.run_dir / "env.json").write_text(json.dumps(env, indent=2))
+        record_segment(self.run_dir, self.step, self.cfg.to_dict(), self.resume_changes)
         print_header(self.cfg, env, self.raw_model.num_params(), self.dist.world_size)
 
     def _check_disk(self) -> None:
+        """The next checkpoint's size: measured from the last one written, estimated before the first."""
         ck = self.cfg.checkpoint
-        ckpt_io.check_free_space(self.run_dir, self.raw_model.num_params(), ck.export_hf, ck.min_free_gb)
+        if self.checkpoint_bytes is None:
+            tok_files = [self.tokenizer.directory / n for n in TOKENIZER_FILES]
+            self.checkpoint_bytes = ckpt_io.checkpoint_bytes(
+                self.raw_model.num_params(), len(list(self.raw_model.parameters())), ck.export_hf, sum(p.stat().st_size for p in tok_files if p.exists()))
+        ckpt_io.check_free_space(self.run_dir, self.checkpoint_bytes, ck.min_free_gb)
 
-    def _install_signal_handlers(self) -> None:
-        def handler(signum, _frame):
-            self.stop_signal = signum
-            signal.signal(signum, signal.SIG_DFL)  # a second signal stops at once
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, handler)
-
-    def _stop_on_signal(self) -> int:
+    def _stop_on_signal(self, signum: int) -> int:
+        """Every rank saves the same step (agreed in the loop) and exits; a finished run exits 0."""
         path = self.save()
-        name = signal.Signals(self.stop_signal).name
         if path is not None:
-            print(f"\n{name}: saved {path} (step {self.step}); run the same command to resume.", flush=True)
-        return 128 + self.stop_signal
+            print(f"\n{signal.Signals(signum).name}: saved {path} (step {self.step}); run the same command to resume.",
+                  flush=True)
+        return 0 if self.step >= self.cfg.train.max_steps else 128 + signum
 
 
 def train_cli(a) -> int:
     from smoltrain.config import load_config
 
     cfg = load_config(a.config, a.set)
-    trainer = Trainer(cfg)
     try:
-        return trainer.train()
+        return Trainer(cfg).train()
     finally:
         dist_io.teardown()

@@ -24,7 +24,7 @@ import torch
 from smoltrain.data.shards import check_vocab, load_meta, read_shard
 from smoltrain.errors import UserError
 
-__all__ = ["PackedLoader", "check_vocab", "eval_windows", "ordered_batches"]
+__all__ = ["PackedLoader", "check_vocab", "eval_spans", "eval_windows", "ordered_batches"]
 
 _MIX, _PERM = 0x6D6978, 0x7065726D  # generator purposes, so the mixture and the shuffles never share draws
 
@@ -46,7 +46,10 @@ class TokenSource:
 
     def read(self, window: int, out: np.ndarray) -> None:
         """Copy window `window` (T+1 tokens) into `out`, across a shard boundary if need be."""
-        start, end = window * self.seq_len, window * self.seq_len + self.seq_len + 1
+        self.read_span(window * self.seq_len, window * self.seq_len + self.seq_len + 1, out)
+
+    def read_span(self, start: int, end: int, out: np.ndarray) -> None:
+        """Copy tokens [start, end) into `out`."""
         i = int(np.searchsorted(self.offsets, start, side="right")) - 1
         pos = 0
         while start < end:
@@ -274,9 +277,36 @@ def ordered_batches(sources: list[TokenSource], batch_size: int, max_batches: in
         yield torch.from_numpy(out)
 
 
+def eval_spans(num_tokens: int, seq_len: int, max_tokens: int | None = None) -> list[tuple[int, int]]:
+    """The [start, end) token spans an evaluation reads: windows of T+1 tokens with stride T, so every token
+    after the first is predicted exactly once and the last window may be short; or, when `max_tokens` is
+    below that, max_tokens // T full windows evenly spaced over the whole split (a fixed sample that reaches
+    every part of it, not its first documents)."""
+    predicted = max(0, num_tokens - 1)
+    full, rest = divmod(predicted, seq_len)
+    spans = [(w * seq_len, w * seq_len + seq_len + 1) for w in range(full)]
+    if rest:
+        spans.append((full * seq_len, num_tokens))
+    if max_tokens is None or max_tokens >= predicted or not full:
+        return spans
+    k = max(1, min(full, max_tokens // seq_len))
+    return [spans[(2 * i + 1) * full // (2 * k)] for i in range(k)]
+
+
 def eval_windows(directory: str | Path, split: str, seq_len: int, batch_size: int,
-                 max_batches: int | None = None, rank: int = 0, world_size: int = 1) -> Iterator[torch.Tensor]:
-    """A deterministic pass over one prepared split for evaluation: (B, T+1) windows in stored order, the
-    same on every call; with one process, a shorter last batch covers the remainder."""
+                 max_tokens: int | None = None) -> Iterator[torch.Tensor]:
+    """(B, T+1) batches over one prepared split for evaluation, the same on every call (see eval_spans);
+    a short last window comes alone, as a (1, L+1) batch, so no padding is ever needed."""
     source = TokenSource(Path(directory).name, directory, split, seq_len)
-    return ordered_batches([source], batch_size, max_batches, rank, world_size, keep_partial=True)
+    spans = eval_spans(source.num_tokens, seq_len, max_tokens)
+    full = [s for s in spans if s[1] - s[0] == seq_len + 1]
+    for lo in range(0, len(full), batch_size):
+        group = full[lo:lo + batch_size]
+        out = np.empty((len(group), seq_len + 1), dtype=np.int64)
+        for row, (start, end) in enumerate(group):
+            source.read_span(start, end, out[row])
+        yield torch.from_numpy(out)
+    for start, end in (s for s in spans if s[1] - s[0] != seq_len + 1):
+        out = np.empty((1, end - start), dtype=np.int64)
+        source.read_span(start, end, out[0])
+        yield torch.from_numpy(out)

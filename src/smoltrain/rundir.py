@@ -1,0 +1,149 @@
+"""One process owns a run dir: an OS lock, the shared-filesystem check under torchrun, the config history.
+
+The lock is an flock on RUN/.smoltrain.lock: the kernel drops it when the holder dies, so a `kill -9`
+never leaves a stale lock. The holder writes its PID and host into the file (a second trainer names
+them) and empties it again on a clean exit.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+import uuid
+import weakref
+from pathlib import Path
+from typing import Any
+
+from smoltrain import distributed as dist_io
+from smoltrain.errors import UserError
+
+LOCK_NAME = ".smoltrain.lock"
+HISTORY_NAME = "config_history.jsonl"
+
+
+def _release(fd: int) -> None:
+    """Empty the holder record, then close (closing drops the flock)."""
+    try:
+        os.ftruncate(fd, 0)
+    except OSError:
+        pass
+    os.close(fd)
+
+
+def _read_holder(fd: int) -> dict:
+    """The holder's record; it may be a moment from being written, so retry briefly."""
+    for _ in range(20):
+        raw = os.pread(fd, 4096, 0)
+        try:
+            return json.loads(raw)
+        except ValueError:
+            time.sleep(0.05)
+    return {}
+
+
+class RunLock:
+    """An exclusive, kernel-released lock on a run dir; `token` lets other nodes check they see the file."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK_NAME
+        self.token = uuid.uuid4().hex
+        self._finalizer = None
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            who = f"PID {holder.get('pid', '?')} on host {holder.get('host', '?')}"
+            since = f", since {holder['started']}" if holder.get("started") else ""
+            raise UserError(f"{self.path.parent} is in use by another smoltrain train ({who}{since}). Two trainers "
+                            "on one run dir would overwrite each other's checkpoints and logs: wait for it to "
+                            "finish, stop it (it saves a checkpoint on SIGTERM), or use another run.dir.") from None
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "token": self.token}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        os.fsync(fd)
+        self._finalizer = weakref.finalize(self, _release, fd)
+        return self
+
+    def release(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()
+            self._finalizer = None
+
+    @property
+    def held(self) -> bool:
+        return self._finalizer is not None and self._finalizer.alive
+
+
+def sees_lock(run_dir: Path, token: str) -> bool:
+    """True when this process reads the lock record rank 0 just wrote (the run dir is shared with it)."""
+    try:
+        return json.loads((Path(run_dir) / LOCK_NAME).read_text()).get("token") == token
+    except (OSError, ValueError):
+        return False
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 1}} -> {"optim.lr": 1}; lists (datasets, stages) stay whole values."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def settings_diff(old: dict, new: dict) -> list[str]:
+    """Every resolved setting that differs between two config dicts, as `key: old -> new`."""
+    a, b = flatten(old), flatten(new)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def record_segment(run_dir: Path, start_step: int, config: dict, changes: list[str]) -> None:
+    """Append this segment (what it ran with, from which step) to RUN/config_history.jsonl.
+
+    Segments that started at or after `start_step` were rewound along with metrics.jsonl, so they go:
+    the history reads as the trajectory the run's checkpoints and metrics describe.
+    """
+    path = Path(run_dir) / HISTORY_NAME
+    keep = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["start_step"] < start_step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue  # a line torn by a kill mid-write
+    entry = {"start_step": start_step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changes": changes,
+             "config": config}
+    tmp = path.with_name(HISTORY_NAME + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in [*keep, json.dumps(entry)]))
+    tmp.replace(path)
+
+
+def own_run_dir(run_dir: Path, world_size: int) -> RunLock | None:
+    """Rank 0 locks the run dir before anything in it is read or cleaned; every rank checks it sees it.
+
+    Returns the lock on rank 0 (None elsewhere). A refusal on rank 0 is raised on every rank.
+    """
+    lock = RunLock(run_dir)
+    token = dist_io.on_main(lambda: lock.acquire().token)
+    if world_size > 1:
+        seen = dist_io.all_ranks((sees_lock(run_dir, token), socket.gethostname()))
+        blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(seen) if not ok]
+        if blind:
+            lock.release()
+            raise UserError(f"run.dir {run_dir} is not shared between the nodes: {', '.join(blind)} cannot see the "
+                            "lock file rank 0 wrote there. Every rank reads the prepared data and writes its "
+                            "optimizer shards under run.dir, so it must be one filesystem that all nodes mount at "
+                            "the same path (NFS, Lustre, ...); see the README, 'Several machines'.")
+    return lock if lock.held else None

@@ -1,0 +1,304 @@
+"""Publishing directories atomically, and the rules for replacing one.
+
+Every command that produces a directory (train's checkpoints, prepare, tokenizer train, assets, import,
+export, report) writes it the same way: into a staging directory beside the target whose name is private
+to the process (`.staging-<name>-<pid>-<hex>`), every file and directory fsynced, a marker (a sha256
+manifest for checkpoints) written last, then one rename into place. A directory with the final name is
+therefore always complete, and one with a marker says which command wrote which files.
+
+`--force` may replace only a previous output of the same command whose files are all its own (the marker
+lists them); never the command's inputs, a directory that holds them, or anything with foreign files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from smoltrain.errors import TrainingError, UserError
+
+MANIFEST = "manifest.json"  # checkpoints (train, import, export): sha256 of every file
+MARKER = ".smoltrain-output.json"  # other outputs (prepare, tokenizer, report, assets): sizes of every file
+FORMAT = "smoltrain-output"
+LEGACY_KINDS = {"train": "train", "import": "import", "export": "export"}  # manifests before "command" existed
+PRIVATE = re.compile(r"^\.(staging|old|deleting)-(?P<name>.+)-(?P<pid>\d+)-(?P<tag>[0-9a-f]{8})$")
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+# --- hashing and syncing ---------------------------------------------------------------------------------
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory's fsync makes the names in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(directory: Path) -> None:
+    for p in sorted(Path(directory).rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if p.is_file() or p.is_dir():
+            fsync_path(p)
+    fsync_path(directory)
+
+
+def write_text_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _files(directory: Path, skip: str) -> list[Path]:
+    return sorted(p for p in Path(directory).rglob("*") if p.is_file() and p.name != skip)
+
+
+# --- manifests and markers -------------------------------------------------------------------------------
+
+def write_manifest(directory: Path, command: str, info: dict | None = None, hashed: bool = True) -> None:
+    """The record of what `command` wrote into `directory`, written last (with sha256 when `hashed`)."""
+    directory = Path(directory)
+    name = MANIFEST if hashed else MARKER
+    files = {}
+    for p in _files(directory, name):
+        rec = {"size": p.stat().st_size}
+        if hashed:
+            rec["sha256"] = sha256_file(p)
+        files[str(p.relative_to(directory))] = rec
+    doc = {"format": FORMAT if not hashed else "smoltrain-checkpoint", "version": 1, "command": command,
+           **(info or {}), "files": files}
+    write_text_synced(directory / name, json.dumps(doc, indent=2) + "\n")
+
+
+def read_manifest(directory: Path) -> dict:
+    try:
+        return json.loads((Path(directory) / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"Checkpoint {directory} has a missing or unreadable {MANIFEST} ({e}).") from None
+
+
+def verify_manifest(directory: Path) -> dict:
+    """The manifest, after checking every file it lists exists with the recorded size and sha256."""
+    manifest = read_manifest(directory)
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise UserError(f"Checkpoint {directory} has a {MANIFEST} without a file list.")
+    for name, rec in files.items():
+        path = Path(directory) / name
+        if not path.is_file():
+            raise UserError(f"Checkpoint {directory} is incomplete: {name} is missing.")
+        if path.stat().st_size != rec.get("size") or sha256_file(path) != rec.get("sha256"):
+            raise UserError(f"Checkpoint {directory} is corrupted: {name} does not match its sha256 in {MANIFEST}.")
+    return manifest
+
+
+def output_record(directory: Path) -> dict | None:
+    """The manifest or marker of a directory smoltrain wrote, with its command; None for anything else."""
+    for name in (MANIFEST, MARKER):
+        try:
+            doc = json.loads((Path(directory) / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(doc, dict) or not isinstance(doc.get("files"), dict):
+            continue
+        command = doc.get("command") or LEGACY_KINDS.get(doc.get("kind"))
+        if command:
+            return {**doc, "command": command, "record": name}
+    return None
+
+
+# --- what may be replaced ---------------------------------------------------------------------------------
+
+def _resolved(p: str | Path) -> Path:
+    return Path(p).expanduser().resolve()
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def foreign_files(directory: Path, record: dict | None) -> list[str]:
+    """Files in `directory` that its record does not list (all of them when there is no record)."""
+    listed = set((record or {}).get("files", {})) | ({record.get("record")} if record else set())
+    return [str(p.relative_to(directory)) for p in _files(directory, "") if str(p.relative_to(directory)) not in listed]
+
+
+def check_inputs(out: str | Path, inputs: Iterable[str | Path], flag: str = "--out") -> None:
+    """Refuse (exit 2) an `out` that is, or contains, one of the command's inputs."""
+    target = _resolved(out)
+    for src in inputs:
+        src_path = _resolved(src)
+        if _inside(src_path, target):
+            what = "is" if src_path == target else "contains"
+            raise UserError(f"{flag} {out} {what} this command's own input {src}; writing there would replace "
+                            f"it. Choose another {flag}.")
+
+
+def check_target(out: str | Path, command: str, force: bool, inputs: Iterable[str | Path] = (),
+                 flag: str = "--out", legacy: dict | None = None) -> None:
+    """Refuse (exit 2, naming the path) before any work when publishing `command`'s output at `out` could
+    lose something: `out` is or holds one of the command's inputs, or holds files the command did not write,
+    or is a previous output and --force was not given. An empty directory is fine. `legacy` is the record
+    to assume for an output written before markers existed."""
+    out_path = Path(out).expanduser()
+    check_inputs(out_path, inputs, flag)
+    if not out_path.exists():
+        return
+    if not out_path.is_dir():
+        raise UserError(f"{flag} {out_path} exists and is a file, not a directory; choose another {flag}.")
+    if not any(out_path.iterdir()):
+        return
+    record = output_record(out_path) or legacy
+    foreign = foreign_files(out_path, record) if record and record["command"] == command else []
+    if record is None or record["command"] != command or foreign:
+        made = f"the output of smoltrain {record['command']}" if record else "not an output of smoltrain " + command
+        extra = f" and holds files it did not write ({', '.join(foreign[:3])})" if foreign else ""
+        raise UserError(f"{flag} {out_path} already exists and is {made}{extra}; smoltrain {command} never "
+                        f"replaces such a directory, even with --force. Choose another {flag}, or move it away "
+                        "yourself.")
+    if not force:
+        raise UserError(f"{flag} {out_path} already exists (an earlier output of smoltrain {command}); pass --force "
+                        f"to replace it, or choose another {flag}.")
+
+
+# --- staging and publishing ------------------------------------------------------------------------------
+
+def private_name(kind: str, final: Path) -> Path:
+    """`.<kind>-<name>-<pid>-<hex>` beside `final`: no other process ever picks the same name."""
+    return final.parent / f".{kind}-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def make_staging(final: Path) -> Path:
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = private_name("staging", final)
+    staging.mkdir()
+    return staging
+
+
+def commit(staging: Path, final: Path, command: str, info: dict | None = None, hashed: bool = True,
+           replace: bool = False, keep_existing: bool = False, legacy: dict | None = None) -> Path:
+    """Write the record, fsync everything, rename `staging` to `final` (the commit point).
+
+    An existing `final` is replaced only with `replace` (the caller checked it with check_target) and only
+    once the new one is complete; with `keep_existing` (a cache another process filled first) ours is
+    dropped. An empty directory at `final` is simply taken over.
+    """
+    staging, final = Path(staging), Path(final)
+    write_manifest(staging, command, info, hashed)
+    fsync_tree(staging)
+    old = None
+    if final.exists():
+        if keep_existing:
+            shutil.rmtree(staging, ignore_errors=True)
+            return final
+        if final.is_dir() and not any(final.iterdir()):
+            final.rmdir()
+        elif not replace:
+            raise UserError(f"{final} appeared while it was being written; it was left alone.")
+        else:
+            check_target(final, command, force=True, legacy=legacy)  # still only our own earlier output
+            old = private_name("old", final)
+            os.replace(final, old)
+    os.replace(staging, final)
+    fsync_path(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+@contextlib.contextmanager
+def publish(final: str | Path, command: str, info: dict | None = None, hashed: bool = True,
+            replace: bool = False, keep_existing: bool = False, legacy: dict | None = None) -> Iterator[Path]:
+    """Yield a private staging directory beside `final`; on success commit it there.
+
+    On any exception (ENOSPC included) the staging directory is removed and `final` is untouched.
+    """
+    final = Path(final).expanduser()
+    staging = make_staging(final)
+    try:
+        yield staging
+        commit(staging, final, command, info, hashed, replace, keep_existing, legacy)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(parent: Path, name: str | None = None) -> list[Path]:
+    """Remove `.staging-`/`.old-`/`.deleting-` dirs in `parent` (for `name` only, if given) whose process
+    is gone. Anything else, and the private dirs of live processes, is left alone."""
+    removed = []
+    parent = Path(parent)
+    if not parent.is_dir():
+        return removed
+    for p in parent.iterdir():
+        m = PRIVATE.match(p.name)
+        if m is None or not p.is_dir() or (name is not None and m["name"] != name):
+            continue
+        pid = int(m["pid"])
+        if pid != os.getpid() and not pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def remove_dir(directory: Path) -> None:
+    """Delete a directory we own: renamed to a private name first, so it leaves discovery at once."""
+    doomed = private_name("deleting", Path(directory))
+    os.replace(directory, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+# --- full disks ------------------------------------------------------------------------------------------
+
+def is_no_space(e: BaseException) -> bool:
+    """ENOSPC/EDQUOT, also when a library (safetensors) reports it in its own exception type."""
+    if isinstance(e, OSError) and e.errno in NO_SPACE:
+        return True
+    text = str(e)
+    return "No space left on device" in text or "StorageFull" in text or "os error 28" in text
+
+
+def no_space_error(e: BaseException, what: str) -> TrainingError:
+    return TrainingError(f"The disk is full (no space left on device) while writing {what}; the partial output "
+                         "was removed and nothing earlier was touched. Free some space and run the same command "
+                         "again.")
+
+
+def format_bytes(n: float) -> str:
+    """Sizes a person reads: 512 B, 3.4 KiB, 12.0 MiB, 1.25 GiB."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}" if unit in ("GiB", "TiB") else f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def tree_size(directory: Path) -> int:
+    """Bytes of every file under `directory`."""
+    return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())

@@ -1,0 +1,38 @@
+"""bench/quality.py: the FLOP count it budgets with, its proxies, and its refusal of an over-budget recipe."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+from smoltrain.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench" / "quality.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_today_is_the_2_5e13_flop_recipe_and_proxies_keep_the_schedule_ratios():
+    q = _bench()
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", q.RECIPES["today"])
+    tokens, flops = q.training_flops(cfg)
+    assert tokens == 300 * 16 * 256
+    assert flops == tokens * 20_054_016  # 6 x 2.72M matmul weights (head once) + 12 x 6 x 192 x 256
+    assert flops <= q.BUDGET
+    cool = load_config(ROOT / "configs" / "quickstart.yaml", q.RECIPES["muon-cool50"])
+    proxy = load_config(ROOT / "configs" / "quickstart.yaml", q.scaled(q.RECIPES["muon-cool50"], cool, 0.2))
+    assert (proxy.train.max_steps, proxy.optim.warmup_steps, proxy.optim.decay_start_step) == (60, 4, 30)
+
+
+def test_an_over_budget_recipe_is_refused_before_training(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "quality.py"), "--recipes", "today",
+                           "--budget", "1e13", "--work", str(tmp_path / "w")], capture_output=True, text=True)
+    assert proc.returncode != 0 and "exceed the budget" in proc.stderr
+    assert not (tmp_path / "w").exists()
