@@ -138,15 +138,16 @@ def test_demo_bad_inputs_exit_2(run12, tmp_path):
 @pytest.fixture(scope="module")
 def lively_ckpt(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     """A tiny checkpoint whose next token depends on the context (init std 0.2), so a mixed-up KV cache shows."""
-    from smoltrain.checkpoint import model_state, save_model_files, staged_dir
+    from smoltrain.checkpoint import model_state, save_model_files
     from smoltrain.model import build_model
     from smoltrain.presets import get_preset
+    from smoltrain.storage import publish
     from smoltrain.tokenizer import load_tokenizer
 
     torch.manual_seed(0)
     cfg = get_preset("tiny").replace(initializer_range=0.2)
     out = tmp_path_factory.mktemp("lively") / "ckpt"
-    with staged_dir(out) as d:
+    with publish(out, "import") as d:
         save_model_files(d, model_state(build_model(cfg)), cfg, load_tokenizer(tiny_tokenizer_dir))
     return out
 
