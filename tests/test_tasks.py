@@ -264,6 +264,22 @@ def test_training_logs_task_accuracy(tiny_tokenizer_dir, verse_corpus, tmp_path)
     for name in ("verse-next-line", "mc"):
         for metric in ("acc", "acc_norm"):
             assert task_recs[-1][f"task/{name}/{metric}"] == final[name][metric]
+    # the report's task table (this run's checkpoint beside a reference) and the export's model card
+    extra = write_jsonl(tmp_path / "extra.jsonl", ITEMS[:2])
+    proc = run_cli("report", run, "--out", tmp_path / "report", "--tasks", extra, "--reference", run, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "Downstream tasks per checkpoint" in page and 'alt="downstream tasks"' in page
+    for name in ("verse-next-line", "mc", "extra"):
+        assert f"<th>{name} acc</th><th>{name} acc_norm</th>" in page
+    row = f"<td>step 4</td><td class='num nowrap'>{final['verse-next-line']['acc']:.4f}</td>"
+    section = page[page.index("Downstream tasks per checkpoint"):][:3000]
+    assert row in section and section.count("<td>step 4</td>") == 1 and "5/4/2" in section, section
+    assert run_cli("export", run, "--out", tmp_path / "hf").returncode == 0
+    card = (tmp_path / "hf" / "README.md").read_text()
+    scores = final["verse-next-line"]
+    assert (f"downstream task `verse-next-line` (zero-shot multiple choice, lm-eval's scoring): acc "
+            f"{scores['acc']:.4f}, acc_norm {scores['acc_norm']:.4f} (step 4)") in card
 
 
 # --- parity with lm-evaluation-harness on the real SmolLM2-135M-Instruct --------------------------

@@ -107,22 +107,28 @@ def test_killed_and_resumed_training_logs_one_wandb_run(tmp_path, tiny_data, wan
 
 def test_runlog_continues_one_trackio_run(tmp_path, monkeypatch):
     """trackio, the local-first alternative: same scalars, a samples table, one run across resumes."""
+    import uuid
+
     pytest.importorskip("trackio")
-    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
+    import trackio.sqlite_storage
     from trackio.sqlite_storage import SQLiteStorage
 
     from smoltrain.metrics import RunLog
 
+    # trackio reads TRACKIO_DIR once, at import: point its storage module at a temp dir directly
+    monkeypatch.setattr(trackio.sqlite_storage, "TRACKIO_DIR", tmp_path / "trackio")
+    project = f"smoltrain-test-{uuid.uuid4().hex[:6]}"
     run = tmp_path / "run"
     for first in (1, 3):
-        log = RunLog(run, first - 1, False, None, {"train": {"seed": 1}}, trackio_project="smoltrain-test")
+        log = RunLog(run, first - 1, False, None, {"train": {"seed": 1}}, trackio_project=project)
         for step in (first, first + 1):
             log.log({"step": step, "loss": 1.0 / step, "mfu": None})
         log.sample({"step": first + 1, "mode": "greedy", "prompt": "ROMEO:", "text": " hi"})
         log.samples_done(first + 1)
         log.close()
     name = json.loads((run / "trackio.json").read_text())["id"]
-    assert SQLiteStorage.get_runs("smoltrain-test") == [name]
-    rows = SQLiteStorage.get_logs("smoltrain-test", name)
+    assert SQLiteStorage.get_runs(project) == [name]
+    assert (tmp_path / "trackio").is_dir()
+    rows = SQLiteStorage.get_logs(project, name)
     assert [(r["step"], r["loss"]) for r in rows if r.get("loss")] == [(1, 1.0), (2, 0.5), (3, 1 / 3), (4, 0.25)]
     assert [r["step"] for r in rows if r.get("samples")] == [2, 4]

@@ -292,6 +292,9 @@ def _add_show_commands(sub) -> None:
     p.add_argument("--data", default=None, metavar="DIR",
                    help="prepared data for the perplexity table (default with --reference: the run's own)")
     p.add_argument("--max-batches", type=POSITIVE, default=50, help="evaluation batches per model")
+    p.add_argument("--tasks", action="append", default=[], metavar="FILE_OR_NAME[,...]",
+                   help="multiple-choice tasks for the task table, beside the config's eval.tasks (repeatable)")
+    p.add_argument("--tasks-limit", type=POSITIVE, default=None, help="items per task (default: eval.tasks_limit)")
     p.add_argument("--device", default="auto", type=DEVICE, help="auto (cuda > mps > cpu), cpu, cuda, mps")
     p.set_defaults(func=_cmd_report)
 

@@ -37,6 +37,7 @@ class History:
 
     train: list[dict] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
+    tasks: list[dict] = field(default_factory=list)  # records with task/<name>/acc (eval.tasks)
 
     @classmethod
     def load(cls, run_dir: Path, up_to_step: int | None = None) -> History:
@@ -44,7 +45,18 @@ class History:
                 if isinstance(r.get("step"), int) and (up_to_step is None or r["step"] <= up_to_step)]
         key = lambda r: r["step"]  # noqa: E731
         return cls(sorted((r for r in recs if _num(r.get("loss"))), key=key),
-                   sorted((r for r in recs if _num(r.get("val_loss"))), key=key))
+                   sorted((r for r in recs if _num(r.get("val_loss"))), key=key),
+                   sorted((r for r in recs if any(k.startswith("task/") for k in r)), key=key))
+
+    def task_scores(self, record: dict | None = None) -> dict[str, dict[str, float]]:
+        """{task: {acc, acc_norm}} of one task record (default: the last one)."""
+        rec = record if record is not None else (self.tasks[-1] if self.tasks else {})
+        out: dict[str, dict[str, float]] = {}
+        for key, value in rec.items():
+            parts = key.split("/")
+            if len(parts) == 3 and parts[0] == "task" and _num(value):
+                out.setdefault(parts[1], {})[parts[2]] = float(value)
+        return out
 
     def series(self, name: str, evals: bool = False) -> tuple[list[int], list[float]]:
         """(steps, values) of a logged scalar, leaving out records where it is null."""
@@ -124,4 +136,19 @@ def plot_series(history: History, name: str, title: str, ylabel: str, path: Path
         return None
     fig, ax = _figure(title, ylabel)
     ax.plot(steps, values, linewidth=1.2)
+    return _save(fig, ax, path)
+
+
+def plot_tasks(history: History, path: Path) -> Path | None:
+    """Accuracy (solid) and normalised accuracy (dashed) of every eval.tasks task against step."""
+    if not history.tasks:
+        return None
+    fig, ax = _figure("downstream tasks", "accuracy")
+    names = sorted({n for r in history.tasks for n in history.task_scores(r)})
+    for name in names:
+        for metric, style in (("acc", "o-"), ("acc_norm", "s--")):
+            pts = [(r["step"], history.task_scores(r)[name][metric]) for r in history.tasks
+                   if metric in history.task_scores(r).get(name, {})]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{name} {metric}", markersize=4)
     return _save(fig, ax, path)

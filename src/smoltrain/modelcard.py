@@ -104,6 +104,12 @@ def _results_lines(history: History, out: Path | None) -> list[str]:
                         (("perplexity", "val_ppl", ".2f"), ("bits per byte", "val_bpb", ".4f"))
                         if isinstance(val.get(key), (int, float)))
         lines.append(f"- final validation loss: {val['val_loss']:.4f}{extra} (step {val['step']})")
+    if history.tasks:
+        step = history.tasks[-1]["step"]
+        for name, sc in history.task_scores().items():
+            scores = ", ".join(f"{k} {v:.4f}" for k, v in sorted(sc.items()))
+            lines.append(f"- downstream task `{name}` (zero-shot multiple choice, lm-eval's scoring): {scores} "
+                         f"(step {step})")
     if out is not None and plot_loss(history, out / LOSS_PLOT) is not None:
         lines += ["", f"![training and validation loss]({LOSS_PLOT})"]
     return lines or ["- no losses were found (the run's metrics.jsonl is not beside this checkpoint)"]

@@ -28,7 +28,8 @@ from smoltrain.config import check_remote_url
 from smoltrain.errors import UserError
 from smoltrain.runinfo import fault_point
 
-LOG_FILES = ("metrics.jsonl", "samples.jsonl", "config.yaml", "env.json", "wandb.json", "trackio.json")
+LOG_FILES = ("metrics.jsonl", "samples.jsonl", "config.yaml", "config_history.jsonl", "env.json", "wandb.json",
+             "trackio.json")
 STEP_DIR = re.compile(r"step_(\d{8})$")
 
 

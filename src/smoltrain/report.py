@@ -22,7 +22,7 @@ import yaml
 
 from smoltrain.checkpoint import MANIFEST, list_checkpoints, load_model, newest_valid, resolve_checkpoint
 from smoltrain.errors import UserError
-from smoltrain.history import History, plot_loss, plot_series, read_jsonl
+from smoltrain.history import History, plot_loss, plot_series, plot_tasks, read_jsonl
 from smoltrain.storage import check_target, publish
 
 REPORT = "index.html"
@@ -98,6 +98,9 @@ def draw_charts(run: Run) -> list[tuple[str, str]]:
                     else plot_series(run.history, metric, title, ylabel, target))
             if path is not None:
                 made.append((title, "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()))
+        path = plot_tasks(run.history, Path(tmp) / "tasks.png")
+        if path is not None:
+            made.append(("downstream tasks", "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()))
     return made
 
 
@@ -157,6 +160,39 @@ def perplexity_table(models: list[tuple[str, Path]], data: Path, seq_len: int, b
     rows = evaluate_models([str(path) for _, path in models], data, "val", seq_len, batch_size,
                            max_batches * batch_size * seq_len, device)
     return [{**row, "model": label, "path": row["model"]} for (label, _), row in zip(models, rows)]
+
+
+def run_task_specs(run: Run, extra: Sequence[str]) -> list[str]:
+    """The config's eval.tasks (next-line:NAME as the file the run built) and --tasks, in that order."""
+    from smoltrain.config import config_from_dict
+    from smoltrain.pipeline import next_line_task_path
+
+    specs = []
+    try:
+        cfg = config_from_dict(run.config, str(run.dir / "config.yaml"))
+    except UserError:
+        cfg = None
+    for spec in (cfg.eval.tasks if cfg else []):
+        if spec.startswith("next-line:"):
+            built = next_line_task_path(cfg, spec.split(":", 1)[1])
+            if not built.exists():
+                continue
+            spec = str(built)
+        specs.append(spec)
+    return list(dict.fromkeys([*specs, *extra]))
+
+
+def task_table(models: list[tuple[str, Path]], specs: list[str], limit: int | None, device: torch.device) -> list[dict]:
+    """acc / acc_norm of every model on every task, through smoltrain.tasks (as `eval --tasks` does)."""
+    from smoltrain.tasks import load_scorer, load_task, score_task
+
+    tasks = [load_task(s, limit) for s in specs]
+    rows = []
+    for label, path in models:
+        scorer, tok, _ = load_scorer(str(path), device)
+        rows.append({"model": label, "tasks": {t.name: score_task(scorer, tok, t) for t in tasks}})
+        del scorer
+    return rows
 
 
 # --- HTML --------------------------------------------------------------------------------------------
@@ -248,6 +284,18 @@ def _perplexity_section(rows: list[dict], data: Path | None) -> str:
             + table(["model", "path", "loss", "ppl", "bits/byte", "tokens"], body, (2, 3, 4, 5)))
 
 
+def _tasks_section(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    names = list(dict.fromkeys(n for r in rows for n in r["tasks"]))
+    headers = ["model"] + [f"{n} {m}" for n in names for m in ("acc", "acc_norm")] + ["items"]
+    body = [[r["model"], *[fmt(r["tasks"][n][m]) for n in names for m in ("acc", "acc_norm")],
+             "/".join(str(r["tasks"][n]["n"]) for n in names)] for r in rows]
+    return ("<h2>Downstream tasks per checkpoint</h2><p class=muted>Zero-shot multiple choice by log-likelihood "
+            "with lm-evaluation-harness's conventions: acc picks the most likely choice, acc_norm the most "
+            "likely per character.</p>" + table(headers, body, tuple(range(1, len(headers)))))
+
+
 def _logged_samples_section(run: Run) -> str:
     recs = read_jsonl(run.dir / "samples.jsonl")
     if not recs:
@@ -269,7 +317,7 @@ def _environment_section(run: Run) -> str:
 
 
 def render(run: Run, charts: list[tuple[str, str]], gens: list[dict], prompts: list[str], max_new_tokens: int,
-           ppl: list[dict], data: Path | None) -> str:
+           ppl: list[dict], data: Path | None, tasks: list[dict] | None = None) -> str:
     imgs = "".join(f'<img src="{uri}" alt="{esc(title)}">' for title, uri in charts)
     imgs = f"<div class=charts>{imgs}</div>" if imgs else "<p class=muted>No metrics logged yet.</p>"
     steps = ", ".join(str(step_of(c)) for c in run.checkpoints)
@@ -278,6 +326,7 @@ def render(run: Run, charts: list[tuple[str, str]], gens: list[dict], prompts: l
             f"<p class=muted>{esc(run.dir.resolve())} · checkpoints kept at steps {steps} · generated "
             f"{time.strftime('%Y-%m-%d %H:%M:%S')}</p>" + _summary_section(run) + f"<h2>Curves</h2>{imgs}"
             + _generations_section(gens, prompts, max_new_tokens) + _perplexity_section(ppl, data)
+            + _tasks_section(tasks or [])
             + _logged_samples_section(run) + _environment_section(run) + "</body></html>")
 
 
@@ -285,7 +334,8 @@ def render(run: Run, charts: list[tuple[str, str]], gens: list[dict], prompts: l
 
 def make_report(run_dir: str | Path, out: str | Path, prompts: list[str] | None = None,
                 references: Sequence[str] = (), data: str | Path | None = None, max_new_tokens: int | None = None,
-                device: str = "auto", max_batches: int = 50, batch_size: int = 4) -> Path:
+                device: str = "auto", max_batches: int = 50, batch_size: int = 4, tasks: Sequence[str] = (),
+                tasks_limit: int | None = None) -> Path:
     """Write DIR/index.html and its PNGs; returns the HTML path. Inputs are checked before any work."""
     from smoltrain.generate import pick_device
 
@@ -311,10 +361,15 @@ def make_report(run_dir: str | Path, out: str | Path, prompts: list[str] | None 
         seq_len = int((run.config.get("train") or {}).get("seq_len") or 512)
         ppl = perplexity_table([(f"this run (step {step_of(final)})", final), *refs], data_dir, seq_len,
                                batch_size, max_batches, dev)
+    specs = run_task_specs(run, tasks)
+    limit = tasks_limit or int(ev.get("tasks_limit") or 200)
+    scored = [(f"step {step_of(c)}", c) for c in run.checkpoints] + refs
+    task_rows = task_table(scored, specs, limit, dev) if specs else []
     gens = checkpoint_generations(run, prompts, max_new_tokens, dev)
     with publish(out, "report", {"run": str(run.dir)}, hashed=False, replace=True, legacy=legacy) as staging:
         charts = draw_charts(run)
-        (staging / REPORT).write_text(render(run, charts, gens, prompts, max_new_tokens, ppl, data_dir),
+        (staging / REPORT).write_text(render(run, charts, gens, prompts, max_new_tokens, ppl, data_dir,
+                                                     task_rows),
                                       encoding="utf-8")
     return out / REPORT
 
@@ -338,7 +393,11 @@ def report_cli(a) -> int:
         raise UserError("--max-new-tokens must be at least 1.")
     if a.max_batches < 1:
         raise UserError("--max-batches must be at least 1.")
+    if a.tasks_limit is not None and a.tasks_limit < 1:
+        raise UserError("--tasks-limit must be at least 1.")
+    from smoltrain.tasks import parse_task_specs
+
     page = make_report(a.run, a.out, a.prompts, a.reference or [], a.data, a.max_new_tokens, a.device,
-                       a.max_batches)
+                       a.max_batches, tasks=parse_task_specs(a.tasks) if a.tasks else (), tasks_limit=a.tasks_limit)
     print(f"Wrote {page} (one self-contained file: open it in a browser)")
     return 0

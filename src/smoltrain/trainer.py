@@ -474,8 +474,9 @@ class Trainer:
         ck = self.cfg.checkpoint
         if self.checkpoint_bytes is None:
             tok_files = [self.tokenizer.directory / n for n in TOKENIZER_FILES]
-            self.checkpoint_bytes = ckpt_io.checkpoint_bytes(
-                self.raw_model.num_params(), len(list(self.raw_model.parameters())), ck.export_hf, sum(p.stat().st_size for p in tok_files if p.exists()))
+            shapes = {name: p.numel() for name, p in self.raw_model.named_parameters()}  # a tied weight once
+            self.checkpoint_bytes = ckpt_io.checkpoint_bytes(shapes, ck.export_hf,
+                                                             sum(p.stat().st_size for p in tok_files if p.exists()))
         ckpt_io.check_free_space(self.run_dir, self.checkpoint_bytes, ck.min_free_gb)
 
     def _stop_on_signal(self, signum: int) -> int:
