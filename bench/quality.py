@@ -2,15 +2,16 @@
 
     python bench/quality.py                                   # today's recipe beside the shipped quickstart
     python bench/quality.py --recipes today,muon,shipped --out bench/results.jsonl
-    python bench/quality.py --recipes all --scale 0.34        # a short proxy: a third of the steps
+    python bench/quality.py --recipes all --scale 0.2 --eval-tokens 32768  # a proxy: a fifth of the steps
 
 Each recipe is `configs/quickstart.yaml` plus `--set` overrides, trained the way a user trains it
 (`python -m smoltrain train --config ... --set ...` in a subprocess, one after another, never two at once),
-then scored on the whole held-out split with `smoltrain eval --json` (the held-out plays, both editions,
-as the config's data section chooses them). Training FLOPs follow smoltrain.metrics.flops_per_token, the
-count the trainer's MFU uses: 6 x N + 12 x layers x hidden x seq_len per token, where N is every matmul
-weight a token passes through, the tied embedding counted once (as the LM head; the lookup is free) and
-the norms' gains left out; times the tokens trained on (steps x global batch x seq_len). A recipe over
+and scored by the evaluation the trainer runs after its last step: the whole held-out split (the
+held-out plays, both editions, as the config's data section chooses them; `--eval-tokens` caps it for
+proxies). Training FLOPs follow smoltrain.metrics.flops_per_token, the count the trainer's MFU uses:
+6 x N + 12 x layers x hidden x seq_len per token, where N is every matmul weight a token passes
+through, the tied embedding counted once (as the LM head; the lookup is free) and the norms' gains left
+out; times the tokens trained on (steps x global batch x seq_len). A recipe over
 the budget is refused before anything runs. `--scale` multiplies max_steps, warmup and explicit decay
 steps (a proxy at the same schedule ratios); its budget scales alike. Wall time is the train command's
 and is only comparable within one invocation on a quiet machine; quality numbers are deterministic.
@@ -110,6 +111,15 @@ def final_samples(run: Path) -> list[str]:
     return [f"[{r['mode']}] {r['prompt']}{r['text']}" for r in recs if r["step"] == last]
 
 
+def final_eval(run: Path, last_step: int) -> dict:
+    """The evaluation the trainer runs after its last step (the whole held-out split unless eval.max_tokens)."""
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    found = [r for r in recs if r.get("step") == last_step and "val_loss" in r]
+    if not found:
+        sys.exit(f"{run}/metrics.jsonl has no evaluation at step {last_step}")
+    return found[-1]
+
+
 def run_recipe(name: str, overrides: list[str], args: argparse.Namespace) -> dict:
     base = load_config(args.config, overrides)
     sets = scaled(overrides, base, args.scale)
@@ -121,20 +131,16 @@ def run_recipe(name: str, overrides: list[str], args: argparse.Namespace) -> dic
     data = data_dir(args.work, cfg)
     argv = ["train", "--config", str(args.config), *[x for s in sets for x in ("--set", s)],
             "--set", f"run.dir={run}", "--set", f"run.data_dir={data}", "--set", "log.progress=false"]
+    if args.eval_tokens:
+        argv += ["--set", f"eval.max_tokens={args.eval_tokens}"]
     t0 = time.perf_counter()
     proc = smoltrain(*argv)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"recipe {name} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
-    names = [d.name for d in cfg.data.datasets]
-    ev = smoltrain("eval", str(run), "--data", str(data / names[0]), "--json", "--seq-len", str(cfg.train.seq_len),
-                   "--batch-size", "16", "--max-tokens", str(args.eval_batches * 16 * cfg.train.seq_len))
-    if ev.returncode != 0:
-        sys.exit(f"eval of {name} failed:\n{ev.stderr[-4000:]}")
-    row = json.loads(ev.stdout)
-    row = row[0] if isinstance(row, list) else row
-    return {"bench": "quality", "recipe": name, "overrides": sets, "val_bpb": row.get("bpb"),
-            "val_loss": row.get("loss"), "val_tokens": row.get("tokens"), "train_tokens": tokens,
+    row = final_eval(run, cfg.train.max_steps)
+    return {"bench": "quality", "recipe": name, "overrides": sets, "val_bpb": row.get("val_bpb"),
+            "val_loss": row["val_loss"], "train_tokens": tokens,
             "train_flops": flops, "flops_per_token": flops_per_token(cfg.model, cfg.train.seq_len),
             "wall_s": round(wall, 1), "samples": final_samples(run)}
 
@@ -155,8 +161,8 @@ def main() -> None:
     p.add_argument("--recipes", default="today,shipped", help=f"comma-separated, or all ({', '.join(RECIPES)})")
     p.add_argument("--budget", type=float, default=BUDGET, help="training FLOPs a recipe may use (at --scale 1)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply steps (and the budget) for a short proxy")
-    p.add_argument("--eval-batches", type=int, default=1_000_000,
-                   help="held-out windows of 16 x seq_len to score (default: the whole split; fewer for proxies)")
+    p.add_argument("--eval-tokens", type=int, default=None,
+                   help="eval.max_tokens for every evaluation (default: the config's, the whole split; less for proxies)")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-quality")
     p.add_argument("--out", default=None, help="append one JSON line per recipe (e.g. bench/results.jsonl)")
     args = p.parse_args()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from smoltrain.errors import UserError
-from smoltrain.rundir import LOCK_NAME, RunLock
+from smoltrain.rundir import LOCK_NAME, RunLock, sees_lock
 
 from .conftest import DEBUG_TINY
 
@@ -62,6 +62,8 @@ def reference(tmp_path_factory, tiny_data) -> Path:
 
 def test_lock_is_exclusive_names_its_holder_and_dies_with_it(tmp_path):
     first = RunLock(tmp_path).acquire()
+    assert sees_lock(tmp_path, first.token)  # what every torchrun rank checks: the same run dir
+    assert not sees_lock(tmp_path / "elsewhere", first.token) and not sees_lock(tmp_path, "another token")
     with pytest.raises(UserError, match=f"PID {os.getpid()} on host {socket.gethostname()}"):
         RunLock(tmp_path).acquire()
     first.release()

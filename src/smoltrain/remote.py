@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from smoltrain import checkpoint as ckpt_io
+from smoltrain import storage
 from smoltrain.config import check_remote_url
 from smoltrain.errors import UserError
 from smoltrain.runinfo import fault_point
@@ -160,7 +161,7 @@ class Remote:
 
     def _download(self, step: int, run_dir: Path) -> Path:
         final = ckpt_io.step_dir(run_dir, step)
-        staging = final.parent / f".staging-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # private to us
+        staging = storage.private_name("staging", final)  # private to this process (debris rules)
         src = self._path("checkpoints", final.name)
         try:
             raw = self.fs.cat_file(posixpath.join(src, ckpt_io.MANIFEST))
