@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from smoltrain.rundir import LOCK_NAME
+
 from .conftest import DEBUG_TINY
 
 
@@ -24,8 +26,9 @@ def lrs(run_dir: Path) -> dict[int, float]:
 
 
 def snapshot(run_dir: Path) -> dict[str, tuple[int, int]]:
+    """Every file but the run-dir lock, which each train takes (and empties again) to own the run dir."""
     return {str(p.relative_to(run_dir)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in run_dir.rglob("*") if p.is_file()}
+            for p in run_dir.rglob("*") if p.is_file() and p.name != LOCK_NAME}
 
 
 def test_extension_rewarms_and_a_finished_run_writes_nothing(tmp_path, tiny_data):

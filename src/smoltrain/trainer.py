@@ -256,7 +256,8 @@ class Trainer:
                 self.log.close()
         return 0
 
-    def train_step(self) -> tuple[float, float, float]:
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """One optimizer step; (loss, grad norm) stay on the device (no host sync beyond the finite check)."""
         cfg = self.cfg
         lr = lr_at(self.step, cfg.optim, cfg.train.max_steps) * rewarm_factor(self.step, self.rewarm_from,
                                                                                cfg.optim.rewarmup_steps)
@@ -274,8 +275,9 @@ class Trainer:
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
         loss = dist_io.all_reduce_mean(loss)
-        loss_v, norm_v = float(loss), float(grad_norm)
-        if not math.isfinite(loss_v) or (self.scaler is None and not math.isfinite(norm_v)):
+        finite = torch.isfinite(loss) if self.scaler is not None else torch.isfinite(loss) & torch.isfinite(grad_norm)
+        if not bool(finite):  # the step's one host sync: the guard must hold before the update
+            loss_v, norm_v = float(loss), float(grad_norm)
             raise TrainingError(f"Non-finite {'loss' if not math.isfinite(loss_v) else 'gradient norm'} at step "
                                 f"{self.step + 1} (loss {loss_v}, grad norm {norm_v}); no update was applied and the "
                                 "last good checkpoint is kept. Lower optim.lr or check the data.")
@@ -287,7 +289,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += num_tokens * self.dist.world_size
-        return loss_v, norm_v, lr
+        return loss, grad_norm, lr  # tensors: read on the host only at log steps
 
     def forward_backward(self, batch: torch.Tensor, num_tokens: int) -> torch.Tensor:
         """Sum of token losses / tokens in the whole step: accumulation averages over tokens, not batches."""
@@ -410,9 +412,10 @@ class Trainer:
         return {"per_rank": states}
 
     # --- plumbing ----------------------------------------------------------------------------------
-    def _log_step(self, loss: float, grad_norm: float, lr: float, tokens_per_sec: float, bar) -> None:
+    def _log_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, tokens_per_sec: float, bar) -> None:
         if self.log is None:
             return
+        loss, grad_norm = float(loss), float(grad_norm)
         mfu = model_flops_utilization(self.cfg.model, self.cfg.train.seq_len, tokens_per_sec, self.device,
                                       self.amp_dtype, self.dist.world_size)
         rec = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
