@@ -36,3 +36,12 @@ def test_an_over_budget_recipe_is_refused_before_training(tmp_path):
                            "--budget", "1e13", "--work", str(tmp_path / "w")], capture_output=True, text=True)
     assert proc.returncode != 0 and "exceed the budget" in proc.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_the_shipped_quickstart_trains_the_muon_small_recipe_within_budget():
+    """BENCHMARKS.md's muon-small row is the shipped quickstart's training (its eval settings aside)."""
+    q = _bench()
+    shipped = load_config(ROOT / "configs" / "quickstart.yaml")
+    small = load_config(ROOT / "configs" / "quickstart.yaml", q.RECIPES["muon-small"])
+    assert (shipped.model, shipped.optim, shipped.train) == (small.model, small.optim, small.train)
+    assert q.training_flops(shipped)[1] <= q.BUDGET
