@@ -52,11 +52,21 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def eval_rows(metrics: list[dict]) -> list[dict]:
+    """One row per evaluation step: the val record merged with the task records logged at that step."""
+    steps = sorted({r["step"] for r in metrics if "val_loss" in r})
+    rows = {step: {"step": step} for step in steps}
+    for r in metrics:
+        if r.get("step") in rows and ("val_loss" in r or any(k.startswith("task/") for k in r)):
+            rows[r["step"]].update(r)
+    return [rows[step] for step in steps]
+
+
 def results_table(evals: list[dict]) -> str:
     """Held-out loss, bits per byte and any task accuracy at each evaluation step."""
     rows = [("held-out loss", "val_loss", ".3f"), ("held-out bits per byte", "val_bpb", ".3f")]
     task_keys = sorted({k for e in evals for k in e if k.startswith("task/") and k.endswith("/acc")})
-    rows += [(f"{k.split('/')[1]} accuracy", k, ".3f") for k in task_keys]
+    rows += [(f"{k.split('/')[1]} accuracy (chance 0.25 for 4 choices)", k, ".3f") for k in task_keys]
     last = len(evals) - 1
     lines = ["| step | " + " | ".join(str(e["step"]) for e in evals) + " |",
              "|---|" + "---:|" * len(evals)]
@@ -73,7 +83,7 @@ def results_table(evals: list[dict]) -> str:
 def section(clone: Path, seconds: float, output: str) -> str:
     run = clone / "runs" / "quickstart"
     metrics = read_jsonl(run / "metrics.jsonl")
-    evals = [r for r in metrics if "val_loss" in r]
+    evals = eval_rows(metrics)
     samples = read_jsonl(run / "samples.jsonl") if (run / "samples.jsonl").exists() else []
     final = max((s["step"] for s in samples), default=None)
     sample_text = "\n\n".join(f"[step {s['step']} {s['mode']}] {s['prompt']}{s['text'].rstrip()}"
