@@ -19,7 +19,7 @@ from smoltrain.errors import UserError
 from smoltrain.trainer import Trainer
 
 from .conftest import DEBUG_TINY, assert_user_error
-from .test_trainer import losses
+from .test_trainer import losses, sigterm_a_long_run
 
 
 @pytest.fixture(scope="module")
@@ -194,20 +194,8 @@ def test_local_directory_remote_commit_retention_and_verified_restore(tmp_path, 
 @pytest.mark.slow
 def test_sigterm_finishes_the_upload_before_exit(tmp_path, tiny_data, s3_env, bucket):
     """A preempted VM's SIGTERM: the signal's checkpoint is saved, uploaded whole, then the process exits."""
-    import time
-
     run, url = tmp_path / "run", f"s3://{bucket}/sig"
-    args = [sys.executable, "-m", "smoltrain", "train", "--config", str(DEBUG_TINY), "--set", f"run.dir={run}",
-            *tiny_data, "--set", "train.max_steps=100000", "--set", "checkpoint.every=0",
-            "--set", f"checkpoint.remote={url}"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **s3_env})
-    deadline = time.time() + 120
-    while time.time() < deadline and not (run / "metrics.jsonl").exists():
-        time.sleep(0.2)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    proc, out, err = sigterm_a_long_run(run, tiny_data, f"checkpoint.remote={url}", env=s3_env)
     assert proc.returncode == 128 + signal.SIGTERM, err
     (local,) = [p.name for p in (run / "checkpoints").iterdir()]
     assert remote_steps(s3_env, f"{bucket}/sig") == ([int(local[5:])], [int(local[5:])])

@@ -123,17 +123,26 @@ def test_extend_a_finished_run(tmp_path, tiny_data):
     assert losses(run)[-2][0] == 14 and (run / "checkpoints" / "step_00000014").is_dir()
 
 
-def test_sigterm_saves_then_exits(tmp_path, tiny_data):
-    run = tmp_path / "run"
+def sigterm_a_long_run(run: Path, tiny_data: list[str], *overrides: str, env: dict | None = None
+                       ) -> tuple[subprocess.Popen, str, str]:
+    """Start an endless debug-tiny run, SIGTERM it once it logs, wait; (process, stdout, stderr)."""
     args = [sys.executable, "-m", "smoltrain", "train", "--config", str(DEBUG_TINY), "--set", f"run.dir={run}",
-            *tiny_data, "--set", "train.max_steps=100000", "--set", "checkpoint.every=0"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            *tiny_data, "--set", "train.max_steps=100000", "--set", "checkpoint.every=0",
+            *[a for o in overrides for a in ("--set", o)]]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
     deadline = time.time() + 120
     while time.time() < deadline and not (run / "metrics.jsonl").exists():
         time.sleep(0.2)
     time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
+    return proc, out, err
+
+
+def test_sigterm_saves_then_exits(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    proc, out, err = sigterm_a_long_run(run, tiny_data)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "SIGTERM: saved" in out
     steps = [p.name for p in (run / "checkpoints").iterdir()]

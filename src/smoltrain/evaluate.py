@@ -149,14 +149,15 @@ def load_forward(path: str, device: torch.device) -> tuple[object, Tokenizer, st
     from smoltrain.tokenizer import load_tokenizer
 
     directory = resolve_checkpoint(path)
-    model_type = _hf_config(directory).get("model_type")
+    model_type = hf_config(directory).get("model_type")
     if model_type != "llama":  # any other causal LM: let transformers run it
         return _hf_forward(directory, device), load_tokenizer(directory), str(directory)
     model, tok, _ = load_resolved(directory, device=device)
     return (lambda x, y: model(x, labels=y, loss_chunk="auto", reduction="none")), tok, str(directory)
 
 
-def _hf_config(directory: Path) -> dict:
+def hf_config(directory: Path) -> dict:
+    """An HF directory's config.json as a dict; a missing, malformed or non-object file is a UserError."""
     try:
         hf = json.loads((directory / "config.json").read_text())
     except (OSError, ValueError) as e:
@@ -172,7 +173,7 @@ def default_shape(directory: Path) -> tuple[int, int, int]:
     whole context, a few thousand tokens per batch."""
     import yaml
 
-    hf = _hf_config(directory)
+    hf = hf_config(directory)
     context = int(hf.get("max_position_embeddings") or hf.get("n_positions") or hf.get("n_ctx") or 2048)
     run = directory / "config.yaml"
     train = {}

@@ -305,16 +305,11 @@ def score_in_loop(model: torch.nn.Module, tok: Tokenizer, tasks: list[Task], dev
 def load_scorer(path: str, device: torch.device) -> tuple[Scorer, Tokenizer, str]:
     """A Scorer for a checkpoint, run directory or HF directory (any causal LM transformers loads)."""
     from smoltrain.checkpoint import load_resolved, resolve_checkpoint
+    from smoltrain.evaluate import hf_config
     from smoltrain.tokenizer import load_tokenizer
 
     directory = resolve_checkpoint(path)
-    try:
-        hf = json.loads((directory / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{directory}/config.json is missing or not valid JSON ({e}).") from None
-    if not isinstance(hf, dict):
-        raise UserError(f"{directory}/config.json is not a JSON object.")
-    if hf.get("model_type") == "llama":
+    if hf_config(directory).get("model_type") == "llama":
         model, tok, _ = load_resolved(directory, device=device)
         return Scorer(model.eval(), device, model.config.max_position_embeddings), tok, str(directory)
     from transformers import AutoModelForCausalLM
