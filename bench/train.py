@@ -134,8 +134,8 @@ QUICKSTART = Path(__file__).parent.parent / "configs" / "quickstart.yaml"
 
 
 def train_config(a, work: Path) -> Path:
-    """The shipped CPU recipe (quickstart) at this bench's shape, batch and dtype, on a few documents;
-    evaluation, sampling and the save fall after the last logged step (they are not per-step work)."""
+    """The shipped CPU recipe (quickstart) at this bench's shape, batch and dtype, with the peer's AdamW, on a
+    few documents; evaluation, sampling and the save fall after the last logged step (they are not per-step work)."""
     tree = yaml.safe_load(QUICKSTART.read_text())
     model = dataclasses.asdict(shape(a))
     model.update({k: tree["model"][k] for k in ("tie_word_embeddings", "bos_token_id", "eos_token_id")})
@@ -145,7 +145,13 @@ def train_config(a, work: Path) -> Path:
                          max_steps=log_every * (1 + a.train_logs), device=a.device)
     if a.loss_chunk != "auto":
         tree["train"]["loss_chunk"] = int(a.loss_chunk)
+    for dataset in tree["data"]["datasets"]:
+        dataset.pop("val_documents", None)  # few documents here: a fractional split instead of named plays
     tree["data"].update(max_documents=8, val_fraction=0.125)
+    # the peer's optimizer (AdamW, same betas, decay and lr), so both sides do the same work per step
+    tree["optim"] = {"name": "adamw", "lr": 1e-3, "weight_decay": 0.01, "schedule": tree["optim"]["schedule"],
+                     "warmup_steps": tree["optim"]["warmup_steps"]}
+    tree["eval"].update(tasks=[])
     tree["eval"].update(every=0, sample_every=0)
     tree["checkpoint"]["every"] = 0
     tree["run"] = {"dir": str(work / "prep"), "data_dir": str(work / "data")}
