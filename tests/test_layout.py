@@ -1,0 +1,120 @@
+"""The package's shape, read from its own source: imports flow one way and nothing grows past a reader.
+
+README's "Layout" section describes the flow these tests hold: the CLI at the edge, the model below
+everything that trains or stores, data below the model's users. Every import counts, function-level
+ones included: a lazy import is still a dependency a reader has to follow.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).parent.parent / "src" / "smoltrain"
+MAX_MODULE_LINES = 500
+MAX_CLASS_LINES = 250
+MAX_FUNCTION_LINES = 60
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+TREES = {name: ast.parse(path.read_text(encoding="utf-8")) for name, path in MODULES.items()}
+
+
+def imported(name: str) -> set[str]:
+    """The smoltrain modules `name` imports (absolute or relative, at any depth of its code)."""
+    package = name if MODULES[name].name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(TREES[name]):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            targets = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+        else:
+            continue
+        found |= {t for t in targets if t in MODULES and t != "smoltrain"}
+    return found - {name}
+
+
+GRAPH = {name: imported(name) for name in MODULES}
+
+
+def reachable(start: str) -> set[str]:
+    seen = set()
+    todo = [start]
+    while todo:
+        for dep in GRAPH[todo.pop()]:
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return seen
+
+
+def test_no_import_cycle():
+    cycles = sorted(name for name in MODULES if name in reachable(name))
+    assert not cycles, f"modules on an import cycle: {cycles}"
+
+
+def test_the_cli_is_the_edge():
+    """argparse only in smoltrain.cli; nothing but `python -m smoltrain` imports the CLI."""
+    for name, tree in TREES.items():
+        in_cli = name == "smoltrain.cli" or name.startswith("smoltrain.cli.")
+        if not in_cli:
+            assert "argparse" not in {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                                      for alias in node.names}, f"{name} imports argparse"
+            if name != "smoltrain.__main__":
+                assert not any(dep.startswith("smoltrain.cli") for dep in GRAPH[name]), f"{name} imports the CLI"
+
+
+@pytest.mark.parametrize("layer, forbidden", [
+    ("smoltrain.model", ("smoltrain.data", "smoltrain.trainer", "smoltrain.checkpoint", "smoltrain.interop",
+                         "smoltrain.storage", "smoltrain.optim", "smoltrain.pipeline", "smoltrain.tokenizer")),
+    ("smoltrain.data", ("smoltrain.model", "smoltrain.trainer", "smoltrain.checkpoint", "smoltrain.optim")),
+    ("smoltrain.tokenizer", ("smoltrain.data", "smoltrain.model")),
+    ("smoltrain.interop", ("smoltrain.checkpoint", "smoltrain.trainer")),
+    ("smoltrain.presets", ("smoltrain.config",)),
+])
+def test_layers(layer, forbidden):
+    """What a layer reaches, directly or through others: the model never touches data, files or
+    training; data never the model; HF interop never training checkpoints."""
+    members = [name for name in MODULES if name == layer or name.startswith(layer + ".")]
+    assert members, f"no module {layer}"
+    for name in members:
+        bad = sorted(dep for dep in reachable(name) if any(dep == f or dep.startswith(f + ".") for f in forbidden))
+        assert not bad, f"{name} reaches {bad}"
+
+
+def test_sizes():
+    """Modules, classes and functions a newcomer can read in one sitting."""
+    too_big = []
+    for name, tree in TREES.items():
+        lines = len(MODULES[name].read_text(encoding="utf-8").splitlines())
+        if lines > MAX_MODULE_LINES:
+            too_big.append(f"module {name}: {lines} lines")
+        for node in ast.walk(tree):
+            size = getattr(node, "end_lineno", 0) - getattr(node, "lineno", 0) + 1
+            if isinstance(node, ast.ClassDef) and size > MAX_CLASS_LINES:
+                too_big.append(f"class {name}.{node.name}: {size} lines")
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and size > MAX_FUNCTION_LINES:
+                too_big.append(f"function {name}.{node.name}: {size} lines")
+    assert not too_big, "; ".join(too_big)
+
+
+def test_the_layout_checker_sees_imports():
+    """The graph is not empty by accident: known edges are found, relative and lazy ones included."""
+    assert "smoltrain.errors" in GRAPH["smoltrain.cli"]
+    assert "smoltrain.trainer" in GRAPH["smoltrain.cli.runs"]  # a function-level import
+    assert "smoltrain.data.shards" in GRAPH["smoltrain.data.loader"]
+    assert len(MODULES) > 30
