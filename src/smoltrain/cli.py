@@ -103,10 +103,17 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     return generate_cli(a)
 
 
-def _cmd_train(a: argparse.Namespace) -> int:
-    from smoltrain.trainer import train_cli
+def train_cli(a: argparse.Namespace) -> int:
+    """`smoltrain train`: one run from the config; the process group (torchrun) is torn down either way."""
+    from smoltrain import distributed as dist_io
+    from smoltrain.config import load_config
+    from smoltrain.trainer import Trainer
 
-    return train_cli(a)
+    cfg = load_config(a.config, a.set)
+    try:
+        return Trainer(cfg).train()
+    finally:
+        dist_io.teardown()
 
 
 def _cmd_eval(a: argparse.Namespace) -> int:
@@ -124,7 +131,7 @@ def _add_train_commands(sub) -> None:
     p.add_argument("--config", default=None, help="YAML recipe (configs/*.yaml); defaults apply without one")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value by dotted path, e.g. --set train.max_steps=100 (repeatable)")
-    p.set_defaults(func=_cmd_train)
+    p.set_defaults(func=train_cli)
 
     p = sub.add_parser("eval", help="bits per byte on a prepared split, or accuracy on multiple-choice tasks")
     p.add_argument("models", nargs="+", help="checkpoint, run directory or HF model directory (several: a table)")
