@@ -298,7 +298,7 @@ def make_report(run_dir: str | Path, out: str | Path, prompts: list[str] | None 
                 device: str = "auto", max_batches: int = 50, batch_size: int = 4, tasks: Sequence[str] = (),
                 tasks_limit: int | None = None) -> Path:
     """Write DIR/index.html and its PNGs; returns the HTML path. Inputs are checked before any work."""
-    from smoltrain.generate import pick_device
+    from smoltrain.device import pick_device
 
     run = open_run(run_dir)
     ev = run.config.get("eval") or {}
@@ -346,18 +346,3 @@ def _reference(path: str) -> Path:
         return resolve_checkpoint(path)
     except UserError as e:
         raise UserError(f"--reference {path}: {e}") from None
-
-
-def report_cli(a) -> int:
-    if a.max_new_tokens is not None and a.max_new_tokens < 1:
-        raise UserError("--max-new-tokens must be at least 1.")
-    if a.max_batches < 1:
-        raise UserError("--max-batches must be at least 1.")
-    if a.tasks_limit is not None and a.tasks_limit < 1:
-        raise UserError("--tasks-limit must be at least 1.")
-    from smoltrain.tasks import parse_task_specs
-
-    page = make_report(a.run, a.out, a.prompts, a.reference or [], a.data, a.max_new_tokens, a.device,
-                       a.max_batches, tasks=parse_task_specs(a.tasks) if a.tasks else (), tasks_limit=a.tasks_limit)
-    print(f"Wrote {page} (one self-contained file: open it in a browser)")
-    return 0

@@ -21,9 +21,10 @@ from tqdm import tqdm
 from smoltrain import checkpoint as ckpt_io
 from smoltrain import distributed as dist_io
 from smoltrain.config import Config
+from smoltrain.device import amp_dtype, autocast, pick_device
 from smoltrain.errors import TrainingError, UserError
 from smoltrain.evaluate import TokenTables, evaluate_datasets, val_record
-from smoltrain.generate import SamplingConfig, generate, pick_device
+from smoltrain.generate import SamplingConfig, generate
 from smoltrain.metrics import RunLog, memory_gb, model_flops_utilization
 from smoltrain.model import IGNORE_INDEX, build_model
 from smoltrain.optim import build_optimizer, lr_at, rewarm_factor, set_lr
@@ -36,8 +37,6 @@ from smoltrain.stopping import StopRequest
 from smoltrain.storage import tree_size
 from smoltrain.tokenizer import TOKENIZER_FILES
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 class Trainer:
     def __init__(self, cfg: Config):
@@ -46,8 +45,8 @@ class Trainer:
         self.dist = dist_io.setup(cfg.parallel.strategy, self.device.type)
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
-        name = cfg.train.dtype if cfg.train.dtype != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
-        self.amp_dtype = DTYPES[name]
+        self.amp_dtype = amp_dtype(self.device, cfg.train.dtype)
+        self._autocast = autocast(self.device, self.amp_dtype)
         self._apply_global_batch()
         if not cfg.data.datasets:  # before the run dir is touched or any asset fetched
             raise UserError("The config has no data.datasets (e.g. --config configs/quickstart.yaml).")
@@ -300,11 +299,6 @@ class Trainer:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         return loss.detach()
 
-    def _autocast(self):
-        if self.amp_dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
     # --- periodic work -----------------------------------------------------------------------------
     def _maybe_eval_sample_save(self) -> None:
         cfg, step, done = self.cfg, self.step, self.step == self.cfg.train.max_steps
@@ -486,13 +480,3 @@ class Trainer:
             print(f"\n{signal.Signals(signum).name}: saved {path} (step {self.step}); run the same command to resume.",
                   flush=True)
         return 0 if self.step >= self.cfg.train.max_steps else 128 + signum
-
-
-def train_cli(a) -> int:
-    from smoltrain.config import load_config
-
-    cfg = load_config(a.config, a.set)
-    try:
-        return Trainer(cfg).train()
-    finally:
-        dist_io.teardown()
