@@ -338,17 +338,3 @@ def format_table(rows: list[dict]) -> str:
         for task, s in r["tasks"].items():
             lines.append(f"{r['model'][-48:]:<48} {task[-24:]:<24} {s['acc']:>7.4f} {s['acc_norm']:>9.4f} {s['n']:>6}")
     return "\n".join(lines)
-
-
-def tasks_cli(a) -> int:
-    """`smoltrain eval MODEL ... --tasks T[,T]`: accuracy per model and task, as a table or JSON."""
-    from smoltrain.generate import pick_device
-
-    if a.limit is not None and a.limit < 1:
-        raise UserError(f"--limit must be at least 1 (got {a.limit}).")
-    rows = evaluate_tasks(a.models, parse_task_specs(a.tasks), a.limit, pick_device(a.device))
-    if a.json:
-        print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
-    else:
-        print(format_table(rows))
-    return 0

@@ -22,9 +22,9 @@ from tqdm import tqdm
 from smoltrain import distributed as dist_io
 from smoltrain.checkpointer import Checkpointer
 from smoltrain.config import Config
+from smoltrain.device import amp_dtype, autocast, pick_device
 from smoltrain.errors import TrainingError
 from smoltrain.evaluator import InLoopEval, in_loop_tasks
-from smoltrain.generate import pick_device
 from smoltrain.metrics import RunLog
 from smoltrain.model import IGNORE_INDEX
 from smoltrain.optim import build_optimizer, lr_at, rewarm_factor, set_lr
@@ -36,8 +36,6 @@ from smoltrain.steplog import StepLog, summary, write_run_files
 from smoltrain.stopping import StopRequest
 from smoltrain.trainsetup import apply_global_batch, check_inputs, initial_model, setup_data
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 class Trainer:
     """One training run in one run dir: setup (here and in trainsetup), the loop, and the stop glue."""
@@ -48,8 +46,8 @@ class Trainer:
         self.dist = dist_io.setup(cfg.parallel.strategy, self.device.type)
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
-        name = cfg.train.dtype if cfg.train.dtype != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
-        self.amp_dtype = DTYPES[name]
+        self.amp_dtype = amp_dtype(self.device, cfg.train.dtype)
+        self._autocast = autocast(self.device, self.amp_dtype)
         apply_global_batch(cfg.train, self.dist.world_size)
         check_inputs(cfg)  # before the run dir is touched or any asset fetched
         self.run_dir = Path(cfg.run.dir)
@@ -210,11 +208,6 @@ class Trainer:
         raise TrainingError(f"Non-finite {'loss' if not math.isfinite(loss_v) else 'gradient norm'} at step "
                             f"{self.step + 1} (loss {loss_v}, grad norm {norm_v}); no update was applied and the "
                             "last good checkpoint is kept. Lower optim.lr or check the data.")
-
-    def _autocast(self):
-        if self.amp_dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _maybe_eval_sample_save(self) -> None:
         """The periodic work, in this order: held-out eval, tasks, samples, save."""
