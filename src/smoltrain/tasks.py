@@ -12,8 +12,10 @@ Tasks come from JSONL files (`{"context": str, "choices": [str, ...], "label": i
 is the continuation as written) or from lm-eval's own task definitions by name (hellaswag, arc_easy, ...),
 whose prompts, delimiters and labels are taken from lm-eval unchanged; only the scoring is ours.
 
-Scoring shares each context: our models prefill it once into a KV cache and score all its choices in one
-batched forward after it, so a 4-choice item costs about one context and four choices, not four contexts.
+Scoring is batched across items: requests sharing a context form a group, and groups go longest first
+under a token budget; a batch's contexts are prefilled together (left-padded) into a KV cache, all their
+choices run in one forward after them, and only the positions that predict a choice token go through
+lm_head. A 4-choice item costs about one context and four choices, not four contexts.
 """
 
 from __future__ import annotations
@@ -241,9 +243,10 @@ class Scorer:
             groups.setdefault(tuple(ctx), []).append(i)
         out: list[Score] = [(0.0, False)] * len(requests)
         batch: list[tuple[list[int], list[int]]] = []  # (context, its request indices)
-        for ctx in sorted(groups, key=lambda c: (len(c), max(len(requests[i][1]) for i in groups[c])), reverse=True):
+        longest = {ctx: max(len(requests[i][1]) for i in idx) for ctx, idx in groups.items()}
+        for ctx in sorted(groups, key=lambda c: (len(c), longest[c]), reverse=True):
             idx = groups[ctx]
-            if not self.cached or len(ctx) + max(len(requests[i][1]) for i in idx) > self.max_length + 1:
+            if not self.cached or len(ctx) + longest[ctx] > self.max_length + 1:
                 for i in idx:
                     out[i] = self._score_full(list(ctx), requests[i][1])
                 continue
@@ -284,9 +287,7 @@ class Scorer:
                 for small, big in zip(cache.layers, rows.layers):
                     big.k[:, :, :width] = small.k[owner]
                     big.v[:, :, :width] = small.v[owner]
-                x = torch.zeros(len(flat), longest - 1, dtype=torch.long, device=dev)  # right-padded
-                for r, c in enumerate(flat):
-                    x[r, : len(c) - 1] = torch.tensor(c[:-1], device=dev)
+                x = torch.tensor([c[:-1] + [0] * (longest - len(c)) for c in flat], device=dev)  # right-padded
                 rest = model.hidden_states(x, start_pos=width, cache=rows, pad=pad[owner])  # (R, L-1, D)
                 h = torch.cat([h[:, None], rest], dim=1)  # (R, L, D): position j predicts token j
             lengths = [len(c) for c in flat]
