@@ -37,8 +37,8 @@ PROMPT = "Once upon a time, in a small village by the sea, there lived an old fi
 def worker(a) -> None:
     """Load one side, warm up, time --repeats greedy generations; print the median tokens/s and the
     tokens as JSON."""
-    from smoltrain.checkpoint import load_model
     from smoltrain.generate import SamplingConfig, generate, pick_device, prepare_for_decode
+    from smoltrain.interop import load_model
 
     device = pick_device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

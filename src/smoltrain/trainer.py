@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from smoltrain import checkpoint as ckpt_io
 from smoltrain import distributed as dist_io
+from smoltrain import interop
 from smoltrain.config import Config
 from smoltrain.errors import TrainingError, UserError
 from smoltrain.evaluate import TokenTables, evaluate_datasets, val_record
@@ -33,7 +34,7 @@ from smoltrain.resume import pick_resume
 from smoltrain.rundir import own_run_dir, record_segment
 from smoltrain.runinfo import environment, fault_point, print_header
 from smoltrain.stopping import StopRequest
-from smoltrain.storage import tree_size
+from smoltrain.storage import newest_valid, tree_size
 from smoltrain.tokenizer import TOKENIZER_FILES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -150,7 +151,7 @@ class Trainer:
         cfg = self.cfg
         source = ckpt or cfg.train.init_from
         if source:  # a resume checkpoint was verified by _find_resume; init_from is resolved here
-            load = ckpt_io.load_resolved if ckpt else ckpt_io.load_model
+            load = interop.load_resolved if ckpt else interop.load_model
             model, _, src = load(source, device=self.device, need_tokenizer=False)
             if model.config != cfg.model:
                 raise UserError(f"{'train.init_from ' if ckpt is None else 'The checkpoint '}{src} has another "
@@ -435,7 +436,7 @@ class Trainer:
         from smoltrain.history import History
 
         run, val = self.run_dir, History.load(self.run_dir).last(evals=True) or {}
-        newest = ckpt_io.newest_valid(run)
+        newest = newest_valid(run)
         lines = [f"\nDone: step {self.step}, {self.tokens_seen:,} tokens in {seconds / 60:.1f} min."]
         if isinstance(val.get("val_loss"), float):
             bpb = f", {val['val_bpb']:.3f} bits per byte" if isinstance(val.get("val_bpb"), float) else ""
