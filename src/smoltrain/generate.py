@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from smoltrain import domain
-from smoltrain.config import eos_ids
 from smoltrain.domain import checked
 from smoltrain.errors import UserError
 from smoltrain.model import KVCache, SmolLM2, to_inference_layout
+from smoltrain.modelconfig import eos_ids
 
 PROMPT_BATCH = 16  # prompts of a --prompt-file decoded together
 
@@ -222,7 +222,7 @@ def stream_text(tokens: Iterator[int], decode: Callable[[list[int]], str]) -> It
 
 
 def generate_cli(a: argparse.Namespace) -> int:
-    from smoltrain.checkpoint import load_model
+    from smoltrain.interop import load_model
 
     if a.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1.")
