@@ -37,11 +37,12 @@ PROMPT = "Once upon a time, in a small village by the sea, there lived an old fi
 def worker(a) -> None:
     """Load one side, warm up, time --repeats greedy generations; print the median tokens/s and the
     tokens as JSON."""
-    from smoltrain.generate import SamplingConfig, generate, pick_device, prepare_for_decode
+    from smoltrain.device import amp_dtype, pick_device
+    from smoltrain.generate import SamplingConfig, generate, prepare_for_decode
     from smoltrain.interop import load_model
 
     device = pick_device(a.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = amp_dtype(device)
     n = a.new_tokens
     if a.worker == "smoltrain":
         model, tok, _ = load_model(a.ckpt, device=device, dtype=dtype)
@@ -91,7 +92,8 @@ def account(model, prompt: list[int], solo: list[int], n: int, batch: int) -> di
     """Where a token's time goes: the weight products alone (the memory-bandwidth part) vs the rest;
     and the batched path's total tokens/s, its rows checked against the one-by-one tokens."""
     from smoltrain import blas
-    from smoltrain.generate import SamplingConfig, decode_threads, generate_batch
+    from smoltrain.device import decode_threads
+    from smoltrain.generate import SamplingConfig, generate_batch
 
     weights = decode_products(model)
     nbytes = sum(w.numel() * w.element_size() for w in weights)

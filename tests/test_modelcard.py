@@ -27,3 +27,17 @@ def test_intended_use_per_kind():
     assert "A base language model imported from `d`" in base and "losses above" not in base
     trained = intended_use(True)
     assert "described above" in trained and "losses above" in trained
+
+
+def test_card_markdown_is_not_html_escaped(tmp_path):
+    """A Markdown card says `&` and `<`, not `&amp;`: the card's templates are not autoescaped."""
+    from smoltrain.modelcard import model_card
+    from smoltrain.presets import get_preset
+
+    (tmp_path / "origin.json").write_text(json.dumps({"source": "hf/A&B <x>", "name": "A&B <Base>", "kind": "base"}))
+    card = model_card(get_preset("tiny"), tmp_path)
+    assert card.startswith("---\nlibrary_name: transformers\n")
+    assert card.splitlines()[5] == "# A&B <Base>"
+    assert "A base language model imported from `hf/A&B <x>`: it continues text." in card
+    assert "&amp;" not in card and "&lt;" not in card
+    assert "| context | " in card and "## Training" not in card and card.endswith("decisions about people.\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 import shutil
 import subprocess
@@ -119,3 +120,40 @@ def test_export_card_describes_training(run12, tmp_path, tiny_ckpt):
     assert "## Intended use and limitations" in card and "## Training" not in card
     assert "losses above" not in card  # no training here, so no losses to speak of
     assert not (imported / "loss.png").exists()
+
+
+def test_render_escapes_every_user_string(tmp_path):
+    """Prompts, generated text, run names, config text, env values and errors are text, never markup."""
+    from smoltrain.history import History
+    from smoltrain.report import Run, render
+
+    hostile = "<script>alert('x')</script> & co"
+    run_dir = tmp_path / "<b>run&co"
+    run_dir.mkdir()
+    (run_dir / "samples.jsonl").write_text(json.dumps({"step": 3, "mode": "greedy", "prompt": hostile,
+                                                      "text": "<i>t</i>"}) + "\n")
+    run = Run(run_dir, {}, f"run:\n  name: {hostile}\n", {"host": hostile}, History(),
+              [run_dir / "checkpoints" / "step_00000003"])
+    gens = [{"step": 3, "val_loss": "–", "prompt": hostile, "text": " <img src=x>"},
+            {"step": 3, "val_loss": "–", "prompt": "", "text": "", "error": "<corrupt> checkpoint"}]
+    ppl = [{"model": hostile, "path": "p&q", "loss": 1.0, "ppl": 2.718, "bpb": 1.5, "tokens": 1024}]
+    page = render(run, [], gens, [hostile], 4, ppl, tmp_path / "d&<x>", [])
+    assert "<script" not in page and "<img" not in page and "<b>" not in page and "<i>" not in page
+    assert page.count("&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; co") == 5  # prompt, sample, model, env, config
+    assert "<title>smoltrain report: &lt;b&gt;run&amp;co</title>" in page
+    assert "<span class=muted>&lt;corrupt&gt; checkpoint</span>" in page
+    assert "Perplexity on " + str(tmp_path) + "/d&amp;&lt;x&gt; (val split)" in page
+    assert "<td>p&amp;q</td><td class='num nowrap'>1.0000</td><td class='num nowrap'>2.72</td>" in page
+    assert "<p class=muted>No metrics logged yet.</p>" in page and "Downstream tasks" not in page
+
+
+def test_render_without_prompts_env_or_config(tmp_path):
+    from smoltrain.history import History
+    from smoltrain.report import Run, render
+
+    run = Run(tmp_path, {}, "", {}, History(), [tmp_path / "step_00000001"])
+    page = render(run, [("loss", "data:image/png;base64,AAAA")], [], [], 8, [], None)
+    assert "No prompts: set eval.prompts in the config or pass --prompts." in page
+    assert "No env.json in the run directory." in page and "<pre>No config.yaml in the run directory.</pre>" in page
+    assert '<img src="data:image/png;base64,AAAA" alt="loss">' in page
+    assert "Perplexity on" not in page and "Samples logged during training" not in page

@@ -95,6 +95,37 @@ def test_scores_equal_lm_eval_requests_on_full_forwards(tiny):
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
 
 
+def test_batched_scores_equal_each_request_alone(tiny):
+    """Contexts prefilled together (left-padded), choices of different lengths batched after them, across
+    several batches (a small token budget): the same log-likelihoods and greedy flags as each request scored
+    alone and as one full forward per request, on weights large enough that every token depends on its
+    context (at std 0.02 a wrong mask or position would hardly show)."""
+    from smoltrain.model import build_model
+    from smoltrain.presets import get_preset
+    from smoltrain.tasks import Scorer, encode_pair
+
+    _, tok = tiny
+    torch.manual_seed(1)
+    model = build_model(get_preset("tiny").replace(initializer_range=0.2)).eval()
+    items = ITEMS + [{"context": "a", "choices": ["b", " longer choice of many tokens here", "c d"], "label": 0},
+                     {"context": "A much longer context, " * 6, "choices": ["x", " y z"], "label": 0},
+                     {"context": "", "choices": ["q", "a rather longer empty-context choice"], "label": 0}]
+    requests = [encode_pair(tok, it["context"], c) for it in items for c in it["choices"]]
+    assert len({len(c) for c, _ in requests}) >= 4 and len({len(x) for _, x in requests}) >= 5
+    cpu = torch.device("cpu")
+    max_length = model.config.max_position_embeddings
+    batched = Scorer(model, cpu, max_length, token_budget=200).score(requests)
+    alone = [Scorer(model, cpu, max_length).score([r])[0] for r in requests]
+    with torch.no_grad():
+        full = [Scorer(model, cpu, max_length)._score_full(c, x) for c, x in requests]
+    for got in (batched, alone):
+        np.testing.assert_allclose([s[0] for s in got], [s[0] for s in full], rtol=0, atol=1e-4)
+        assert [s[1] for s in got] == [s[1] for s in full]
+    assert len({round(s[0], 3) for s in full}) == len(full)  # lively: no two requests score alike
+    one_batch = Scorer(model, cpu, max_length, token_budget=10**6).score(requests)
+    np.testing.assert_allclose([s[0] for s in one_batch], [s[0] for s in full], rtol=0, atol=1e-4)
+
+
 def test_eval_tasks_json_matches_lm_eval_metrics(tiny, tiny_ckpt, tmp_path):
     """acc = argmax of summed log-probs, acc_norm = argmax of log-prob / characters of the choice."""
     model, tok = tiny

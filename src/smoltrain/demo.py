@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
+from smoltrain.device import amp_dtype
 from smoltrain.errors import UserError
-from smoltrain.generate import SamplingConfig, generate, pick_device, prepare_for_decode, stream_text
+from smoltrain.generate import SamplingConfig, generate, prepare_for_decode, stream_text
 from smoltrain.history import History
 from smoltrain.interop import load_model, resolve_checkpoint
 from smoltrain.storage import STEP_DIR, list_checkpoints
@@ -83,7 +84,7 @@ class ModelCache:
 
     def __init__(self, device: torch.device, size: int = 2):
         self.device, self.size = device, size
-        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.dtype = amp_dtype(device)
         self.models: OrderedDict[str, tuple] = OrderedDict()
         self.lock = threading.Lock()  # requests load from several threads; a model is only read once loaded
 
@@ -203,21 +204,17 @@ def check_port(host: str, port: int) -> None:
                             "may be using the port. Pick another with --port.") from None
 
 
-def demo_cli(a) -> int:
-    source = CheckpointSource(a.ckpt)
-    check_port(a.host, a.port)
-    cache = ModelCache(pick_device(a.device))
-    _, last = source.defaults()
-    cache.get(source.path(last))  # a broken checkpoint fails here, not on the first click
+def serve(source: CheckpointSource, cache: ModelCache, host: str, port: int) -> int:
+    """Build the page and serve it until Ctrl+C; Gradio is imported only now (after every check)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
     app = build_app(source, cache)
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-    print(f"smoltrain demo of {source.name} on http://{a.host}:{a.port} (Ctrl+C stops it)", flush=True)
+    print(f"smoltrain demo of {source.name} on http://{host}:{port} (Ctrl+C stops it)", flush=True)
     try:
-        app.queue().launch(server_name=a.host, server_port=a.port, share=False, inbrowser=False, ssr_mode=False,
+        app.queue().launch(server_name=host, server_port=port, share=False, inbrowser=False, ssr_mode=False,
                            theme=theme, footer_links=[], quiet=True)  # quiet: our line above says where it is
     except OSError as e:  # the port was taken between the check and the start
-        raise UserError(f"Cannot start the demo on {a.host}:{a.port}: {e}. Pick another --port.") from None
+        raise UserError(f"Cannot start the demo on {host}:{port}: {e}. Pick another --port.") from None
     return 0

@@ -219,21 +219,6 @@ def evaluate_models(paths: list[str], data: str | Path, split: str = "val", seq_
     return rows
 
 
-def eval_cli(a) -> int:
-    """`smoltrain eval MODEL [MODEL ...] --data DIR`: one row per model, as a table or JSON."""
-    from smoltrain.generate import pick_device
-
-    rows = evaluate_models(a.models, a.data, a.split, a.seq_len, a.batch_size, a.max_tokens, pick_device(a.device))
-    if a.json:
-        print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
-    else:
-        print(f"{'model':<48} {'loss':>8} {'ppl':>10} {'bpb':>7} {'tokens':>10}")
-        for r in rows:
-            bpb = f"{r['bpb']:.4f}" if r["bpb"] is not None else "-"
-            print(f"{r['model'][-48:]:<48} {r['loss']:>8.4f} {r['ppl']:>10.2f} {bpb:>7} {r['tokens']:>10,}")
-    return 0
-
-
 def data_vocab(data_dir: str) -> dict | None:
     from smoltrain.tokenizer import load_tokenizer
 

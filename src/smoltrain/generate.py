@@ -5,16 +5,13 @@ Greedy decoding (temperature 0) gives exactly transformers' greedy `generate` to
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import sys
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from smoltrain import domain
+from smoltrain.device import decode_threads
 from smoltrain.domain import checked
 from smoltrain.errors import UserError
 from smoltrain.model import KVCache, SmolLM2, to_inference_layout
@@ -35,18 +32,6 @@ class SamplingConfig:
         problems = domain.problems(self, "sampling")
         if problems:
             raise UserError("Bad sampling settings: " + "; ".join(problems) + ".")
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """cuda > mps > cpu for 'auto'; an explicit device that is not there is a user error."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available() or dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"Device {name!r} is not available on this machine.")
-    return dev
 
 
 def prepare_for_decode(model: SmolLM2) -> SmolLM2:
@@ -94,33 +79,7 @@ def decode_one_token(model: SmolLM2, token: torch.Tensor, slot: int, cache: KVCa
     return model.lm_head(h[:, -1])
 
 
-_threads_lock = threading.Lock()
-_threads_state = {"decoders": 0, "saved": 0}
-
-
-@contextlib.contextmanager
-def decode_threads(device: torch.device) -> Iterator[None]:
-    """One torch thread while decoding on CPU (one token at a time: fork/join costs more than it brings).
-    The count is process-wide, so concurrent generations share it: the first in sets it, the last out
-    restores it."""
-    if device.type != "cpu":
-        yield
-        return
-    with _threads_lock:
-        if _threads_state["decoders"] == 0:
-            _threads_state["saved"] = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _threads_state["decoders"] += 1
-    try:
-        yield
-    finally:
-        with _threads_lock:
-            _threads_state["decoders"] -= 1
-            if _threads_state["decoders"] == 0:
-                torch.set_num_threads(_threads_state["saved"])
-
-
-def _budget(model: SmolLM2, prompt: list[int], max_new_tokens: int) -> int:
+def token_budget(model: SmolLM2, prompt: list[int], max_new_tokens: int) -> int:
     """New tokens this prompt may get within the model's context; refuses empty or too-long prompts."""
     limit = model.config.max_position_embeddings
     if not prompt:
@@ -137,7 +96,7 @@ def generate(model: SmolLM2, prompt: list[int], max_new_tokens: int, cfg: Sampli
     """Yield new token ids one at a time (stops after max_new_tokens or at a stop id, not yielded).
     The KV cache belongs to this call: generations running side by side on one model are independent."""
     cfg.validate()
-    max_new_tokens = _budget(model, prompt, max_new_tokens)
+    max_new_tokens = token_budget(model, prompt, max_new_tokens)
     device = model.model.embed_tokens.weight.device
     stop = set(eos_ids(model.config) if stop_ids is None else stop_ids)
     gen = None
@@ -175,7 +134,7 @@ def generate_batch(model: SmolLM2, prompts: list[list[int]], max_new_tokens: int
     on each prompt alone (seeds[i] for prompt i), up to float summation order. Prompts of different
     lengths are left-padded; their positions start after the padding, which no query attends to."""
     cfg.validate()
-    budgets = [_budget(model, p, max_new_tokens) for p in prompts]
+    budgets = [token_budget(model, p, max_new_tokens) for p in prompts]
     device = model.model.embed_tokens.weight.device
     stop = set(eos_ids(model.config) if stop_ids is None else stop_ids)
     seeds = seeds or [None] * len(prompts)
@@ -219,51 +178,3 @@ def stream_text(tokens: Iterator[int], decode: Callable[[list[int]], str]) -> It
     text = decode(ids)
     if len(text) > len(shown):
         yield text[len(shown):]
-
-
-def generate_cli(a: argparse.Namespace) -> int:
-    from smoltrain.interop import load_model
-
-    if a.max_new_tokens < 1:
-        raise UserError("--max-new-tokens must be at least 1.")
-    cfg = SamplingConfig(a.temperature, a.top_k, a.top_p, a.repetition_penalty)
-    cfg.validate()
-    if a.prompt is not None:
-        prompts = [a.prompt]
-    else:
-        try:
-            prompts = [line.replace("\\n", "\n") for line in open(a.prompt_file, encoding="utf-8").read().splitlines()
-                       if line.strip()]
-        except OSError as e:
-            raise UserError(f"Cannot read --prompt-file: {e}") from None
-        if not prompts:
-            raise UserError(f"--prompt-file {a.prompt_file} holds no prompts.")
-    device = pick_device(a.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, tok, _ = load_model(a.ckpt, device=device, dtype=dtype)
-    prepare_for_decode(model)
-    if len(prompts) == 1:
-        seed = a.seed
-        tokens = generate(model, tok.encode(prompts[0]), a.max_new_tokens, cfg, seed)
-        sys.stdout.write(prompts[0])
-        if a.no_stream:
-            sys.stdout.write(tok.decode(list(tokens)))
-        else:
-            for piece in stream_text(tokens, tok.decode):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        sys.stdout.write("\n")
-        return 0
-    encoded = [tok.encode(p) for p in prompts]
-    for p, ids in zip(prompts, encoded):  # every prompt checked before any work
-        if not ids:
-            raise UserError(f"The prompt {p!r} encodes to no tokens.")
-        _budget(model, ids, a.max_new_tokens)
-    for lo in range(0, len(prompts), PROMPT_BATCH):  # a --prompt-file: PROMPT_BATCH prompts decoded at once
-        hi = min(lo + PROMPT_BATCH, len(prompts))
-        seeds = [None if a.seed is None else a.seed + n for n in range(lo, hi)]
-        outs = generate_batch(model, encoded[lo:hi], a.max_new_tokens, cfg, seeds)
-        for n, new_ids in zip(range(lo, hi), outs):
-            print(f"=== prompt {n + 1}/{len(prompts)} ===")
-            print(prompts[n] + tok.decode(new_ids), flush=True)
-    return 0

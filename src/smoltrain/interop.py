@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from smoltrain import storage
 from smoltrain.errors import UserError
 from smoltrain.model import SmolLM2
-from smoltrain.modelcard import ORIGIN, model_kind
+from smoltrain.modelcard import ORIGIN, model_card, model_kind
 from smoltrain.modelconfig import ModelConfig, eos_ids
 from smoltrain.storage import check_target, publish
 from smoltrain.tokenizer import Tokenizer, load_tokenizer
@@ -333,36 +333,3 @@ def write_hf_extras(d: Path, cfg: ModelConfig, src: Path, card: str | None = Non
     """generation_config.json and the model card beside the weights of an HF folder."""
     (d / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2))
     (d / "README.md").write_text(card or model_card(cfg, src, d))
-
-
-def model_card(cfg: ModelConfig, src: Path, out: Path | None = None) -> str:
-    """README.md for an HF folder; a training checkpoint's card adds its training (loss plot into `out`)."""
-    from smoltrain.modelcard import card_title, intended_use, read_origin, training_sections
-
-    with torch.device("meta"):
-        num_params = SmolLM2(cfg).num_params()
-    training = training_sections(Path(src), out)
-    return f"""---
-library_name: transformers
-license: apache-2.0
-tags: [smoltrain, smollm2, llama]
----
-# {card_title(src)}
-
-A SmolLM2-architecture (Llama) causal language model exported by smoltrain from `{src}`.
-
-| field | value |
-|---|---|
-| parameters | {num_params:,} |
-| layers / hidden / ffn | {cfg.num_hidden_layers} / {cfg.hidden_size} / {cfg.intermediate_size} |
-| heads / kv heads | {cfg.num_attention_heads} / {cfg.num_key_value_heads} |
-| vocab | {cfg.vocab_size} |
-| context | {cfg.max_position_embeddings} (rope_theta {cfg.rope_theta:g}) |
-
-{training}```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-tok = AutoTokenizer.from_pretrained("PATH"); model = AutoModelForCausalLM.from_pretrained("PATH")
-```
-
-{intended_use(bool(training), read_origin(src))}"""
-

@@ -91,16 +91,3 @@ def write_task(items: list[dict], out: str | Path) -> Path:
 def make_next_line_task(data: str | Path, out: str | Path, num_items: int = 500, seed: int = 0,
                         context_lines: int = 4) -> Path:
     return write_task(build_items(held_out_documents(data), num_items, context_lines, seed=seed), out)
-
-
-def next_line_cli(a) -> int:
-    """`smoltrain tasks next-line --data DIR --out FILE`."""
-    for name in ("items", "context_lines"):
-        if getattr(a, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(a, name)}).")
-    if Path(a.out).exists() and not a.force:
-        raise UserError(f"{a.out} exists; pass --force to replace it.")
-    out = make_next_line_task(a.data, a.out, a.items, a.seed, a.context_lines)
-    n = sum(1 for _ in open(out, encoding="utf-8"))
-    print(f"Wrote {n} next-line items from the held-out documents of {a.data} -> {out}")
-    return 0

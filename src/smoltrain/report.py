@@ -4,21 +4,24 @@ It reads only what the run wrote (metrics.jsonl, samples.jsonl, config.yaml, env
 adds two things the logs cannot hold: the configured prompts generated greedily at every kept checkpoint,
 and optionally a perplexity / bits-per-byte table of the final checkpoint beside reference models. The
 page links no outside resource (inline CSS, PNG curves as data: URIs), so it can be mailed or archived as is.
+The layout is templates/report.html.j2; every value it shows is autoescaped, since prompts, samples, run
+names and config values are user text.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import json
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import torch
 import yaml
+from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from smoltrain.errors import UserError
 from smoltrain.history import History, plot_loss, plot_series, plot_tasks, read_jsonl
@@ -86,22 +89,26 @@ def _read_text(path: Path) -> str:
         return ""
 
 
-# --- the work: charts, generations, perplexity ------------------------------------------------------
-
 def draw_charts(run: Run) -> list[tuple[str, str]]:
     """(title, PNG as a data: URI) per chart; a chart is left out when its metric was never logged."""
     made = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, metric, title, ylabel in CHARTS:
             target = Path(tmp) / name
-            path = (plot_loss(run.history, target) if metric is None
-                    else plot_series(run.history, metric, title, ylabel, target))
+            if metric is None:
+                path = plot_loss(run.history, target)
+            else:
+                path = plot_series(run.history, metric, title, ylabel, target)
             if path is not None:
-                made.append((title, "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()))
+                made.append((title, _data_uri(path)))
         path = plot_tasks(run.history, Path(tmp) / "tasks.png")
         if path is not None:
-            made.append(("downstream tasks", "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()))
+            made.append(("downstream tasks", _data_uri(path)))
     return made
+
+
+def _data_uri(png: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
 
 
 def checkpoint_generations(run: Run, prompts: list[str], max_new_tokens: int, device: torch.device) -> list[dict]:
@@ -195,25 +202,6 @@ def task_table(models: list[tuple[str, Path]], specs: list[str], limit: int | No
     return rows
 
 
-# --- HTML --------------------------------------------------------------------------------------------
-
-CSS = """
-body { font: 15px/1.45 system-ui, sans-serif; max-width: 1400px; margin: 2em auto; padding: 0 1em; color: #222; }
-h1 { font-size: 1.6em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #ddd; padding-bottom: .2em; }
-table { border-collapse: collapse; margin: .6em 0; } td, th { border: 1px solid #ddd; padding: .3em .6em;
-  text-align: left; vertical-align: top; } th { background: #f4f4f4; } td.num { text-align: right; }
-pre, .gen { font: 13px/1.4 ui-monospace, monospace; white-space: pre-wrap; word-break: break-word; }
-pre { background: #f7f7f7; padding: .8em; overflow-x: auto; } .muted { color: #777; }
-table.wide { width: 100%; } table.wide td:last-child { width: 100%; } td.nowrap { white-space: nowrap; }
-.prompt { color: #777; } .charts { display: grid; grid-template-columns: repeat(auto-fill, minmax(460px, 1fr));
-  gap: .6em; } .charts img { width: 100%; border: 1px solid #eee; }
-"""
-
-
-def esc(v) -> str:
-    return html.escape(str(v))
-
-
 def fmt(v, spec: str | None = None) -> str:
     """A number for a table cell: ints with thousands separators, floats to 4 places, None as a dash."""
     if v is None:
@@ -223,121 +211,94 @@ def fmt(v, spec: str | None = None) -> str:
     return format(v, spec or ("," if isinstance(v, int) else ".4f"))
 
 
-def table(headers: list[str] | None, rows: list[list], num_cols: tuple[int, ...] = (), wide: bool = False) -> str:
-    """An HTML table (no header row for None); cells are escaped unless they are Markup already.
+def render(run: Run, charts: list[tuple[str, str]], gens: list[dict], prompts: list[str], max_new_tokens: int,
+           ppl: list[dict], data: Path | None, tasks: list[dict] | None = None) -> str:
+    """The HTML page: the values are computed here, laid out (and autoescaped) by the template."""
+    values = {
+        "name": run.dir.name,
+        "path": str(run.dir.resolve()),
+        "steps": ", ".join(str(step_of(c)) for c in run.checkpoints),
+        "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "summary": _summary_rows(run),
+        "charts": [{"title": title, "uri": uri} for title, uri in charts],
+        "prompts": prompts,
+        "max_new_tokens": max_new_tokens,
+        "generations": _generation_rows(gens, prompts),
+        "perplexity": _perplexity_rows(ppl),
+        "data": str(data),
+        "tasks": _task_columns(tasks or []),
+        "samples": _logged_samples(run),
+        "environment": _environment_rows(run),
+        "config_text": run.config_text or "No config.yaml in the run directory.",
+    }
+    return _environment().get_template("report.html.j2").render(values)
 
-    A `wide` table spans the page and gives its last column the room (long generated text).
-    """
-    head = "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in headers) + "</tr>" if headers else ""
-    num = " class='num nowrap'"
-    body = "".join("<tr>" + "".join(
-        f"<td{num if i in num_cols else ''}>{c if isinstance(c, Markup) else esc(c)}</td>"
-        for i, c in enumerate(row)) + "</tr>" for row in rows)
-    return f"<table{' class=wide' if wide else ''}>{head}{body}</table>"
+
+@cache
+def _environment() -> Environment:
+    """HTML templates: every value is autoescaped (prompts, samples, names and config are user text)."""
+    return Environment(loader=PackageLoader("smoltrain", "templates"), autoescape=True, undefined=StrictUndefined,
+                       trim_blocks=True, lstrip_blocks=True)
 
 
-class Markup(str):
-    """A string that is already HTML (not escaped again by `table`)."""
-
-
-def _summary_section(run: Run) -> str:
-    h, last_val = run.history, run.history.last(evals=True) or {}
-    t = h.throughput()
+def _summary_rows(run: Run) -> list[list[str]]:
+    history = run.history
+    last_val = history.last(evals=True) or {}
+    t = history.throughput()
     mfu = fmt(t["median_mfu"], ".1%") if t["median_mfu"] is not None else "n/a (peak FLOP/s unknown here)"
-    rows = [["steps logged", fmt(run.step)], ["tokens seen", fmt(t["tokens"])],
-            ["final train loss", fmt((h.last() or {}).get("loss"))],
-            ["final val loss / ppl / bits per byte", f"{fmt(last_val.get('val_loss'))} / "
-             f"{fmt(last_val.get('val_ppl'), '.2f')} / {fmt(last_val.get('val_bpb'))}"],
-            ["median tokens/s (max)", f"{fmt(t['median_tokens_per_sec'], ',.0f')} "
-             f"({fmt(t['max_tokens_per_sec'], ',.0f')})"],
-            ["median MFU", mfu], ["peak GPU memory (GiB)", fmt(t["peak_mem_gb"], ".2f")]]
+    val = (f"{fmt(last_val.get('val_loss'))} / {fmt(last_val.get('val_ppl'), '.2f')} / "
+           f"{fmt(last_val.get('val_bpb'))}")
+    speed = f"{fmt(t['median_tokens_per_sec'], ',.0f')} ({fmt(t['max_tokens_per_sec'], ',.0f')})"
+    rows = [["steps logged", fmt(run.step)],
+            ["tokens seen", fmt(t["tokens"])],
+            ["final train loss", fmt((history.last() or {}).get("loss"))],
+            ["final val loss / ppl / bits per byte", val],
+            ["median tokens/s (max)", speed],
+            ["median MFU", mfu],
+            ["peak GPU memory (GiB)", fmt(t["peak_mem_gb"], ".2f")]]
     rows += [[f"tokens from {name}", fmt(n)] for name, n in t["tokens_per_source"].items()]
-    return "<h2>Summary: throughput and MFU</h2>" + table(None, rows)
+    return rows
 
 
-def _generations_section(rows: list[dict], prompts: list[str], max_new_tokens: int) -> str:
-    if not prompts:
-        return ("<h2>Generations per checkpoint</h2><p class=muted>No prompts: set eval.prompts in the config "
-                "or pass --prompts.</p>")
-    order = {p: i for i, p in enumerate(prompts)}  # one prompt's rows together, oldest checkpoint first
-    body = [[r["step"], r["val_loss"], _generation_cell(r)]
-            for r in sorted(rows, key=lambda r: (order.get(r["prompt"], -1), r["step"]))]
-    return (f"<h2>Generations per checkpoint</h2><p class=muted>Greedy, up to {max_new_tokens} new tokens; "
-            "the prompt is grey. A checkpoint saved between evaluations shows the nearest one's val loss, "
-            "with its step.</p>" + table(["step", "val loss", "prompt + continuation"], body, (0, 1), wide=True))
+def _generation_rows(rows: list[dict], prompts: list[str]) -> list[dict]:
+    """One prompt's rows together, oldest checkpoint first; a blank continuation is flagged."""
+    order = {p: i for i, p in enumerate(prompts)}
+    ordered = sorted(rows, key=lambda r: (order.get(r["prompt"], -1), r["step"]))
+    return [{**r, "error": r.get("error", ""), "blank": not r["text"].strip()} for r in ordered]
 
 
-def _generation_cell(r: dict) -> Markup:
-    if r.get("error"):
-        return Markup(f"<span class=muted>{esc(r['error'])}</span>")
-    blank = " <span class=muted>(only whitespace)</span>" if not r["text"].strip() else ""
-    return Markup(f"<div class=gen><span class=prompt>{esc(r['prompt'])}</span>{esc(r['text'])}{blank}</div>")
-
-
-def _perplexity_section(rows: list[dict], data: Path | None) -> str:
-    if not rows:
-        return ""
-    body = [[r["model"], r["path"], fmt(r["loss"]), fmt(r["ppl"], ".2f"), fmt(r["bpb"]), fmt(r["tokens"])]
+def _perplexity_rows(rows: list[dict]) -> list[list]:
+    return [[r["model"], r["path"], fmt(r["loss"]), fmt(r["ppl"], ".2f"), fmt(r["bpb"]), fmt(r["tokens"])]
             for r in rows]
-    return (f"<h2>Perplexity on {esc(data)} (val split)</h2><p class=muted>Loss and perplexity compare models "
-            "that share a tokenizer; bits per byte compares any.</p>"
-            + table(["model", "path", "loss", "ppl", "bits/byte", "tokens"], body, (2, 3, 4, 5)))
 
 
-def _tasks_section(rows: list[dict]) -> str:
-    if not rows:
-        return ""
+def _task_columns(rows: list[dict]) -> dict:
+    """Headers and cells of the task table: acc and acc_norm per task, then the item counts."""
     names = list(dict.fromkeys(n for r in rows for n in r["tasks"]))
     headers = ["model"] + [f"{n} {m}" for n in names for m in ("acc", "acc_norm")] + ["items"]
     body = [[r["model"], *[fmt(r["tasks"][n][m]) for n in names for m in ("acc", "acc_norm")],
              "/".join(str(r["tasks"][n]["n"]) for n in names)] for r in rows]
-    return ("<h2>Downstream tasks per checkpoint</h2><p class=muted>Zero-shot multiple choice by log-likelihood "
-            "with lm-evaluation-harness's conventions: acc picks the most likely choice, acc_norm the most "
-            "likely per character.</p>" + table(headers, body, tuple(range(1, len(headers)))))
+    return {"headers": headers, "rows": body, "num_cols": list(range(1, len(headers)))}
 
 
-def _logged_samples_section(run: Run) -> str:
+def _logged_samples(run: Run) -> list[dict]:
     recs = read_jsonl(run.dir / "samples.jsonl")
-    if not recs:
-        return ""
-    body = [[r.get("step"), r.get("mode"), Markup(f"<div class=gen><span class=prompt>{esc(r.get('prompt', ''))}"
-                                                   f"</span>{esc(r.get('text', ''))}</div>")] for r in recs]
-    return ("<h2>Samples logged during training</h2><details><summary>samples.jsonl "
-            f"({len(recs)} records)</summary>" + table(["step", "mode", "prompt + continuation"], body, (0,))
-            + "</details>")
+    return [{"step": r.get("step"), "mode": r.get("mode"), "prompt": r.get("prompt", ""), "text": r.get("text", "")}
+            for r in recs]
 
 
-def _environment_section(run: Run) -> str:
+def _environment_rows(run: Run) -> list[list[str]]:
     env = dict(run.env)
     versions = env.pop("versions", {}) or {}
-    rows = [[k, fmt(v)] for k, v in env.items()] + [[f"{k} version", fmt(v)] for k, v in versions.items()]
-    hw = table(None, rows) if rows else "<p class=muted>No env.json in the run directory.</p>"
-    return (f"<h2>Hardware and software</h2>{hw}<h2>Configuration</h2>"
-            f"<pre>{esc(run.config_text or 'No config.yaml in the run directory.')}</pre>")
+    return [[k, fmt(v)] for k, v in env.items()] + [[f"{k} version", fmt(v)] for k, v in versions.items()]
 
-
-def render(run: Run, charts: list[tuple[str, str]], gens: list[dict], prompts: list[str], max_new_tokens: int,
-           ppl: list[dict], data: Path | None, tasks: list[dict] | None = None) -> str:
-    imgs = "".join(f'<img src="{uri}" alt="{esc(title)}">' for title, uri in charts)
-    imgs = f"<div class=charts>{imgs}</div>" if imgs else "<p class=muted>No metrics logged yet.</p>"
-    steps = ", ".join(str(step_of(c)) for c in run.checkpoints)
-    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>smoltrain report: {esc(run.dir.name)}"
-            f"</title><style>{CSS}</style></head><body><h1>smoltrain run report: {esc(run.dir.name)}</h1>"
-            f"<p class=muted>{esc(run.dir.resolve())} · checkpoints kept at steps {steps} · generated "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S')}</p>" + _summary_section(run) + f"<h2>Curves</h2>{imgs}"
-            + _generations_section(gens, prompts, max_new_tokens) + _perplexity_section(ppl, data)
-            + _tasks_section(tasks or [])
-            + _logged_samples_section(run) + _environment_section(run) + "</body></html>")
-
-
-# --- entry point -------------------------------------------------------------------------------------
 
 def make_report(run_dir: str | Path, out: str | Path, prompts: list[str] | None = None,
                 references: Sequence[str] = (), data: str | Path | None = None, max_new_tokens: int | None = None,
                 device: str = "auto", max_batches: int = 50, batch_size: int = 4, tasks: Sequence[str] = (),
                 tasks_limit: int | None = None) -> Path:
     """Write DIR/index.html and its PNGs; returns the HTML path. Inputs are checked before any work."""
-    from smoltrain.generate import pick_device
+    from smoltrain.device import pick_device
 
     run = open_run(run_dir)
     ev = run.config.get("eval") or {}
@@ -368,9 +329,8 @@ def make_report(run_dir: str | Path, out: str | Path, prompts: list[str] | None 
     gens = checkpoint_generations(run, prompts, max_new_tokens, dev)
     with publish(out, "report", {"run": str(run.dir)}, hashed=False, replace=True, legacy=legacy) as staging:
         charts = draw_charts(run)
-        (staging / REPORT).write_text(render(run, charts, gens, prompts, max_new_tokens, ppl, data_dir,
-                                                     task_rows),
-                                      encoding="utf-8")
+        page = render(run, charts, gens, prompts, max_new_tokens, ppl, data_dir, task_rows)
+        (staging / REPORT).write_text(page, encoding="utf-8")
     return out / REPORT
 
 
@@ -386,18 +346,3 @@ def _reference(path: str) -> Path:
         return resolve_checkpoint(path)
     except UserError as e:
         raise UserError(f"--reference {path}: {e}") from None
-
-
-def report_cli(a) -> int:
-    if a.max_new_tokens is not None and a.max_new_tokens < 1:
-        raise UserError("--max-new-tokens must be at least 1.")
-    if a.max_batches < 1:
-        raise UserError("--max-batches must be at least 1.")
-    if a.tasks_limit is not None and a.tasks_limit < 1:
-        raise UserError("--tasks-limit must be at least 1.")
-    from smoltrain.tasks import parse_task_specs
-
-    page = make_report(a.run, a.out, a.prompts, a.reference or [], a.data, a.max_new_tokens, a.device,
-                       a.max_batches, tasks=parse_task_specs(a.tasks) if a.tasks else (), tasks_limit=a.tasks_limit)
-    print(f"Wrote {page} (one self-contained file: open it in a browser)")
-    return 0

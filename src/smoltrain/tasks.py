@@ -12,8 +12,10 @@ Tasks come from JSONL files (`{"context": str, "choices": [str, ...], "label": i
 is the continuation as written) or from lm-eval's own task definitions by name (hellaswag, arc_easy, ...),
 whose prompts, delimiters and labels are taken from lm-eval unchanged; only the scoring is ours.
 
-Scoring shares each context: our models prefill it once into a KV cache and score all its choices in one
-batched forward after it, so a 4-choice item costs about one context and four choices, not four contexts.
+Scoring is batched across items: requests sharing a context form a group, and groups go longest first
+under a token budget; a batch's contexts are prefilled together (left-padded) into a KV cache, all their
+choices run in one forward after them, and only the positions that predict a choice token go through
+lm_head. A 4-choice item costs about one context and four choices, not four contexts.
 """
 
 from __future__ import annotations
@@ -201,7 +203,13 @@ def encode_pair(tok: Tokenizer, context: str, continuation: str) -> tuple[list[i
 
 
 # --- scoring ---------------------------------------------------------------------------------------
-def _cont_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, bool]:
+Request = tuple[list[int], list[int]]  # (context tokens, continuation tokens)
+Score = tuple[float, bool]  # (summed log-prob of the continuation, whether it is the greedy one)
+TOKEN_BUDGET = 4096  # choice rows x padded (context + choice) positions a batch: bounds its KV cache
+LOGIT_ROWS = 256  # rows through lm_head at a time: 256 x 49152 fp32 logits are 48 MiB
+
+
+def _cont_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> Score:
     """Summed log-prob of targets (T,) under logits (T, V), and whether each is the argmax (greedy)."""
     logp = F.log_softmax(logits.float(), dim=-1)
     ll = float(logp.gather(-1, targets[:, None]).sum())
@@ -209,48 +217,105 @@ def _cont_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, 
 
 
 class Scorer:
-    """Log-likelihoods of continuations for one model, batched per shared context.
+    """Log-likelihoods of continuations for one model, batched across items.
 
-    `model` is a SmolLM2 (prefix KV cache) or any module whose call returns logits or an object with
-    `.logits` (HF models: each request as its own padded sequence, as lm-eval runs it).
+    `model` is a SmolLM2: contexts are prefilled once each into a KV cache, several together
+    (left-padded), and all their choices run in one batch after them; only the positions that predict a
+    choice token go through lm_head. Any other module whose call returns logits or an object with
+    `.logits` (HF models) scores each request as its own sequence, as lm-eval runs it.
     """
 
     def __init__(self, model: torch.nn.Module, device: torch.device, max_length: int,
-                 autocast: Callable = contextlib.nullcontext):
-        self.model, self.device, self.max_length, self.autocast = model, device, max_length, autocast
-        self.cached = hasattr(model, "setup_kv_cache")
+                 autocast: Callable = contextlib.nullcontext, token_budget: int = TOKEN_BUDGET):
+        self.model = model
+        self.device = device
+        self.max_length = max_length
+        self.autocast = autocast
+        self.token_budget = token_budget
+        self.cached = hasattr(model, "new_kv_cache")
 
-    @torch.no_grad()
-    def score_group(self, ctx: list[int], conts: list[list[int]]) -> list[tuple[float, bool]]:
-        """One context and its continuations."""
-        if not self.cached or len(ctx) + max(map(len, conts)) > self.max_length + 1:
-            return [self._score_full(ctx, c) for c in conts]
-        model, dev = self.model, self.device
-        longest = max(map(len, conts))
-        model.setup_kv_cache(1, len(ctx) + longest)
-        try:
-            with self.autocast():
-                h_ctx = model.hidden_states(torch.tensor([ctx], device=dev), start_pos=0)  # (1, Tc, D)
-                first = model.lm_head(h_ctx[0, -1:]).float()  # (1, V): predicts every choice's first token
-                for layer in model.model.layers:  # the one prefix, copied for each choice
-                    cache = layer.self_attn.kv_cache
-                    cache.k = cache.k.repeat(len(conts), 1, 1, 1)
-                    cache.v = cache.v.repeat(len(conts), 1, 1, 1)
-                rest = None
-                if longest > 1:
-                    x = torch.zeros(len(conts), longest - 1, dtype=torch.long, device=dev)
-                    for i, c in enumerate(conts):
-                        x[i, : len(c) - 1] = torch.tensor(c[:-1], device=dev)
-                    rest = model.lm_head(model.hidden_states(x, start_pos=len(ctx))).float()  # (C, L-1, V)
-        finally:
-            model.clear_kv_cache()
-        out = []
-        for i, c in enumerate(conts):
-            logits = first if rest is None else torch.cat([first, rest[i, : len(c) - 1]])
-            out.append(_cont_logprobs(logits, torch.tensor(c, device=dev)))
+    @torch.inference_mode()
+    def score(self, requests: list[Request]) -> list[Score]:
+        """Every request's score, in order. Requests sharing a context form a group; groups go longest
+        first (memory peaks at the start, neighbours in a batch pad little), batched up to the budget."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (ctx, _) in enumerate(requests):
+            groups.setdefault(tuple(ctx), []).append(i)
+        out: list[Score] = [(0.0, False)] * len(requests)
+        batch: list[tuple[list[int], list[int]]] = []  # (context, its request indices)
+        longest = {ctx: max(len(requests[i][1]) for i in idx) for ctx, idx in groups.items()}
+        for ctx in sorted(groups, key=lambda c: (len(c), longest[c]), reverse=True):
+            idx = groups[ctx]
+            if not self.cached or len(ctx) + longest[ctx] > self.max_length + 1:
+                for i in idx:
+                    out[i] = self._score_full(list(ctx), requests[i][1])
+                continue
+            if batch and _cells(batch + [(list(ctx), idx)], requests) > self.token_budget:
+                self._run(batch, requests, out)
+                batch = []
+            batch.append((list(ctx), idx))
+        if batch:
+            self._run(batch, requests, out)
         return out
 
-    def _score_full(self, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
+    def score_group(self, ctx: list[int], conts: list[list[int]]) -> list[Score]:
+        """One context and its continuations."""
+        return self.score([(ctx, c) for c in conts])
+
+    def _run(self, batch: list[tuple[list[int], list[int]]], requests: list[Request], out: list[Score]) -> None:
+        conts = [[requests[i][1] for i in idx] for _, idx in batch]
+        scores = self._score_batch([ctx for ctx, _ in batch], conts)
+        for (_, idx), s in zip(batch, scores):
+            for i, score in zip(idx, s):
+                out[i] = score
+
+    def _score_batch(self, ctxs: list[list[int]], conts: list[list[list[int]]]) -> list[list[Score]]:
+        """Contexts (left-padded, one prefill) and each one's choices (one forward on the cache)."""
+        model = self.model
+        dev = self.device
+        width = max(map(len, ctxs))
+        flat = [c for cs in conts for c in cs]
+        longest = max(map(len, flat))
+        pad = torch.tensor([width - len(c) for c in ctxs], device=dev)
+        ids = torch.tensor([[0] * (width - len(c)) + c for c in ctxs], device=dev)  # (G, Tc)
+        owner = torch.tensor([g for g, cs in enumerate(conts) for _ in cs], device=dev)  # (R,) each row's context
+        with self.autocast():
+            cache = model.new_kv_cache(len(ctxs), width)
+            h = model.hidden_states(ids, start_pos=0, cache=cache, pad=pad)[:, -1][owner]  # (R, D)
+            if longest > 1:  # the choices' own tokens, after their context copied into each row's cache
+                rows = model.new_kv_cache(len(flat), width + longest - 1)
+                for small, big in zip(cache.layers, rows.layers):
+                    big.k[:, :, :width] = small.k[owner]
+                    big.v[:, :, :width] = small.v[owner]
+                x = torch.tensor([c[:-1] + [0] * (longest - len(c)) for c in flat], device=dev)  # right-padded
+                rest = model.hidden_states(x, start_pos=width, cache=rows, pad=pad[owner])  # (R, L-1, D)
+                h = torch.cat([h[:, None], rest], dim=1)  # (R, L, D): position j predicts token j
+            lengths = [len(c) for c in flat]
+            keep = torch.tensor([r * longest + j for r, n in enumerate(lengths) for j in range(n)], device=dev)
+            lls, misses = self._token_scores(h.reshape(-1, h.shape[-1])[keep], torch.tensor(
+                [t for c in flat for t in c], device=dev), torch.tensor(lengths, device=dev))
+        scores = list(zip(lls.tolist(), (misses == 0).tolist()))
+        out = []
+        for cs in conts:
+            out.append(scores[: len(cs)])
+            scores = scores[len(cs):]
+        return out
+
+    def _token_scores(self, h: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per choice, the summed log-prob of its tokens and how many are not the argmax; h (N, D) holds
+        just the positions that predict a choice token, LOGIT_ROWS at a time through lm_head."""
+        which = torch.repeat_interleave(torch.arange(len(lengths), device=h.device), lengths)  # (N,)
+        lls = torch.zeros(len(lengths), dtype=torch.float64, device=h.device)
+        misses = torch.zeros(len(lengths), dtype=torch.long, device=h.device)
+        for lo in range(0, h.shape[0], LOGIT_ROWS):
+            t = targets[lo : lo + LOGIT_ROWS]
+            logp = F.log_softmax(self.model.lm_head(h[lo : lo + LOGIT_ROWS]).float(), dim=-1)
+            lls.index_add_(0, which[lo : lo + LOGIT_ROWS], logp.gather(-1, t[:, None])[:, 0].double())
+            misses.index_add_(0, which[lo : lo + LOGIT_ROWS], (logp.argmax(-1) != t).long())
+        return lls, misses
+
+    def _score_full(self, ctx: list[int], cont: list[int]) -> Score:
         """lm-eval's layout: (context + continuation)[-(max_length + 1):][:-1] in one forward."""
         seq = (ctx + cont)[-(self.max_length + 1):]
         x = torch.tensor([seq[:-1]], device=self.device)
@@ -260,21 +325,20 @@ class Scorer:
         return _cont_logprobs(logits, torch.tensor(cont, device=self.device))
 
 
+def _cells(batch: list[tuple[list[int], list[int]]], requests: list[Request]) -> int:
+    """What a batch costs against the token budget: its choice rows x their padded length."""
+    rows = sum(len(idx) for _, idx in batch)
+    longest = max(len(requests[i][1]) for _, idx in batch for i in idx)
+    return rows * (max(len(ctx) for ctx, _ in batch) + longest - 1)
+
+
 def score_task(scorer: Scorer, tok: Tokenizer, task: Task) -> dict:
-    """acc, acc_norm and n of one task; contexts go longest first so memory peaks at the start."""
+    """acc, acc_norm and n of one task; every request of every item scored in one call (batched)."""
     encoded = [[encode_pair(tok, c, x) for c, x in item.requests] for item in task.items]
-    groups: dict[tuple[int, ...], list[tuple[int, int]]] = {}
-    for i, pairs in enumerate(encoded):
-        for j, (ctx, _) in enumerate(pairs):
-            groups.setdefault(tuple(ctx), []).append((i, j))
-    results: dict[tuple[int, int], tuple[float, bool]] = {}
-    for ctx in sorted(groups, key=len, reverse=True):
-        keys = groups[ctx]
-        scores = scorer.score_group(list(ctx), [encoded[i][j][1] for i, j in keys])
-        results.update(zip(keys, scores))
+    scores = iter(scorer.score([pair for pairs in encoded for pair in pairs]))
     acc = acc_norm = 0
-    for i, item in enumerate(task.items):
-        lls = np.array([results[(i, j)][0] for j in range(len(item.requests))])
+    for item in task.items:
+        lls = np.array([next(scores)[0] for _ in item.requests])
         acc += int(np.argmax(lls) == item.label)
         acc_norm += int(np.argmax(lls / np.array(item.norm_lengths, dtype=float)) == item.label)
     n = len(task.items)
@@ -283,11 +347,7 @@ def score_task(scorer: Scorer, tok: Tokenizer, task: Task) -> dict:
 
 def item_loglikelihoods(scorer: Scorer, tok: Tokenizer, item: Item) -> list[float]:
     """Each choice's summed log-prob (what the parity test compares with lm-eval's)."""
-    pairs = [encode_pair(tok, c, x) for c, x in item.requests]
-    ctxs = {tuple(c) for c, _ in pairs}
-    if len(ctxs) == 1:
-        return [ll for ll, _ in scorer.score_group(pairs[0][0], [x for _, x in pairs])]
-    return [scorer.score_group(c, [x])[0][0] for c, x in pairs]
+    return [ll for ll, _ in scorer.score([encode_pair(tok, c, x) for c, x in item.requests])]
 
 
 def score_in_loop(model: torch.nn.Module, tok: Tokenizer, tasks: list[Task], device: torch.device,
@@ -338,17 +398,3 @@ def format_table(rows: list[dict]) -> str:
         for task, s in r["tasks"].items():
             lines.append(f"{r['model'][-48:]:<48} {task[-24:]:<24} {s['acc']:>7.4f} {s['acc_norm']:>9.4f} {s['n']:>6}")
     return "\n".join(lines)
-
-
-def tasks_cli(a) -> int:
-    """`smoltrain eval MODEL ... --tasks T[,T]`: accuracy per model and task, as a table or JSON."""
-    from smoltrain.generate import pick_device
-
-    if a.limit is not None and a.limit < 1:
-        raise UserError(f"--limit must be at least 1 (got {a.limit}).")
-    rows = evaluate_tasks(a.models, parse_task_specs(a.tasks), a.limit, pick_device(a.device))
-    if a.json:
-        print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
-    else:
-        print(format_table(rows))
-    return 0

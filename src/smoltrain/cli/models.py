@@ -1,0 +1,160 @@
+"""Commands on models: assets, import, export (and --push-to-hub), generate."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from smoltrain import domain
+from smoltrain.cli.args import DEVICE, POSITIVE, out_dir, ranged
+from smoltrain.errors import UserError
+
+
+def _cmd_assets(a: argparse.Namespace) -> int:
+    from smoltrain.assets import fetch_assets
+
+    paths = fetch_assets(a.dir)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _cmd_import(a: argparse.Namespace) -> int:
+    from smoltrain.interop import import_model
+
+    out = import_model(a.src, a.out, tokenizer=a.tokenizer, force=a.force)
+    print(f"Imported {a.src} -> {out}")
+    return 0
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    from smoltrain.interop import export_hf
+
+    if a.push_to_hub:
+        from smoltrain.hub import check_token, push_folder
+
+        check_token(a.push_to_hub)  # before any work
+    elif a.out is None:
+        raise UserError("export needs --out DIR (or --push-to-hub REPO_ID).")
+    if a.out is None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="smoltrain-export-") as tmp:
+            out = export_hf(a.ckpt, f"{tmp}/export")
+            url = push_folder(out, a.push_to_hub, a.revision, a.private, f"smoltrain export of {a.ckpt}")
+    else:
+        out = export_hf(a.ckpt, a.out, force=a.force)
+        print(f"Exported {a.ckpt} -> {out} (loads with transformers AutoModelForCausalLM / AutoTokenizer)")
+        if a.push_to_hub:
+            url = push_folder(out, a.push_to_hub, a.revision, a.private, f"smoltrain export of {a.ckpt}")
+    if a.push_to_hub:
+        print(f"Pushed {a.ckpt} to {a.push_to_hub} (revision {a.revision or 'main'}): {url}")
+    return 0
+
+
+
+
+def add_model_commands(sub) -> None:
+    p = sub.add_parser("assets", help="fetch the offline reference assets (SmolLM2-135M-Instruct GGUF, Shakespeare)")
+    p.add_argument("--dir", default=None, help="cache directory (default ~/.cache/smoltrain/assets)")
+    p.set_defaults(func=_cmd_assets)
+
+    p = sub.add_parser("import", help="import an HF model directory or a .gguf file as a smoltrain checkpoint")
+    p.add_argument("src", help="HF model directory (safetensors or .bin) or a .gguf file")
+    p.add_argument("--out", required=True, type=out_dir, help="checkpoint directory to write")
+    p.add_argument("--tokenizer", default=None, help="tokenizer to keep with it (default: the source's own)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=_cmd_import)
+
+    p = sub.add_parser("export", help="export a checkpoint (or a run's newest) as an HF directory")
+    p.add_argument("ckpt", help="checkpoint directory or run directory")
+    p.add_argument("--out", default=None, type=out_dir, help="HF directory to write (optional with --push-to-hub)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
+                   help="upload the export to this Hub model repo (HF_TOKEN, HF_ENDPOINT honoured)")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo as private")
+    p.add_argument("--revision", default=None, metavar="BRANCH", help="with --push-to-hub: branch (default main)")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("generate", help="generate text from a checkpoint")
+    p.add_argument("ckpt", help="checkpoint directory, run directory or HF directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the prompt text")
+    src.add_argument("--prompt-file", help="a file with one prompt per line (generated as a batch)")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=100)
+    p.add_argument("--temperature", type=ranged(domain.temperature, float), default=0.8, help="0 means greedy")
+    p.add_argument("--top-k", type=ranged(domain.nonneg("off")), default=0, help="0 disables")
+    p.add_argument("--top-p", type=ranged(domain.top_p, float), default=1.0, help="1.0 disables")
+    p.add_argument("--repetition-penalty", type=ranged(domain.positive, float), default=1.0,
+                   help="1.0 disables (HF semantics)")
+    p.add_argument("--seed", type=ranged(domain.seed), default=None)
+    p.add_argument("--device", default="auto", type=DEVICE, help="auto (cuda > mps > cpu), cpu, cuda, mps")
+    p.add_argument("--no-stream", action="store_true", help="print when done instead of token by token")
+    p.set_defaults(func=generate_cli)
+
+
+def _read_prompts(a: argparse.Namespace) -> list[str]:
+    """--prompt, or the non-blank lines of --prompt-file (a literal \\n in a line is a newline)."""
+    if a.prompt is not None:
+        return [a.prompt]
+    try:
+        lines = open(a.prompt_file, encoding="utf-8").read().splitlines()
+    except OSError as e:
+        raise UserError(f"Cannot read --prompt-file: {e}") from None
+    prompts = [line.replace("\\n", "\n") for line in lines if line.strip()]
+    if not prompts:
+        raise UserError(f"--prompt-file {a.prompt_file} holds no prompts.")
+    return prompts
+
+
+def generate_cli(a: argparse.Namespace) -> int:
+    """`smoltrain generate CKPT --prompt TEXT` streams one continuation; `--prompt-file FILE` decodes
+    its prompts in batches of PROMPT_BATCH, each checked before any work."""
+    from smoltrain.device import amp_dtype, pick_device
+    from smoltrain.generate import SamplingConfig, prepare_for_decode
+    from smoltrain.interop import load_model
+
+    if a.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1.")
+    cfg = SamplingConfig(a.temperature, a.top_k, a.top_p, a.repetition_penalty)
+    cfg.validate()
+    prompts = _read_prompts(a)
+    device = pick_device(a.device)
+    model, tok, _ = load_model(a.ckpt, device=device, dtype=amp_dtype(device))
+    prepare_for_decode(model)
+    if len(prompts) == 1:
+        _generate_one(model, tok, prompts[0], cfg, a)
+    else:
+        _generate_batches(model, tok, prompts, cfg, a)
+    return 0
+
+
+def _generate_one(model, tok, prompt: str, cfg, a: argparse.Namespace) -> None:
+    from smoltrain.generate import generate, stream_text
+
+    tokens = generate(model, tok.encode(prompt), a.max_new_tokens, cfg, a.seed)
+    sys.stdout.write(prompt)
+    if a.no_stream:
+        sys.stdout.write(tok.decode(list(tokens)))
+    else:
+        for piece in stream_text(tokens, tok.decode):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def _generate_batches(model, tok, prompts: list[str], cfg, a: argparse.Namespace) -> None:
+    from smoltrain.generate import PROMPT_BATCH, generate_batch, token_budget
+
+    encoded = [tok.encode(p) for p in prompts]
+    for prompt, ids in zip(prompts, encoded):  # every prompt checked before any work
+        if not ids:
+            raise UserError(f"The prompt {prompt!r} encodes to no tokens.")
+        token_budget(model, ids, a.max_new_tokens)
+    for lo in range(0, len(prompts), PROMPT_BATCH):
+        hi = min(lo + PROMPT_BATCH, len(prompts))
+        seeds = [None if a.seed is None else a.seed + n for n in range(lo, hi)]
+        outs = generate_batch(model, encoded[lo:hi], a.max_new_tokens, cfg, seeds)
+        for n, new_ids in zip(range(lo, hi), outs):
+            print(f"=== prompt {n + 1}/{len(prompts)} ===")
+            print(prompts[n] + tok.decode(new_ids), flush=True)

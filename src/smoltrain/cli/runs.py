@@ -1,0 +1,148 @@
+"""Commands on runs: train, eval, report, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from smoltrain import domain
+from smoltrain.cli.args import DEVICE, POSITIVE, out_dir, ranged
+from smoltrain.errors import UserError
+
+
+def train_cli(a: argparse.Namespace) -> int:
+    """`smoltrain train --config YAML [--set K=V ...]`; the process group is torn down on any exit."""
+    from smoltrain import distributed
+    from smoltrain.config import load_config
+    from smoltrain.trainer import Trainer
+
+    cfg = load_config(a.config, a.set)
+    try:
+        return Trainer(cfg).train()
+    finally:
+        distributed.teardown()
+
+
+def eval_cli(a: argparse.Namespace) -> int:
+    """`smoltrain eval MODEL ... --data DIR` (loss, bits per byte) or `--tasks T[,T]` (accuracy)."""
+    if (a.data is None) == (not a.tasks):
+        raise UserError("smoltrain eval needs exactly one of --data DIR (held-out loss and bits per byte) "
+                        "or --tasks FILE_OR_NAME (multiple-choice accuracy).")
+    if a.tasks:
+        return _eval_tasks(a)
+    return _eval_data(a)
+
+
+def _eval_data(a: argparse.Namespace) -> int:
+    """One row per model: loss, perplexity, bits per byte and tokens on the prepared split."""
+    from smoltrain.device import pick_device
+    from smoltrain.evaluate import evaluate_models
+
+    rows = evaluate_models(a.models, a.data, a.split, a.seq_len, a.batch_size, a.max_tokens, pick_device(a.device))
+    if a.json:
+        print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
+        return 0
+    print(f"{'model':<48} {'loss':>8} {'ppl':>10} {'bpb':>7} {'tokens':>10}")
+    for r in rows:
+        bpb = f"{r['bpb']:.4f}" if r["bpb"] is not None else "-"
+        print(f"{r['model'][-48:]:<48} {r['loss']:>8.4f} {r['ppl']:>10.2f} {bpb:>7} {r['tokens']:>10,}")
+    return 0
+
+
+def _eval_tasks(a: argparse.Namespace) -> int:
+    """Accuracy per model and task, as a table or JSON."""
+    from smoltrain.device import pick_device
+    from smoltrain.tasks import evaluate_tasks, format_table, parse_task_specs
+
+    if a.limit is not None and a.limit < 1:
+        raise UserError(f"--limit must be at least 1 (got {a.limit}).")
+    rows = evaluate_tasks(a.models, parse_task_specs(a.tasks), a.limit, pick_device(a.device))
+    if a.json:
+        print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
+    else:
+        print(format_table(rows))
+    return 0
+
+
+def add_train_commands(sub) -> None:
+    p = sub.add_parser("train", help="train (or resume) a run from a YAML recipe")
+    p.add_argument("--config", default=None, help="YAML recipe (configs/*.yaml); defaults apply without one")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value by dotted path, e.g. --set train.max_steps=100 (repeatable)")
+    p.set_defaults(func=train_cli)
+
+    p = sub.add_parser("eval", help="bits per byte on a prepared split, or accuracy on multiple-choice tasks")
+    p.add_argument("models", nargs="+", help="checkpoint, run directory or HF model directory (several: a table)")
+    p.add_argument("--data", default=None, help="prepared data directory (smoltrain prepare)")
+    p.add_argument("--tasks", action="append", default=[], metavar="FILE_OR_NAME[,...]",
+                   help="multiple-choice tasks: JSONL files ({context, choices, label} a line) or lm-eval suite "
+                        "names (hellaswag, arc_easy, arc_challenge, piqa, winogrande, openbookqa, commonsense_qa, "
+                        "mmlu; need the hub or its cache); comma-separated or repeated")
+    p.add_argument("--limit", type=POSITIVE, default=None, help="score only the first N items of each task")
+    p.add_argument("--split", default="val", choices=["val", "train"])
+    p.add_argument("--seq-len", type=POSITIVE, default=None,
+                   help="window length (default: a training checkpoint's train.seq_len, else the model's context)")
+    p.add_argument("--batch-size", type=POSITIVE, default=None, help="windows per batch (default: the run's micro batch)")
+    p.add_argument("--max-tokens", type=POSITIVE, default=None,
+                   help="evaluate a fixed sample of about this many tokens spread over the split (default: all)")
+    p.add_argument("--device", default="auto", type=DEVICE, help="auto (cuda > mps > cpu), cpu, cuda, mps")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=eval_cli)
+
+
+def report_cli(a: argparse.Namespace) -> int:
+    """`smoltrain report RUN --out DIR`: one self-contained HTML page."""
+    from smoltrain.report import make_report
+    from smoltrain.tasks import parse_task_specs
+
+    if a.max_new_tokens is not None and a.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1.")
+    if a.max_batches < 1:
+        raise UserError("--max-batches must be at least 1.")
+    if a.tasks_limit is not None and a.tasks_limit < 1:
+        raise UserError("--tasks-limit must be at least 1.")
+    tasks = parse_task_specs(a.tasks) if a.tasks else ()
+    page = make_report(a.run, a.out, a.prompts, a.reference or [], a.data, a.max_new_tokens, a.device,
+                       a.max_batches, tasks=tasks, tasks_limit=a.tasks_limit)
+    print(f"Wrote {page} (one self-contained file: open it in a browser)")
+    return 0
+
+
+def demo_cli(a: argparse.Namespace) -> int:
+    """`smoltrain demo CKPT_OR_RUN`: paths, port and the newest model checked before Gradio starts."""
+    from smoltrain.demo import CheckpointSource, ModelCache, check_port, serve
+    from smoltrain.device import pick_device
+
+    source = CheckpointSource(a.ckpt)
+    check_port(a.host, a.port)
+    cache = ModelCache(pick_device(a.device))
+    _, last = source.defaults()
+    cache.get(source.path(last))  # a broken checkpoint fails here, not on the first click
+    return serve(source, cache, a.host, a.port)
+
+
+def add_show_commands(sub) -> None:
+    p = sub.add_parser("report", help="an HTML report of a run: curves, throughput, samples per checkpoint")
+    p.add_argument("run", help="run directory (run.dir of a training run)")
+    p.add_argument("--out", required=True, metavar="DIR", type=out_dir,
+                   help="directory for index.html and its PNG images")
+    p.add_argument("--prompts", nargs="+", action="extend", default=None, metavar="TEXT",
+                   help="prompts to generate at each checkpoint (default: the config's eval.prompts)")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=None, help="default: the config's eval.sample_tokens")
+    p.add_argument("--reference", nargs="+", action="extend", default=[], metavar="HF_OR_CKPT",
+                   help="models to compare with the final checkpoint in a perplexity table (repeatable)")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="prepared data for the perplexity table (default with --reference: the run's own)")
+    p.add_argument("--max-batches", type=POSITIVE, default=50, help="evaluation batches per model")
+    p.add_argument("--tasks", action="append", default=[], metavar="FILE_OR_NAME[,...]",
+                   help="multiple-choice tasks for the task table, beside the config's eval.tasks (repeatable)")
+    p.add_argument("--tasks-limit", type=POSITIVE, default=None, help="items per task (default: eval.tasks_limit)")
+    p.add_argument("--device", default="auto", type=DEVICE, help="auto (cuda > mps > cpu), cpu, cuda, mps")
+    p.set_defaults(func=report_cli)
+
+    p = sub.add_parser("demo", help="a local web demo: prompt, sampling controls, checkpoints side by side")
+    p.add_argument("ckpt", help="run directory (pick among its checkpoints), checkpoint or HF directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=ranged(domain.interval(1, 65535, high_open=False)), default=7860)
+    p.add_argument("--device", default="auto", type=DEVICE, help="auto (cuda > mps > cpu), cpu, cuda, mps")
+    p.set_defaults(func=demo_cli)
