@@ -37,9 +37,9 @@ PROMPT = "Once upon a time, in a small village by the sea, there lived an old fi
 def worker(a) -> None:
     """Load one side, warm up, time --repeats greedy generations; print the median tokens/s and the
     tokens as JSON."""
-    from smoltrain.checkpoint import load_model
     from smoltrain.device import amp_dtype, pick_device
     from smoltrain.generate import SamplingConfig, generate, prepare_for_decode
+    from smoltrain.interop import load_model
 
     device = pick_device(a.device)
     dtype = amp_dtype(device)

@@ -47,7 +47,7 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     """A committed smoltrain checkpoint of a randomly initialised tiny model."""
-    from smoltrain.checkpoint import model_state, save_model_files
+    from smoltrain.interop import model_state, save_model_files
     from smoltrain.model import build_model
     from smoltrain.presets import get_preset
     from smoltrain.tokenizer import load_tokenizer
@@ -107,7 +107,7 @@ def make_corpus_text(num_docs: int, seed: int = 0, words_per_doc: tuple[int, int
 @pytest.fixture(scope="session")
 def bpe_dir(tmp_path_factory) -> Path:
     """A 400-token byte-level BPE trained by smoltrain's own train_tokenizer (<|endoftext|> is id 0)."""
-    from smoltrain.tokenizer import train_tokenizer
+    from smoltrain.data.prepare import train_tokenizer
 
     src = tmp_path_factory.mktemp("bpe_src") / "corpus.txt"
     src.write_text("\n".join(make_corpus_text(300, seed=1)))

@@ -41,7 +41,7 @@ def test_corrupt_newest_is_skipped_and_quarantined(tmp_path):
 
 def test_all_corrupt_refuses_fresh_start(tmp_path):
     bad = _commit(tmp_path, 10)
-    (bad / ck.MANIFEST).unlink()
+    (bad / storage.MANIFEST).unlink()
     with pytest.warns(UserWarning), pytest.raises(UserError, match="refusing to start fresh"):
         ck.find_resume_checkpoint(tmp_path)
 

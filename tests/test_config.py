@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from smoltrain.config import load_config, trajectory_diff
+from smoltrain.config import load_config
 from smoltrain.errors import UserError
+from smoltrain.resume import trajectory_diff
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 

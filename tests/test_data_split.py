@@ -160,7 +160,8 @@ def test_meta_lists_fraction_held_out_documents(tmp_path, bpe_dir):
 
 
 def test_resume_check_fills_new_dataset_fields_with_defaults():
-    from smoltrain.config import load_config, trajectory_diff
+    from smoltrain.config import load_config
+    from smoltrain.resume import trajectory_diff
 
     new = load_config(DEBUG_TINY).to_dict()
     old = json.loads(json.dumps(new))

@@ -138,7 +138,7 @@ def test_demo_bad_inputs_exit_2(run12, tmp_path):
 @pytest.fixture(scope="module")
 def lively_ckpt(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     """A tiny checkpoint whose next token depends on the context (init std 0.2), so a mixed-up KV cache shows."""
-    from smoltrain.checkpoint import model_state, save_model_files
+    from smoltrain.interop import model_state, save_model_files
     from smoltrain.model import build_model
     from smoltrain.presets import get_preset
     from smoltrain.storage import publish

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from smoltrain.checkpoint import load_model
 from smoltrain.generate import SamplingConfig, generate, generate_batch, sample, stream_text
+from smoltrain.interop import load_model
 from smoltrain.model import build_model
 from smoltrain.presets import get_preset
 

@@ -105,8 +105,8 @@ def test_kv_cache_greedy_equals_no_cache_greedy_on_cuda():
 
 def test_bf16_decode_on_cuda_and_inference_layout_keeps_logits(tiny_ckpt):
     """What `smoltrain generate` and the demo run on a GPU: bf16 weights, KV cache, sampling."""
-    from smoltrain.checkpoint import load_model
     from smoltrain.generate import prepare_for_decode
+    from smoltrain.interop import load_model
     from smoltrain.model import to_inference_layout
 
     model, tok, _ = load_model(tiny_ckpt, device=CUDA, dtype=torch.bfloat16)

@@ -9,8 +9,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from smoltrain.checkpoint import load_model
-from smoltrain.interop import _unpermute
+from smoltrain.interop import _unpermute, load_model
 
 from .conftest import assert_user_error, run_cli
 

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from smoltrain import checkpoint as ck
-from smoltrain import storage
+from smoltrain import interop, storage
 from smoltrain.cli import main as cli_main
 from smoltrain.errors import TrainingError
+from smoltrain.interop import load_model
 from smoltrain.tokenizer import TOKENIZER_FILES
 
 from .conftest import DEBUG_TINY, assert_user_error, run_cli
@@ -209,7 +210,7 @@ def test_rng_state_roundtrips_exactly():
 # --- disk space ---------------------------------------------------------------------------------------
 
 def _estimate(ckpt: Path, export_hf: bool) -> int:
-    model, tok, _ = ck.load_model(ckpt)
+    model, tok, _ = load_model(ckpt)
     tok_bytes = sum((tok.directory / n).stat().st_size for n in TOKENIZER_FILES if (tok.directory / n).exists())
     return ck.checkpoint_bytes({n: p.numel() for n, p in model.named_parameters()}, export_hf, tok_bytes)
 
@@ -253,7 +254,7 @@ def test_disk_full_during_save_or_logging_exits_1_with_previous_checkpoint_intac
         _assert_clean_disk_full_exit(train(run, tiny_data, env={"SMOLTRAIN_FAULT": fault}))
         assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000002"]  # no staging debris
         assert tree_hash(ck.step_dir(run, 2)) == keep
-        ck.verify_checkpoint(ck.step_dir(run, 2))
+        storage.verify_manifest(ck.step_dir(run, 2))
 
 
 def test_disk_full_in_prepare_and_export_exits_1_and_leaves_nothing(tmp_path, monkeypatch, bpe_dir, tiny_ckpt,
@@ -274,7 +275,7 @@ def test_disk_full_in_prepare_and_export_exits_1_and_leaves_nothing(tmp_path, mo
     def full_safetensors(*_args, **_kwargs):  # what safetensors raises: not an OSError
         raise Exception("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
 
-    monkeypatch.setattr(ck, "save_file", full_safetensors)
+    monkeypatch.setattr(interop, "save_file", full_safetensors)
     assert cli_main(["export", str(tiny_ckpt), "--out", str(tmp_path / "hf")]) == 1
     assert "no space left on device" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["texts"]  # no output, no staging

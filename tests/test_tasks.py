@@ -65,7 +65,7 @@ class PlainLM:
 
 @pytest.fixture(scope="module")
 def tiny(tiny_ckpt):
-    from smoltrain.checkpoint import load_model
+    from smoltrain.interop import load_model
 
     model, tok, _ = load_model(tiny_ckpt)
     return model.eval(), tok

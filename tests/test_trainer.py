@@ -190,8 +190,8 @@ def test_continued_pretraining_from_imported_weights(tmp_path, tiny_data, tiny_c
                   "--set", "model.max_position_embeddings=256")
     fresh_first = json.loads((tmp_path / "fresh" / "metrics.jsonl").read_text().splitlines()[0])
     assert fresh.returncode == 0
-    from smoltrain.checkpoint import load_model
     from smoltrain.data.loader import PackedLoader
+    from smoltrain.interop import load_model
 
     model, _, _ = load_model(tiny_ckpt)
     loader = PackedLoader({"tiny": _data_dir(tiny_data)}, batch_size=4, seq_len=64, seed=1337)

@@ -1,10 +1,9 @@
-"""Checkpoint directories: atomic commit, sha256 manifest, discovery, and loading a model from one.
+"""Training checkpoints: RUN/checkpoints/step_NNNNNNNN, saved, found, resumed from, retained.
 
-A checkpoint directory is also a Hugging Face model directory (config.json + model.safetensors with HF
-names + tokenizer files); training checkpoints add the trainer's state beside it, as safetensors and JSON
-only (nothing is unpickled). It is published by storage.commit: staged under a private name, fsynced, given
-a manifest with the sha256 of every file, and only then renamed into place, so a directory with the final
-name is always complete.
+A training checkpoint is an HF model directory (interop writes and reads that part) plus the trainer's
+state beside it, as safetensors and JSON only (nothing is unpickled). It is published by storage.commit:
+staged under a private name, fsynced, given a manifest with the sha256 of every file, and only then
+renamed into place, so a directory with the final name is always complete.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import uuid
 import warnings
@@ -20,163 +18,27 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from smoltrain import storage
-from smoltrain.config import ModelConfig
 from smoltrain.errors import UserError
-from smoltrain.model import SmolLM2
-from smoltrain.tokenizer import Tokenizer, load_tokenizer
+from smoltrain.interop import drop_tied_head, save_model_files, save_tensors, write_hf_extras
+from smoltrain.modelconfig import ModelConfig
+from smoltrain.storage import list_checkpoints, step_dir
+from smoltrain.tokenizer import Tokenizer
 
-MANIFEST = storage.MANIFEST
-WEIGHTS = "model.safetensors"
-STEP_DIR = re.compile(r"^step_(\d{8})$")
-
-
-def verify_checkpoint(directory: Path) -> dict:
-    """The manifest, after checking every file it lists exists with the recorded size and sha256."""
-    return storage.verify_manifest(directory)
-
-
-def model_state(model: SmolLM2) -> dict[str, torch.Tensor]:
-    """The unwrapped model's weights with HF names, the tied head dropped (as HF saves it)."""
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    return state
-
-
-def save_model_files(directory: Path, state: dict[str, torch.Tensor], cfg: ModelConfig,
-                     tokenizer: Tokenizer | None) -> None:
-    """config.json + model.safetensors (+ tokenizer files): what transformers needs to load the model."""
-    save_tensors(state, directory / WEIGHTS, metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
-    if tokenizer is not None:
-        tokenizer.save(directory)
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Committed checkpoint directories of a run, oldest first (staging debris is ignored)."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name))
-
-
-def newest_valid(run_dir: Path) -> Path | None:
-    """The newest checkpoint that passes its manifest; corrupt newer ones are reported and skipped."""
-    for ckpt in reversed(list_checkpoints(run_dir)):
-        try:
-            verify_checkpoint(ckpt)
-            return ckpt
-        except UserError as e:
-            warnings.warn(f"Skipping checkpoint: {e}", stacklevel=2)
-    return None
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir, a run dir (-> its newest valid checkpoint) or an HF model dir."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise UserError(f"{p} does not exist.")
-    if (p / MANIFEST).exists():
-        verify_checkpoint(p)
-        return p
-    if (p / "checkpoints").is_dir():
-        ckpt = newest_valid(p)
-        if ckpt is None:
-            raise UserError(f"Run directory {p} has no valid checkpoint yet.")
-        return ckpt
-    if p.is_dir() and (p / "config.json").exists():
-        return p
-    raise UserError(f"{p} is not a smoltrain checkpoint, a run directory or a Hugging Face model directory.")
-
-
-def read_hf_config(directory: Path) -> ModelConfig:
-    try:
-        hf = json.loads((directory / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{directory}/config.json is missing or not valid JSON ({e}).") from None
-    return ModelConfig.from_hf(hf, source=f"{directory}/config.json")
-
-
-def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """Tensors of an HF directory: model.safetensors, its shards, or pytorch_model*.bin (read with
-    weights_only=True: plain tensors only, nothing in the file is executed)."""
-    files = sorted(directory.glob("model*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
-    if not files:
-        raise UserError(f"{directory} has no model weights (model.safetensors or pytorch_model.bin).")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            part = load_file(str(f)) if f.suffix == ".safetensors" else torch.load(f, map_location="cpu",
-                                                                                   weights_only=True)
-        except Exception as e:
-            raise UserError(f"Could not read weights file {f}: {e}") from None
-        state.update(part)
-    return state
-
-
-def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str,
-                     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> SmolLM2:
-    """Build the model on meta and assign `state` into it, with errors that name what does not fit."""
-    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
-    if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    with torch.device("meta"):
-        model = SmolLM2(cfg)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    if cfg.tie_word_embeddings:
-        expected.pop("lm_head.weight")
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(s)}" for k, s in expected.items()
-             if k in state and state[k].shape != s]
-    if missing or unexpected or wrong:
-        parts = [f"missing {missing[:4]}" * bool(missing), f"unexpected {unexpected[:4]}" * bool(unexpected),
-                 f"wrong shapes {wrong[:4]}" * bool(wrong)]
-        raise UserError(f"Weights in {source} do not fit the model its config describes: "
-                        + "; ".join(p for p in parts if p) + ".")
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=False,
-                          assign=True)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.init_rope()
-    return model
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               need_tokenizer: bool = True) -> tuple[SmolLM2, Tokenizer | None, Path]:
-    """Model (+ tokenizer) from a checkpoint dir, run dir or HF dir; returns the directory used."""
-    return load_resolved(resolve_checkpoint(path), device, dtype, need_tokenizer)
-
-
-def load_resolved(directory: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                  need_tokenizer: bool = True) -> tuple[SmolLM2, Tokenizer | None, Path]:
-    """load_model for a directory that resolve_checkpoint (or resume discovery) already verified:
-    hashing a checkpoint twice costs seconds per GB."""
-    cfg = read_hf_config(directory)
-    model = model_from_state(cfg, read_hf_weights(directory), str(directory), device, dtype)
-    tokenizer = None
-    if need_tokenizer:
-        if not (directory / "tokenizer.json").exists():
-            raise UserError(f"{directory} holds no tokenizer.json; import it again with --tokenizer.")
-        tokenizer = load_tokenizer(directory)
-    return model.eval(), tokenizer, directory
-
-
-# --- training checkpoints: RUN/checkpoints/step_NNNNNNNN ---------------------------------------------
 # Nothing in a checkpoint is unpickled: weights, optimizer moments and torch RNG states are safetensors,
 # everything else (loop counters, loader position, scaler, Python/numpy RNG, param groups) is JSON.
 
-TRAIN_STATE, RUN_CONFIG, EXTRA = "train_state.json", "config.yaml", "extra.json"
-RNG_TENSORS, RNG_JSON = "rng.safetensors", "rng.json"
-OPTIMIZER_DIR, OPTIM_TENSORS, OPTIM_JSON = "optimizer", "state.safetensors", "optimizer.json"
+TRAIN_STATE = "train_state.json"
+RUN_CONFIG = "config.yaml"
+EXTRA = "extra.json"
+RNG_TENSORS = "rng.safetensors"
+RNG_JSON = "rng.json"
+OPTIMIZER_DIR = "optimizer"
+OPTIM_TENSORS = "state.safetensors"
+OPTIM_JSON = "optimizer.json"
 PICKLED = ("rng.pt", "optimizer/.metadata")  # what checkpoints of smoltrain <= 0.1 held
-
-
-def step_dir(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -288,18 +150,6 @@ def load_optimizer(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Op
                         f"({type(e).__name__}: {str(e)[:200]}); resume from another checkpoint.") from None
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
-    """safetensors' save_file, with a full disk reported as the OSError it is."""
-    try:
-        save_file(tensors, str(path), metadata=metadata)
-    except OSError:
-        raise
-    except Exception as e:
-        if storage.is_no_space(e):
-            raise OSError(28, f"No space left on device: {path}") from None
-        raise
-
-
 def finish_train_checkpoint(staging: Path, run_dir: Path, step: int, model_cfg: ModelConfig,
                             weights: dict[str, torch.Tensor], tokenizer: Tokenizer | None, config_yaml: str,
                             extra: dict, train_state: dict, export_hf: bool = False) -> Path:
@@ -308,8 +158,7 @@ def finish_train_checkpoint(staging: Path, run_dir: Path, step: int, model_cfg: 
     The rename in commit() is the one point where the checkpoint becomes visible and complete.
     """
     final = step_dir(run_dir, step)
-    if model_cfg.tie_word_embeddings:
-        weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}
+    weights = drop_tied_head(weights, model_cfg)
     save_model_files(staging, weights, model_cfg, tokenizer)
     (staging / RUN_CONFIG).write_text(config_yaml)
     rng_tensors, rng_plain = rng_state()
@@ -321,8 +170,6 @@ def finish_train_checkpoint(staging: Path, run_dir: Path, step: int, model_cfg: 
 
     fault_point("in_save", step)  # crash tests: die with a half-written checkpoint
     if export_hf:
-        from smoltrain.interop import write_hf_extras
-
         hf = staging / "hf"
         hf.mkdir()
         save_model_files(hf, weights, model_cfg, tokenizer)
@@ -423,14 +270,9 @@ def find_resume_checkpoint(run_dir: Path, start_fresh: bool = False) -> Path | N
     If checkpoints exist (or were quarantined by an earlier run) but none is valid, refuse unless
     `start_fresh`: training from step 0 silently would rewind the run's logs over them.
     """
-    found = list_checkpoints(run_dir)
-    for ckpt in reversed(found):
-        try:
-            verify_checkpoint(ckpt)
-            return ckpt
-        except UserError as e:
-            moved = quarantine(ckpt)
-            warnings.warn(f"{e} Skipping it (moved to {moved.name}) and trying the previous one.", stacklevel=2)
+    found = storage.newest_verified(run_dir, _quarantine_invalid)
+    if found is not None:
+        return found
     bad = quarantined(run_dir)
     if bad and not start_fresh:
         names = ", ".join(p.name for p in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
@@ -439,3 +281,9 @@ def find_resume_checkpoint(run_dir: Path, start_fresh: bool = False) -> Path | N
                         "move them out of that directory, or set train.start_fresh=true to train from step 0 in "
                         "this run dir (they are kept), or use another run.dir.")
     return None
+
+
+def _quarantine_invalid(ckpt: Path, error: UserError) -> None:
+    moved = quarantine(ckpt)
+    # stacklevel 4: find_resume_checkpoint's caller (this, newest_verified, find_resume_checkpoint between)
+    warnings.warn(f"{error} Skipping it (moved to {moved.name}) and trying the previous one.", stacklevel=4)

@@ -1,15 +1,15 @@
 """Configuration: documented dataclasses, YAML recipes, dotted `--set` overrides, strict validation.
 
-Field names follow Hugging Face's LlamaConfig wherever one exists. Every problem in a config (unknown
-key, wrong type, bad value, inconsistent sizes) is collected and reported in one UserError.
+Field names follow Hugging Face's LlamaConfig wherever one exists (the model section is modelconfig's
+ModelConfig; `model.preset` reads presets.py). Every problem in a config (unknown key, wrong type, bad
+value, inconsistent sizes) is collected and reported in one UserError: domain.build names unknown keys and
+wrong types, each field's `checked` domain its bad values, and validate() below the cross-field rules.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ import yaml
 
 from smoltrain.domain import (
     Domain,
+    build,
     checked,
     device,
     interval,
@@ -30,119 +31,8 @@ from smoltrain.domain import (
 )
 from smoltrain.domain import problems as domain_problems
 from smoltrain.errors import UserError
-
-
-@dataclass
-class ModelConfig:
-    """The SmolLM2 / Llama architecture (HF `LlamaConfig` names; defaults are SmolLM2-135M's)."""
-
-    vocab_size: int = checked(49152, positive)
-    hidden_size: int = checked(576, positive)
-    intermediate_size: int = checked(1536, positive)
-    num_hidden_layers: int = checked(30, positive)
-    num_attention_heads: int = checked(9, positive)
-    num_key_value_heads: int = checked(3, positive)
-    max_position_embeddings: int = checked(8192, positive)
-    rope_theta: float = checked(100000.0, positive)
-    rms_norm_eps: float = checked(1e-5, positive)
-    tie_word_embeddings: bool = True
-    initializer_range: float = checked(0.041666666666666664, positive)  # nanotron's init_method.std
-    bos_token_id: int | None = checked(0, nonneg())
-    eos_token_id: int | list[int] | None = checked(0, nonneg())
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    def replace(self, **changes: Any) -> ModelConfig:
-        return dataclasses.replace(self, **changes)
-
-    def validate(self) -> list[str]:
-        """All problems with this shape, as messages (empty when fine)."""
-        problems = domain_problems(self, "model")
-        ids = [i for i in [self.bos_token_id, *eos_ids(self)] if isinstance(i, int)]
-        if any(i >= self.vocab_size for i in ids):
-            problems.append(f"model.bos_token_id / eos_token_id ({ids}) must be below model.vocab_size "
-                            f"({self.vocab_size})")
-        if self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads:
-            problems.append(f"model.hidden_size ({self.hidden_size}) must be divisible by "
-                            f"model.num_attention_heads ({self.num_attention_heads})")
-        elif self.num_attention_heads > 0 and self.head_dim % 2:
-            problems.append(f"head dim {self.head_dim} must be even for RoPE")
-        if self.num_key_value_heads > 0 and self.num_attention_heads % self.num_key_value_heads:
-            problems.append(f"model.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                            f"model.num_key_value_heads ({self.num_key_value_heads})")
-        return problems
-
-    def to_hf(self) -> dict[str, Any]:
-        """A `config.json` dict that transformers' LlamaForCausalLM loads."""
-        d = dataclasses.asdict(self)
-        d.update(
-            architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
-            head_dim=self.head_dim, attention_bias=False, mlp_bias=False, attention_dropout=0.0,
-            rope_scaling=None, pretraining_tp=1, use_cache=True, torch_dtype="float32",
-        )
-        return d
-
-    @classmethod
-    def from_hf(cls, hf: dict[str, Any], source: str = "config") -> ModelConfig:
-        """Read a transformers Llama config dict; anything that is not plain SmolLM2/Llama is an error."""
-        if not isinstance(hf, dict):
-            raise UserError(f"{source} must hold a JSON object, not {type(hf).__name__}.")
-        arch = hf.get("model_type")
-        if arch != "llama":
-            archs = hf.get("architectures") or []
-            raise UserError(f"{source} describes a {arch or archs or 'unknown'} model; smoltrain handles "
-                            "Llama/SmolLM2 models (model_type 'llama') only.")
-        missing = [k for k in HF_REQUIRED if hf.get(k) is None]
-        if missing:
-            raise UserError(f"{source} lacks {', '.join(missing)}: a Llama config.json names every one of "
-                            f"{', '.join(HF_REQUIRED)}.")
-        rope = hf.get("rope_scaling") or {}
-        params = hf.get("rope_parameters") or {}
-        params = params if isinstance(params, dict) else {"rope_type": params}
-        heads = hf["num_attention_heads"]
-        kw = dict(
-            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
-            num_attention_heads=heads, num_key_value_heads=hf.get("num_key_value_heads") or heads,
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            rope_theta=hf.get("rope_theta", params.get("rope_theta", 10000.0)),
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6), tie_word_embeddings=hf.get("tie_word_embeddings", True),
-            initializer_range=hf.get("initializer_range", 0.02), bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=hf.get("eos_token_id"),
-        )
-        problems: list[str] = []
-        cfg = _build(cls, kw, "", problems)  # wrong types are named, not raised by the arithmetic below
-        problems += cfg.validate()  # a field of the wrong type kept its default: safe to check
-        if problems:
-            raise UserError(f"{source} has an invalid shape: " + "; ".join(problems) + ".")
-        unsupported = []
-        if hf.get("hidden_act", "silu") != "silu":
-            unsupported.append(f"hidden_act={hf['hidden_act']}")
-        for flag in ("attention_bias", "mlp_bias"):
-            if hf.get(flag):
-                unsupported.append(f"{flag}=true")
-        if rope or params.get("rope_type", "default") != "default":
-            unsupported.append(f"rope scaling {rope or params}")
-        if hf.get("head_dim") not in (None, cfg.head_dim):
-            unsupported.append(f"head_dim={hf['head_dim']} != hidden_size/num_attention_heads")
-        if unsupported:
-            raise UserError(f"{source} is a Llama variant smoltrain does not implement: {', '.join(unsupported)}.")
-        return cfg
-
-
-# What from_hf cannot default: without these a config.json does not describe a model.
-HF_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-
-
-def eos_ids(cfg: ModelConfig) -> list[int]:
-    """The end-of-sequence ids as a list (HF allows an int or a list)."""
-    e = cfg.eos_token_id
-    return [] if e is None else [e] if isinstance(e, int) else list(e)
-
-
-
+from smoltrain.modelconfig import ModelConfig
+from smoltrain.presets import PRESETS
 
 
 @dataclass
@@ -311,61 +201,6 @@ class Config:
         return Path(self.run.data_dir) if self.run.data_dir else Path(self.run.dir) / "data"
 
 
-def _type_ok(value: Any, tp: Any) -> bool:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, a) for a in args)
-    if tp is type(None):
-        return value is None
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-            try:
-                float(value)
-                return True
-            except ValueError:
-                return False
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if origin is list:
-        return isinstance(value, list) and all(_type_ok(v, args[0]) for v in value)
-    if origin is dict or tp is dict:
-        return isinstance(value, dict)
-    if dataclasses.is_dataclass(tp):
-        return isinstance(value, dict)
-    return isinstance(value, tp)
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
-    """Instantiate dataclass `cls` from a dict, recording every unknown key and wrong type."""
-    if not isinstance(data, dict):
-        problems.append(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in data.items():
-        path = f"{prefix}.{key}" if prefix else str(key)
-        if key not in hints:
-            known = ", ".join(sorted(hints))
-            problems.append(f"unknown key {path!r} (known keys here: {known})")
-            continue
-        tp = hints[key]
-        inner = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, path, problems)
-        elif inner is not None and dataclasses.is_dataclass(inner) and isinstance(value, list):
-            kwargs[key] = [_build(inner, v, f"{path}[{i}]", problems) for i, v in enumerate(value)]
-        elif not _type_ok(value, tp):
-            problems.append(f"{path} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-        else:
-            kwargs[key] = float(value) if tp is float or (tp == float | None and value is not None) else value
-    return cls(**kwargs)
-
-
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
@@ -394,8 +229,6 @@ def config_from_dict(tree: dict, source: str = "config") -> Config:
     problems: list[str] = []
     model = tree.get("model") or {}
     if isinstance(model, dict) and "preset" in model:
-        from smoltrain.presets import PRESETS
-
         model = dict(model)
         name = model.pop("preset")
         if name not in PRESETS:
@@ -403,7 +236,7 @@ def config_from_dict(tree: dict, source: str = "config") -> Config:
         else:
             model = {**dataclasses.asdict(PRESETS[name]), **model}
         tree["model"] = model
-    cfg = _build(Config, tree, "", problems)
+    cfg = build(Config, tree, "", problems)
     problems += validate(cfg)  # fields with a wrong type kept their defaults: safe to check the rest
     if problems:
         raise UserError(f"Invalid configuration in {source}: " + "; ".join(problems) + ".")
@@ -506,37 +339,3 @@ def check_remote_url(url: str) -> list[str]:
     if scheme not in ("file", "local") and not rest.split("/", 1)[0]:
         return [f"checkpoint.remote {url!r} names no bucket (s3://BUCKET/prefix)"]
     return []
-
-
-# Fields that define a run's trajectory: resuming with any of them changed is refused by default.
-# The global batch (micro x accum x world) is compared by the trainer: 2 x 4 on one process equals 2 x 2 on two.
-TRAJECTORY_FIELDS = ("model", "train.seq_len", "train.seed", "optim.name",
-                     "data.datasets", "data.stages", "data.tokenizer", "data.train_tokenizer_vocab_size",
-                     "data.val_fraction")
-
-
-def _get(tree: dict, dotted: str) -> Any:
-    for k in dotted.split("."):
-        tree = tree.get(k, {}) if isinstance(tree, dict) else {}
-    return tree
-
-
-def _dataset_defaults(datasets: Any) -> Any:
-    if not isinstance(datasets, list):
-        return datasets
-    base = dataclasses.asdict(DatasetConfig())
-    return [{**base, **d} if isinstance(d, dict) else d for d in datasets]
-
-
-def trajectory_diff(old: dict, new: dict) -> list[str]:
-    """Trajectory-defining fields whose values differ between two resolved config dicts."""
-    diffs = []
-    for key in TRAJECTORY_FIELDS:
-        a, b = _get(old, key), _get(new, key)
-        if key == "data.datasets":  # a config saved before a dataset field existed had its default
-            a, b = _dataset_defaults(a), _dataset_defaults(b)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += [f"{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        elif a != b:
-            diffs.append(f"{key}: {a!r} -> {b!r}")
-    return diffs

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 
-from smoltrain.checkpoint import STEP_DIR, list_checkpoints, load_model, resolve_checkpoint
 from smoltrain.device import amp_dtype
 from smoltrain.errors import UserError
 from smoltrain.generate import SamplingConfig, generate, prepare_for_decode, stream_text
 from smoltrain.history import History
+from smoltrain.interop import load_model, resolve_checkpoint
+from smoltrain.storage import STEP_DIR, list_checkpoints
 
 PANES = ("A", "B")
 

@@ -7,8 +7,9 @@ A field declares what it accepts next to its default, in one line:
     beta1: float = checked(0.9, interval(0, 1))            # [0, 1)
     schedule: str = checked("wsd", one_of("wsd", "cosine"))
 
-`problems(obj)` walks a dataclass tree and returns one message per value outside its domain, so the
-config loader can refuse everything at once, before any work is done. Every float field must also be
+`build(cls, data, ...)` makes a dataclass tree from a YAML dict, naming every unknown key and wrong type;
+`problems(obj)` walks that tree and returns one message per value outside its domain, so the config loader
+can refuse everything at once, before any work is done. Every float field must also be
 finite (no domain needed). None is never checked here: whether a field may be None is its type's business,
 and so is the kind of value (a numeric domain lets a string through for a field typed `int | str`).
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -110,3 +112,62 @@ def problems(obj: Any, prefix: str) -> list[str]:
                 null = " or null" if type(None) in typing.get_args(hints[f.name]) else ""
                 out.append(f"{where} must be {domain.text}{null} (got {item!r})")
     return out
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                float(value)
+                return True
+            except ValueError:
+                return False
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:
+        return isinstance(value, list) and all(_type_ok(v, args[0]) for v in value)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    if dataclasses.is_dataclass(tp):
+        return isinstance(value, dict)
+    return isinstance(value, tp)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
+    """Instantiate dataclass `cls` from a dict, recording every unknown key and wrong type in `problems`.
+
+    A field with a wrong type keeps its default, so `problems(...)` and cross-field checks can still run
+    and the user sees every mistake at once."""
+    if not isinstance(data, dict):
+        problems.append(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in hints:
+            known = ", ".join(sorted(hints))
+            problems.append(f"unknown key {path!r} (known keys here: {known})")
+            continue
+        tp = hints[key]
+        inner = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = build(tp, value, path, problems)
+        elif inner is not None and dataclasses.is_dataclass(inner) and isinstance(value, list):
+            kwargs[key] = [build(inner, v, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+        elif not _type_ok(value, tp):
+            problems.append(f"{path} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        else:
+            kwargs[key] = float(value) if tp is float or (tp == float | None and value is not None) else value
+    return cls(**kwargs)

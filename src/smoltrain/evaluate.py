@@ -145,7 +145,7 @@ def _hf_forward(path: Path, device: torch.device):
 
 def load_forward(path: str, device: torch.device) -> tuple[object, Tokenizer, str]:
     """(forward(x, y) -> per-token NLL or logits, tokenizer, resolved directory) of a checkpoint or HF dir."""
-    from smoltrain.checkpoint import load_resolved, resolve_checkpoint
+    from smoltrain.interop import load_resolved, resolve_checkpoint
     from smoltrain.tokenizer import load_tokenizer
 
     directory = resolve_checkpoint(path)
@@ -191,8 +191,8 @@ def evaluate_models(paths: list[str], data: str | Path, split: str = "val", seq_
                     device: torch.device | str = "cpu") -> list[dict]:
     """One row (model, loss, ppl, bpb, tokens, seq_len) per model on a prepared split: the whole split by
     default, every token predicted once with windows of the model's training length (see default_shape)."""
-    from smoltrain.checkpoint import resolve_checkpoint
     from smoltrain.data.shards import load_meta
+    from smoltrain.interop import resolve_checkpoint
 
     device = torch.device(device)
     meta = load_meta(data)

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 import torch
 
 from smoltrain import domain
-from smoltrain.config import eos_ids
 from smoltrain.device import decode_threads
 from smoltrain.domain import checked
 from smoltrain.errors import UserError
 from smoltrain.model import KVCache, SmolLM2, to_inference_layout
+from smoltrain.modelconfig import eos_ids
 
 PROMPT_BATCH = 16  # prompts of a --prompt-file decoded together
 

@@ -1,28 +1,160 @@
-"""Weights in and out: HF directories and GGUF files -> smoltrain checkpoints -> HF directories."""
+"""Weights in and out: HF directories and GGUF files <-> model state <-> HF directories.
+
+A smoltrain checkpoint is also an HF model directory (config.json + model.safetensors with HF names +
+tokenizer files), so one reader serves checkpoints, run dirs (their newest valid checkpoint), imported
+models and HF downloads. Nothing here knows about training state: checkpoint.py adds that beside it.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
-from smoltrain.checkpoint import (
-    WEIGHTS,
-    load_resolved,
-    model_from_state,
-    model_state,
-    read_hf_config,
-    read_hf_weights,
-    resolve_checkpoint,
-    save_model_files,
-)
-from smoltrain.config import ModelConfig, eos_ids
+from smoltrain import storage
 from smoltrain.errors import UserError
+from smoltrain.model import SmolLM2
 from smoltrain.modelcard import ORIGIN, model_card, model_kind
+from smoltrain.modelconfig import ModelConfig, eos_ids
 from smoltrain.storage import check_target, publish
 from smoltrain.tokenizer import Tokenizer, load_tokenizer
+
+WEIGHTS = "model.safetensors"
+TIED_HEAD = "lm_head.weight"  # with tie_word_embeddings it is the embedding: HF stores only that
+T = TypeVar("T")
+
+
+def drop_tied_head(state: dict[str, T], cfg: ModelConfig) -> dict[str, T]:
+    """`state` without lm_head.weight when the head is tied (as HF saves it, and as a fitting state lacks it)."""
+    if not cfg.tie_word_embeddings:
+        return state
+    return {k: v for k, v in state.items() if k != TIED_HEAD}
+
+
+def model_state(model: SmolLM2) -> dict[str, torch.Tensor]:
+    """The unwrapped model's weights with HF names, the tied head dropped (as HF saves it)."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    return drop_tied_head(state, model.config)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, with a full disk reported as the OSError it is."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except OSError:
+        raise
+    except Exception as e:
+        if storage.is_no_space(e):
+            raise OSError(28, f"No space left on device: {path}") from None
+        raise
+
+
+def save_model_files(directory: Path, state: dict[str, torch.Tensor], cfg: ModelConfig,
+                     tokenizer: Tokenizer | None) -> None:
+    """config.json + model.safetensors (+ tokenizer files): what transformers needs to load the model."""
+    save_tensors(state, directory / WEIGHTS, metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
+    if tokenizer is not None:
+        tokenizer.save(directory)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir, a run dir (-> its newest valid checkpoint) or an HF model dir."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"{p} does not exist.")
+    if (p / storage.MANIFEST).exists():
+        storage.verify_manifest(p)
+        return p
+    if (p / "checkpoints").is_dir():
+        ckpt = storage.newest_valid(p)
+        if ckpt is None:
+            raise UserError(f"Run directory {p} has no valid checkpoint yet.")
+        return ckpt
+    if p.is_dir() and (p / "config.json").exists():
+        return p
+    raise UserError(f"{p} is not a smoltrain checkpoint, a run directory or a Hugging Face model directory.")
+
+
+def read_hf_config(directory: Path) -> ModelConfig:
+    """The ModelConfig of an HF directory's config.json (anything but plain Llama is refused)."""
+    try:
+        hf = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{directory}/config.json is missing or not valid JSON ({e}).") from None
+    return ModelConfig.from_hf(hf, source=f"{directory}/config.json")
+
+
+def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """Tensors of an HF directory: model.safetensors, its shards, or pytorch_model*.bin (read with
+    weights_only=True: plain tensors only, nothing in the file is executed)."""
+    files = sorted(directory.glob("model*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
+    if not files:
+        raise UserError(f"{directory} has no model weights (model.safetensors or pytorch_model.bin).")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            if f.suffix == ".safetensors":
+                part = load_file(str(f))
+            else:
+                part = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"Could not read weights file {f}: {e}") from None
+        state.update(part)
+    return state
+
+
+def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str,
+                     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> SmolLM2:
+    """Build the model on meta and assign `state` into it, with errors that name what does not fit."""
+    state = drop_tied_head({k.removeprefix("_orig_mod."): v for k, v in state.items()}, cfg)
+    with torch.device("meta"):
+        model = SmolLM2(cfg)
+    expected = drop_tied_head({k: v.shape for k, v in model.state_dict().items()}, cfg)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(s)}" for k, s in expected.items()
+             if k in state and state[k].shape != s]
+    parts = []
+    if missing:
+        parts.append(f"missing {missing[:4]}")
+    if unexpected:
+        parts.append(f"unexpected {unexpected[:4]}")
+    if wrong:
+        parts.append(f"wrong shapes {wrong[:4]}")
+    if parts:
+        raise UserError(f"Weights in {source} do not fit the model its config describes: {'; '.join(parts)}.")
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=False,
+                          assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.init_rope()
+    return model
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               need_tokenizer: bool = True) -> tuple[SmolLM2, Tokenizer | None, Path]:
+    """Model (+ tokenizer) from a checkpoint dir, run dir or HF dir; returns the directory used."""
+    return load_resolved(resolve_checkpoint(path), device, dtype, need_tokenizer)
+
+
+def load_resolved(directory: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                  need_tokenizer: bool = True) -> tuple[SmolLM2, Tokenizer | None, Path]:
+    """load_model for a directory that resolve_checkpoint (or resume discovery) already verified:
+    hashing a checkpoint twice costs seconds per GB."""
+    cfg = read_hf_config(directory)
+    model = model_from_state(cfg, read_hf_weights(directory), str(directory), device, dtype)
+    tokenizer = None
+    if need_tokenizer:
+        if not (directory / "tokenizer.json").exists():
+            raise UserError(f"{directory} holds no tokenizer.json; import it again with --tokenizer.")
+        tokenizer = load_tokenizer(directory)
+    return model.eval(), tokenizer, directory
+
 
 # GGUF (llama.cpp) tensor names -> HF Llama names; "{i}" is the layer index.
 GGUF_NAMES = {
@@ -44,8 +176,8 @@ GGUF_NAMES = {
 def _hf_name(gguf_name: str) -> str | None:
     parts = gguf_name.split(".")
     if parts[0] == "blk":
-        key, i = ".".join(["blk", "{i}", *parts[2:]]), parts[1]
-        return GGUF_NAMES[key].format(i=i) if key in GGUF_NAMES else None
+        key = ".".join(["blk", "{i}", *parts[2:]])
+        return GGUF_NAMES[key].format(i=parts[1]) if key in GGUF_NAMES else None
     return GGUF_NAMES.get(gguf_name)
 
 
@@ -117,7 +249,8 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
 
 def import_model(src: str | Path, out: str | Path, tokenizer: str | None = None, force: bool = False) -> Path:
     """Write a smoltrain checkpoint from an HF directory or a .gguf file (weights in fp32)."""
-    src, out = Path(src).expanduser(), Path(out).expanduser()
+    src = Path(src).expanduser()
+    out = Path(out).expanduser()
     if not src.exists():
         raise UserError(f"Import source {src} does not exist.")
     check_target(out, "import", force, inputs=[src, *([tokenizer] if tokenizer else [])])
@@ -126,7 +259,8 @@ def import_model(src: str | Path, out: str | Path, tokenizer: str | None = None,
         tok = load_tokenizer(tokenizer or src)
         origin = gguf_origin(src)
     elif src.is_dir():
-        cfg, state = read_hf_config(src), read_hf_weights(src)
+        cfg = read_hf_config(src)
+        state = read_hf_weights(src)
         tok = load_tokenizer(tokenizer or src)
         origin = hf_origin(src)
     else:
@@ -163,7 +297,8 @@ def hf_origin(directory: Path) -> dict:
         hf = json.loads((directory / "config.json").read_text())
         tok_cfg = json.loads((directory / "tokenizer_config.json").read_text())
     except (OSError, ValueError):
-        hf, tok_cfg = {}, {}
+        hf = {}
+        tok_cfg = {}
     name = hf.get("_name_or_path") or directory.resolve().name
     kind = model_kind([name, directory.resolve().name], bool(tok_cfg.get("chat_template")))
     return {"source": str(directory), "name": name, "kind": kind}
@@ -198,6 +333,3 @@ def write_hf_extras(d: Path, cfg: ModelConfig, src: Path, card: str | None = Non
     """generation_config.json and the model card beside the weights of an HF folder."""
     (d / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2))
     (d / "README.md").write_text(card or model_card(cfg, src, d))
-
-
-__all__ = ["WEIGHTS", "export_hf", "import_model", "read_gguf"]

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from smoltrain.config import ModelConfig
+from smoltrain.modelconfig import ModelConfig
 from smoltrain.runinfo import fault_point
 
 # Dense bf16 tensor-core peaks (FLOP/s) from NVIDIA datasheets; GeForce cards at fp32 accumulate

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from smoltrain import blas
-from smoltrain.config import ModelConfig
 from smoltrain.loss import auto_chunk, chunked_cross_entropy
+from smoltrain.modelconfig import ModelConfig
 
 IGNORE_INDEX = -100
 

@@ -17,8 +17,8 @@ import torch
 import yaml
 from jinja2 import Environment, PackageLoader, StrictUndefined, Template
 
-from smoltrain.config import ModelConfig
 from smoltrain.history import History, plot_loss
+from smoltrain.modelconfig import ModelConfig
 
 LOSS_PLOT = "loss.png"
 ORIGIN = "origin.json"

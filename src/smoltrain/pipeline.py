@@ -5,13 +5,13 @@ Runs on rank 0 before training (other ranks wait), and is a no-op when everythin
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
 from smoltrain.config import Config, DatasetConfig
 from smoltrain.errors import UserError
+from smoltrain.storage import sha256_text
 from smoltrain.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -68,7 +68,7 @@ def tokenizer_documents(cfg: Config) -> tuple[Iterator[str], str]:
         _holdout(cfg, ds).check_files(srcs)
     recipe = [[[str(Path(s).expanduser().resolve()) if not s.startswith("hf:") else s for s in srcs],
                list(ds.val_documents), ds.held_out_fraction(d.val_fraction)] for ds, srcs in plan]
-    key = hashlib.sha256(json.dumps([recipe, d.text_key, d.max_documents]).encode()).hexdigest()[:8]
+    key = sha256_text(json.dumps([recipe, d.text_key, d.max_documents]))[:8]
 
     def texts() -> Iterator[str]:
         for ds, srcs in resolved:

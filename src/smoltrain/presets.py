@@ -1,4 +1,4 @@
-"""Model shapes. SmolLM2 values are those of the released HF config.json files.
+"""Model shapes (config.py reads them for `model.preset`). SmolLM2 values are those of the released HF config.json files.
 
 The released configs carry rope_theta 1e5 (135M, 360M) / 1.3e5 (1.7B) and 8192 positions: that is the
 model *after* SmolLM2's long-context extension. Its pretraining ran at 2048 tokens with rope_theta 1e4;
@@ -7,7 +7,8 @@ the GPU recipes in configs/ say which they use.
 
 from __future__ import annotations
 
-from smoltrain.config import ModelConfig
+from smoltrain.errors import UserError
+from smoltrain.modelconfig import ModelConfig
 
 PRESETS: dict[str, ModelConfig] = {
     "smollm2-135m": ModelConfig(
@@ -33,8 +34,6 @@ PRESETS: dict[str, ModelConfig] = {
 
 def get_preset(name: str) -> ModelConfig:
     """A copy of a named preset (so callers may change it)."""
-    from smoltrain.errors import UserError
-
     if name not in PRESETS:
         raise UserError(f"Unknown model preset {name!r}; known presets: {', '.join(sorted(PRESETS))}.")
     return PRESETS[name].replace()

@@ -23,7 +23,6 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from smoltrain import checkpoint as ckpt_io
 from smoltrain import storage
 from smoltrain.config import check_remote_url
 from smoltrain.errors import UserError
@@ -92,7 +91,7 @@ class Remote:
     def steps(self, valid_only: bool = True) -> list[int]:
         """Remote checkpoint steps, oldest first; valid means its manifest (uploaded last) exists."""
         self.fs.invalidate_cache()
-        pattern = "*/" + ckpt_io.MANIFEST if valid_only else "*"
+        pattern = "*/" + storage.MANIFEST if valid_only else "*"
         found = self.fs.glob(self._path("checkpoints", "step_" + pattern))
         steps = set()
         for p in found:
@@ -105,15 +104,15 @@ class Remote:
     def upload_checkpoint(self, ckpt: Path, step: int, run_dir: Path, keep_last: int) -> None:
         """Logs, then every file of the checkpoint, then its manifest (the commit), then retention."""
         dest = self._path("checkpoints", ckpt.name)
-        manifest = json.loads((ckpt / ckpt_io.MANIFEST).read_text())
-        if self.fs.exists(posixpath.join(dest, ckpt_io.MANIFEST)):  # re-saving a step: invalidate the old copy first
-            self.fs.rm_file(posixpath.join(dest, ckpt_io.MANIFEST))
+        manifest = json.loads((ckpt / storage.MANIFEST).read_text())
+        if self.fs.exists(posixpath.join(dest, storage.MANIFEST)):  # re-saving a step: invalidate the old copy first
+            self.fs.rm_file(posixpath.join(dest, storage.MANIFEST))
         self.upload_logs(run_dir)
         for i, name in enumerate(sorted(manifest["files"])):
             self.fs.put_file(str(ckpt / name), posixpath.join(dest, name))
             if i == 0:
                 fault_point("in_upload", step)  # crash tests: die with a half-uploaded checkpoint
-        self.fs.put_file(str(ckpt / ckpt_io.MANIFEST), posixpath.join(dest, ckpt_io.MANIFEST))
+        self.fs.put_file(str(ckpt / storage.MANIFEST), posixpath.join(dest, storage.MANIFEST))
         self.retain(keep_last)
         fault_point("after_upload", step)  # crash tests: a preempted machine, its remote copy complete
 
@@ -139,7 +138,7 @@ class Remote:
             if step < oldest_kept:
                 d = self._path("checkpoints", f"step_{step:08d}")
                 if step in valid:
-                    self.fs.rm_file(posixpath.join(d, ckpt_io.MANIFEST))
+                    self.fs.rm_file(posixpath.join(d, storage.MANIFEST))
                 self.fs.rm(d, recursive=True)
 
     # --- download ----------------------------------------------------------------------------------
@@ -160,18 +159,18 @@ class Remote:
         return None
 
     def _download(self, step: int, run_dir: Path) -> Path:
-        final = ckpt_io.step_dir(run_dir, step)
+        final = storage.step_dir(run_dir, step)
         staging = storage.private_name("staging", final)  # private to this process (debris rules)
         src = self._path("checkpoints", final.name)
         try:
-            raw = self.fs.cat_file(posixpath.join(src, ckpt_io.MANIFEST))
+            raw = self.fs.cat_file(posixpath.join(src, storage.MANIFEST))
             manifest = json.loads(raw)
             for name in manifest["files"]:
                 target = staging / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 self.fs.get_file(posixpath.join(src, name), str(target))
-            (staging / ckpt_io.MANIFEST).write_bytes(raw)
-            ckpt_io.verify_checkpoint(staging)
+            (staging / storage.MANIFEST).write_bytes(raw)
+            storage.verify_manifest(staging)
             os.replace(staging, final)
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"download failed ({_explain(e)})") from None

@@ -23,10 +23,10 @@ import torch
 import yaml
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-from smoltrain.checkpoint import MANIFEST, list_checkpoints, load_model, newest_valid, resolve_checkpoint
 from smoltrain.errors import UserError
 from smoltrain.history import History, plot_loss, plot_series, plot_tasks, read_jsonl
-from smoltrain.storage import check_target, publish
+from smoltrain.interop import load_model, resolve_checkpoint
+from smoltrain.storage import MANIFEST, check_target, list_checkpoints, newest_valid, publish
 
 REPORT = "index.html"
 CHARTS = (  # file, metric (None: the loss chart), title, y label

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from smoltrain import checkpoint as ckpt_io
-from smoltrain.config import Config, trajectory_diff
+from smoltrain.config import Config, DatasetConfig
 from smoltrain.errors import UserError
+from smoltrain.interop import resolve_checkpoint
 from smoltrain.rundir import settings_diff
+from smoltrain.storage import list_checkpoints
 
 
 def pick_resume(cfg: Config, run_dir: Path, global_batch: int, mirror=None) -> tuple[Path | None, list[str]]:
@@ -25,7 +29,7 @@ def pick_resume(cfg: Config, run_dir: Path, global_batch: int, mirror=None) -> t
     if explicit:
         if not Path(explicit).exists():
             raise UserError(f"train.resume_from {explicit} does not exist (refusing to start fresh).")
-        found = ckpt_io.resolve_checkpoint(explicit)
+        found = resolve_checkpoint(explicit)
     else:
         found = ckpt_io.find_resume_checkpoint(run_dir, cfg.train.start_fresh)
         if found is None and mirror is not None:  # a fresh machine: the remote copy, if any
@@ -42,8 +46,45 @@ def pick_resume(cfg: Config, run_dir: Path, global_batch: int, mirror=None) -> t
         raise UserError(f"Resuming from {found} with a config that changes the run's trajectory: "
                         + "; ".join(diffs) + ". Use another run.dir, or set train.allow_config_change=true.")
     step = state["train_state"]["step"]
-    newer = [p.name for p in ckpt_io.list_checkpoints(run_dir) if int(p.name[5:]) > step]
+    newer = [p.name for p in list_checkpoints(run_dir) if int(p.name[5:]) > step]
     if explicit and newer:  # saving over them would set valid checkpoints aside
         raise UserError(f"run.dir {run_dir} already holds checkpoints after step {step} ({', '.join(newer)}); "
                         "resuming there from train.resume_from would overwrite them. Use another run.dir.")
     return found, settings_diff(old, cfg.to_dict())
+
+
+# Fields that define a run's trajectory: resuming with any of them changed is refused by default.
+# The global batch (micro x accum x world) is compared by the trainer: 2 x 4 on one process equals 2 x 2 on two.
+TRAJECTORY_FIELDS = ("model", "train.seq_len", "train.seed", "optim.name",
+                     "data.datasets", "data.stages", "data.tokenizer", "data.train_tokenizer_vocab_size",
+                     "data.val_fraction")
+
+
+def _get(tree: dict, dotted: str) -> Any:
+    for k in dotted.split("."):
+        tree = tree.get(k, {}) if isinstance(tree, dict) else {}
+    return tree
+
+
+def _dataset_defaults(datasets: Any) -> Any:
+    """Saved datasets with every DatasetConfig field present (defaults for the ones the save lacks)."""
+    if not isinstance(datasets, list):
+        return datasets
+    base = dataclasses.asdict(DatasetConfig())
+    return [{**base, **d} if isinstance(d, dict) else d for d in datasets]
+
+
+def trajectory_diff(old: dict, new: dict) -> list[str]:
+    """Trajectory-defining fields whose values differ between two resolved config dicts."""
+    diffs = []
+    for key in TRAJECTORY_FIELDS:
+        a = _get(old, key)
+        b = _get(new, key)
+        if key == "data.datasets":  # a config saved before a dataset field existed had its default
+            a = _dataset_defaults(a)
+            b = _dataset_defaults(b)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += [f"{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            diffs.append(f"{key}: {a!r} -> {b!r}")
+    return diffs

@@ -86,8 +86,8 @@ class StepLog:
 def summary(run_dir: Path, step: int, tokens_seen: int, seconds: float, tensorboard: bool, prompt: str,
             eval_data: Path | None) -> str:
     """Where everything is, the final held-out scores, and what to run next (rank 0)."""
-    from smoltrain.checkpoint import newest_valid
     from smoltrain.history import History
+    from smoltrain.storage import newest_valid
 
     val = History.load(run_dir).last(evals=True) or {}
     newest = newest_valid(run_dir)

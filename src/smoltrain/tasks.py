@@ -364,8 +364,8 @@ def score_in_loop(model: torch.nn.Module, tok: Tokenizer, tasks: list[Task], dev
 # --- models and the CLI ----------------------------------------------------------------------------
 def load_scorer(path: str, device: torch.device) -> tuple[Scorer, Tokenizer, str]:
     """A Scorer for a checkpoint, run directory or HF directory (any causal LM transformers loads)."""
-    from smoltrain.checkpoint import load_resolved, resolve_checkpoint
     from smoltrain.evaluate import hf_config
+    from smoltrain.interop import load_resolved, resolve_checkpoint
     from smoltrain.tokenizer import load_tokenizer
 
     directory = resolve_checkpoint(path)

@@ -6,7 +6,6 @@ is only imported to convert a GGUF's embedded tokenizer and to write files `Auto
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -15,7 +14,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as _HFTokenizer
 
 from smoltrain.errors import UserError
-from smoltrain.storage import check_target, publish
+from smoltrain.storage import publish, sha256_file, sha256_text
 
 EOT = "<|endoftext|>"  # document separator in SmolLM2's cosmo2 tokenizer (id 0)
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")  # SmolLM2's chat turn markers (ids 1 and 2)
@@ -43,7 +42,7 @@ class Tokenizer:
         self.source = source
         path = self.directory / "tokenizer.json"
         self.backend = read_backend(path)
-        self.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+        self.sha256 = sha256_file(path)
         config = self.directory / "tokenizer_config.json"
         try:
             self.config = json.loads(config.read_text()) if config.exists() else {}
@@ -100,7 +99,7 @@ class Tokenizer:
 def _from_gguf(path: Path) -> Path:
     """Convert the tokenizer embedded in a GGUF file once, into the cache, keyed by the file's identity."""
     st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = sha256_text(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}")[:16]
     target = cache_dir() / "tokenizers" / f"{path.stem}-{key}"
     if (target / "tokenizer.json").exists():
         return target
@@ -138,7 +137,7 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
             return Tokenizer(_from_gguf(path), str(spec))
         if path.name.endswith(".json"):
             read_backend(path)  # before a copy of it lands in the cache
-            tmp = cache_dir() / "tokenizers" / ("json-" + hashlib.sha256(path.read_bytes()).hexdigest()[:16])
+            tmp = cache_dir() / "tokenizers" / ("json-" + sha256_file(path)[:16])
             tmp.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, tmp / "tokenizer.json")
             return Tokenizer(tmp, str(spec))
@@ -148,40 +147,15 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
     raise UserError(f"Tokenizer path {spec} does not exist.")
 
 
-def train_tokenizer(sources, vocab_size: int, out_dir: str | Path, *, text_key: str = "text",
-                    max_documents: int | None = None, min_frequency: int = 2,
-                    extra_special_tokens: list[str] | tuple[str, ...] = (), force: bool = False,
-                    show_progress: bool = False) -> Tokenizer:
-    """Train a byte-level BPE the way SmolLM2's cosmo2 tokenizer was made, and save it to `out_dir`.
-
-    `<|endoftext|>` is id 0, `<|im_start|>` 1 and `<|im_end|>` 2; digits are split one by one before the
-    byte-level split (as cosmo2 does). `out_dir` gets tokenizer.json and tokenizer_config.json, so both
-    `load_tokenizer(out_dir)` and `transformers.AutoTokenizer.from_pretrained(out_dir)` load it.
-    """
-    from smoltrain.data.sources import iter_documents, resolve_sources
-
-    _check_vocab_size(vocab_size, extra_special_tokens)
-    out = Path(out_dir).expanduser()
-    srcs = resolve_sources(sources)
-    legacy = _legacy_record(out)
-    check_target(out, "tokenizer", force, inputs=[s.spec for s in srcs if s.kind != "hf"], legacy=legacy)
-    try:
-        return train_bpe(iter_documents(srcs, text_key, max_documents), vocab_size, out, min_frequency=min_frequency,
-                         extra_special_tokens=extra_special_tokens, show_progress=show_progress, force=force)
-    except _NoText:
-        raise UserError(f"The sources ({', '.join(s.spec for s in srcs)}) hold no text to train a tokenizer "
-                        "on.") from None
-
-
-class _NoText(UserError):
-    pass
+class NoText(UserError):
+    """train_bpe saw no text: the caller names its sources in the message it raises instead."""
 
 
 def _specials(extra: list[str] | tuple[str, ...]) -> list[str]:
     return [EOT, *CHAT_TOKENS, *(t for t in extra if t not in (EOT, *CHAT_TOKENS))]
 
 
-def _check_vocab_size(vocab_size: int, extra: list[str] | tuple[str, ...]) -> None:
+def check_vocab_size(vocab_size: int, extra: list[str] | tuple[str, ...]) -> None:
     need = len(_specials(extra)) + 256  # every byte, then the special tokens
     if vocab_size < need:
         raise UserError(f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least {need} ids "
@@ -191,12 +165,17 @@ def _check_vocab_size(vocab_size: int, extra: list[str] | tuple[str, ...]) -> No
 def train_bpe(documents, vocab_size: int, out_dir: str | Path, *, min_frequency: int = 2,
               extra_special_tokens: list[str] | tuple[str, ...] = (), show_progress: bool = False,
               force: bool = False) -> Tokenizer:
-    """`train_tokenizer` on an iterable of texts (the caller chooses them: e.g. only a training split).
+    """Train a byte-level BPE the way SmolLM2's cosmo2 tokenizer was made, on an iterable of texts (the caller
+    chooses them: e.g. only a training split; data.prepare.train_tokenizer reads them from sources).
+
+    `<|endoftext|>` is id 0, `<|im_start|>` 1 and `<|im_end|>` 2; digits are split one by one before the
+    byte-level split (as cosmo2 does). `out_dir` gets tokenizer.json and tokenizer_config.json, so both
+    `load_tokenizer(out_dir)` and `transformers.AutoTokenizer.from_pretrained(out_dir)` load it.
 
     Published by storage.publish; with `force` it replaces an earlier tokenizer output only."""
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    _check_vocab_size(vocab_size, extra_special_tokens)
+    check_vocab_size(vocab_size, extra_special_tokens)
     special, alphabet = _specials(extra_special_tokens), pre_tokenizers.ByteLevel.alphabet()
     out = Path(out_dir).expanduser()
     backend = _HFTokenizer(models.BPE())
@@ -207,12 +186,12 @@ def train_bpe(documents, vocab_size: int, out_dir: str | Path, *, min_frequency:
                                   initial_alphabet=alphabet, show_progress=show_progress)
     backend.train_from_iterator(documents, trainer)
     if backend.get_vocab_size() == len(special):
-        raise _NoText("The documents hold no text to train a tokenizer on.")
+        raise NoText("The documents hold no text to train a tokenizer on.")
 
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 8192, "bos_token": EOT,
               "eos_token": EOT, "unk_token": EOT, "pad_token": EOT, "add_prefix_space": False,
               "clean_up_tokenization_spaces": False, "additional_special_tokens": special[1:]}
-    legacy = _legacy_record(out)
+    legacy = legacy_tokenizer_record(out)
     with publish(out, "tokenizer", {"vocab_size": vocab_size}, hashed=False, replace=force, legacy=legacy) as staging:
         backend.save(str(staging / "tokenizer.json"))
         (staging / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -222,7 +201,7 @@ def train_bpe(documents, vocab_size: int, out_dir: str | Path, *, min_frequency:
     return Tokenizer(out, str(out))
 
 
-def _legacy_record(out: Path) -> dict | None:
+def legacy_tokenizer_record(out: Path) -> dict | None:
     """A tokenizer dir that `tokenizer train` wrote before storage markers: only its own three files."""
     names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
     if not (out / "tokenizer.json").is_file():

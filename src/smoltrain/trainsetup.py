@@ -94,12 +94,12 @@ def setup_stream(cfg: Config, dist: DistEnv) -> tuple[Tokenizer, object, None]:
 
 def initial_model(cfg: Config, ckpt: Path | None, device: torch.device) -> SmolLM2:
     """The weights to start from, in train mode: the resume checkpoint's, train.init_from's, or fresh."""
-    from smoltrain import checkpoint as ckpt_io
+    from smoltrain import interop
     from smoltrain.model import build_model
 
     source = ckpt or cfg.train.init_from
     if source:  # a resume checkpoint was verified by pick_resume; init_from is resolved here
-        load = ckpt_io.load_resolved if ckpt else ckpt_io.load_model
+        load = interop.load_resolved if ckpt else interop.load_model
         model, _, src = load(source, device=device, need_tokenizer=False)
         if model.config != cfg.model:
             what = "train.init_from " if ckpt is None else "The checkpoint "

@@ -20,7 +20,7 @@ def _cmd_prepare(a: argparse.Namespace) -> int:
 
 
 def _cmd_tokenizer_train(a: argparse.Namespace) -> int:
-    from smoltrain.tokenizer import train_tokenizer
+    from smoltrain.data.prepare import train_tokenizer
 
     tok = train_tokenizer(a.source, a.vocab_size, a.out, text_key=a.text_key, max_documents=a.max_documents,
                           min_frequency=a.min_frequency, extra_special_tokens=a.special_token, force=a.force,

@@ -110,9 +110,9 @@ def _read_prompts(a: argparse.Namespace) -> list[str]:
 def generate_cli(a: argparse.Namespace) -> int:
     """`smoltrain generate CKPT --prompt TEXT` streams one continuation; `--prompt-file FILE` decodes
     its prompts in batches of PROMPT_BATCH, each checked before any work."""
-    from smoltrain.checkpoint import load_model
     from smoltrain.device import amp_dtype, pick_device
     from smoltrain.generate import SamplingConfig, prepare_for_decode
+    from smoltrain.interop import load_model
 
     if a.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1.")

@@ -28,6 +28,7 @@ from smoltrain.data.sources import (
     Document,
     Source,
     count_documents,
+    iter_documents,
     iter_named_documents,
     open_datasets,
     resolve_sources,
@@ -35,13 +36,20 @@ from smoltrain.data.sources import (
 from smoltrain.data.split import Holdout, is_val, raise_unmatched
 from smoltrain.errors import UserError
 from smoltrain.storage import check_inputs, check_target, clean_stale, publish, write_text_synced
-from smoltrain.tokenizer import Tokenizer, load_tokenizer
+from smoltrain.tokenizer import (
+    NoText,
+    Tokenizer,
+    check_vocab_size,
+    legacy_tokenizer_record,
+    load_tokenizer,
+    train_bpe,
+)
 
 CHUNK_CHARS = 1 << 20  # characters per work item: large enough to amortise pickling, small enough to balance
 CHUNK_DOCS = 4096
 SHARD_TOKENS = 100_000_000  # 200 MB of uint16 per shard
 
-__all__ = ["is_val", "prepare"]
+__all__ = ["is_val", "prepare", "train_tokenizer"]
 
 
 # --- workers -------------------------------------------------------------------------------------------------
@@ -284,3 +292,25 @@ def _report(out: Path, meta: dict) -> None:
     if not va["num_documents"] and (meta["val_fraction"] or 0) > 0:
         print(f"Note: no validation documents ({meta['num_documents']} documents x val fraction "
               f"{meta['val_fraction']} rounds to 0); use --val-docs N to hold some out.")
+
+
+def train_tokenizer(sources, vocab_size: int, out_dir: str | Path, *, text_key: str = "text",
+                    max_documents: int | None = None, min_frequency: int = 2,
+                    extra_special_tokens: list[str] | tuple[str, ...] = (), force: bool = False,
+                    show_progress: bool = False) -> Tokenizer:
+    """`tokenizer.train_bpe` on the documents of raw sources (files, dirs, hf:NAME), saved to `out_dir`.
+
+    Here, not in tokenizer.py, because reading sources is the data layer's job and the tokenizer sits below
+    it; the sources are checked as inputs (never replaced by --force) before any training.
+    """
+    check_vocab_size(vocab_size, extra_special_tokens)
+    out = Path(out_dir).expanduser()
+    srcs = resolve_sources(sources)
+    legacy = legacy_tokenizer_record(out)
+    check_target(out, "tokenizer", force, inputs=[s.spec for s in srcs if s.kind != "hf"], legacy=legacy)
+    try:
+        return train_bpe(iter_documents(srcs, text_key, max_documents), vocab_size, out, min_frequency=min_frequency,
+                         extra_special_tokens=extra_special_tokens, show_progress=show_progress, force=force)
+    except NoText:
+        raise UserError(f"The sources ({', '.join(s.spec for s in srcs)}) hold no text to train a tokenizer "
+                        "on.") from None
