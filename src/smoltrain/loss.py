@@ -24,7 +24,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_grad else None
         buf = None  # one (chunk, V) block reused by every chunk: big fresh allocations page-fault each time
         for s in range(0, h.shape[0], chunk):
-            hc, yc, vc = h[s : s + chunk], safe[s : s + chunk], valid[s : s + chunk]
+            hc = h[s : s + chunk]
+            yc = safe[s : s + chunk]
+            vc = valid[s : s + chunk]
             c = hc.shape[0]
             if hc.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type):
                 buf = torch.empty(min(chunk, h.shape[0]), w.shape[0], device=h.device) if buf is None else buf

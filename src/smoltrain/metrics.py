@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
+from smoltrain.faults import fault_point
 from smoltrain.modelconfig import ModelConfig
-from smoltrain.runinfo import fault_point
 
 # Dense bf16 tensor-core peaks (FLOP/s) from NVIDIA datasheets; GeForce cards at fp32 accumulate
 # (what PyTorch's bf16 matmuls use). Sparse figures are never a fair MFU denominator.
@@ -47,7 +47,11 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     lookup costs no FLOPs. 12 * L * H * Q * T is attention's QK^T and AV (forward + backward),
     with H query heads of size Q and context T, not halved for the causal mask (as PaLM).
     """
-    d, f, h, k, q = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    d = cfg.hidden_size
+    f = cfg.intermediate_size
+    h = cfg.num_attention_heads
+    k = cfg.num_key_value_heads
+    q = cfg.head_dim
     per_layer = d * h * q * 2 + d * k * q * 2 + 3 * d * f  # q, o; k, v; gate, up, down
     n = cfg.num_hidden_layers * per_layer + d * cfg.vocab_size  # + LM head
     return 6 * n + 12 * cfg.num_hidden_layers * h * q * seq_len

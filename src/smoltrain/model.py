@@ -86,8 +86,11 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        d, e = cfg.hidden_size, cfg.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, e
+        d = cfg.hidden_size
+        e = cfg.head_dim
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = e
         self.q_proj = nn.Linear(d, self.num_heads * e, bias=False)
         self.k_proj = nn.Linear(d, self.num_kv_heads * e, bias=False)
         self.v_proj = nn.Linear(d, self.num_kv_heads * e, bias=False)
@@ -100,16 +103,22 @@ class Attention(nn.Module):
         """mask: a boolean attention mask (T, S) or (B, 1, T, S); None is causal over this call's keys
         (a single query token sees every key). kv: this layer's cache, written at slots start..start+T."""
         b, t, _ = x.shape
-        h, kh, e = self.num_heads, self.num_kv_heads, self.head_dim
+        h = self.num_heads
+        kh = self.num_kv_heads
+        e = self.head_dim
         if self.fused_qkv is not None:  # inference: one matmul, and RoPE on q and k together
             qkv = blas.matmul(x, self.fused_qkv).view(b, t, h + 2 * kh, e)  # (B, T, H+2K, E)
             qk = apply_rope(qkv[:, :, : h + kh], cos, sin)  # (B, T, H+K, E)
-            q, k, v = qk[:, :, :h], qk[:, :, h:], qkv[:, :, h + kh :]
+            q = qk[:, :, :h]
+            k = qk[:, :, h:]
+            v = qkv[:, :, h + kh :]
         else:
             q = apply_rope(self.q_proj(x).view(b, t, h, e), cos, sin)  # (B, T, H, E)
             k = apply_rope(self.k_proj(x).view(b, t, kh, e), cos, sin)  # (B, T, K, E)
             v = self.v_proj(x).view(b, t, kh, e)  # (B, T, K, E)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, h, T, E)
+        q = q.transpose(1, 2)  # (B, h, T, E)
+        k = k.transpose(1, 2)
+        v = v.transpose(1, 2)
         if kv is not None:
             k, v = kv.update(start, k, v)  # (B, K, S, E) with S = start + T
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
@@ -208,19 +217,23 @@ class SmolLM2(nn.Module):
         layer). `pad` (B,) counts the left-padding slots of each row (batched prompts of different
         lengths): a row's positions start after its padding and no query attends to a padding slot.
         """
-        t, s = input_ids.shape[1], start_pos or 0
+        t = input_ids.shape[1]
+        s = start_pos or 0
         mask = None
         if pad is not None:
             slots = torch.arange(s + t, device=input_ids.device)
             # (B, T); clamped: a finished row is fed on (discarded) while longer rows decode past its context
             pos = (slots[s:][None] - pad[:, None]).clamp(0, self.rope_cos.shape[0] - 1)
-            cos, sin = self.rope_cos[pos][:, :, None], self.rope_sin[pos][:, :, None]  # (B, T, 1, E)
-            keys, queries = slots[None, None, :], slots[None, s:, None]
+            cos = self.rope_cos[pos][:, :, None]  # (B, T, 1, E)
+            sin = self.rope_sin[pos][:, :, None]
+            keys = slots[None, None, :]
+            queries = slots[None, s:, None]
             # causal and off the padding; a padding query sees itself, so its (unused) row stays finite
             mask = ((keys <= queries) & (keys >= pad[:, None, None])) | (keys == queries)  # (B, T, S)
             mask = mask[:, None]  # (B, 1, T, S)
         else:
-            cos, sin = self.rope_cos[s : s + t, None], self.rope_sin[s : s + t, None]  # (T, 1, E)
+            cos = self.rope_cos[s : s + t, None]  # (T, 1, E)
+            sin = self.rope_sin[s : s + t, None]
             if cache is not None and s > 0 and t > 1:  # a chunk after an existing prefix: explicit causal mask
                 rows = torch.arange(s, s + t, device=input_ids.device)[:, None]
                 mask = torch.arange(s + t, device=input_ids.device)[None, :] <= rows  # (T, S)
@@ -298,7 +311,8 @@ def to_inference_layout(model: SmolLM2) -> SmolLM2:
         return fused
 
     for layer in model.model.layers:
-        a, m = layer.self_attn, layer.mlp
+        a = layer.self_attn
+        m = layer.mlp
         a.fused_qkv = fuse([a.q_proj, a.k_proj, a.v_proj])
         m.fused_gate_up = fuse([m.gate_proj, m.up_proj])
         a.o_proj = KMajorLinear(kmajor(a.o_proj.weight))

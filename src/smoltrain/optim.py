@@ -23,7 +23,8 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     Decaying RMSNorm gains pulls them toward 0 (not their init of 1), and decaying a tied
     embedding shrinks the input and output vocabulary together; most LLM recipes exclude both.
     """
-    decay, no_decay = [], []
+    decay = []
+    no_decay = []
     for name, p in model.named_parameters():  # a tied weight appears once
         if not p.requires_grad:
             continue

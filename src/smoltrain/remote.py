@@ -26,7 +26,7 @@ from pathlib import Path
 from smoltrain import storage
 from smoltrain.config import check_remote_url
 from smoltrain.errors import UserError
-from smoltrain.runinfo import fault_point
+from smoltrain.faults import fault_point
 
 LOG_FILES = ("metrics.jsonl", "samples.jsonl", "config.yaml", "config_history.jsonl", "env.json", "wandb.json",
              "trackio.json")
@@ -67,14 +67,12 @@ class Remote:
         self.url = url.rstrip("/")
         self.root = self.root.rstrip("/")
 
-    # --- paths -------------------------------------------------------------------------------------
     def _path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 
     def url_of(self, step: int) -> str:
         return f"{self.url}/checkpoints/step_{step:08d}"
 
-    # --- checks (before any work) ------------------------------------------------------------------
     def check(self) -> None:
         """Write, read back and delete a probe object: bad endpoints, buckets and credentials exit 2 now."""
         probe = self._path(f".smoltrain-probe-{uuid.uuid4().hex[:8]}")
@@ -87,7 +85,6 @@ class Remote:
         if not ok:
             raise UserError(f"checkpoint.remote {self.url} did not return what was written to it.")
 
-    # --- listing -----------------------------------------------------------------------------------
     def steps(self, valid_only: bool = True) -> list[int]:
         """Remote checkpoint steps, oldest first; valid means its manifest (uploaded last) exists."""
         self.fs.invalidate_cache()
@@ -100,7 +97,6 @@ class Remote:
                 steps.add(int(m.group(1)))
         return sorted(steps)
 
-    # --- upload ------------------------------------------------------------------------------------
     def upload_checkpoint(self, ckpt: Path, step: int, run_dir: Path, keep_last: int) -> None:
         """Logs, then every file of the checkpoint, then its manifest (the commit), then retention."""
         dest = self._path("checkpoints", ckpt.name)
@@ -141,7 +137,6 @@ class Remote:
                     self.fs.rm_file(posixpath.join(d, storage.MANIFEST))
                 self.fs.rm(d, recursive=True)
 
-    # --- download ----------------------------------------------------------------------------------
     def restore(self, run_dir: Path) -> tuple[Path, int] | None:
         """Newest remote checkpoint that downloads and verifies, committed into RUN/checkpoints; logs first.
 
@@ -241,7 +236,8 @@ class RunMirror:
         self.remote = Remote(ck.remote, ck.remote_options) if ck.remote else None
         if self.remote is not None:
             self.remote.check()
-        self.hub_repo, self.hub_private = ck.push_to_hub, ck.hub_private
+        self.hub_repo = ck.push_to_hub
+        self.hub_private = ck.hub_private
         if self.hub_repo:
             from smoltrain.hub import check_token
 

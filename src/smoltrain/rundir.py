@@ -104,7 +104,8 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 def settings_diff(old: dict, new: dict) -> list[str]:
     """Every resolved setting that differs between two config dicts, as `key: old -> new`."""
-    a, b = flatten(old), flatten(new)
+    a = flatten(old)
+    b = flatten(new)
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 

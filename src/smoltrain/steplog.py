@@ -15,10 +15,26 @@ from tqdm import tqdm
 
 from smoltrain.metrics import RunLog, memory_gb, model_flops_utilization
 from smoltrain.rundir import record_segment
-from smoltrain.runinfo import environment, print_header
+from smoltrain.runinfo import environment
 
 if TYPE_CHECKING:
     from smoltrain.config import Config, ModelConfig
+
+
+def print_header(cfg: Config, env: dict, num_params: int, world_size: int) -> None:
+    """Versions, device, model size and the global batch arithmetic, before the first step."""
+    train = cfg.train
+    model = cfg.model
+    versions = env["versions"]
+    seqs = train.micro_batch_size * train.grad_accum_steps * world_size
+    print(f"smoltrain {versions['smoltrain']} (git {env['git_sha'] or 'n/a'}), torch {versions['torch']}, "
+          f"device {env['device']} ({env['device_name']})", flush=True)
+    print(f"model: {num_params:,} parameters ({model.num_hidden_layers} layers, d={model.hidden_size}, "
+          f"{model.num_attention_heads}/{model.num_key_value_heads} heads, vocab {model.vocab_size})")
+    print(f"global batch = micro {train.micro_batch_size} x accum {train.grad_accum_steps} x world {world_size} "
+          f"= {seqs} sequences x {train.seq_len} tokens = {seqs * train.seq_len:,} tokens/step; "
+          f"{train.max_steps} steps")
+    print(f"run dir: {cfg.run.dir} (resolved config in config.yaml)", flush=True)
 
 
 def write_run_files(run_dir: Path, cfg: Config, device: torch.device, world_size: int, step: int,

@@ -38,8 +38,6 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 STEP_DIR = re.compile(r"^step_(\d{8})$")  # RUN/checkpoints/step_NNNNNNNN
 
 
-# --- hashing and syncing ---------------------------------------------------------------------------------
-
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, read in 4 MiB blocks (checkpoints are GBs)."""
     h = hashlib.sha256()
@@ -81,8 +79,6 @@ def write_text_synced(path: Path, text: str) -> None:
 def _files(directory: Path, skip: str) -> list[Path]:
     return sorted(p for p in Path(directory).rglob("*") if p.is_file() and p.name != skip)
 
-
-# --- manifests and markers -------------------------------------------------------------------------------
 
 def write_manifest(directory: Path, command: str, info: dict | None = None, hashed: bool = True) -> None:
     """The record of what `command` wrote into `directory`, written last (with sha256 when `hashed`)."""
@@ -136,7 +132,6 @@ def output_record(directory: Path) -> dict | None:
     return None
 
 
-# --- finding a run's checkpoints ----------------------------------------------------------------------
 # Here rather than in checkpoint.py: interop.load_model resolves a run dir to its newest valid checkpoint,
 # and interop sits below checkpoint.
 
@@ -173,8 +168,6 @@ def _warn_skipped(ckpt: Path, error: UserError) -> None:
     # stacklevel 4: newest_valid's caller (this, newest_verified, newest_valid are in between)
     warnings.warn(f"Skipping checkpoint: {error}", stacklevel=4)
 
-
-# --- what may be replaced ---------------------------------------------------------------------------------
 
 def _resolved(p: str | Path) -> Path:
     return Path(p).expanduser().resolve()
@@ -228,8 +221,6 @@ def check_target(out: str | Path, command: str, force: bool, inputs: Iterable[st
                         f"to replace it, or choose another {flag}.")
 
 
-# --- staging and publishing ------------------------------------------------------------------------------
-
 def private_name(kind: str, final: Path) -> Path:
     """`.<kind>-<name>-<pid>-<hex>` beside `final`: no other process ever picks the same name."""
     return final.parent / f".{kind}-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -251,7 +242,8 @@ def commit(staging: Path, final: Path, command: str, info: dict | None = None, h
     once the new one is complete; with `keep_existing` (a cache another process filled first) ours is
     dropped. An empty directory at `final` is simply taken over.
     """
-    staging, final = Path(staging), Path(final)
+    staging = Path(staging)
+    final = Path(final)
     write_manifest(staging, command, info, hashed)
     fsync_tree(staging)
     old = None
@@ -324,8 +316,6 @@ def remove_dir(directory: Path) -> None:
     os.replace(directory, doomed)
     shutil.rmtree(doomed, ignore_errors=True)
 
-
-# --- full disks ------------------------------------------------------------------------------------------
 
 def is_no_space(e: BaseException) -> bool:
     """ENOSPC/EDQUOT, also when a library (safetensors) reports it in its own exception type."""

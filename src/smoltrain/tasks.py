@@ -55,7 +55,6 @@ class Task:
     items: list[Item]
 
 
-# --- loading ---------------------------------------------------------------------------------------
 def _item_from_line(obj, where: str) -> Item:
     if not isinstance(obj, dict):
         raise UserError(f"{where} is not a JSON object; each line must be "
@@ -64,7 +63,9 @@ def _item_from_line(obj, where: str) -> Item:
     if missing:
         raise UserError(f"{where} lacks {', '.join(missing)}; each line must be "
                         '{"context": str, "choices": [str, ...], "label": int}.')
-    context, choices, label = obj["context"], obj["choices"], obj["label"]
+    context = obj["context"]
+    choices = obj["choices"]
+    label = obj["label"]
     if not isinstance(context, str):
         raise UserError(f"{where}: context must be a string, got {type(context).__name__}.")
     if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
@@ -176,7 +177,6 @@ def parse_task_specs(specs: Iterable[str]) -> list[str]:
     return out
 
 
-# --- encoding (lm-eval's conventions) --------------------------------------------------------------
 def prefix_token_id(tok: Tokenizer) -> int:
     """What an empty context is conditioned on: the tokenizer's BOS, else its EOS (lm-eval's HFLM)."""
     for key in ("bos_token", "eos_token"):
@@ -202,7 +202,6 @@ def encode_pair(tok: Tokenizer, context: str, continuation: str) -> tuple[list[i
     return ctx, whole[len(ctx):]
 
 
-# --- scoring ---------------------------------------------------------------------------------------
 Request = tuple[list[int], list[int]]  # (context tokens, continuation tokens)
 Score = tuple[float, bool]  # (summed log-prob of the continuation, whether it is the greedy one)
 TOKEN_BUDGET = 4096  # choice rows x padded (context + choice) positions a batch: bounds its KV cache
@@ -357,11 +356,11 @@ def score_in_loop(model: torch.nn.Module, tok: Tokenizer, tasks: list[Task], dev
     out = {}
     for task in tasks:
         s = score_task(scorer, tok, task)
-        out[f"task/{task.name}/acc"], out[f"task/{task.name}/acc_norm"] = s["acc"], s["acc_norm"]
+        out[f"task/{task.name}/acc"] = s["acc"]
+        out[f"task/{task.name}/acc_norm"] = s["acc_norm"]
     return out
 
 
-# --- models and the CLI ----------------------------------------------------------------------------
 def load_scorer(path: str, device: torch.device) -> tuple[Scorer, Tokenizer, str]:
     """A Scorer for a checkpoint, run directory or HF directory (any causal LM transformers loads)."""
     from smoltrain.evaluate import hf_config

@@ -176,7 +176,8 @@ def train_bpe(documents, vocab_size: int, out_dir: str | Path, *, min_frequency:
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     check_vocab_size(vocab_size, extra_special_tokens)
-    special, alphabet = _specials(extra_special_tokens), pre_tokenizers.ByteLevel.alphabet()
+    special = _specials(extra_special_tokens)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
     out = Path(out_dir).expanduser()
     backend = _HFTokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),

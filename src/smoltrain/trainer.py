@@ -25,13 +25,13 @@ from smoltrain.config import Config
 from smoltrain.device import amp_dtype, autocast, pick_device
 from smoltrain.errors import TrainingError
 from smoltrain.evaluator import InLoopEval, in_loop_tasks
+from smoltrain.faults import fault_point
 from smoltrain.metrics import RunLog
 from smoltrain.model import IGNORE_INDEX
 from smoltrain.optim import build_optimizer, lr_at, rewarm_factor, set_lr
 from smoltrain.remote import RunMirror
 from smoltrain.resume import pick_resume
 from smoltrain.rundir import own_run_dir
-from smoltrain.runinfo import fault_point
 from smoltrain.steplog import StepLog, summary, write_run_files
 from smoltrain.stopping import StopRequest
 from smoltrain.trainsetup import apply_global_batch, check_inputs, initial_model, setup_data
@@ -226,7 +226,6 @@ class Trainer:
         """This step's checkpoint (every rank calls it; rank 0 gets the path)."""
         return self.checkpointer.save(self.step, self.tokens_seen, self.rewarm_from)
 
-    # --- start, stop and teardown ------------------------------------------------------------------
     def _nothing_to_do(self) -> int:
         if self.dist.is_main:
             print(f"Nothing to do: the run in {self.run_dir} is already at step {self.step} and this config's "

@@ -52,8 +52,6 @@ def _cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
-
-
 def add_model_commands(sub) -> None:
     p = sub.add_parser("assets", help="fetch the offline reference assets (SmolLM2-135M-Instruct GGUF, Shakespeare)")
     p.add_argument("--dir", default=None, help="cache directory (default ~/.cache/smoltrain/assets)")

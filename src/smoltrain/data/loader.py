@@ -26,14 +26,17 @@ from smoltrain.errors import UserError
 
 __all__ = ["PackedLoader", "check_vocab", "eval_spans", "eval_windows", "ordered_batches"]
 
-_MIX, _PERM = 0x6D6978, 0x7065726D  # generator purposes, so the mixture and the shuffles never share draws
+_MIX = 0x6D6978  # generator purposes, so the mixture and the shuffles never share draws
+_PERM = 0x7065726D
 
 
 class TokenSource:
     """One prepared directory's split as a single memory-mapped token stream, read in windows."""
 
     def __init__(self, name: str, directory: str | Path, split: str, seq_len: int):
-        self.name, self.directory, self.seq_len = name, Path(directory), seq_len
+        self.name = name
+        self.directory = Path(directory)
+        self.seq_len = seq_len
         self.meta = load_meta(self.directory)
         splits = self.meta["splits"]
         if split not in splits:
@@ -56,7 +59,9 @@ class TokenSource:
             lo = start - self.offsets[i]
             take = min(end - start, len(self.shards[i]) - lo)
             out[pos:pos + take] = self.shards[i][lo:lo + take]
-            pos, start, i = pos + take, start + take, i + 1
+            pos = pos + take
+            start = start + take
+            i = i + 1
 
 
 def _named(datasets: Mapping[str, str | Path] | str | Path | list) -> dict[str, str | Path]:
@@ -84,7 +89,8 @@ def _normalise(weights: Mapping[str, float], names: list[str], where: str) -> np
 def _stages(stages: list | None, weights: Mapping[str, float] | None, names: list[str]) -> list:
     """[(start_step, normalised weights)], sorted, always starting at step 0."""
     base = _normalise(weights, names, "weights") if weights else np.full(len(names), 1 / len(names))
-    out, prev = [(0, base)], -1
+    out = [(0, base)]
+    prev = -1
     for i, st in enumerate(stages or []):
         if not isinstance(st, Mapping) or "weights" not in st:
             raise UserError(f"Data stage {i} must be a mapping with start_step and weights, got {st!r}.")
@@ -92,7 +98,8 @@ def _stages(stages: list | None, weights: Mapping[str, float] | None, names: lis
         if start <= prev:
             raise UserError("Data stages must have increasing, non-negative start_step values.")
         w = _normalise(st["weights"], names, f"Data stage {i} weights")
-        out, prev = [s for s in out if s[0] < start] + [(start, w)], start
+        out = [s for s in out if s[0] < start] + [(start, w)]
+        prev = start
     return out
 
 
@@ -111,13 +118,19 @@ class PackedLoader:
         named = _named(datasets)
         if not named:
             raise UserError("No datasets given to the loader.")
-        self.batch_size, self.seq_len, self.seed, self.split = batch_size, seq_len, seed, split
-        self.rank, self.world_size, self.grad_accum_steps = rank, world_size, grad_accum_steps
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.seed = seed
+        self.split = split
+        self.rank = rank
+        self.world_size = world_size
+        self.grad_accum_steps = grad_accum_steps
         self.sources = [TokenSource(n, d, split, seq_len) for n, d in named.items()]
         self.names = [s.name for s in self.sources]
         self._check_sources()
         self.stages = _stages(stages, weights, self.names)
-        self._step, self._micro = 0, 0
+        self._step = 0
+        self._micro = 0
         self._cursors = [(0, 0)] * len(self.sources)  # (epoch, position in that epoch's order) per source
         self._tokens = [0] * len(self.sources)
         self._plan: tuple | None = None
@@ -125,7 +138,8 @@ class PackedLoader:
 
     def _check_sources(self) -> None:
         first = self.sources[0].meta
-        self.vocab_size, self.tokenizer_identity = first["vocab_size"], first["tokenizer"]
+        self.vocab_size = first["vocab_size"]
+        self.tokenizer_identity = first["tokenizer"]
         self.eot_id = first["eot_id"]
         need = self.batch_size * self.world_size
         for s in self.sources:
@@ -139,7 +153,6 @@ class PackedLoader:
                                 f"{need} windows (batch_size {self.batch_size} x world_size {self.world_size}). "
                                 "Use more data, a shorter seq_len or a smaller batch.")
 
-    # --- the plan of one optimizer step -------------------------------------------------------------------
 
     @property
     def global_batch(self) -> int:
@@ -162,18 +175,22 @@ class PackedLoader:
     def _take(self, k: int, cursor: tuple[int, int], n: int) -> tuple[np.ndarray, tuple[int, int]]:
         """The next `n` windows of source k from `cursor`, crossing into new epochs as needed."""
         epoch, pos = cursor
-        total, parts = self.sources[k].num_windows, []
+        total = self.sources[k].num_windows
+        parts = []
         while n > 0:
             take = min(n, total - pos)
             parts.append(self._perm(k, epoch)[pos:pos + take])
-            n, pos = n - take, pos + take
+            n = n - take
+            pos = pos + take
             if pos == total:
-                epoch, pos = epoch + 1, 0
+                epoch = epoch + 1
+                pos = 0
         return (np.concatenate(parts) if parts else np.zeros(0, np.int64)), (epoch, pos)
 
     def _make_plan(self) -> tuple[np.ndarray, np.ndarray, list]:
         """(source of each global row, window of each global row, cursors after this step)."""
-        g, names = self.global_batch, self.names
+        g = self.global_batch
+        names = self.names
         w = np.array([self.weights_at(self._step)[n] for n in names])
         rng = np.random.default_rng([self.seed, _MIX, self._step])
         src = rng.choice(len(names), size=g, p=w) if len(names) > 1 else np.zeros(g, np.int64)
@@ -184,14 +201,14 @@ class PackedLoader:
             win[rows], after[k] = self._take(k, after[k], len(rows))
         return src, win, after
 
-    # --- the public API ----------------------------------------------------------------------------------
 
     def next_batch(self) -> torch.Tensor:
         """This rank's next micro-batch: a (batch_size, seq_len + 1) int64 tensor."""
         if self._plan is None:
             self._plan = self._make_plan()
         src, win, after = self._plan
-        b, t = self.batch_size, self.seq_len
+        b = self.batch_size
+        t = self.seq_len
         lo = (self._micro * self.world_size + self.rank) * b
         out = np.empty((b, t + 1), dtype=np.int64)
         for j in range(b):
@@ -201,7 +218,10 @@ class PackedLoader:
             self._tokens[k] += int(n) * t  # every rank counts the whole micro-step: totals, not per rank
         self._micro += 1
         if self._micro == self.grad_accum_steps:
-            self._step, self._micro, self._cursors, self._plan = self._step + 1, 0, after, None
+            self._step = self._step + 1
+            self._micro = 0
+            self._cursors = after
+            self._plan = None
         return torch.from_numpy(out)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -242,7 +262,8 @@ class PackedLoader:
         if differs:
             raise UserError(f"The saved data loader state does not fit this loader: {', '.join(differs)} changed "
                             "(different datasets, seq_len, seed or split). Resume with the same data settings.")
-        self._step, self._micro = int(state["step"]), int(state["micro_step"])
+        self._step = int(state["step"])
+        self._micro = int(state["micro_step"])
         self._cursors = [tuple(state["cursors"][n]) for n in self.names]
         self._tokens = [int(state["tokens_per_source"][n]) for n in self.names]
         self._plan = None
@@ -265,7 +286,8 @@ def ordered_batches(sources: list[TokenSource], batch_size: int, max_batches: in
     [j * B * world, (j + 1) * B * world), of which rank r takes the r-th block of B. Every rank yields the
     same number of batches; `keep_partial` (single process only) also yields a shorter last batch."""
     starts = np.cumsum([0] + [s.num_windows for s in sources])
-    total, per = int(starts[-1]), batch_size * world_size
+    total = int(starts[-1])
+    per = batch_size * world_size
     bounds = [(j * per + rank * batch_size, j * per + (rank + 1) * batch_size) for j in range(total // per)]
     if keep_partial and world_size == 1 and total % per:
         bounds.append((total - total % per, total))

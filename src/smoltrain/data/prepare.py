@@ -52,8 +52,6 @@ SHARD_TOKENS = 100_000_000  # 200 MB of uint16 per shard
 __all__ = ["is_val", "prepare", "train_tokenizer"]
 
 
-# --- workers -------------------------------------------------------------------------------------------------
-
 _WORKER: dict = {}
 
 
@@ -66,7 +64,9 @@ def _init_worker(tokenizer_dir: str, dtype: str, in_pool: bool = True) -> None:
 
 def _encode_chunk(texts: list[str], val_flags: list[bool]) -> tuple[np.ndarray, int, np.ndarray, int]:
     """(train tokens, train docs, val tokens, val docs) of one chunk, each document followed by EOT."""
-    tok, eot, dtype = _WORKER["tok"], _WORKER["eot"], _WORKER["dtype"]
+    tok = _WORKER["tok"]
+    eot = _WORKER["eot"]
+    dtype = _WORKER["dtype"]
     encode = getattr(tok.backend, "encode_batch_fast", tok.backend.encode_batch)  # fast: no offsets
     ids = [e.ids for e in encode(texts, add_special_tokens=False)]
     out = []
@@ -79,7 +79,9 @@ def _encode_chunk(texts: list[str], val_flags: list[bool]) -> tuple[np.ndarray, 
 def _chunks(docs: Iterator[Document], holdout: Holdout, val_names: list[str],
             seen: list[Document]) -> Iterator[tuple[list[str], list[bool]]]:
     """Work items of about CHUNK_CHARS; records the held-out names, and (for glob checks) every name read."""
-    texts, flags, chars = [], [], 0
+    texts = []
+    flags = []
+    chars = 0
     for i, doc in enumerate(docs):
         held = holdout.is_val(i, doc)
         texts.append(doc.text)
@@ -91,7 +93,9 @@ def _chunks(docs: Iterator[Document], holdout: Holdout, val_names: list[str],
         chars += len(doc.text)
         if chars >= CHUNK_CHARS or len(texts) >= CHUNK_DOCS:
             yield texts, flags
-            texts, flags, chars = [], [], 0
+            texts = []
+            flags = []
+            chars = 0
     if texts:
         yield texts, flags
 
@@ -115,9 +119,6 @@ def _encode_all(chunks: Iterator, tokenizer_dir: Path, dtype: np.dtype, num_proc
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
-
-
-# --- the output directory ------------------------------------------------------------------------------------
 
 
 def _recipe(sources: list[Source], tok: Tokenizer, text_key: str, val_fraction: float, val_docs: int | None,
@@ -157,9 +158,6 @@ def legacy_record(out: Path) -> dict | None:
     return {"command": "prepare", "files": dict.fromkeys(files, {})}
 
 
-# --- the entry point -----------------------------------------------------------------------------------------
-
-
 def prepare(sources: Iterable[str | Path], tokenizer: str | Path | Tokenizer, out: str | Path, *,
             text_key: str = "text", val_fraction: float = 0.01, val_docs: int | None = None,
             val_documents: Iterable[str] = (), max_documents: int | None = None, num_proc: int | None = None,
@@ -185,7 +183,6 @@ def prepare(sources: Iterable[str | Path], tokenizer: str | Path | Tokenizer, ou
             print(f"{out} is already prepared ({meta['num_tokens']:,} tokens, {meta['num_documents']:,} documents)"
                   "; nothing to do (--force rebuilds it).")
         return meta
-
     total = None
     if val_docs is not None:  # an exact count: turn it into the fraction that selects exactly that many
         total = count_documents(srcs, text_key, max_documents)
@@ -197,7 +194,9 @@ def prepare(sources: Iterable[str | Path], tokenizer: str | Path | Tokenizer, ou
     clean_stale(out.parent, out.name)
     with publish(out, "prepare", hashed=False, replace=force, legacy=legacy_record(out)) as staging:
         docs = iter_named_documents(srcs, text_key, max_documents, opened)
-        holdout, val_names, seen = Holdout(globs, val_fraction), [], []
+        holdout = Holdout(globs, val_fraction)
+        val_names = []
+        seen = []
         chunks = _chunks(docs, holdout, val_names, seen)
         splits = _tokenize(chunks, tok, staging, dtype, num_proc or _cpu_count(), shard_tokens, progress, total)
         if holdout.unmatched(seen):
@@ -279,7 +278,8 @@ def _tokenize(chunks: Iterator, tok: Tokenizer, staging: Path, dtype: np.dtype, 
 
 
 def _report(out: Path, meta: dict) -> None:
-    tr, va = meta["splits"]["train"], meta["splits"]["val"]
+    tr = meta["splits"]["train"]
+    va = meta["splits"]["val"]
     rate = meta["num_tokens"] / max(meta["seconds"], 1e-9)
     print(f"Prepared {out}: {meta['num_tokens']:,} tokens from {meta['num_documents']:,} documents "
           f"(train {tr['num_tokens']:,} tokens / {tr['num_documents']:,} docs, val {va['num_tokens']:,} / "

@@ -35,7 +35,10 @@ class ShardWriter:
     """Append token arrays to `{prefix}_{NNNNNN}.bin` files of at most `shard_tokens` tokens each."""
 
     def __init__(self, directory: Path, prefix: str, dtype: np.dtype, shard_tokens: int):
-        self.directory, self.prefix, self.dtype, self.shard_tokens = Path(directory), prefix, dtype, shard_tokens
+        self.directory = Path(directory)
+        self.prefix = prefix
+        self.dtype = dtype
+        self.shard_tokens = shard_tokens
         self.shards: list[dict] = []  # {"file", "num_tokens", "num_documents"} of closed shards
         self._f = None
         self._tokens = self._docs = 0
@@ -44,7 +47,9 @@ class ShardWriter:
         name = f"{self.prefix}_{len(self.shards):06d}.bin"
         self._f = open(self.directory / name, "wb")
         self._f.write(_header(self.dtype.itemsize, 0, 0))  # placeholder: an unfinished shard declares nothing
-        self._name, self._tokens, self._docs = name, 0, 0
+        self._name = name
+        self._tokens = 0
+        self._docs = 0
 
     def write(self, tokens: np.ndarray, num_documents: int) -> None:
         """Append tokens; the documents are counted in the shard where their last token lands."""

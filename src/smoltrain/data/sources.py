@@ -68,7 +68,9 @@ def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
     if not parts[0] or len(parts) > 3:
         raise UserError(f"Bad dataset spec {spec!r}: expected hf:NAME, hf:NAME:CONFIG or hf:NAME:CONFIG:SPLIT "
                         "(e.g. hf:HuggingFaceTB/smollm-corpus:cosmopedia-v2).")
-    name, config, split = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None), "train"
+    name = parts[0]
+    config = parts[1] if len(parts) > 1 and parts[1] else None
+    split = "train"
     if len(parts) == 3 and parts[2]:
         split = parts[2]
     return name, config, split
@@ -93,7 +95,9 @@ def is_catalogue(path: Path, probe: int = 8192) -> bool:
 
 
 def _files_under(directory: Path) -> list[Path]:
-    found, skipped, catalogues = [], [], []
+    found = []
+    skipped = []
+    catalogues = []
     for p in sorted(directory.rglob("*")):
         if not p.is_file() or any(part.startswith(".") for part in p.relative_to(directory).parts):
             continue

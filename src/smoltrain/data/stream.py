@@ -50,12 +50,20 @@ class StreamLoader:
         if min(batch_size, seq_len, world_size) < 1 or not 0 <= rank < world_size:
             raise UserError(f"Bad loader shape: batch_size {batch_size}, seq_len {seq_len}, rank {rank}, "
                             f"world_size {world_size}.")
-        self.source, self.text_key = str(source), text_key
+        self.source = str(source)
+        self.text_key = text_key
         self.name = name or self.source
         self.tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
-        self.eot_id, self.vocab_size, self.tokenizer_identity = self.tok.eot_id, self.tok.vocab_size, self.tok.identity
-        self.batch_size, self.seq_len, self.rank, self.world_size = batch_size, seq_len, rank, world_size
-        self._epoch, self._epoch_docs, self._tokens = 0, 0, 0
+        self.eot_id = self.tok.eot_id
+        self.vocab_size = self.tok.vocab_size
+        self.tokenizer_identity = self.tok.identity
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.rank = rank
+        self.world_size = world_size
+        self._epoch = 0
+        self._epoch_docs = 0
+        self._tokens = 0
         self._buffer = np.zeros(0, dtype=np.int64)
         self._ds = self._open(None)
         self._it = None
@@ -75,7 +83,8 @@ class StreamLoader:
         """At least `num_chars` characters of documents (or whatever is left of this epoch)."""
         if self._it is None:
             self._it = iter(self._ds)
-        docs, chars = [], 0
+        docs = []
+        chars = 0
         while chars < num_chars:
             try:
                 row = next(self._it)
@@ -95,8 +104,10 @@ class StreamLoader:
                 if not self._epoch_docs:
                     raise UserError(f"Stream {self.source} yields no documents (rank {self.rank} of "
                                     f"{self.world_size}).")
-                self._epoch, self._epoch_docs = self._epoch + 1, 0
-                self._ds, self._it = self._open(None), None
+                self._epoch = self._epoch + 1
+                self._epoch_docs = 0
+                self._ds = self._open(None)
+                self._it = None
                 continue
             self._epoch_docs += len(docs)
             ids = [e.ids + [self.eot_id] for e in self.tok.backend.encode_batch(docs, add_special_tokens=False)]
@@ -104,7 +115,8 @@ class StreamLoader:
 
     def next_batch(self) -> torch.Tensor:
         """The next (batch_size, seq_len + 1) int64 tensor; consecutive rows continue the token stream."""
-        b, t = self.batch_size, self.seq_len
+        b = self.batch_size
+        t = self.seq_len
         self._fill(b * t + 1)
         rows = np.lib.stride_tricks.sliding_window_view(self._buffer[:b * t + 1], t + 1)[::t]  # (B, T+1)
         out = torch.from_numpy(np.array(rows))  # a copy: the buffer moves on
@@ -120,8 +132,8 @@ class StreamLoader:
     def state_dict(self) -> dict:
         buffer = base64.b64encode(self._buffer.astype("<u4").tobytes()).decode()
         return {"version": 1, "source": self.source, "seq_len": self.seq_len, "epoch": self._epoch,
-                "epoch_docs": self._epoch_docs,                "dataset": self._ds.state_dict(), "buffer": buffer, "tokens": self._tokens,
-                "rank": self.rank, "world_size": self.world_size}
+                "epoch_docs": self._epoch_docs, "dataset": self._ds.state_dict(), "buffer": buffer,
+                "tokens": self._tokens, "rank": self.rank, "world_size": self.world_size}
 
     def load_state_dict(self, state: Mapping) -> None:
         """Resume: reopen the stream at its saved position and restore the unserved tokens."""
@@ -129,7 +141,9 @@ class StreamLoader:
         differs = [k for k, v in mine.items() if state.get(k) != v]
         if differs:
             raise UserError(f"The saved stream state does not fit this loader: {', '.join(differs)} changed.")
-        self._epoch, self._epoch_docs = int(state["epoch"]), int(state["epoch_docs"])
+        self._epoch = int(state["epoch"])
+        self._epoch_docs = int(state["epoch_docs"])
         self._tokens = int(state["tokens"])
         self._buffer = np.frombuffer(base64.b64decode(state["buffer"]), dtype="<u4").astype(np.int64)
-        self._ds, self._it = self._open(state["dataset"]), None
+        self._ds = self._open(state["dataset"])
+        self._it = None
