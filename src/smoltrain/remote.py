@@ -166,7 +166,9 @@ class Remote:
                 self.fs.get_file(posixpath.join(src, name), str(target))
             (staging / storage.MANIFEST).write_bytes(raw)
             storage.verify_manifest(staging)
+            storage.fsync_tree(staging)  # durable before it is named a checkpoint, as storage.commit does
             os.replace(staging, final)
+            storage.fsync_path(final.parent)
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"download failed ({_explain(e)})") from None
         finally:
