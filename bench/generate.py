@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import emit, interleaved  # noqa: E402
+from common import emit, interleaved, reference_checkpoint  # noqa: E402
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived an old fisherman who"
 
@@ -140,17 +140,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.worker:
         return worker(a)
-    from smoltrain.interop import export_hf
-
     with tempfile.TemporaryDirectory() as tmp:
-        if a.ckpt:
-            ckpt = Path(a.ckpt)
-        else:
-            from smoltrain.assets import fetch_assets
-            from smoltrain.interop import import_model
-
-            ckpt = import_model(fetch_assets()["gguf"], Path(tmp) / "ckpt")
-        hf_dir = export_hf(ckpt, Path(tmp) / "hf")  # transformers reads the very same weights
+        ckpt, hf_dir = reference_checkpoint(a.ckpt, Path(tmp))
         common = [sys.executable, __file__, "--ckpt", str(ckpt), "--hf-dir", str(hf_dir),
                   "--new-tokens", str(a.new_tokens), "--repeats", str(a.repeats), "--device", a.device,
                   "--batch", str(a.batch)]

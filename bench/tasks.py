@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import emit, interleaved  # noqa: E402
+from common import emit, interleaved, reference_checkpoint  # noqa: E402
 
 
 def lm_eval_task(task_file: str) -> dict:
@@ -82,17 +82,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.worker:
         return worker(a)
-    from smoltrain.interop import export_hf
-
     with tempfile.TemporaryDirectory() as tmp:
-        if a.ckpt:
-            ckpt = Path(a.ckpt)
-        else:
-            from smoltrain.assets import fetch_assets
-            from smoltrain.interop import import_model
-
-            ckpt = import_model(fetch_assets()["gguf"], Path(tmp) / "ckpt")
-        hf_dir = export_hf(ckpt, Path(tmp) / "hf")
+        ckpt, hf_dir = reference_checkpoint(a.ckpt, Path(tmp))
         common = [sys.executable, __file__, "--task", str(Path(a.task).resolve()), "--ckpt", str(ckpt),
                   "--hf-dir", str(hf_dir), "--limit", str(a.limit), "--batch-size", str(a.batch_size)]
         runs = interleaved(common, ["smoltrain", "lm-eval"], a.rounds)

@@ -117,6 +117,17 @@ def agree_max(value: int, device: torch.device) -> int:
     return int(t.item())
 
 
+def main_first(fn: Callable[[bool], T], is_main: bool) -> T:
+    """`fn(True)` on rank 0 first (it fetches, trains and prepares what the others need), then, after a
+    barrier, `fn(False)` on the other ranks, which quietly read what rank 0 wrote."""
+    if is_main:
+        result = fn(True)
+    barrier()
+    if not is_main:
+        result = fn(False)
+    return result
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -257,10 +257,6 @@ class Scorer:
             self._run(batch, requests, out)
         return out
 
-    def score_group(self, ctx: list[int], conts: list[list[int]]) -> list[Score]:
-        """One context and its continuations."""
-        return self.score([(ctx, c) for c in conts])
-
     def _run(self, batch: list[tuple[list[int], list[int]]], requests: list[Request], out: list[Score]) -> None:
         conts = [[requests[i][1] for i in idx] for _, idx in batch]
         scores = self._score_batch([ctx for ctx, _ in batch], conts)

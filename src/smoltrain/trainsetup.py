@@ -51,13 +51,11 @@ def setup_data(cfg: Config, dist: DistEnv) -> tuple[Tokenizer, object, dict[str,
 
     if cfg.data.streaming:
         return setup_stream(cfg, dist)
-    if dist.is_main:
-        tokenizer = resolve_tokenizer(cfg, verbose=True)
-        paths = prepare_datasets(cfg, tokenizer, verbose=True)
-    dist_io.barrier()
-    if not dist.is_main:
-        tokenizer = resolve_tokenizer(cfg, verbose=False)
-        paths = prepare_datasets(cfg, tokenizer, verbose=False)
+    def prepare(verbose: bool) -> tuple[Tokenizer, dict[str, Path]]:
+        tokenizer = resolve_tokenizer(cfg, verbose=verbose)
+        return tokenizer, prepare_datasets(cfg, tokenizer, verbose=verbose)
+
+    tokenizer, paths = dist_io.main_first(prepare, dist.is_main)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise UserError(f"The tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
                         f"{cfg.model.vocab_size}; raise model.vocab_size or use a smaller tokenizer.")
@@ -79,13 +77,10 @@ def setup_stream(cfg: Config, dist: DistEnv) -> tuple[Tokenizer, object, None]:
         raise UserError("data.streaming trains from exactly one dataset with one source; prepare the data "
                         "(data.streaming: false) to mix several.")
     ds = cfg.data.datasets[0]
-    if dist.is_main:  # rank 0 fetches assets and trains the tokenizer; the others then read them
-        tokenizer = resolve_tokenizer(cfg, verbose=True)
-        source = resolve_asset(ds.sources[0])
-    dist_io.barrier()
-    if not dist.is_main:
-        tokenizer = resolve_tokenizer(cfg, verbose=False)
-        source = resolve_asset(ds.sources[0])
+    def resolve(verbose: bool) -> tuple[Tokenizer, str]:
+        return resolve_tokenizer(cfg, verbose=verbose), resolve_asset(ds.sources[0])
+
+    tokenizer, source = dist_io.main_first(resolve, dist.is_main)  # rank 0 fetches and trains first
     loader = StreamLoader(source, tokenizer, cfg.train.micro_batch_size, cfg.train.seq_len,
                           text_key=cfg.data.text_key, rank=dist.rank, world_size=dist.world_size,
                           name=ds.name)

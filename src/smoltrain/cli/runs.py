@@ -40,7 +40,7 @@ def _eval_data(a: argparse.Namespace) -> int:
 
     rows = evaluate_models(a.models, a.data, a.split, a.seq_len, a.batch_size, a.max_tokens, pick_device(a.device))
     if a.json:
-        print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
+        _print_json(rows)
         return 0
     print(f"{'model':<48} {'loss':>8} {'ppl':>10} {'bpb':>7} {'tokens':>10}")
     for r in rows:
@@ -58,7 +58,7 @@ def _eval_tasks(a: argparse.Namespace) -> int:
         raise UserError(f"--limit must be at least 1 (got {a.limit}).")
     rows = evaluate_tasks(a.models, parse_task_specs(a.tasks), a.limit, pick_device(a.device))
     if a.json:
-        print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
+        _print_json(rows)
     else:
         print(format_table(rows))
     return 0
@@ -146,3 +146,8 @@ def add_show_commands(sub) -> None:
     p.add_argument("--port", type=ranged(domain.interval(1, 65535, high_open=False)), default=7860)
     p.add_argument("--device", default="auto", type=DEVICE, help="auto (cuda > mps > cpu), cpu, cuda, mps")
     p.set_defaults(func=demo_cli)
+
+
+def _print_json(rows: list[dict]) -> None:
+    """One model's row as an object, several as a list."""
+    print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
