@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,32 @@ def tiny_data(tmp_path_factory, tiny_tokenizer_dir) -> list[str]:
     return ["--set", f"data.tokenizer={tiny_tokenizer_dir}", "--set", "data.train_tokenizer_vocab_size=0",
             "--set", f"data.datasets=[{{name: tiny, sources: ['{corpus}']}}]", "--set", "data.max_documents=null",
             "--set", f"run.data_dir={data_dir}", "--set", "data.num_proc=1"]
+
+
+@pytest.fixture(scope="module")
+def s3_env():
+    """A moto S3 server in this process; the environment a trainer subprocess needs to reach it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    yield env
+    server.stop()
+
+
+def s3(env: dict):
+    """An s3fs client of the moto server (a fresh instance: fsspec caches them per options)."""
+    import s3fs
+
+    return s3fs.S3FileSystem(key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"],
+                             endpoint_url=env["AWS_ENDPOINT_URL"], skip_instance_cache=True)
+
+
+@pytest.fixture
+def bucket(s3_env) -> str:
+    name = f"b-{uuid.uuid4().hex[:10]}"
+    s3(s3_env).mkdir(name)
+    return name

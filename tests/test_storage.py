@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from smoltrain import checkpoint as ck
-from smoltrain import interop, storage
+from smoltrain import interop, optimstate, storage
 from smoltrain.cli import main as cli_main
 from smoltrain.errors import TrainingError
 from smoltrain.interop import load_model
@@ -174,7 +174,7 @@ def test_pickle_format_checkpoint_is_refused_not_unpickled(run4, tmp_path, tiny_
     marker = tmp_path / "PWNED"
     run = tmp_path / "old"
     ckpt = copy_checkpoint(run4, run)
-    for name in (ck.RNG_TENSORS, ck.RNG_JSON, f"{ck.OPTIMIZER_DIR}/{ck.OPTIM_TENSORS}"):
+    for name in (ck.RNG_TENSORS, ck.RNG_JSON, f"{optimstate.OPTIMIZER_DIR}/{optimstate.OPTIM_TENSORS}"):
         (ckpt / name).unlink()
     plant_payloads(ckpt, marker)
     assert_user_error(train(run, tiny_data), "older smoltrain", "pickles", "train.init_from")
@@ -184,7 +184,7 @@ def test_pickle_format_checkpoint_is_refused_not_unpickled(run4, tmp_path, tiny_
 def test_unreadable_rng_or_optimizer_state_exits_2(run4, tmp_path, tiny_data):
     for name, needle in ((ck.RNG_TENSORS, "trainer state is missing or unreadable"),
                          (ck.RNG_JSON, "trainer state is missing or unreadable"),
-                         (f"{ck.OPTIMIZER_DIR}/{ck.OPTIM_TENSORS}", "optimizer state")):
+                         (f"{optimstate.OPTIMIZER_DIR}/{optimstate.OPTIM_TENSORS}", "optimizer state")):
         run = tmp_path / name.replace("/", "_")
         ckpt = copy_checkpoint(run4, run)
         (ckpt / name).write_bytes(b"\x00garbage that matches the manifest once it is resealed")

@@ -35,9 +35,6 @@ RUN_CONFIG = "config.yaml"
 EXTRA = "extra.json"
 RNG_TENSORS = "rng.safetensors"
 RNG_JSON = "rng.json"
-OPTIMIZER_DIR = "optimizer"
-OPTIM_TENSORS = "state.safetensors"
-OPTIM_JSON = "optimizer.json"
 PICKLED = ("rng.pt", "optimizer/.metadata")  # what checkpoints of smoltrain <= 0.1 held
 
 
@@ -93,62 +90,6 @@ def discard_on_error(staging: Path | None) -> Iterator[None]:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
         raise
-
-
-def _optimizer_options(model: torch.nn.Module):
-    """Full (unsharded) state dicts under FSDP2, gathered to rank 0 on the CPU; plain ones otherwise."""
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    sharded = dist.is_initialized() and any(type(p).__name__ == "DTensor" for p in model.parameters())
-    return StateDictOptions(full_state_dict=True, cpu_offload=True) if sharded else None
-
-
-def save_optimizer(staging: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, main: bool = True) -> None:
-    """All ranks (a collective under FSDP): the whole optimizer state keyed by parameter name; rank 0 writes
-    the tensors as safetensors and the param groups as JSON. Loading reshards it to any world size."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    state = get_optimizer_state_dict(model, optimizer, options=_optimizer_options(model))
-    if not main:
-        return
-    tensors = {}
-    layout = {}
-    for fqn, entries in state["state"].items():
-        layout[fqn] = {}
-        for key, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{fqn}:{key}"] = value.detach().cpu().contiguous()
-                layout[fqn][key] = {"tensor": f"{fqn}:{key}"}
-            else:
-                layout[fqn][key] = {"value": value}
-    directory = staging / OPTIMIZER_DIR
-    directory.mkdir(exist_ok=True)
-    save_tensors(tensors, directory / OPTIM_TENSORS)
-    doc = {"format": "smoltrain-optimizer", "version": 1, "state": layout, "param_groups": state["param_groups"]}
-    (directory / OPTIM_JSON).write_text(json.dumps(doc, indent=2))
-
-
-def load_optimizer(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Every rank reads the full state and keeps its own shard of it (set_optimizer_state_dict)."""
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-    directory = ckpt / OPTIMIZER_DIR
-    try:
-        doc = json.loads((directory / OPTIM_JSON).read_text())
-        tensors = load_file(str(directory / OPTIM_TENSORS))
-        state = {fqn: {key: tensors[rec["tensor"]] if "tensor" in rec else rec["value"] for key, rec in entries.items()}
-                 for fqn, entries in doc["state"].items()}
-        full = {"state": state, "param_groups": doc["param_groups"]}
-        opts = _optimizer_options(model)
-        if opts is not None:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-            opts = StateDictOptions(full_state_dict=True)
-        set_optimizer_state_dict(model, optimizer, full, options=opts)
-    except Exception as e:  # a consistent manifest does not make the content readable
-        raise UserError(f"The optimizer state in {directory} is unreadable or does not fit this model "
-                        f"({type(e).__name__}: {str(e)[:200]}); resume from another checkpoint.") from None
 
 
 def finish_train_checkpoint(staging: Path, run_dir: Path, step: int, model_cfg: ModelConfig,

@@ -1,12 +1,16 @@
 """The trainer's checkpoints: save each step once, restore on resume, check the disk before writing.
 
-Every rank takes part in a save (FSDP gathers weights and optimizer state, a stream gathers per-rank
-positions) and calls the same collectives in the same order; rank 0 writes, commits, tells the remote
-mirror and applies retention. The loop counters stay the trainer's: it passes them in and reads them back.
+Every rank takes part in a save (FSDP gathers the weights, a stream gathers per-rank positions, each
+rank writes its part of the optimizer state) and calls the same collectives in the same order; rank 0
+writes the rest, commits, tells the remote mirror and applies retention. When nodes keep run dirs of
+their own (no shared filesystem, checkpoint.remote set), a rank on another node uploads its part to the
+store itself and rank 0 fetches it, so rank 0's checkpoint is whole. The loop counters stay the
+trainer's: it passes them in and reads them back.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,7 +18,9 @@ import torch
 
 from smoltrain import checkpoint as ckpt_io
 from smoltrain import distributed as dist_io
-from smoltrain.errors import UserError
+from smoltrain import storage
+from smoltrain.errors import TrainingError, UserError
+from smoltrain.optimstate import OPTIMIZER_DIR, load_optimizer, save_optimizer
 from smoltrain.runinfo import environment
 from smoltrain.storage import tree_size
 from smoltrain.tokenizer import TOKENIZER_FILES
@@ -23,7 +29,7 @@ if TYPE_CHECKING:
     from smoltrain.config import CheckpointConfig
     from smoltrain.distributed import DistEnv
     from smoltrain.model import SmolLM2
-    from smoltrain.remote import RunMirror
+    from smoltrain.remote import Remote, RunMirror
     from smoltrain.stopping import StopRequest
     from smoltrain.tokenizer import Tokenizer
 
@@ -34,7 +40,7 @@ class Checkpointer:
     def __init__(self, run_dir: Path, ck: CheckpointConfig, dist: DistEnv, device: torch.device, *,
                  model: SmolLM2, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
                  loader, tokenizer: Tokenizer, mirror: RunMirror | None, stop: StopRequest,
-                 config_yaml: str, global_batch: int, streaming: bool):
+                 config_yaml: str, global_batch: int, streaming: bool, remote: Remote | None = None):
         self.run_dir = run_dir
         self.ck = ck
         self.dist = dist
@@ -45,6 +51,7 @@ class Checkpointer:
         self.loader = loader
         self.tokenizer = tokenizer
         self.mirror = mirror
+        self.remote = remote  # where ranks on other nodes put their parts (nodes with run dirs of their own)
         self.stop = stop
         self.config_yaml = config_yaml
         self.global_batch = global_batch
@@ -56,7 +63,7 @@ class Checkpointer:
         """Optimizer (resharded to this world size), scaler, loader position and RNG from `ckpt`; returns
         its state (train_state holds the loop counters for the trainer)."""
         state = ckpt_io.load_train_state(ckpt)
-        ckpt_io.load_optimizer(ckpt, self.model, self.optimizer)
+        load_optimizer(ckpt, self.model, self.optimizer)
         if self.scaler is not None and state["extra"].get("scaler"):
             self.scaler.load_state_dict(state["extra"]["scaler"])
         self.loader.load_state_dict(self._rank_loader_state(state["train_state"]["loader"]))
@@ -83,21 +90,27 @@ class Checkpointer:
         return path
 
     def _write_checkpoint(self, step: int, tokens_seen: int, rewarm_from: int | None) -> Path | None:
-        """Every rank takes part in gathering weights and optimizer state; rank 0 writes them and commits."""
+        """Every rank gathers the weights and writes its optimizer part; rank 0 writes the rest and commits."""
         main = self.dist.is_main
         staging = [None]
         if main:
             self.check_disk()
             staging[0] = ckpt_io.begin_train_checkpoint(self.run_dir, step)
+            if self.dist.separate_dirs:  # before any node uploads its part of this step
+                self.remote.invalidate(step)
         if self.dist.world_size > 1:  # the staging name is private to rank 0's process: tell the others
             torch.distributed.broadcast_object_list(staging, src=0)
         staging = staging[0]
+        own = None if self.dist.sees_main_dir else storage.make_staging(ckpt_io.step_dir(self.run_dir, step))
         path = None
-        with ckpt_io.discard_on_error(staging if main else None):  # a full disk leaves no staging behind
+        with ckpt_io.discard_on_error(staging if main else own):  # a full disk leaves no staging behind
             weights = dist_io.full_state_dict(self.model, self.dist)  # collective under FSDP
             loader_state = self._loader_state()  # collective for streams (per-rank positions)
-            ckpt_io.save_optimizer(staging, self.model, self.optimizer, main)  # collective under FSDP
-            dist_io.barrier()
+            part = save_optimizer(staging / OPTIMIZER_DIR, self.model, self.optimizer, main, self.dist.world_size,
+                                  own / OPTIMIZER_DIR if own else None)
+            uploaded = self._gather_parts(step, part, staging)
+            if own is not None:
+                shutil.rmtree(own, ignore_errors=True)
             if main:
                 state = {"step": step, "tokens_seen": tokens_seen, "global_batch": self.global_batch,
                          "world_size": self.dist.world_size, "loader": loader_state,
@@ -107,15 +120,46 @@ class Checkpointer:
                                                        weights, self.tokenizer, self.config_yaml, extra, state,
                                                        export_hf=self.ck.export_hf)
         if main:
-            self._committed(path, step)
+            self._committed(path, step, uploaded)
         dist_io.barrier()
         return path
 
-    def _committed(self, path: Path, step: int) -> None:
+    def _gather_parts(self, step: int, part: Path | None, staging: Path) -> list[str]:
+        """Nodes with run dirs of their own: each rank there uploads its optimizer part to the store, then
+        rank 0 fetches every such part into its staging dir. Returns the names already on the store."""
+        if not self.dist.separate_dirs:
+            dist_io.barrier()
+            return []
+        record = None
+        error = None
+        if part is not None and not self.dist.sees_main_dir:
+            name = f"{OPTIMIZER_DIR}/{part.name}"
+            try:
+                record = (name, self.remote.upload_part(part, step, name))
+            except Exception as e:  # every store raises its own classes
+                error = f"rank {self.dist.rank} could not upload its part of step {step} to {self.remote.url} ({e})"
+        sent = dist_io.all_ranks((record, error))
+        records = [r for r, _ in sent if r is not None]
+
+        def fetch() -> str | None:
+            try:
+                for name, rec in records:
+                    self.remote.get_part(step, name, staging / name, rec)
+            except Exception as e:  # every store raises its own classes
+                return f"rank 0 could not fetch the other nodes' parts of step {step} from {self.remote.url} ({e})"
+            return None
+
+        errors = [e for _, e in sent if e] or [dist_io.on_main(fetch)]
+        if errors[0]:
+            raise TrainingError(f"{errors[0]}; nothing of step {step} was committed, the previous checkpoint is "
+                                "the newest complete one. Check checkpoint.remote, then run the same command.")
+        return [name for name, _ in records]
+
+    def _committed(self, path: Path, step: int, uploaded: list[str]) -> None:
         """Rank 0 after a commit: measure it, hand it to the mirror, then apply retention."""
         self.checkpoint_bytes = tree_size(path)  # the real size, for the next free-space check
         if self.mirror is not None:  # before retention: a checkpoint being uploaded is never the one deleted
-            self.mirror.checkpoint_saved(path, step, self.run_dir)
+            self.mirror.checkpoint_saved(path, step, self.run_dir, uploaded)
         ckpt_io.retain(self.run_dir, self.ck.keep_last)
 
     def _loader_state(self) -> dict:

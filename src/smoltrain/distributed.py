@@ -22,10 +22,18 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     strategy: str = "single"  # single | ddp | fsdp
+    node: int = 0  # torchrun's GROUP_RANK
+    sees_main_dir: bool = True  # this process sees rank 0's run dir (one machine, or a shared filesystem)
+    separate_dirs: bool = False  # some node does not: every node keeps a run dir of its own
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def leads_dir(self) -> bool:
+        """The process that prepares data and fetches checkpoints in its node's run dir for the others."""
+        return self.is_main or (not self.sees_main_dir and self.local_rank == 0)
 
     @property
     def enabled(self) -> bool:
@@ -44,7 +52,8 @@ def setup(strategy: str, device_type: str) -> DistEnv:
                             "torchrun --standalone --nproc_per_node 2 -m smoltrain train --config FILE "
                             "(or set parallel.strategy=auto to train in one process).")
         return DistEnv()
-    env = DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    env = DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)),
+                  node=int(os.environ.get("GROUP_RANK", 0)))
     env.strategy = "ddp" if strategy in ("auto", "single") else strategy
     if strategy == "single" and env.world_size > 1:
         raise UserError("parallel.strategy=single under torchrun with several processes; use ddp or fsdp.")
@@ -117,14 +126,31 @@ def agree_max(value: int, device: torch.device) -> int:
     return int(t.item())
 
 
-def main_first(fn: Callable[[bool], T], is_main: bool) -> T:
-    """`fn(True)` on rank 0 first (it fetches, trains and prepares what the others need), then, after a
-    barrier, `fn(False)` on the other ranks, which quietly read what rank 0 wrote."""
-    if is_main:
-        result = fn(True)
-    barrier()
-    if not is_main:
-        result = fn(False)
+def main_first(fn: Callable[[], T], first: bool) -> T:
+    """`fn()` on the ranks that make what the others need first (rank 0, or each node's first rank when
+    nodes keep their own run dirs: they fetch, train the tokenizer, prepare), then, after a barrier, on
+    the others, which read what was made. A refusal on any rank is raised on every rank."""
+    made = all_or_none(fn if first else _nothing)
+    read = all_or_none(_nothing if first else fn)
+    return made if first else read
+
+
+def _nothing() -> None:
+    return None
+
+
+def all_or_none(fn: Callable[[], T]) -> T:
+    """`fn()` on this rank; a UserError on any rank is raised on every rank (the all-gather that carries
+    the errors is also a barrier). Without it a refusal on one rank leaves the others in a collective."""
+    result = None
+    error = None
+    try:
+        result = fn()
+    except UserError as e:
+        error = str(e)
+    errors = [e for e in all_ranks(error) if e is not None]
+    if errors:
+        raise UserError(errors[0])
     return result
 
 

@@ -7,6 +7,10 @@ that looks valid; a download is verified against that manifest before it is used
 
 Uploads run on one background thread, one checkpoint at a time: training goes on while the previous
 checkpoint uploads, and waits only if the next save comes before that upload ends.
+
+When nodes keep run dirs of their own (no shared filesystem), the store is also where they meet: ranks on
+other nodes upload their own optimizer parts during a save (upload_part), rank 0 fetches them (get_part),
+and on resume every other node fetches the chosen checkpoint into its own run dir (fetch).
 """
 
 from __future__ import annotations
@@ -20,13 +24,18 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from smoltrain import storage
 from smoltrain.config import check_remote_url
 from smoltrain.errors import UserError
 from smoltrain.faults import fault_point
+
+if TYPE_CHECKING:
+    from smoltrain.config import Config
+    from smoltrain.distributed import DistEnv
 
 LOG_FILES = ("metrics.jsonl", "samples.jsonl", "config.yaml", "config_history.jsonl", "env.json", "wandb.json",
              "trackio.json")
@@ -97,20 +106,63 @@ class Remote:
                 steps.add(int(m.group(1)))
         return sorted(steps)
 
-    def upload_checkpoint(self, ckpt: Path, step: int, run_dir: Path, keep_last: int) -> None:
-        """Logs, then every file of the checkpoint, then its manifest (the commit), then retention."""
+    def upload_checkpoint(self, ckpt: Path, step: int, run_dir: Path, keep_last: int,
+                          uploaded: Collection[str] = ()) -> None:
+        """Logs, then every file of the checkpoint, then its manifest (the commit), then retention.
+
+        `uploaded`: files already on the store (parts that ranks on other nodes put there themselves).
+        """
         dest = self._path("checkpoints", ckpt.name)
         manifest = json.loads((ckpt / storage.MANIFEST).read_text())
-        if self.fs.exists(posixpath.join(dest, storage.MANIFEST)):  # re-saving a step: invalidate the old copy first
-            self.fs.rm_file(posixpath.join(dest, storage.MANIFEST))
+        if not uploaded:  # re-saving a step: invalidate the old copy first (with parts: done before they went up)
+            self.invalidate(step)
         self.upload_logs(run_dir)
-        for i, name in enumerate(sorted(manifest["files"])):
+        for i, name in enumerate(n for n in sorted(manifest["files"]) if n not in uploaded):
             self.fs.put_file(str(ckpt / name), posixpath.join(dest, name))
             if i == 0:
                 fault_point("in_upload", step)  # crash tests: die with a half-uploaded checkpoint
         self.fs.put_file(str(ckpt / storage.MANIFEST), posixpath.join(dest, storage.MANIFEST))
         self.retain(keep_last)
         fault_point("after_upload", step)  # crash tests: a preempted machine, its remote copy complete
+
+    def invalidate(self, step: int) -> None:
+        """An older copy of this step stops counting (its manifest goes) before new files replace its own."""
+        manifest = self._path("checkpoints", f"step_{step:08d}", storage.MANIFEST)
+        if self.fs.exists(manifest):
+            self.fs.rm_file(manifest)
+
+    def upload_part(self, local: Path, step: int, name: str) -> dict:
+        """A rank on a node without rank 0's run dir puts its own part of a checkpoint on the store."""
+        self.fs.put_file(str(local), self._path("checkpoints", f"step_{step:08d}", name))
+        return {"size": local.stat().st_size, "sha256": storage.sha256_file(local)}
+
+    def get_part(self, step: int, name: str, target: Path, record: dict) -> None:
+        """Rank 0 fetches another node's part into its staging dir, checked against what that rank sent."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self.fs.get_file(self._path("checkpoints", f"step_{step:08d}", name), str(target))
+        if target.stat().st_size != record["size"] or storage.sha256_file(target) != record["sha256"]:
+            raise OSError(f"{name} of step {step} on the store differs from what its rank uploaded")
+
+    def fetch(self, step: int, run_dir: Path) -> Path:
+        """A verified copy of remote step N in this node's run dir, for a node without rank 0's run dir.
+
+        A copy from an earlier fetch is kept when it still matches the remote manifest; one that does not
+        is set aside (never deleted) and downloaded again.
+        """
+        from smoltrain.checkpoint import quarantine
+
+        final = storage.step_dir(run_dir, step)
+        if final.is_dir():
+            try:
+                same = (final / storage.MANIFEST).read_bytes() == self.fs.cat_file(
+                    self._path("checkpoints", final.name, storage.MANIFEST))
+                if same and storage.verify_manifest(final):
+                    return final
+            except (OSError, UserError):
+                pass
+            quarantine(final)
+        print(f"node with {run_dir}: downloading {self.url_of(step)}...", flush=True)
+        return self._download(step, Path(run_dir))
 
     def upload_logs(self, run_dir: Path) -> None:
         """Snapshots of the run's log files (read whole: the trainer may append meanwhile)."""
@@ -137,13 +189,13 @@ class Remote:
                     self.fs.rm_file(posixpath.join(d, storage.MANIFEST))
                 self.fs.rm(d, recursive=True)
 
-    def restore(self, run_dir: Path) -> tuple[Path, int] | None:
-        """Newest remote checkpoint that downloads and verifies, committed into RUN/checkpoints; logs first.
-
-        Returns (local path, step), or None when the remote holds no valid checkpoint.
+    def restore(self, run_dir: Path, after: int = -1) -> tuple[Path, int] | None:
+        """Newest remote checkpoint after step `after` that downloads and verifies, committed into
+        RUN/checkpoints; logs first. Returns (local path, step), or None when the remote holds none.
         """
-        for step in reversed(self.steps()):
-            print(f"No checkpoint in {run_dir}: downloading {self.url_of(step)}...", flush=True)
+        why = f"No checkpoint in {run_dir}" if after < 0 else f"The store holds checkpoints newer than step {after}"
+        for step in reversed([s for s in self.steps() if s > after]):
+            print(f"{why}: downloading {self.url_of(step)}...", flush=True)
             try:
                 local = self._download(step, Path(run_dir))
             except UserError as e:
@@ -255,25 +307,40 @@ class RunMirror:
             return None
         return cfg_cls(cfg)
 
-    def restore(self, run_dir: Path) -> Path | None:
-        """A fresh machine: the newest valid remote checkpoint (and the logs) into the empty run dir."""
+    def restore(self, run_dir: Path, after: int = -1) -> Path | None:
+        """A fresh machine: the newest valid remote checkpoint (and the logs) into the empty run dir; with
+        `after`, only one newer than that step (another node was rank 0 before and saved further)."""
         if self.remote is None:
             return None
-        got = self.remote.restore(Path(run_dir))
+        got = self.remote.restore(Path(run_dir), after)
         if got is None:
             return None
         self.restored_from = self.remote.url_of(got[1])
         return got[0]
 
+    def publish(self, ckpt: Path) -> None:
+        """Make sure a local checkpoint is on the store (its upload may have been cut short by a kill): the
+        other nodes fetch it from there. Synchronous, before training starts."""
+        step = int(ckpt.name.removeprefix("step_"))
+        if step in self.remote.steps():
+            return
+        print(f"remote: {ckpt.name} is not on {self.remote.url} yet (its upload was interrupted); uploading it "
+              "for the other nodes...", flush=True)
+        try:
+            self.remote.upload_checkpoint(ckpt, step, ckpt.parent.parent, self.keep_last)
+        except Exception as e:  # every store raises its own classes
+            raise UserError(f"checkpoint.remote {self.remote.url}: uploading {ckpt} failed: {_explain(e)}.") from None
+
     def run_started(self, run_dir: Path) -> None:
         if self.remote is not None:
             self.uploads.submit("the upload of the run's log files", lambda: self.remote.upload_logs(run_dir))
 
-    def checkpoint_saved(self, ckpt: Path, step: int, run_dir: Path) -> None:
-        """Queue the upload of a committed checkpoint (waits only for the previous upload to end)."""
+    def checkpoint_saved(self, ckpt: Path, step: int, run_dir: Path, uploaded: Collection[str] = ()) -> None:
+        """Queue the upload of a committed checkpoint (waits only for the previous upload to end);
+        `uploaded` names the parts that ranks on other nodes already put on the store."""
         def job() -> None:
             if self.remote is not None:
-                self.remote.upload_checkpoint(ckpt, step, run_dir, self.keep_last)
+                self.remote.upload_checkpoint(ckpt, step, run_dir, self.keep_last, uploaded)
             if self.hub_repo:
                 from smoltrain.hub import push_checkpoint
 
@@ -283,3 +350,16 @@ class RunMirror:
 
     def finish(self) -> None:
         self.uploads.drain()
+
+
+def node_remote(cfg: Config, dist: DistEnv, mirror: RunMirror | None) -> Remote | None:
+    """The store on every rank when nodes keep run dirs of their own (their ranks upload parts to it and
+    fetch checkpoints from it); each node's first rank checks it before any work."""
+    if not dist.separate_dirs:
+        return None
+    if dist.is_main:
+        return mirror.remote
+    remote = Remote(cfg.checkpoint.remote, cfg.checkpoint.remote_options)
+    if dist.leads_dir:
+        remote.check()
+    return remote

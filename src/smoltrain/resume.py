@@ -4,27 +4,63 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from smoltrain import checkpoint as ckpt_io
+from smoltrain import distributed as dist_io
 from smoltrain.config import Config, DatasetConfig
 from smoltrain.errors import UserError
 from smoltrain.interop import resolve_checkpoint
 from smoltrain.rundir import settings_diff
-from smoltrain.storage import list_checkpoints
+from smoltrain.storage import list_checkpoints, step_dir
+
+if TYPE_CHECKING:
+    from smoltrain.distributed import DistEnv
 
 
-def pick_resume(cfg: Config, run_dir: Path, global_batch: int, mirror=None) -> tuple[Path | None, list[str]]:
+def find_resume(cfg: Config, dist: DistEnv, global_batch: int, mirror=None,
+                remote=None) -> tuple[Path | None, list[str]]:
+    """Every rank: the checkpoint to resume in its own run dir (None: start fresh), and what changed.
+
+    Rank 0 picks it (pick_resume); nodes with run dirs of their own then fetch it from the store into
+    theirs (`remote`), and clean their debris while their first rank holds their lock.
+    """
+    run_dir = Path(cfg.run.dir)
+    found, changes = dist_io.on_main(lambda: pick_resume(cfg, run_dir, global_batch, mirror, dist.separate_dirs))
+    if not dist.separate_dirs:
+        return found, changes
+    step = None if found is None else int(found.name.removeprefix("step_"))
+
+    def fetch() -> Path | None:
+        if dist.sees_main_dir:
+            return found
+        if dist.leads_dir:
+            ckpt_io.clean_debris(run_dir)
+            if step is not None:
+                remote.fetch(step, run_dir)
+                ckpt_io.retain(run_dir, cfg.checkpoint.keep_last)
+        return None if step is None else step_dir(run_dir, step)
+
+    return dist_io.all_or_none(fetch), changes  # also the barrier: every copy is there before any rank reads
+
+
+def pick_resume(cfg: Config, run_dir: Path, global_batch: int, mirror=None,
+                separate: bool = False) -> tuple[Path | None, list[str]]:
     """The checkpoint to resume (None: start fresh) and the settings that differ from its config.
 
-    With no local checkpoint, `mirror` (checkpoint.remote) may download the newest remote one.
+    With no local checkpoint, `mirror` (checkpoint.remote) may download the newest remote one. When
+    nodes keep run dirs of their own (`separate`), the one chosen must be on the store, where they fetch it.
 
     Trajectory changes (model, data, seed, global batch) are refused unless train.allow_config_change;
     other changes (lr, schedule, weight decay, ...) are accepted and returned for the diff and history.
     """
     explicit = cfg.train.resume_from
+    if explicit and separate:
+        raise UserError("train.resume_from names a checkpoint on rank 0's machine, which the other nodes (each "
+                        "with a run dir of its own) cannot read. Resume without it (from the newest checkpoint "
+                        "on checkpoint.remote), or from a run.dir every node shares.")
     ckpt_io.clean_debris(run_dir)  # safe: this process holds the run dir's lock
     if explicit:
         if not Path(explicit).exists():
@@ -34,8 +70,12 @@ def pick_resume(cfg: Config, run_dir: Path, global_batch: int, mirror=None) -> t
         found = ckpt_io.find_resume_checkpoint(run_dir, cfg.train.start_fresh)
         if found is None and mirror is not None:  # a fresh machine: the remote copy, if any
             found = mirror.restore(run_dir)
+        elif separate:  # this node may not have been rank 0's before: the store may hold a newer one
+            found = mirror.restore(run_dir, after=int(found.name.removeprefix("step_"))) or found
     if found is None:
         return None, []
+    if separate:
+        mirror.publish(found)
     state = ckpt_io.load_train_state(found)
     old = yaml.safe_load(state["config_yaml"])
     diffs = trajectory_diff(old, cfg.to_dict())

@@ -15,10 +15,13 @@ import time
 import uuid
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from smoltrain import distributed as dist_io
 from smoltrain.errors import UserError
+
+if TYPE_CHECKING:
+    from smoltrain.distributed import DistEnv
 
 LOCK_NAME = ".smoltrain.lock"
 HISTORY_NAME = "config_history.jsonl"
@@ -131,20 +134,51 @@ def record_segment(run_dir: Path, start_step: int, config: dict, changes: list[s
     tmp.replace(path)
 
 
-def own_run_dir(run_dir: Path, world_size: int) -> RunLock | None:
+def own_run_dir(run_dir: Path, dist: DistEnv, separate_ok: bool) -> RunLock | None:
     """Rank 0 locks the run dir before anything in it is read or cleaned; every rank checks it sees it.
 
-    Returns the lock on rank 0 (None elsewhere). A refusal on rank 0 is raised on every rank.
+    A rank on a node that does not (no shared filesystem) is refused, unless `separate_ok`
+    (checkpoint.remote is set): then every such node's first rank locks a run dir of the node's own, and
+    `dist` records the layout. Returns the lock this process holds (None elsewhere). A refusal on any
+    rank is raised on every rank.
     """
     lock = RunLock(run_dir)
     token = dist_io.on_main(lambda: lock.acquire().token)
-    if world_size > 1:
-        seen = dist_io.all_ranks((sees_lock(run_dir, token), socket.gethostname()))
-        blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(seen) if not ok]
-        if blind:
-            lock.release()
-            raise UserError(f"run.dir {run_dir} is not shared between the nodes: {', '.join(blind)} cannot see the "
-                            "lock file rank 0 wrote there. Every rank reads the prepared data and writes its "
-                            "optimizer shards under run.dir, so it must be one filesystem that all nodes mount at "
-                            "the same path (NFS, Lustre, ...); see the README, 'Several machines'.")
+    if dist.world_size == 1:
+        return lock
+    dist.sees_main_dir = sees_lock(run_dir, token)
+    seen = dist_io.all_ranks((dist.sees_main_dir, socket.gethostname()))
+    blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(seen) if not ok]
+    if not blind:
+        return lock if lock.held else None
+    if not separate_ok:
+        lock.release()
+        raise UserError(f"run.dir {run_dir} is not shared between the nodes: {', '.join(blind)} cannot see the "
+                        "lock file rank 0 wrote there. Either mount one filesystem on every node at the same path "
+                        "(NFS, Lustre, ...), or set checkpoint.remote (e.g. s3://bucket/run) so that each node "
+                        "keeps a run dir of its own and checkpoints meet on the store; see the README, "
+                        "'Several machines'.")
+    dist.separate_dirs = True
+    _lock_node_dirs(lock, run_dir, dist)
     return lock if lock.held else None
+
+
+def _lock_node_dirs(lock: RunLock, run_dir: Path, dist: DistEnv) -> None:
+    """Each node without rank 0's run dir: its first rank locks the node's own; its other ranks must see it."""
+    error = None
+    if dist.leads_dir and not dist.is_main:
+        try:
+            lock.acquire()
+        except UserError as e:
+            error = str(e)
+    tokens = dist_io.all_ranks((dist.node, lock.token if lock.held else None, error))
+    errors = [e for _, _, e in tokens if e]
+    if not errors and not dist.sees_main_dir and not dist.leads_dir:
+        mine = [t for node, t, _ in tokens[1:] if node == dist.node and t]
+        if not (mine and sees_lock(run_dir, mine[0])):
+            error = (f"rank {dist.rank} cannot see the run.dir lock file that its node's first rank wrote in "
+                     f"{run_dir}: the ranks of one node must share its run dir.")
+    errors = [e for e in dist_io.all_ranks(error) if e] or errors
+    if errors:
+        lock.release()
+        raise UserError(errors[0])

@@ -29,8 +29,8 @@ from smoltrain.faults import fault_point
 from smoltrain.metrics import RunLog
 from smoltrain.model import IGNORE_INDEX
 from smoltrain.optim import build_optimizer, lr_at, rewarm_factor, set_lr
-from smoltrain.remote import RunMirror
-from smoltrain.resume import pick_resume
+from smoltrain.remote import RunMirror, node_remote
+from smoltrain.resume import find_resume
 from smoltrain.rundir import own_run_dir
 from smoltrain.steplog import StepLog, summary, write_run_files
 from smoltrain.stopping import StopRequest
@@ -56,7 +56,7 @@ class Trainer:
         self.resume_changes: list[str] = []
         self.rewarm_from = None  # the step this run was last extended from (optim.rewarmup_steps ramps from it)
         self.stop = StopRequest()
-        self.lock = own_run_dir(self.run_dir, self.dist.world_size)
+        self.lock = own_run_dir(self.run_dir, self.dist, separate_ok=bool(cfg.checkpoint.remote))
         try:
             self._setup(cfg)
         except BaseException:
@@ -65,7 +65,8 @@ class Trainer:
 
     def _setup(self, cfg: Config) -> None:
         torch.manual_seed(cfg.train.seed)
-        self.mirror = RunMirror.from_config(cfg) if self.dist.is_main else None  # checked before any work
+        self.mirror = dist_io.all_or_none(lambda: RunMirror.from_config(cfg) if self.dist.is_main else None)
+        self.node_remote = dist_io.all_or_none(lambda: node_remote(cfg, self.dist, self.mirror))  # stores checked now
         self.tokenizer, self.loader, self.val_paths = setup_data(cfg, self.dist)
         ckpt = self._find_resume()
         self._setup_model(ckpt)
@@ -74,7 +75,8 @@ class Trainer:
                                          model=self.raw_model, optimizer=self.optimizer, scaler=self.scaler,
                                          loader=self.loader, tokenizer=self.tokenizer, mirror=self.mirror,
                                          stop=self.stop, config_yaml=cfg.to_yaml(),
-                                         global_batch=self.global_batch, streaming=cfg.data.streaming)
+                                         global_batch=self.global_batch, streaming=cfg.data.streaming,
+                                         remote=self.node_remote)
         if ckpt is not None:
             self._restore(ckpt)
         tasks = in_loop_tasks(cfg, self.dist, self.val_paths)
@@ -99,8 +101,7 @@ class Trainer:
 
     def _find_resume(self) -> Path | None:
         """Rank 0 picks the checkpoint (quarantining corrupt ones) and checks it fits; all ranks use it."""
-        found, self.resume_changes = dist_io.on_main(
-            lambda: pick_resume(self.cfg, self.run_dir, self.global_batch, self.mirror))
+        found, self.resume_changes = find_resume(self.cfg, self.dist, self.global_batch, self.mirror, self.node_remote)
         return found
 
     def _restore(self, ckpt: Path) -> None:

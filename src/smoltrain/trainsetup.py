@@ -51,11 +51,13 @@ def setup_data(cfg: Config, dist: DistEnv) -> tuple[Tokenizer, object, dict[str,
 
     if cfg.data.streaming:
         return setup_stream(cfg, dist)
-    def prepare(verbose: bool) -> tuple[Tokenizer, dict[str, Path]]:
-        tokenizer = resolve_tokenizer(cfg, verbose=verbose)
-        return tokenizer, prepare_datasets(cfg, tokenizer, verbose=verbose)
+    def prepare() -> tuple[Tokenizer, dict[str, Path]]:
+        tokenizer = resolve_tokenizer(cfg, verbose=dist.is_main)
+        return tokenizer, prepare_datasets(cfg, tokenizer, verbose=dist.is_main)
 
-    tokenizer, paths = dist_io.main_first(prepare, dist.is_main)
+    tokenizer, paths = dist_io.main_first(prepare, dist.leads_dir)
+    if dist.separate_dirs:
+        check_same_data(tokenizer, paths, dist)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise UserError(f"The tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
                         f"{cfg.model.vocab_size}; raise model.vocab_size or use a smaller tokenizer.")
@@ -68,6 +70,31 @@ def setup_data(cfg: Config, dist: DistEnv) -> tuple[Tokenizer, object, dict[str,
     return tokenizer, loader, paths  # paths: every dataset's held-out split, evaluation-only ones included
 
 
+def data_fingerprint(tokenizer: Tokenizer, paths: dict[str, Path]) -> dict:
+    """What must agree between nodes that prepared their data apart: the tokenizer's files, and each
+    dataset's splits (tokens, documents, shard sizes) from its meta.json; paths and times may differ."""
+    import json
+
+    from smoltrain.storage import sha256_file
+    from smoltrain.tokenizer import TOKENIZER_FILES
+
+    files = [tokenizer.directory / n for n in TOKENIZER_FILES]
+    found = {"tokenizer": {p.name: sha256_file(p) for p in files if p.is_file()}}
+    for name, path in sorted(paths.items()):
+        found[name] = json.loads((path / "meta.json").read_text())["splits"]
+    return found
+
+
+def check_same_data(tokenizer: Tokenizer, paths: dict[str, Path], dist: DistEnv) -> None:
+    """Nodes with run dirs of their own each prepared the data: refuse to train if they disagree."""
+    prints = dist_io.all_ranks(data_fingerprint(tokenizer, paths))
+    differ = [r for r, p in enumerate(prints) if p != prints[0]]
+    if differ:
+        raise UserError(f"The nodes prepared different data: rank {differ[0]}'s tokenizer or datasets differ "
+                        "from rank 0's (each node keeps its own run.dir and prepares from its own copy of the "
+                        "sources). Give every node the same sources and tokenizer, or a shared run.data_dir.")
+
+
 def setup_stream(cfg: Config, dist: DistEnv) -> tuple[Tokenizer, object, None]:
     """data.streaming: tokenize and pack one source on the fly; no prepare step, no held-out split."""
     from smoltrain.data.stream import StreamLoader
@@ -77,10 +104,12 @@ def setup_stream(cfg: Config, dist: DistEnv) -> tuple[Tokenizer, object, None]:
         raise UserError("data.streaming trains from exactly one dataset with one source; prepare the data "
                         "(data.streaming: false) to mix several.")
     ds = cfg.data.datasets[0]
-    def resolve(verbose: bool) -> tuple[Tokenizer, str]:
-        return resolve_tokenizer(cfg, verbose=verbose), resolve_asset(ds.sources[0])
+    def resolve() -> tuple[Tokenizer, str]:
+        return resolve_tokenizer(cfg, verbose=dist.is_main), resolve_asset(ds.sources[0])
 
-    tokenizer, source = dist_io.main_first(resolve, dist.is_main)  # rank 0 fetches and trains first
+    tokenizer, source = dist_io.main_first(resolve, dist.leads_dir)  # rank 0 fetches and trains first
+    if dist.separate_dirs:
+        check_same_data(tokenizer, {}, dist)
     loader = StreamLoader(source, tokenizer, cfg.train.micro_batch_size, cfg.train.seq_len,
                           text_key=cfg.data.text_key, rank=dist.rank, world_size=dist.world_size,
                           name=ds.name)
