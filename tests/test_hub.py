@@ -152,3 +152,57 @@ def test_checkpoint_push_to_hub_pushes_each_checkpoint_to_its_branch(hub, tmp_pa
     assert weights == (tmp_path / "run" / "checkpoints" / "step_00000020" / "model.safetensors").read_bytes()
     assert "loss.png" in hub.commits[-1]["files"] and "training" in hub.commits[-1]["files"]["README.md"].decode().lower()
 
+
+STEPS = [f"step_{s:08d}" for s in (5, 10, 15, 20)]
+USERS = {"main", "experiment", "step_1", "step_00000001_backup"}  # not step_ + exactly 8 digits: never ours
+
+
+def train_pushing(hub, tmp_path, tiny_data, keep_last: int) -> int:
+    """20 steps saving every 5 (four pushes) into me/run, which already has the user's branches."""
+    hub.add_branches("me/run", *USERS - {"main"})
+    sets = ["--set", f"run.dir={tmp_path / 'run'}", "--set", "train.max_steps=20",
+            "--set", "checkpoint.every=5", "--set", f"checkpoint.keep_last={keep_last}",
+            "--set", "checkpoint.push_to_hub=me/run", "--set", "eval.prompts=[]"]
+    return main(["train", "--config", str(DEBUG_TINY), *tiny_data, *sets])
+
+
+def test_keep_last_deletes_the_older_step_branches_on_the_hub(hub, tmp_path, tiny_data, capsys):
+    assert train_pushing(hub, tmp_path, tiny_data, keep_last=2) == 0
+    assert hub.branches("me/run") == USERS | {"step_00000015", "step_00000020"}
+    deletes = [p for m, p, _ in hub.requests if m == "DELETE"]
+    assert deletes == ["/api/models/me/run/branch/step_00000005", "/api/models/me/run/branch/step_00000010"]
+    assert [c["path"].rsplit("/", 1)[1] for c in hub.commits] == STEPS  # every push happened first
+    out = capsys.readouterr().out
+    assert "hub: deleted branches step_00000005 of me/run (checkpoint.keep_last=2)" in out
+    assert "hub: deleted branches step_00000010 of me/run (checkpoint.keep_last=2)" in out
+
+
+def test_keep_last_0_keeps_every_step_branch(hub, tmp_path, tiny_data):
+    assert train_pushing(hub, tmp_path, tiny_data, keep_last=0) == 0
+    assert hub.branches("me/run") == USERS | set(STEPS)
+    assert not [p for m, p, _ in hub.requests if m == "DELETE" or p.endswith("/refs")]
+
+
+def test_a_failed_branch_cleanup_is_one_line_and_the_run_goes_on(hub, tmp_path, tiny_data, capsys):
+    hub.delete_status = 500
+    assert train_pushing(hub, tmp_path, tiny_data, keep_last=2) == 0
+    assert hub.branches("me/run") == USERS | set(STEPS)
+    assert [c["path"].rsplit("/", 1)[1] for c in hub.commits] == STEPS
+    heads = {name: hub.repos["me/run"][name] for name in STEPS}
+    assert heads == {name: f"{i + 1:040d}" for i, name in enumerate(STEPS)}  # each branch holds its push
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("hub: ")]
+    assert len(errors) == 2, errors  # the pushes of steps 15 and 20 each found one branch to delete
+    for line, pushed in zip(errors, STEPS[2:]):
+        assert line.startswith(f"hub: deleting old branches of me/run on {ENDPOINT} failed: ")
+        assert "'500 Internal Server Error'" in line
+        assert "/api/models/me/run/branch/step_00000005" in line  # the first stale branch, the one refused
+        assert line.endswith(f"({pushed} was pushed; the run goes on)")
+
+
+def test_the_pushed_branch_is_never_a_stale_one():
+    """A run resumed from an older checkpoint pushes a step below branches left by a longer run."""
+    from smoltrain.hub import stale_branches
+
+    names = ["main", "step_00000030", "step_00000040", "step_00000010", "step_00000020", "step_123"]
+    assert stale_branches(names, 2, "step_00000010") == ["step_00000020"]
+    assert stale_branches(names, 0, "step_00000010") == []
