@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 
 import pytest
 
@@ -17,12 +18,27 @@ from .conftest import DEBUG_TINY
 ENDPOINT = "http://hub.test"
 
 
+ROUTE = re.compile(r"/api/models/([^/]+/[^/]+)/(refs|branch|preupload|commit)(?:/(.+))?")
+
+
 class FakeHub:
-    """Answers create_repo, validate-yaml, create_branch, preupload (every file 'regular': inline in the commit) and commit."""
+    """Answers create_repo, validate-yaml, list_repo_refs, create_branch, delete_branch, preupload (every file
+    'regular': inline in the commit) and commit, keeping each repo's branches (name -> head commit) as the
+    Hub would: tests assert the state left on the fake Hub, not only the calls made."""
 
     def __init__(self):
         self.requests: list[tuple[str, str, dict]] = []
         self.commits: list[dict] = []
+        self.repos: dict[str, dict[str, str]] = {}
+        self.delete_status = 200  # set to 500 for a Hub that fails every delete_branch
+
+    def add_branches(self, repo: str, *names: str) -> None:
+        """A repo made before the run, with branches of the user's own."""
+        heads = self.repos.setdefault(repo, {"main": "0" * 40})
+        heads.update(dict.fromkeys(names, heads["main"]))
+
+    def branches(self, repo: str) -> set[str]:
+        return set(self.repos[repo])
 
     def __call__(self, request):
         import httpx2
@@ -31,23 +47,59 @@ class FakeHub:
         self.requests.append((request.method, path, dict(request.headers)))
         if path == "/api/repos/create":
             req = json.loads(body)
+            self.repos.setdefault(f"{req['organization']}/{req['name']}", {"main": "0" * 40})
             return httpx2.Response(200, json={"url": f"{ENDPOINT}/{req['organization']}/{req['name']}"})
         if path == "/api/validate-yaml":  # the model card's metadata block
             return httpx2.Response(200, json={"errors": [], "warnings": []})
-        if "/branch/" in path:
+        route = ROUTE.fullmatch(path)
+        if route is None or route.group(1) not in self.repos:
+            return httpx2.Response(404, json={"error": f"fake hub: no route for {request.method} {path}"})
+        repo, what, rest = route.groups()
+        return getattr(self, what)(request, repo, rest or "")
+
+    def refs(self, request, repo: str, rest: str):
+        import httpx2
+
+        heads = self.repos[repo].items()
+        branches = [{"name": n, "ref": f"refs/heads/{n}", "targetCommit": oid} for n, oid in heads]
+        return httpx2.Response(200, json={"branches": branches, "converts": [], "tags": []})
+
+    def branch(self, request, repo: str, name: str):
+        import httpx2
+
+        heads = self.repos[repo]
+        if request.method == "POST":
+            if name in heads:
+                return httpx2.Response(409, json={"error": f"Reference {name} already exists"})
+            heads[name] = heads["main"]
             return httpx2.Response(200, json={})
-        if "/preupload/" in path:
-            files = json.loads(body)["files"]
-            return httpx2.Response(200, json={"files": [{"path": f["path"], "uploadMode": "regular",
-                                                         "shouldIgnore": False} for f in files]})
-        if "/commit/" in path:
-            lines = [json.loads(line) for line in body.decode().splitlines()]
-            files = {ln["value"]["path"]: base64.b64decode(ln["value"]["content"]) for ln in lines if ln["key"] == "file"}
-            self.commits.append({"path": path, "files": files, "header": lines[0]["value"]})
-            repo, oid = path.removeprefix("/api/models/").split("/commit/")[0], f"{len(self.commits):040d}"
-            return httpx2.Response(200, json={"commitUrl": f"{ENDPOINT}/{repo}/commit/{oid}", "commitOid": oid,
-                                              "pullRequestUrl": None})
-        return httpx2.Response(404, json={"error": f"fake hub: no route for {request.method} {path}"})
+        if self.delete_status != 200:
+            return httpx2.Response(self.delete_status, json={"error": "fake hub: internal error"})
+        if name == "main" or name not in heads:
+            return httpx2.Response(403 if name == "main" else 404, json={"error": f"cannot delete {name}"})
+        del heads[name]
+        return httpx2.Response(200, json={})
+
+    def preupload(self, request, repo: str, rest: str):
+        import httpx2
+
+        files = json.loads(request.content)["files"]
+        return httpx2.Response(200, json={"files": [{"path": f["path"], "uploadMode": "regular",
+                                                     "shouldIgnore": False} for f in files]})
+
+    def commit(self, request, repo: str, revision: str):
+        import httpx2
+
+        if revision not in self.repos[repo]:
+            return httpx2.Response(404, json={"error": f"Invalid rev id: {revision}"})
+        lines = [json.loads(line) for line in request.content.decode().splitlines()]
+        added = [ln["value"] for ln in lines if ln["key"] == "file"]
+        files = {f["path"]: base64.b64decode(f["content"]) for f in added}
+        self.commits.append({"path": request.url.path, "files": files, "header": lines[0]["value"]})
+        oid = f"{len(self.commits):040d}"
+        self.repos[repo][revision] = oid
+        return httpx2.Response(200, json={"commitUrl": f"{ENDPOINT}/{repo}/commit/{oid}", "commitOid": oid,
+                                          "pullRequestUrl": None})
 
 
 @pytest.fixture
@@ -99,3 +151,58 @@ def test_checkpoint_push_to_hub_pushes_each_checkpoint_to_its_branch(hub, tmp_pa
     weights = hub.commits[-1]["files"]["model.safetensors"]
     assert weights == (tmp_path / "run" / "checkpoints" / "step_00000020" / "model.safetensors").read_bytes()
     assert "loss.png" in hub.commits[-1]["files"] and "training" in hub.commits[-1]["files"]["README.md"].decode().lower()
+
+
+STEPS = [f"step_{s:08d}" for s in (5, 10, 15, 20)]
+USERS = {"main", "experiment", "step_1", "step_00000001_backup"}  # not step_ + exactly 8 digits: never ours
+
+
+def train_pushing(hub, tmp_path, tiny_data, keep_last: int) -> int:
+    """20 steps saving every 5 (four pushes) into me/run, which already has the user's branches."""
+    hub.add_branches("me/run", *USERS - {"main"})
+    sets = ["--set", f"run.dir={tmp_path / 'run'}", "--set", "train.max_steps=20",
+            "--set", "checkpoint.every=5", "--set", f"checkpoint.keep_last={keep_last}",
+            "--set", "checkpoint.push_to_hub=me/run", "--set", "eval.prompts=[]"]
+    return main(["train", "--config", str(DEBUG_TINY), *tiny_data, *sets])
+
+
+def test_keep_last_deletes_the_older_step_branches_on_the_hub(hub, tmp_path, tiny_data, capsys):
+    assert train_pushing(hub, tmp_path, tiny_data, keep_last=2) == 0
+    assert hub.branches("me/run") == USERS | {"step_00000015", "step_00000020"}
+    deletes = [p for m, p, _ in hub.requests if m == "DELETE"]
+    assert deletes == ["/api/models/me/run/branch/step_00000005", "/api/models/me/run/branch/step_00000010"]
+    assert [c["path"].rsplit("/", 1)[1] for c in hub.commits] == STEPS  # every push happened first
+    out = capsys.readouterr().out
+    assert "hub: deleted branches step_00000005 of me/run (checkpoint.keep_last=2)" in out
+    assert "hub: deleted branches step_00000010 of me/run (checkpoint.keep_last=2)" in out
+
+
+def test_keep_last_0_keeps_every_step_branch(hub, tmp_path, tiny_data):
+    assert train_pushing(hub, tmp_path, tiny_data, keep_last=0) == 0
+    assert hub.branches("me/run") == USERS | set(STEPS)
+    assert not [p for m, p, _ in hub.requests if m == "DELETE" or p.endswith("/refs")]
+
+
+def test_a_failed_branch_cleanup_is_one_line_and_the_run_goes_on(hub, tmp_path, tiny_data, capsys):
+    hub.delete_status = 500
+    assert train_pushing(hub, tmp_path, tiny_data, keep_last=2) == 0
+    assert hub.branches("me/run") == USERS | set(STEPS)
+    assert [c["path"].rsplit("/", 1)[1] for c in hub.commits] == STEPS
+    heads = {name: hub.repos["me/run"][name] for name in STEPS}
+    assert heads == {name: f"{i + 1:040d}" for i, name in enumerate(STEPS)}  # each branch holds its push
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("hub: ")]
+    assert len(errors) == 2, errors  # the pushes of steps 15 and 20 each found one branch to delete
+    for line, pushed in zip(errors, STEPS[2:]):
+        assert line.startswith(f"hub: deleting old branches of me/run on {ENDPOINT} failed: ")
+        assert "'500 Internal Server Error'" in line
+        assert "/api/models/me/run/branch/step_00000005" in line  # the first stale branch, the one refused
+        assert line.endswith(f"({pushed} was pushed; the run goes on)")
+
+
+def test_the_pushed_branch_is_never_a_stale_one():
+    """A run resumed from an older checkpoint pushes a step below branches left by a longer run."""
+    from smoltrain.hub import stale_branches
+
+    names = ["main", "step_00000030", "step_00000040", "step_00000010", "step_00000020", "step_123"]
+    assert stale_branches(names, 2, "step_00000010") == ["step_00000020"]
+    assert stale_branches(names, 0, "step_00000010") == []

@@ -6,10 +6,18 @@ private Hub) itself; we only check that a token exists before any work is done.
 
 from __future__ import annotations
 
+import re
+import sys
 import tempfile
 from pathlib import Path
 
 from smoltrain.errors import UserError
+
+STEP_BRANCH = re.compile(r"step_\d{8}")  # checkpoint.push_to_hub's branches; any other name is the user's
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def check_token(repo_id: str) -> None:
@@ -37,8 +45,7 @@ def push_folder(folder: Path, repo_id: str, revision: str | None = None, private
         info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision, repo_type="model",
                                  commit_message=message, ignore_patterns=["manifest.json"])
     except (HfHubHTTPError, OSError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"Pushing to {repo_id} on {api.endpoint} failed: {first}") from None
+        raise UserError(f"Pushing to {repo_id} on {api.endpoint} failed: {_first_line(e)}") from None
     return str(info.commit_url)
 
 
@@ -53,3 +60,48 @@ def push_checkpoint(ckpt: Path, repo_id: str, revision: str | None = None, priva
     with tempfile.TemporaryDirectory(prefix="smoltrain-push-") as tmp:
         out = export_hf(ckpt, Path(tmp) / "export")
         return push_folder(out, repo_id, revision, private, message)
+
+
+def stale_branches(names: list[str], keep_last: int, pushed: str) -> list[str]:
+    """The step branches older than the newest `keep_last`, oldest first; `pushed` is never among them."""
+    if keep_last <= 0:
+        return []
+    steps = sorted(n for n in names if STEP_BRANCH.fullmatch(n))  # 8 digits: name order is step order
+    return [n for n in steps[:-keep_last] if n != pushed]
+
+
+def retain_branches(repo_id: str, keep_last: int, pushed: str) -> list[str]:
+    """checkpoint.keep_last on the Hub: delete the older step branches; returns the deleted names.
+
+    Raises UserError naming what failed (and what was already deleted); the push itself stands.
+    """
+    if keep_last <= 0:
+        return []
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi()
+    deleted: list[str] = []
+    try:
+        refs = api.list_repo_refs(repo_id, repo_type="model")
+        for name in stale_branches([b.name for b in refs.branches], keep_last, pushed):
+            api.delete_branch(repo_id, branch=name, repo_type="model")
+            deleted.append(name)
+    except (HfHubHTTPError, OSError) as e:
+        done = f" after deleting {', '.join(deleted)}" if deleted else ""
+        where = f"{repo_id} on {api.endpoint}"
+        raise UserError(f"deleting old branches of {where} failed{done}: {_first_line(e)}") from None
+    return deleted
+
+
+def prune_after_push(repo_id: str, keep_last: int, pushed: str) -> list[str]:
+    """The mirror's cleanup after a push: one line either way, never raised (the push already happened)."""
+    try:
+        deleted = retain_branches(repo_id, keep_last, pushed)
+    except UserError as e:
+        print(f"hub: {e} ({pushed} was pushed; the run goes on)", file=sys.stderr, flush=True)
+        return []
+    if deleted:
+        names = ", ".join(deleted)
+        print(f"hub: deleted branches {names} of {repo_id} (checkpoint.keep_last={keep_last})", flush=True)
+    return deleted

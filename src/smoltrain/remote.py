@@ -342,9 +342,10 @@ class RunMirror:
             if self.remote is not None:
                 self.remote.upload_checkpoint(ckpt, step, run_dir, self.keep_last, uploaded)
             if self.hub_repo:
-                from smoltrain.hub import push_checkpoint
+                from smoltrain.hub import prune_after_push, push_checkpoint
 
                 push_checkpoint(ckpt, self.hub_repo, f"step_{step:08d}", self.hub_private)
+                prune_after_push(self.hub_repo, self.keep_last, f"step_{step:08d}")  # reports its own failure
 
         self.uploads.submit(f"the upload of step {step}", job)
 
