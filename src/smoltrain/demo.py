@@ -22,7 +22,7 @@ from smoltrain.errors import UserError
 from smoltrain.generate import SamplingConfig, generate, prepare_for_decode, stream_text
 from smoltrain.history import History
 from smoltrain.interop import load_model, resolve_checkpoint
-from smoltrain.storage import STEP_DIR, list_checkpoints
+from smoltrain.storage import STEP_DIR, list_checkpoints, step_of
 
 PANES = ("A", "B")
 
@@ -60,7 +60,7 @@ class CheckpointSource:
         history = History.load(self.run_dir)
         opts = []
         for ckpt in list_checkpoints(self.run_dir):
-            step = int(ckpt.name.removeprefix("step_"))
+            step = step_of(ckpt)
             val = (history.val_at(step) or {}).get("val_loss")
             opts.append((f"step {step}" + (f" (val loss {val:.3f})" if val is not None else ""), ckpt.name))
         return opts

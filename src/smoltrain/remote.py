@@ -134,13 +134,13 @@ class Remote:
     def upload_part(self, local: Path, step: int, name: str) -> dict:
         """A rank on a node without rank 0's run dir puts its own part of a checkpoint on the store."""
         self.fs.put_file(str(local), self._path("checkpoints", f"step_{step:08d}", name))
-        return {"size": local.stat().st_size, "sha256": storage.sha256_file(local)}
+        return storage.file_record(local)
 
     def get_part(self, step: int, name: str, target: Path, record: dict) -> None:
         """Rank 0 fetches another node's part into its staging dir, checked against what that rank sent."""
         target.parent.mkdir(parents=True, exist_ok=True)
         self.fs.get_file(self._path("checkpoints", f"step_{step:08d}", name), str(target))
-        if target.stat().st_size != record["size"] or storage.sha256_file(target) != record["sha256"]:
+        if not storage.matches_record(target, record):
             raise OSError(f"{name} of step {step} on the store differs from what its rank uploaded")
 
     def fetch(self, step: int, run_dir: Path) -> Path:
@@ -321,7 +321,7 @@ class RunMirror:
     def publish(self, ckpt: Path) -> None:
         """Make sure a local checkpoint is on the store (its upload may have been cut short by a kill): the
         other nodes fetch it from there. Synchronous, before training starts."""
-        step = int(ckpt.name.removeprefix("step_"))
+        step = storage.step_of(ckpt)
         if step in self.remote.steps():
             return
         print(f"remote: {ckpt.name} is not on {self.remote.url} yet (its upload was interrupted); uploading it "

@@ -26,7 +26,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from smoltrain.errors import UserError
 from smoltrain.history import History, plot_loss, plot_series, plot_tasks, read_jsonl
 from smoltrain.interop import load_model, resolve_checkpoint
-from smoltrain.storage import MANIFEST, check_target, list_checkpoints, newest_valid, publish
+from smoltrain.storage import MANIFEST, check_target, list_checkpoints, newest_valid, publish, step_of
 
 REPORT = "index.html"
 CHARTS = (  # file, metric (None: the loss chart), title, y label
@@ -52,10 +52,6 @@ class Run:
     def step(self) -> int:
         last = self.history.last()
         return max(last["step"] if last else 0, step_of(self.checkpoints[-1]))
-
-
-def step_of(ckpt: Path) -> int:
-    return int(ckpt.name.removeprefix("step_"))
 
 
 def open_run(path: str | Path) -> Run:

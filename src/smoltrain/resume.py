@@ -14,7 +14,7 @@ from smoltrain.config import Config, DatasetConfig
 from smoltrain.errors import UserError
 from smoltrain.interop import resolve_checkpoint
 from smoltrain.rundir import settings_diff
-from smoltrain.storage import list_checkpoints, step_dir
+from smoltrain.storage import list_checkpoints, step_dir, step_of
 
 if TYPE_CHECKING:
     from smoltrain.distributed import DistEnv
@@ -31,7 +31,7 @@ def find_resume(cfg: Config, dist: DistEnv, global_batch: int, mirror=None,
     found, changes = dist_io.on_main(lambda: pick_resume(cfg, run_dir, global_batch, mirror, dist.separate_dirs))
     if not dist.separate_dirs:
         return found, changes
-    step = None if found is None else int(found.name.removeprefix("step_"))
+    step = None if found is None else step_of(found)
 
     def fetch() -> Path | None:
         if dist.sees_main_dir:
@@ -71,7 +71,7 @@ def pick_resume(cfg: Config, run_dir: Path, global_batch: int, mirror=None,
         if found is None and mirror is not None:  # a fresh machine: the remote copy, if any
             found = mirror.restore(run_dir)
         elif separate:  # this node may not have been rank 0's before: the store may hold a newer one
-            found = mirror.restore(run_dir, after=int(found.name.removeprefix("step_"))) or found
+            found = mirror.restore(run_dir, after=step_of(found)) or found
     if found is None:
         return None, []
     if separate:
@@ -86,7 +86,7 @@ def pick_resume(cfg: Config, run_dir: Path, global_batch: int, mirror=None,
         raise UserError(f"Resuming from {found} with a config that changes the run's trajectory: "
                         + "; ".join(diffs) + ". Use another run.dir, or set train.allow_config_change=true.")
     step = state["train_state"]["step"]
-    newer = [p.name for p in list_checkpoints(run_dir) if int(p.name[5:]) > step]
+    newer = [p.name for p in list_checkpoints(run_dir) if step_of(p) > step]
     if explicit and newer:  # saving over them would set valid checkpoints aside
         raise UserError(f"run.dir {run_dir} already holds checkpoints after step {step} ({', '.join(newer)}); "
                         "resuming there from train.resume_from would overwrite them. Use another run.dir.")

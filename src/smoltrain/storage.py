@@ -86,13 +86,20 @@ def write_manifest(directory: Path, command: str, info: dict | None = None, hash
     name = MANIFEST if hashed else MARKER
     files = {}
     for p in _files(directory, name):
-        rec = {"size": p.stat().st_size}
-        if hashed:
-            rec["sha256"] = sha256_file(p)
-        files[str(p.relative_to(directory))] = rec
+        files[str(p.relative_to(directory))] = file_record(p) if hashed else {"size": p.stat().st_size}
     doc = {"format": FORMAT if not hashed else "smoltrain-checkpoint", "version": 1, "command": command,
            **(info or {}), "files": files}
     write_text_synced(directory / name, json.dumps(doc, indent=2) + "\n")
+
+
+def file_record(path: Path) -> dict:
+    """A file's entry in a manifest: its size and sha256."""
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def matches_record(path: Path, rec: dict) -> bool:
+    """The file has the size and sha256 its manifest entry records (the size is checked first: cheap)."""
+    return path.stat().st_size == rec.get("size") and sha256_file(path) == rec.get("sha256")
 
 
 def read_manifest(directory: Path) -> dict:
@@ -112,7 +119,7 @@ def verify_manifest(directory: Path) -> dict:
         path = Path(directory) / name
         if not path.is_file():
             raise UserError(f"Checkpoint {directory} is incomplete: {name} is missing.")
-        if path.stat().st_size != rec.get("size") or sha256_file(path) != rec.get("sha256"):
+        if not matches_record(path, rec):
             raise UserError(f"Checkpoint {directory} is corrupted: {name} does not match its sha256 in {MANIFEST}.")
     return manifest
 
@@ -137,6 +144,11 @@ def output_record(directory: Path) -> dict | None:
 
 def step_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
+
+
+def step_of(ckpt: Path) -> int:
+    """The step a checkpoint directory is named for (step_dir's inverse)."""
+    return int(Path(ckpt).name.removeprefix("step_"))
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
