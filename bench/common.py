@@ -49,13 +49,13 @@ def emit(record: dict, out: str | Path | None) -> None:
 def reference_checkpoint(ckpt: str | None, tmp: Path) -> tuple[Path, Path]:
     """(checkpoint, its HF export) for a peer-vs-us bench: `ckpt`, or the real SmolLM2-135M-Instruct
     imported from the asset cache; the export lets the peer (transformers, lm-eval) read the same weights."""
-    from smoltrain.interop import export_hf
+    from smoltrain.hf.interop import export_hf
 
     if ckpt:
         path = Path(ckpt)
     else:
-        from smoltrain.assets import fetch_assets
-        from smoltrain.interop import import_model
+        from smoltrain.data.assets import fetch_assets
+        from smoltrain.hf.interop import import_model
 
         path = import_model(fetch_assets()["gguf"], tmp / "ckpt")
     return path, export_hf(path, tmp / "hf")

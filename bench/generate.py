@@ -38,8 +38,8 @@ def worker(a) -> None:
     """Load one side, warm up, time --repeats greedy generations; print the median tokens/s and the
     tokens as JSON."""
     from smoltrain.device import amp_dtype, pick_device
-    from smoltrain.generate import SamplingConfig, generate, prepare_for_decode
-    from smoltrain.interop import load_model
+    from smoltrain.hf.interop import load_model
+    from smoltrain.model.generate import SamplingConfig, generate, prepare_for_decode
 
     device = pick_device(a.device)
     dtype = amp_dtype(device)
@@ -91,9 +91,9 @@ def decode_products(model) -> list[torch.Tensor]:
 def account(model, prompt: list[int], solo: list[int], n: int, batch: int) -> dict:
     """Where a token's time goes: the weight products alone (the memory-bandwidth part) vs the rest;
     and the batched path's total tokens/s, its rows checked against the one-by-one tokens."""
-    from smoltrain import blas
     from smoltrain.device import decode_threads
-    from smoltrain.generate import SamplingConfig, generate_batch
+    from smoltrain.model import blas
+    from smoltrain.model.generate import SamplingConfig, generate_batch
 
     weights = decode_products(model)
     nbytes = sum(w.numel() * w.element_size() for w in weights)

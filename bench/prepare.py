@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from smoltrain.data.prepare import prepare
-from smoltrain.tokenizer import Tokenizer, load_tokenizer
+from smoltrain.data.tokenizer import Tokenizer, load_tokenizer
 
 _TOK: dict = {}
 
@@ -54,7 +54,7 @@ def run_smoltrain(texts_dir: Path, tok: Tokenizer, num_proc: int, out: Path) -> 
 
 def default_assets() -> tuple[Path, Path]:
     try:
-        from smoltrain.assets import fetch_assets
+        from smoltrain.data.assets import fetch_assets
 
         paths = fetch_assets()
         return paths["shakespeare"], paths["gguf"]

@@ -8,7 +8,7 @@ Each recipe is `configs/quickstart.yaml` plus `--set` overrides, trained the way
 (`python -m smoltrain train --config ... --set ...` in a subprocess, one after another, never two at once),
 and scored by the evaluation the trainer runs after its last step: the whole held-out split (the
 held-out plays, both editions, as the config's data section chooses them; `--eval-tokens` caps it for
-proxies). Training FLOPs follow smoltrain.metrics.flops_per_token, the count the trainer's MFU uses:
+proxies). Training FLOPs follow smoltrain.train.runlog.flops_per_token, the count the trainer's MFU uses:
 6 x N + 12 x layers x hidden x seq_len per token, where N is every matmul weight a token passes
 through, the tied embedding counted once (as the LM head; the lookup is free) and the norms' gains left
 out; times the tokens trained on (steps x global batch x seq_len). A recipe over
@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import emit, machine  # noqa: E402
 
 from smoltrain.config import Config, load_config  # noqa: E402
-from smoltrain.metrics import flops_per_token  # noqa: E402
+from smoltrain.train.runlog import flops_per_token  # noqa: E402
 
 # The quickstart's model/optim/train sections as of 2026-12-01 (2.76M parameters, AdamW 3e-3, WSD, 300 x 16 x 256),
 # spelled out so that "today" stays today's recipe whatever configs/quickstart.yaml becomes.

@@ -34,7 +34,7 @@ def lm_eval_task(task_file: str) -> dict:
 
 
 def run_smoltrain(a) -> tuple[float, dict]:
-    from smoltrain.tasks import load_scorer, load_task, score_task
+    from smoltrain.eval.tasks import load_scorer, load_task, score_task
 
     scorer, tok, _ = load_scorer(a.ckpt, torch.device("cpu"))
     t = time.perf_counter()

@@ -19,7 +19,7 @@ logits, `torch.optim.AdamW`. Ours is smoltrain's path: SmolLM2 model, fused chun
 `build_optimizer` (fused on CUDA, foreach on CPU). Each measurement runs in a fresh subprocess, the two
 interleaved, so peak memory (max RSS on CPU, max allocated on CUDA) is per implementation.
 FLOPs per token follow the PaLM / nanoGPT convention (6N incl. the LM head + 12*L*H*Q*T, see
-smoltrain.metrics.flops_per_token). On CPU "MFU" is achieved FLOP/s over this machine's measured fp32
+smoltrain.train.runlog.flops_per_token). On CPU "MFU" is achieved FLOP/s over this machine's measured fp32
 matmul peak (a 2048^3 matmul, timed in each worker right after its steps), since CPUs have no datasheet
 peak worth the name.
 """
@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import emit, interleaved  # noqa: E402
 
 from smoltrain.config import ModelConfig, OptimConfig  # noqa: E402
-from smoltrain.metrics import flops_per_token, peak_flops  # noqa: E402
+from smoltrain.train.runlog import flops_per_token, peak_flops  # noqa: E402
 
 CPU_SHAPE = ModelConfig(vocab_size=49152, hidden_size=192, intermediate_size=512, num_hidden_layers=6,
                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=2048,
@@ -68,8 +68,8 @@ def build(impl: str, cfg: ModelConfig, device: torch.device, a):
     dtype = DTYPES[a.dtype]
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else None
     if impl == "smoltrain step":
-        from smoltrain.model import build_model
-        from smoltrain.optim import build_optimizer
+        from smoltrain.model.llama import build_model
+        from smoltrain.train.optim import build_optimizer
 
         model = build_model(cfg, device).train()
         opt = build_optimizer(model, OptimConfig(lr=1e-3, weight_decay=0.01), device)

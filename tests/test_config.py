@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from smoltrain.checkpoint.resume import trajectory_diff
 from smoltrain.config import load_config
 from smoltrain.errors import UserError
-from smoltrain.resume import trajectory_diff
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 

@@ -16,8 +16,8 @@ import pytest
 from smoltrain.data import prepare as prep
 from smoltrain.data.prepare import is_val, prepare
 from smoltrain.data.shards import load_meta, read_shard
+from smoltrain.data.tokenizer import load_tokenizer
 from smoltrain.errors import UserError
-from smoltrain.tokenizer import load_tokenizer
 
 from .conftest import make_corpus_text, write_mixed_corpus
 

@@ -13,8 +13,8 @@ import yaml
 from smoltrain.data.prepare import prepare
 from smoltrain.data.shards import read_shard
 from smoltrain.data.sources import is_catalogue, iter_named_documents
+from smoltrain.data.tokenizer import load_tokenizer
 from smoltrain.errors import UserError
-from smoltrain.tokenizer import load_tokenizer
 
 from .conftest import DEBUG_TINY, assert_user_error, make_corpus_text, run_cli
 
@@ -104,7 +104,7 @@ def _tiny_cfg(tmp_path: Path, corpus: Path, held: list[str]):
 def test_trained_tokenizer_never_sees_held_out_text(tmp_path):
     """A word only the held-out document uses (hundreds of times) becomes a merged token only when that
     document is on the training side."""
-    from smoltrain.pipeline import resolve_tokenizer
+    from smoltrain.data.recipe import resolve_tokenizer
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -160,8 +160,8 @@ def test_meta_lists_fraction_held_out_documents(tmp_path, bpe_dir):
 
 
 def test_resume_check_fills_new_dataset_fields_with_defaults():
+    from smoltrain.checkpoint.resume import trajectory_diff
     from smoltrain.config import load_config
-    from smoltrain.resume import trajectory_diff
 
     new = load_config(DEBUG_TINY).to_dict()
     old = json.loads(json.dumps(new))

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from smoltrain.data.stream import StreamLoader
+from smoltrain.data.tokenizer import load_tokenizer
 from smoltrain.errors import UserError
-from smoltrain.tokenizer import load_tokenizer
 
 from .conftest import make_corpus_text
 

@@ -105,7 +105,7 @@ def test_browser_types_prompt_and_sees_text(demo_url):
 
 
 def test_checkpoint_source_lists_run_and_refuses_other_paths(run12):
-    from smoltrain.demo import CheckpointSource, interleave
+    from smoltrain.app.demo import CheckpointSource, interleave
 
     src = CheckpointSource(run12)
     labels = [label for label, _ in src.options()]
@@ -138,11 +138,11 @@ def test_demo_bad_inputs_exit_2(run12, tmp_path):
 @pytest.fixture(scope="module")
 def lively_ckpt(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     """A tiny checkpoint whose next token depends on the context (init std 0.2), so a mixed-up KV cache shows."""
-    from smoltrain.interop import model_state, save_model_files
-    from smoltrain.model import build_model
+    from smoltrain.data.tokenizer import load_tokenizer
+    from smoltrain.hf.interop import model_state, save_model_files
+    from smoltrain.model.llama import build_model
     from smoltrain.presets import get_preset
     from smoltrain.storage import publish
-    from smoltrain.tokenizer import load_tokenizer
 
     torch.manual_seed(0)
     cfg = get_preset("tiny").replace(initializer_range=0.2)
@@ -158,8 +158,8 @@ def test_concurrent_requests_on_one_checkpoint_equal_their_solo_output(lively_ck
     so each output equals the same generation alone (greedy with no seed, and seeded sampling)."""
     import threading
 
-    from smoltrain.demo import CheckpointSource, Generator, ModelCache
-    from smoltrain.generate import SamplingConfig, generate
+    from smoltrain.app.demo import CheckpointSource, Generator, ModelCache
+    from smoltrain.model.generate import SamplingConfig, generate
 
     source = CheckpointSource(lively_ckpt)
     cache = ModelCache(torch.device("cpu"))

@@ -65,7 +65,7 @@ def test_eval_a_split_shorter_than_one_window(tmp_path, tiny_ckpt, tiny_tokenize
     proc = run_cli("eval", tiny_ckpt, "--data", tmp_path / "data", "--json")
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout)
-    from smoltrain.tokenizer import load_tokenizer
+    from smoltrain.data.tokenizer import load_tokenizer
 
     first = load_tokenizer(tiny_tokenizer_dir).decode(load_tokenizer(tiny_tokenizer_dir).encode("To be, or not.")[:1])
     assert res["tokens"] == n - 1 and res["seq_len"] == 256 and res["bytes"] == len("To be, or not.") - len(first)

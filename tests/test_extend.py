@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from smoltrain.rundir import LOCK_NAME
+from smoltrain.checkpoint.rundir import LOCK_NAME
 
 from .conftest import DEBUG_TINY
 

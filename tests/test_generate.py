@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from smoltrain.generate import SamplingConfig, generate, generate_batch, sample, stream_text
-from smoltrain.interop import load_model
-from smoltrain.model import build_model
+from smoltrain.hf.interop import load_model
+from smoltrain.model.generate import SamplingConfig, generate, generate_batch, sample, stream_text
+from smoltrain.model.llama import build_model
 from smoltrain.presets import get_preset
 
 from .conftest import assert_user_error, run_cli
@@ -138,7 +138,7 @@ def test_interleaved_generations_on_one_model_are_independent():
 def test_batched_generation_equals_one_by_one():
     """Prompts of different lengths decoded as one left-padded batch: each row's tokens are the ones
     generate() gives that prompt alone, greedy and seeded sampling, with stops and per-row budgets."""
-    from smoltrain.generate import prepare_for_decode
+    from smoltrain.model.generate import prepare_for_decode
 
     model = prepare_for_decode(_lively_model())
     prompts = [[5, 17, 200, 3, 99, 42, 7], [11], [8, 9, 10, 250], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
@@ -163,7 +163,7 @@ def test_prompt_longer_than_context_is_a_user_error(tiny_ckpt):
 
 
 def test_decode_layout_keeps_weights_and_tokens():
-    from smoltrain.generate import prepare_for_decode
+    from smoltrain.model.generate import prepare_for_decode
 
     model = _model()
     prompt = [5, 17, 200, 3]
@@ -179,7 +179,7 @@ def test_decode_layout_keeps_weights_and_tokens():
 
 
 def test_blas_products_equal_torch_and_fall_back_under_autograd():
-    from smoltrain import blas
+    from smoltrain.model import blas
 
     torch.manual_seed(0)
     a, b = torch.randn(5, 7), torch.randn(9, 7)

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from smoltrain.config import OptimConfig
-from smoltrain.generate import SamplingConfig, generate
-from smoltrain.model import build_model
-from smoltrain.optim import build_optimizer
+from smoltrain.model.generate import SamplingConfig, generate
+from smoltrain.model.llama import build_model
 from smoltrain.presets import get_preset
+from smoltrain.train.optim import build_optimizer
 
 from .conftest import DEBUG_TINY
 
@@ -74,7 +74,7 @@ def test_fused_loss_never_holds_the_full_logits():
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**30, loss.item()
 
-    from smoltrain.loss import chunked_cross_entropy
+    from smoltrain.model.loss import chunked_cross_entropy
 
     plain_gb, plain = peak(lambda: F.cross_entropy((h @ w.t()).float(), y))
     fused_gb, fused = peak(lambda: chunked_cross_entropy(h, w, y, chunk=1024))
@@ -105,9 +105,9 @@ def test_kv_cache_greedy_equals_no_cache_greedy_on_cuda():
 
 def test_bf16_decode_on_cuda_and_inference_layout_keeps_logits(tiny_ckpt):
     """What `smoltrain generate` and the demo run on a GPU: bf16 weights, KV cache, sampling."""
-    from smoltrain.generate import prepare_for_decode
-    from smoltrain.interop import load_model
-    from smoltrain.model import to_inference_layout
+    from smoltrain.hf.interop import load_model
+    from smoltrain.model.generate import prepare_for_decode
+    from smoltrain.model.llama import to_inference_layout
 
     model, tok, _ = load_model(tiny_ckpt, device=CUDA, dtype=torch.bfloat16)
     prepare_for_decode(model)  # a no-op on CUDA

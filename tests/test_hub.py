@@ -141,7 +141,7 @@ def test_export_push_without_a_token_is_refused_before_any_work(tmp_path, tiny_c
 
 def test_checkpoint_push_to_hub_pushes_each_checkpoint_to_its_branch(hub, tmp_path, tiny_data):
     from smoltrain.config import load_config
-    from smoltrain.trainer import Trainer
+    from smoltrain.train.trainer import Trainer
 
     pairs = [s for s in tiny_data if s != "--set"] + [f"run.dir={tmp_path / 'run'}", "train.max_steps=20",
                                                        "checkpoint.push_to_hub=me/run", "eval.prompts=[]"]
@@ -201,7 +201,7 @@ def test_a_failed_branch_cleanup_is_one_line_and_the_run_goes_on(hub, tmp_path, 
 
 def test_the_pushed_branch_is_never_a_stale_one():
     """A run resumed from an older checkpoint pushes a step below branches left by a longer run."""
-    from smoltrain.hub import stale_branches
+    from smoltrain.hf.hub import stale_branches
 
     names = ["main", "step_00000030", "step_00000040", "step_00000010", "step_00000020", "step_123"]
     assert stale_branches(names, 2, "step_00000010") == ["step_00000020"]

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from smoltrain.interop import _unpermute, load_model
+from smoltrain.hf.interop import _unpermute, load_model
 
 from .conftest import assert_user_error, run_cli
 

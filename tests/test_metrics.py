@@ -7,9 +7,9 @@ import json
 import torch
 
 from smoltrain.config import ModelConfig
-from smoltrain.metrics import flops_per_token, model_flops_utilization, rewind_jsonl
-from smoltrain.model import SmolLM2
+from smoltrain.model.llama import SmolLM2
 from smoltrain.presets import get_preset
+from smoltrain.train.runlog import flops_per_token, model_flops_utilization, rewind_jsonl
 
 
 def _matmul_params(cfg: ModelConfig) -> int:

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from smoltrain.loss import chunked_cross_entropy
-from smoltrain.model import SmolLM2, build_model
+from smoltrain.model.llama import SmolLM2, build_model
+from smoltrain.model.loss import chunked_cross_entropy
 from smoltrain.presets import PRESETS, get_preset
 
 
@@ -106,9 +106,9 @@ def test_meta_build_allocates_once_and_rope_not_in_state():
 def test_auto_loss_chunk_is_the_default_and_picks_the_fused_path(monkeypatch):
     """A config that does not mention train.loss_chunk (debug-tiny included) gets the fused loss, sized
     for the shape on CPU; the plain loss only when asked for with 0; bad values are refused."""
-    from smoltrain import loss as loss_mod
     from smoltrain.config import load_config
     from smoltrain.errors import UserError
+    from smoltrain.model import loss as loss_mod
 
     root = Path(__file__).parent.parent / "configs"
     for name in ("debug-tiny", "quickstart"):
@@ -119,7 +119,7 @@ def test_auto_loss_chunk_is_the_default_and_picks_the_fused_path(monkeypatch):
     assert loss_mod.auto_chunk(100, 512, cpu) == 100  # never more rows than the batch has
     calls = []
     real = loss_mod.chunked_cross_entropy
-    monkeypatch.setattr("smoltrain.model.chunked_cross_entropy", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    monkeypatch.setattr("smoltrain.model.llama.chunked_cross_entropy", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
     torch.manual_seed(0)
     model = build_model(get_preset("tiny"))
     ids = torch.randint(0, model.config.vocab_size, (2, 41))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from smoltrain.interop import hf_origin
-from smoltrain.modelcard import intended_use, model_kind
+from smoltrain.hf.interop import hf_origin
+from smoltrain.hf.modelcard import intended_use, model_kind
 
 
 def test_model_kind_from_names_and_chat_template():
@@ -31,7 +31,7 @@ def test_intended_use_per_kind():
 
 def test_card_markdown_is_not_html_escaped(tmp_path):
     """A Markdown card says `&` and `<`, not `&amp;`: the card's templates are not autoescaped."""
-    from smoltrain.modelcard import model_card
+    from smoltrain.hf.modelcard import model_card
     from smoltrain.presets import get_preset
 
     (tmp_path / "origin.json").write_text(json.dumps({"source": "hf/A&B <x>", "name": "A&B <Base>", "kind": "base"}))

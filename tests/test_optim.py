@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from smoltrain.config import OptimConfig
-from smoltrain.model import build_model
-from smoltrain.optim import lr_at, param_groups
+from smoltrain.model.llama import build_model
 from smoltrain.presets import get_preset
+from smoltrain.train.optim import lr_at, param_groups
 
 
 def test_warmup_then_wsd_like_nanotron():
@@ -50,7 +50,7 @@ def test_param_groups_exclude_norms_and_embeddings():
 def test_muon_takes_hidden_matrices_and_the_schedule_scales_both_groups():
     import torch
 
-    from smoltrain.optim import build_optimizer, set_lr
+    from smoltrain.train.optim import build_optimizer, set_lr
 
     model = build_model(get_preset("tiny"))
     cfg = OptimConfig(name="muon", lr=1e-3, muon_lr=0.02, weight_decay=0.1, muon_weight_decay=0.05)
@@ -71,7 +71,7 @@ def test_muon_state_dict_is_plain_tensors_and_round_trips():
 
     import torch
 
-    from smoltrain.optim import build_optimizer
+    from smoltrain.train.optim import build_optimizer
 
     torch.manual_seed(0)
     model = build_model(get_preset("tiny"))

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from smoltrain.config import OptimConfig
-from smoltrain.model import build_model
-from smoltrain.optim import build_optimizer
+from smoltrain.model.llama import build_model
 from smoltrain.presets import get_preset
+from smoltrain.train.optim import build_optimizer
 
 
 def test_optimised_step_equals_plain_loop_for_5_steps():

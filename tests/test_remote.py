@@ -15,7 +15,7 @@ import pytest
 
 from smoltrain.config import load_config
 from smoltrain.errors import UserError
-from smoltrain.trainer import Trainer
+from smoltrain.train.trainer import Trainer
 
 from .conftest import DEBUG_TINY, assert_user_error, s3
 from .test_trainer import losses, sigterm_a_long_run
@@ -136,7 +136,7 @@ def _fake_run(tmp_path: Path, tiny_ckpt: Path, steps: list[int]) -> Path:
 
 def test_local_directory_remote_commit_retention_and_verified_restore(tmp_path, tiny_ckpt, capsys):
     """file:// as the remote: manifest-last validity, retention of valid copies, a corrupt newest copy skipped."""
-    from smoltrain.remote import Remote
+    from smoltrain.checkpoint.remote import Remote
 
     run, store = _fake_run(tmp_path, tiny_ckpt, [10, 20, 30]), tmp_path / "store"
     remote = Remote(f"file://{store}")

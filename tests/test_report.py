@@ -124,8 +124,8 @@ def test_export_card_describes_training(run12, tmp_path, tiny_ckpt):
 
 def test_render_escapes_every_user_string(tmp_path):
     """Prompts, generated text, run names, config text, env values and errors are text, never markup."""
+    from smoltrain.app.report import Run, render
     from smoltrain.history import History
-    from smoltrain.report import Run, render
 
     hostile = "<script>alert('x')</script> & co"
     run_dir = tmp_path / "<b>run&co"
@@ -148,8 +148,8 @@ def test_render_escapes_every_user_string(tmp_path):
 
 
 def test_render_without_prompts_env_or_config(tmp_path):
+    from smoltrain.app.report import Run, render
     from smoltrain.history import History
-    from smoltrain.report import Run, render
 
     run = Run(tmp_path, {}, "", {}, History(), [tmp_path / "step_00000001"])
     page = render(run, [("loss", "data:image/png;base64,AAAA")], [], [], 8, [], None)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from smoltrain.checkpoint.rundir import LOCK_NAME, RunLock, sees_lock
 from smoltrain.errors import UserError
-from smoltrain.rundir import LOCK_NAME, RunLock, sees_lock
 
 from .conftest import DEBUG_TINY
 
@@ -69,7 +69,7 @@ def test_lock_is_exclusive_names_its_holder_and_dies_with_it(tmp_path):
     first.release()
     assert (tmp_path / LOCK_NAME).read_bytes() == b""  # a clean exit leaves no holder record
     RunLock(tmp_path).acquire().release()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from smoltrain.rundir import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from smoltrain.checkpoint.rundir import RunLock; "
                                f"lock = RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"

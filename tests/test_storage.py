@@ -15,12 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from smoltrain import checkpoint as ck
-from smoltrain import interop, optimstate, storage
+from smoltrain import storage
+from smoltrain.checkpoint import optimizer as optimstate
+from smoltrain.checkpoint import state as ck
 from smoltrain.cli import main as cli_main
+from smoltrain.data.tokenizer import TOKENIZER_FILES
 from smoltrain.errors import TrainingError
-from smoltrain.interop import load_model
-from smoltrain.tokenizer import TOKENIZER_FILES
+from smoltrain.hf import interop as interop
+from smoltrain.hf.interop import load_model
 
 from .conftest import DEBUG_TINY, assert_user_error, run_cli
 from .test_trainer import tree_hash

@@ -65,14 +65,14 @@ class PlainLM:
 
 @pytest.fixture(scope="module")
 def tiny(tiny_ckpt):
-    from smoltrain.interop import load_model
+    from smoltrain.hf.interop import load_model
 
     model, tok, _ = load_model(tiny_ckpt)
     return model.eval(), tok
 
 
 def test_encode_pair_is_lm_evals(tiny):
-    from smoltrain.tasks import encode_pair
+    from smoltrain.eval.tasks import encode_pair
 
     _, tok = tiny
     ctx, cont = encode_pair(tok, "To be, or not to be, that is the ", "question")
@@ -83,7 +83,7 @@ def test_encode_pair_is_lm_evals(tiny):
 
 def test_scores_equal_lm_eval_requests_on_full_forwards(tiny):
     """Prefix-cached, batched log-likelihoods = lm-eval's requests scored one full forward at a time."""
-    from smoltrain.tasks import Scorer, _item_from_line, item_loglikelihoods
+    from smoltrain.eval.tasks import Scorer, _item_from_line, item_loglikelihoods
 
     model, tok = tiny
     scorer = Scorer(model, torch.device("cpu"), model.config.max_position_embeddings)
@@ -100,9 +100,9 @@ def test_batched_scores_equal_each_request_alone(tiny):
     several batches (a small token budget): the same log-likelihoods and greedy flags as each request scored
     alone and as one full forward per request, on weights large enough that every token depends on its
     context (at std 0.02 a wrong mask or position would hardly show)."""
-    from smoltrain.model import build_model
+    from smoltrain.eval.tasks import Scorer, encode_pair
+    from smoltrain.model.llama import build_model
     from smoltrain.presets import get_preset
-    from smoltrain.tasks import Scorer, encode_pair
 
     _, tok = tiny
     torch.manual_seed(1)
@@ -180,7 +180,7 @@ def test_suite_by_name_takes_lm_evals_prompts(monkeypatch):
     """arc_easy through lm-eval's own task definition, its dataset loader given a local stand-in."""
     import datasets
 
-    from smoltrain import tasks
+    from smoltrain.eval import tasks as tasks
 
     calls = []
 
@@ -205,8 +205,8 @@ def test_unreachable_hub_is_exit_2(monkeypatch, tmp_path):
     import datasets.config
     import huggingface_hub.constants
 
-    from smoltrain import tasks
     from smoltrain.errors import UserError
+    from smoltrain.eval import tasks as tasks
 
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.setenv(var, "0")
@@ -241,7 +241,7 @@ def verse_sets(tok_dir, corpus, run_dir) -> list[str]:
 
 def test_next_line_task_from_held_out_documents(tiny_tokenizer_dir, verse_corpus, tmp_path):
     from smoltrain.data.prepare import prepare
-    from smoltrain.nextline import held_out_documents
+    from smoltrain.eval.nextline import held_out_documents
 
     data = tmp_path / "data"
     prepare([str(verse_corpus)], tiny_tokenizer_dir, data, val_fraction=0.25, num_proc=1, progress=False,
@@ -273,7 +273,7 @@ def test_training_logs_task_accuracy(tiny_tokenizer_dir, verse_corpus, tmp_path)
     """eval.tasks runs at every evaluation: metrics.jsonl gets task/<name>/acc and acc_norm, equal to
     `smoltrain eval --tasks` on the checkpoint of the same step."""
     from smoltrain.config import load_config
-    from smoltrain.trainer import Trainer
+    from smoltrain.train.trainer import Trainer
 
     from .conftest import DEBUG_TINY
 
@@ -344,7 +344,7 @@ def lm_eval_reference(hf_dir, task_file) -> tuple[dict, list[list[float]]]:
 
 @pytest.mark.slow
 def test_real_smollm2_scores_equal_lm_evals(real_assets, tmp_path):
-    from smoltrain.tasks import item_loglikelihoods, load_jsonl_task, load_scorer
+    from smoltrain.eval.tasks import item_loglikelihoods, load_jsonl_task, load_scorer
 
     ckpt, hf_dir = tmp_path / "ckpt", tmp_path / "hf"
     assert run_cli("import", real_assets["gguf"], "--out", ckpt).returncode == 0

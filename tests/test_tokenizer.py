@@ -7,8 +7,8 @@ import json
 import pytest
 
 from smoltrain.data.prepare import train_tokenizer
+from smoltrain.data.tokenizer import load_tokenizer
 from smoltrain.errors import UserError
-from smoltrain.tokenizer import load_tokenizer
 
 from .conftest import assert_user_error, make_corpus_text, run_cli
 

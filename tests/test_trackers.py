@@ -65,7 +65,7 @@ def wandb_offline(monkeypatch, tmp_path):
 
 
 def test_runlog_continues_one_wandb_run(tmp_path, wandb_offline):
-    from smoltrain.metrics import RunLog
+    from smoltrain.train.runlog import RunLog
 
     run = tmp_path / "run"
     for first in (1, 3):  # two segments: a run and its resume from step 2
@@ -117,7 +117,7 @@ def test_runlog_continues_one_trackio_run(tmp_path, monkeypatch):
     import trackio.sqlite_storage
     from trackio.sqlite_storage import SQLiteStorage
 
-    from smoltrain.metrics import RunLog
+    from smoltrain.train.runlog import RunLog
 
     # trackio reads TRACKIO_DIR once, at import: point its storage module at a temp dir directly
     monkeypatch.setattr(trackio.sqlite_storage, "TRACKIO_DIR", tmp_path / "trackio")

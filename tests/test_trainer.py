@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from smoltrain.config import load_config
-from smoltrain.trainer import Trainer
+from smoltrain.train.trainer import Trainer
 
 from .conftest import DEBUG_TINY, assert_user_error, run_cli
 
@@ -191,7 +191,7 @@ def test_continued_pretraining_from_imported_weights(tmp_path, tiny_data, tiny_c
     fresh_first = json.loads((tmp_path / "fresh" / "metrics.jsonl").read_text().splitlines()[0])
     assert fresh.returncode == 0
     from smoltrain.data.loader import PackedLoader
-    from smoltrain.interop import load_model
+    from smoltrain.hf.interop import load_model
 
     model, _, _ = load_model(tiny_ckpt)
     loader = PackedLoader({"tiny": _data_dir(tiny_data)}, batch_size=4, seq_len=64, seed=1337)
@@ -290,7 +290,7 @@ def test_streaming_run_resumes_exactly(tmp_path, tiny_data):
 def test_eval_any_hf_causal_lm_beside_ours(tmp_path, tiny_data, tiny_tokenizer_dir):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from smoltrain.tokenizer import load_tokenizer
+    from smoltrain.data.tokenizer import load_tokenizer
 
     gpt2 = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(vocab_size=512, n_positions=128, n_embd=32, n_layer=1, n_head=2)).save_pretrained(gpt2)

@@ -32,7 +32,7 @@ from smoltrain.domain import (
 )
 from smoltrain.domain import problems as domain_problems
 from smoltrain.errors import UserError
-from smoltrain.modelconfig import ModelConfig
+from smoltrain.model.config import ModelConfig
 from smoltrain.presets import PRESETS
 
 

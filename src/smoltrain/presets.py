@@ -8,7 +8,7 @@ the GPU recipes in configs/ say which they use.
 from __future__ import annotations
 
 from smoltrain.errors import UserError
-from smoltrain.modelconfig import ModelConfig
+from smoltrain.model.config import ModelConfig
 
 PRESETS: dict[str, ModelConfig] = {
     "smollm2-135m": ModelConfig(

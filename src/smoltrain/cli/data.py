@@ -31,7 +31,7 @@ def _cmd_tokenizer_train(a: argparse.Namespace) -> int:
 
 def next_line_cli(a: argparse.Namespace) -> int:
     """`smoltrain tasks next-line --data DIR --out FILE`."""
-    from smoltrain.nextline import make_next_line_task
+    from smoltrain.eval.nextline import make_next_line_task
 
     for name in ("items", "context_lines"):
         if getattr(a, name) < 1:

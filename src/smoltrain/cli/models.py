@@ -11,7 +11,7 @@ from smoltrain.errors import UserError
 
 
 def _cmd_assets(a: argparse.Namespace) -> int:
-    from smoltrain.assets import fetch_assets
+    from smoltrain.data.assets import fetch_assets
 
     paths = fetch_assets(a.dir)
     for name, path in paths.items():
@@ -20,7 +20,7 @@ def _cmd_assets(a: argparse.Namespace) -> int:
 
 
 def _cmd_import(a: argparse.Namespace) -> int:
-    from smoltrain.interop import import_model
+    from smoltrain.hf.interop import import_model
 
     out = import_model(a.src, a.out, tokenizer=a.tokenizer, force=a.force)
     print(f"Imported {a.src} -> {out}")
@@ -28,10 +28,10 @@ def _cmd_import(a: argparse.Namespace) -> int:
 
 
 def _cmd_export(a: argparse.Namespace) -> int:
-    from smoltrain.interop import export_hf
+    from smoltrain.hf.interop import export_hf
 
     if a.push_to_hub:
-        from smoltrain.hub import check_token, push_folder
+        from smoltrain.hf.hub import check_token, push_folder
 
         check_token(a.push_to_hub)  # before any work
     elif a.out is None:
@@ -109,8 +109,8 @@ def generate_cli(a: argparse.Namespace) -> int:
     """`smoltrain generate CKPT --prompt TEXT` streams one continuation; `--prompt-file FILE` decodes
     its prompts in batches of PROMPT_BATCH, each checked before any work."""
     from smoltrain.device import amp_dtype, pick_device
-    from smoltrain.generate import SamplingConfig, prepare_for_decode
-    from smoltrain.interop import load_model
+    from smoltrain.hf.interop import load_model
+    from smoltrain.model.generate import SamplingConfig, prepare_for_decode
 
     if a.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1.")
@@ -128,7 +128,7 @@ def generate_cli(a: argparse.Namespace) -> int:
 
 
 def _generate_one(model, tok, prompt: str, cfg, a: argparse.Namespace) -> None:
-    from smoltrain.generate import generate, stream_text
+    from smoltrain.model.generate import generate, stream_text
 
     tokens = generate(model, tok.encode(prompt), a.max_new_tokens, cfg, a.seed)
     sys.stdout.write(prompt)
@@ -142,7 +142,7 @@ def _generate_one(model, tok, prompt: str, cfg, a: argparse.Namespace) -> None:
 
 
 def _generate_batches(model, tok, prompts: list[str], cfg, a: argparse.Namespace) -> None:
-    from smoltrain.generate import PROMPT_BATCH, generate_batch, token_budget
+    from smoltrain.model.generate import PROMPT_BATCH, generate_batch, token_budget
 
     encoded = [tok.encode(p) for p in prompts]
     for prompt, ids in zip(prompts, encoded):  # every prompt checked before any work

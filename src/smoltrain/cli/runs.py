@@ -14,7 +14,7 @@ def train_cli(a: argparse.Namespace) -> int:
     """`smoltrain train --config YAML [--set K=V ...]`; the process group is torn down on any exit."""
     from smoltrain import distributed
     from smoltrain.config import load_config
-    from smoltrain.trainer import Trainer
+    from smoltrain.train.trainer import Trainer
 
     cfg = load_config(a.config, a.set)
     try:
@@ -36,7 +36,7 @@ def eval_cli(a: argparse.Namespace) -> int:
 def _eval_data(a: argparse.Namespace) -> int:
     """One row per model: loss, perplexity, bits per byte and tokens on the prepared split."""
     from smoltrain.device import pick_device
-    from smoltrain.evaluate import evaluate_models
+    from smoltrain.eval.bpb import evaluate_models
 
     rows = evaluate_models(a.models, a.data, a.split, a.seq_len, a.batch_size, a.max_tokens, pick_device(a.device))
     if a.json:
@@ -52,7 +52,7 @@ def _eval_data(a: argparse.Namespace) -> int:
 def _eval_tasks(a: argparse.Namespace) -> int:
     """Accuracy per model and task, as a table or JSON."""
     from smoltrain.device import pick_device
-    from smoltrain.tasks import evaluate_tasks, format_table, parse_task_specs
+    from smoltrain.eval.tasks import evaluate_tasks, format_table, parse_task_specs
 
     if a.limit is not None and a.limit < 1:
         raise UserError(f"--limit must be at least 1 (got {a.limit}).")
@@ -92,8 +92,8 @@ def add_train_commands(sub) -> None:
 
 def report_cli(a: argparse.Namespace) -> int:
     """`smoltrain report RUN --out DIR`: one self-contained HTML page."""
-    from smoltrain.report import make_report
-    from smoltrain.tasks import parse_task_specs
+    from smoltrain.app.report import make_report
+    from smoltrain.eval.tasks import parse_task_specs
 
     if a.max_new_tokens is not None and a.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1.")
@@ -110,7 +110,7 @@ def report_cli(a: argparse.Namespace) -> int:
 
 def demo_cli(a: argparse.Namespace) -> int:
     """`smoltrain demo CKPT_OR_RUN`: paths, port and the newest model checked before Gradio starts."""
-    from smoltrain.demo import CheckpointSource, ModelCache, check_port, serve
+    from smoltrain.app.demo import CheckpointSource, ModelCache, check_port, serve
     from smoltrain.device import pick_device
 
     source = CheckpointSource(a.ckpt)

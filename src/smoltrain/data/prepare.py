@@ -34,9 +34,7 @@ from smoltrain.data.sources import (
     resolve_sources,
 )
 from smoltrain.data.split import Holdout, is_val, raise_unmatched
-from smoltrain.errors import UserError
-from smoltrain.storage import check_inputs, check_target, clean_stale, publish, write_text_synced
-from smoltrain.tokenizer import (
+from smoltrain.data.tokenizer import (
     NoText,
     Tokenizer,
     check_vocab_size,
@@ -44,6 +42,8 @@ from smoltrain.tokenizer import (
     load_tokenizer,
     train_bpe,
 )
+from smoltrain.errors import UserError
+from smoltrain.storage import check_inputs, check_target, clean_stale, publish, write_text_synced
 
 CHUNK_CHARS = 1 << 20  # characters per work item: large enough to amortise pickling, small enough to balance
 CHUNK_DOCS = 4096

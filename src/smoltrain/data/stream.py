@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from smoltrain.data.sources import file_kind, open_hf, resolve_source
+from smoltrain.data.tokenizer import Tokenizer, load_tokenizer
 from smoltrain.errors import UserError
-from smoltrain.tokenizer import Tokenizer, load_tokenizer
 
 _BUILDERS = {".txt": ("text", {"sample_by": "document", "encoding_errors": "replace"}),
              ".jsonl": ("json", {}), ".jsonl.gz": ("json", {}), ".parquet": ("parquet", {})}

@@ -13,22 +13,22 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from smoltrain.evaluate import TokenTables, evaluate_datasets, val_record
-from smoltrain.generate import SamplingConfig, generate
+from smoltrain.eval.bpb import TokenTables, evaluate_datasets, val_record
+from smoltrain.model.generate import SamplingConfig, generate
 
 if TYPE_CHECKING:
     from smoltrain.config import Config, EvalConfig, TrainConfig
+    from smoltrain.data.tokenizer import Tokenizer
     from smoltrain.distributed import DistEnv
-    from smoltrain.metrics import RunLog
-    from smoltrain.model import SmolLM2
-    from smoltrain.tokenizer import Tokenizer
+    from smoltrain.model.llama import SmolLM2
+    from smoltrain.train.runlog import RunLog
 
 
 def in_loop_tasks(cfg: Config, dist: DistEnv, val_paths: dict[str, Path] | None) -> list:
     """eval.tasks, loaded before step 1; rank 0 scores them (FSDP shards the weights, so not there)."""
     if not dist.is_main or dist.strategy == "fsdp" or not cfg.eval.tasks:
         return []
-    from smoltrain.pipeline import load_eval_tasks
+    from smoltrain.eval.configured import load_eval_tasks
 
     return load_eval_tasks(cfg, val_paths)
 
@@ -75,7 +75,7 @@ class InLoopEval:
         """acc / acc_norm of each eval.tasks task, as task/<name>/... records."""
         if not self.tasks:
             return
-        from smoltrain.tasks import score_in_loop
+        from smoltrain.eval.tasks import score_in_loop
 
         scores = score_in_loop(self.model, self.tokenizer, self.tasks, self.device, self.autocast)
         self.model.train()

@@ -25,7 +25,7 @@ FAR = 50  # distractors come from at least this many lines away
 def held_out_documents(data: str | Path) -> list[str]:
     """The texts of the held-out documents of a prepared directory, in stored order."""
     from smoltrain.data.shards import load_meta, read_shard
-    from smoltrain.tokenizer import load_tokenizer
+    from smoltrain.data.tokenizer import load_tokenizer
 
     meta = load_meta(data)
     val = meta["splits"].get("val") or {}

@@ -24,8 +24,8 @@ import yaml
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from smoltrain.errors import UserError
+from smoltrain.hf.interop import load_model, resolve_checkpoint
 from smoltrain.history import History, plot_loss, plot_series, plot_tasks, read_jsonl
-from smoltrain.interop import load_model, resolve_checkpoint
 from smoltrain.storage import MANIFEST, check_target, list_checkpoints, newest_valid, publish, step_of
 
 REPORT = "index.html"
@@ -109,7 +109,7 @@ def _data_uri(png: Path) -> str:
 
 def checkpoint_generations(run: Run, prompts: list[str], max_new_tokens: int, device: torch.device) -> list[dict]:
     """Each prompt, greedily continued by every kept checkpoint: rows of step, val loss, prompt, text."""
-    from smoltrain.generate import SamplingConfig, generate, prepare_for_decode
+    from smoltrain.model.generate import SamplingConfig, generate, prepare_for_decode
 
     rows = []
     for ckpt in run.checkpoints:
@@ -142,7 +142,7 @@ def val_label(history: History, step: int) -> str:
 def default_data_dir(run: Run) -> Path | None:
     """The run's first prepared dataset, where the config names one and it exists."""
     from smoltrain.config import config_from_dict
-    from smoltrain.pipeline import dataset_path
+    from smoltrain.data.recipe import dataset_path
 
     try:
         cfg = config_from_dict(run.config, str(run.dir / "config.yaml"))
@@ -157,8 +157,8 @@ def default_data_dir(run: Run) -> Path | None:
 
 def perplexity_table(models: list[tuple[str, Path]], data: Path, seq_len: int, batch_size: int,
                      max_batches: int, device: torch.device) -> list[dict]:
-    """Loss, perplexity and bits-per-byte on data's val split, through smoltrain.evaluate (as `eval` does)."""
-    from smoltrain.evaluate import evaluate_models
+    """Loss, perplexity and bits-per-byte on data's val split, through smoltrain.eval.bpb (as `eval` does)."""
+    from smoltrain.eval.bpb import evaluate_models
 
     rows = evaluate_models([str(path) for _, path in models], data, "val", seq_len, batch_size,
                            max_batches * batch_size * seq_len, device)
@@ -168,7 +168,7 @@ def perplexity_table(models: list[tuple[str, Path]], data: Path, seq_len: int, b
 def run_task_specs(run: Run, extra: Sequence[str]) -> list[str]:
     """The config's eval.tasks (next-line:NAME as the file the run built) and --tasks, in that order."""
     from smoltrain.config import config_from_dict
-    from smoltrain.pipeline import next_line_task_path
+    from smoltrain.eval.configured import next_line_task_path
 
     specs = []
     try:
@@ -186,8 +186,8 @@ def run_task_specs(run: Run, extra: Sequence[str]) -> list[str]:
 
 
 def task_table(models: list[tuple[str, Path]], specs: list[str], limit: int | None, device: torch.device) -> list[dict]:
-    """acc / acc_norm of every model on every task, through smoltrain.tasks (as `eval --tasks` does)."""
-    from smoltrain.tasks import load_scorer, load_task, score_task
+    """acc / acc_norm of every model on every task, through smoltrain.eval.tasks (as `eval --tasks` does)."""
+    from smoltrain.eval.tasks import load_scorer, load_task, score_task
 
     tasks = [load_task(s, limit) for s in specs]
     rows = []

@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from smoltrain import checkpoint as ckpt_io
 from smoltrain import distributed as dist_io
+from smoltrain.checkpoint import state as ckpt_io
+from smoltrain.checkpoint.rundir import settings_diff
 from smoltrain.config import Config, DatasetConfig
 from smoltrain.errors import UserError
-from smoltrain.interop import resolve_checkpoint
-from smoltrain.rundir import settings_diff
+from smoltrain.hf.interop import resolve_checkpoint
 from smoltrain.storage import list_checkpoints, step_dir, step_of
 
 if TYPE_CHECKING:

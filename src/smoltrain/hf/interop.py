@@ -16,12 +16,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from smoltrain import storage
+from smoltrain.data.tokenizer import Tokenizer, load_tokenizer
 from smoltrain.errors import UserError
-from smoltrain.model import SmolLM2
-from smoltrain.modelcard import ORIGIN, model_card, model_kind
-from smoltrain.modelconfig import ModelConfig, eos_ids
+from smoltrain.hf.modelcard import ORIGIN, model_card, model_kind
+from smoltrain.model.config import ModelConfig, eos_ids
+from smoltrain.model.llama import SmolLM2
 from smoltrain.storage import check_target, publish
-from smoltrain.tokenizer import Tokenizer, load_tokenizer
 
 WEIGHTS = "model.safetensors"
 TIED_HEAD = "lm_head.weight"  # with tie_word_embeddings it is the embedding: HF stores only that

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smoltrain import blas
-from smoltrain.loss import auto_chunk, chunked_cross_entropy
-from smoltrain.modelconfig import ModelConfig
+from smoltrain.model import blas
+from smoltrain.model.config import ModelConfig
+from smoltrain.model.loss import auto_chunk, chunked_cross_entropy
 
 IGNORE_INDEX = -100
 

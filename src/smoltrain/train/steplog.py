@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
-from smoltrain.metrics import RunLog, memory_gb, model_flops_utilization
-from smoltrain.rundir import record_segment
+from smoltrain.checkpoint.rundir import record_segment
 from smoltrain.runinfo import environment
+from smoltrain.train.runlog import RunLog, memory_gb, model_flops_utilization
 
 if TYPE_CHECKING:
     from smoltrain.config import Config, ModelConfig

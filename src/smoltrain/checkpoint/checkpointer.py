@@ -16,22 +16,22 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from smoltrain import checkpoint as ckpt_io
 from smoltrain import distributed as dist_io
 from smoltrain import storage
+from smoltrain.checkpoint import state as ckpt_io
+from smoltrain.checkpoint.optimizer import OPTIMIZER_DIR, load_optimizer, save_optimizer
+from smoltrain.data.tokenizer import TOKENIZER_FILES
 from smoltrain.errors import TrainingError, UserError
-from smoltrain.optimstate import OPTIMIZER_DIR, load_optimizer, save_optimizer
 from smoltrain.runinfo import environment
 from smoltrain.storage import tree_size
-from smoltrain.tokenizer import TOKENIZER_FILES
 
 if TYPE_CHECKING:
+    from smoltrain.checkpoint.remote import Remote, RunMirror
+    from smoltrain.checkpoint.signals import StopRequest
     from smoltrain.config import CheckpointConfig
+    from smoltrain.data.tokenizer import Tokenizer
     from smoltrain.distributed import DistEnv
-    from smoltrain.model import SmolLM2
-    from smoltrain.remote import Remote, RunMirror
-    from smoltrain.stopping import StopRequest
-    from smoltrain.tokenizer import Tokenizer
+    from smoltrain.model.llama import SmolLM2
 
 
 class Checkpointer:

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from smoltrain.data.tokenizer import Tokenizer
 from smoltrain.errors import UserError
-from smoltrain.tokenizer import Tokenizer
 
 
 def token_byte_lengths(tok: Tokenizer) -> torch.Tensor:
@@ -150,8 +150,8 @@ def _hf_forward(path: Path, device: torch.device):
 
 def load_forward(path: str, device: torch.device) -> tuple[object, Tokenizer, str]:
     """(forward(x, y) -> per-token NLL or logits, tokenizer, resolved directory) of a checkpoint or HF dir."""
-    from smoltrain.interop import load_resolved, resolve_checkpoint
-    from smoltrain.tokenizer import load_tokenizer
+    from smoltrain.data.tokenizer import load_tokenizer
+    from smoltrain.hf.interop import load_resolved, resolve_checkpoint
 
     directory = resolve_checkpoint(path)
     model_type = hf_config(directory).get("model_type")
@@ -197,7 +197,7 @@ def evaluate_models(paths: list[str], data: str | Path, split: str = "val", seq_
     """One row (model, loss, ppl, bpb, tokens, seq_len) per model on a prepared split: the whole split by
     default, every token predicted once with windows of the model's training length (see default_shape)."""
     from smoltrain.data.shards import load_meta
-    from smoltrain.interop import resolve_checkpoint
+    from smoltrain.hf.interop import resolve_checkpoint
 
     device = torch.device(device)
     meta = load_meta(data)
@@ -226,7 +226,7 @@ def evaluate_models(paths: list[str], data: str | Path, split: str = "val", seq_
 
 
 def data_vocab(data_dir: str) -> dict | None:
-    from smoltrain.tokenizer import load_tokenizer
+    from smoltrain.data.tokenizer import load_tokenizer
 
     tok_dir = Path(data_dir) / "tokenizer"
     return load_tokenizer(tok_dir).backend.get_vocab() if (tok_dir / "tokenizer.json").exists() else None

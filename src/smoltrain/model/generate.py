@@ -14,8 +14,8 @@ from smoltrain import domain
 from smoltrain.device import decode_threads
 from smoltrain.domain import checked
 from smoltrain.errors import UserError
-from smoltrain.model import KVCache, SmolLM2, to_inference_layout
-from smoltrain.modelconfig import eos_ids
+from smoltrain.model.config import eos_ids
+from smoltrain.model.llama import KVCache, SmolLM2, to_inference_layout
 
 PROMPT_BATCH = 16  # prompts of a --prompt-file decoded together
 

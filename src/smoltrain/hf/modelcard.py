@@ -18,7 +18,7 @@ import yaml
 from jinja2 import Environment, PackageLoader, StrictUndefined, Template
 
 from smoltrain.history import History, plot_loss
-from smoltrain.modelconfig import ModelConfig
+from smoltrain.model.config import ModelConfig
 
 LOSS_PLOT = "loss.png"
 ORIGIN = "origin.json"
@@ -100,7 +100,7 @@ def _template(name: str) -> Template:
 
 
 def _architecture(cfg: ModelConfig) -> dict:
-    from smoltrain.model import SmolLM2
+    from smoltrain.model.llama import SmolLM2
 
     with torch.device("meta"):
         num_params = SmolLM2(cfg).num_params()

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from smoltrain.data.tokenizer import Tokenizer
 from smoltrain.errors import UserError
-from smoltrain.tokenizer import Tokenizer
 
 SUITES = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "openbookqa", "commonsense_qa", "mmlu")
 HUB_HOST = "huggingface.co"
@@ -359,9 +359,9 @@ def score_in_loop(model: torch.nn.Module, tok: Tokenizer, tasks: list[Task], dev
 
 def load_scorer(path: str, device: torch.device) -> tuple[Scorer, Tokenizer, str]:
     """A Scorer for a checkpoint, run directory or HF directory (any causal LM transformers loads)."""
-    from smoltrain.evaluate import hf_config
-    from smoltrain.interop import load_resolved, resolve_checkpoint
-    from smoltrain.tokenizer import load_tokenizer
+    from smoltrain.data.tokenizer import load_tokenizer
+    from smoltrain.eval.bpb import hf_config
+    from smoltrain.hf.interop import load_resolved, resolve_checkpoint
 
     directory = resolve_checkpoint(path)
     if hf_config(directory).get("model_type") == "llama":

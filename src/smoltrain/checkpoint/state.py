@@ -21,11 +21,11 @@ import torch
 from safetensors.torch import load_file
 
 from smoltrain import storage
+from smoltrain.data.tokenizer import Tokenizer
 from smoltrain.errors import UserError
-from smoltrain.interop import drop_tied_head, save_model_files, save_tensors, write_hf_extras
-from smoltrain.modelconfig import ModelConfig
+from smoltrain.hf.interop import drop_tied_head, save_model_files, save_tensors, write_hf_extras
+from smoltrain.model.config import ModelConfig
 from smoltrain.storage import list_checkpoints, step_dir
-from smoltrain.tokenizer import Tokenizer
 
 # Nothing in a checkpoint is unpickled: weights, optimizer moments and torch RNG states are safetensors,
 # everything else (loop counters, loader position, scaler, Python/numpy RNG, param groups) is JSON.

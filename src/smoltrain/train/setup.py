@@ -10,16 +10,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from smoltrain import distributed as dist_io
+from smoltrain.data.recipe import missing_inputs
 from smoltrain.errors import UserError
-from smoltrain.pipeline import missing_inputs
 
 if TYPE_CHECKING:
     import torch
 
     from smoltrain.config import Config, TrainConfig
+    from smoltrain.data.tokenizer import Tokenizer
     from smoltrain.distributed import DistEnv
-    from smoltrain.model import SmolLM2
-    from smoltrain.tokenizer import Tokenizer
+    from smoltrain.model.llama import SmolLM2
 
 
 def check_inputs(cfg: Config) -> None:
@@ -47,7 +47,7 @@ def apply_global_batch(train: TrainConfig, world_size: int) -> None:
 def setup_data(cfg: Config, dist: DistEnv) -> tuple[Tokenizer, object, dict[str, Path] | None]:
     """(tokenizer, training loader, every dataset's prepared directory or None for a stream)."""
     from smoltrain.data.loader import PackedLoader
-    from smoltrain.pipeline import prepare_datasets, resolve_tokenizer
+    from smoltrain.data.recipe import prepare_datasets, resolve_tokenizer
 
     if cfg.data.streaming:
         return setup_stream(cfg, dist)
@@ -75,8 +75,8 @@ def data_fingerprint(tokenizer: Tokenizer, paths: dict[str, Path]) -> dict:
     dataset's splits (tokens, documents, shard sizes) from its meta.json; paths and times may differ."""
     import json
 
+    from smoltrain.data.tokenizer import TOKENIZER_FILES
     from smoltrain.storage import sha256_file
-    from smoltrain.tokenizer import TOKENIZER_FILES
 
     files = [tokenizer.directory / n for n in TOKENIZER_FILES]
     found = {"tokenizer": {p.name: sha256_file(p) for p in files if p.is_file()}}
@@ -97,8 +97,8 @@ def check_same_data(tokenizer: Tokenizer, paths: dict[str, Path], dist: DistEnv)
 
 def setup_stream(cfg: Config, dist: DistEnv) -> tuple[Tokenizer, object, None]:
     """data.streaming: tokenize and pack one source on the fly; no prepare step, no held-out split."""
+    from smoltrain.data.recipe import resolve_asset, resolve_tokenizer
     from smoltrain.data.stream import StreamLoader
-    from smoltrain.pipeline import resolve_asset, resolve_tokenizer
 
     if len(cfg.data.datasets) != 1 or len(cfg.data.datasets[0].sources) != 1:
         raise UserError("data.streaming trains from exactly one dataset with one source; prepare the data "
@@ -118,8 +118,8 @@ def setup_stream(cfg: Config, dist: DistEnv) -> tuple[Tokenizer, object, None]:
 
 def initial_model(cfg: Config, ckpt: Path | None, device: torch.device) -> SmolLM2:
     """The weights to start from, in train mode: the resume checkpoint's, train.init_from's, or fresh."""
-    from smoltrain import interop
-    from smoltrain.model import build_model
+    from smoltrain.hf import interop as interop
+    from smoltrain.model.llama import build_model
 
     source = ckpt or cfg.train.init_from
     if source:  # a resume checkpoint was verified by pick_resume; init_from is resolved here

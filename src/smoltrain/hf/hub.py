@@ -55,7 +55,7 @@ def push_checkpoint(ckpt: Path, repo_id: str, revision: str | None = None, priva
     message = f"smoltrain: {ckpt.name}"
     if (ckpt / "hf" / "config.json").is_file():
         return push_folder(ckpt / "hf", repo_id, revision, private, message)
-    from smoltrain.interop import export_hf
+    from smoltrain.hf.interop import export_hf
 
     with tempfile.TemporaryDirectory(prefix="smoltrain-push-") as tmp:
         out = export_hf(ckpt, Path(tmp) / "export")

@@ -20,21 +20,21 @@ import yaml
 from tqdm import tqdm
 
 from smoltrain import distributed as dist_io
-from smoltrain.checkpointer import Checkpointer
+from smoltrain.checkpoint.checkpointer import Checkpointer
+from smoltrain.checkpoint.remote import RunMirror, node_remote
+from smoltrain.checkpoint.resume import find_resume
+from smoltrain.checkpoint.rundir import own_run_dir
+from smoltrain.checkpoint.signals import StopRequest
 from smoltrain.config import Config
 from smoltrain.device import amp_dtype, autocast, pick_device
 from smoltrain.errors import TrainingError
-from smoltrain.evaluator import InLoopEval, in_loop_tasks
 from smoltrain.faults import fault_point
-from smoltrain.metrics import RunLog
-from smoltrain.model import IGNORE_INDEX
-from smoltrain.optim import build_optimizer, lr_at, rewarm_factor, set_lr
-from smoltrain.remote import RunMirror, node_remote
-from smoltrain.resume import find_resume
-from smoltrain.rundir import own_run_dir
-from smoltrain.steplog import StepLog, summary, write_run_files
-from smoltrain.stopping import StopRequest
-from smoltrain.trainsetup import apply_global_batch, check_inputs, initial_model, setup_data
+from smoltrain.model.llama import IGNORE_INDEX
+from smoltrain.train.inloop import InLoopEval, in_loop_tasks
+from smoltrain.train.optim import build_optimizer, lr_at, rewarm_factor, set_lr
+from smoltrain.train.runlog import RunLog
+from smoltrain.train.setup import apply_global_batch, check_inputs, initial_model, setup_data
+from smoltrain.train.steplog import StepLog, summary, write_run_files
 
 
 class Trainer:

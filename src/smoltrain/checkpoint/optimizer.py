@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from smoltrain import distributed as dist_io
 from smoltrain.errors import UserError
-from smoltrain.interop import save_tensors
+from smoltrain.hf.interop import save_tensors
 
 OPTIMIZER_DIR = "optimizer"
 OPTIM_TENSORS = "state.safetensors"

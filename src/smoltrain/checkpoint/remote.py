@@ -149,7 +149,7 @@ class Remote:
         A copy from an earlier fetch is kept when it still matches the remote manifest; one that does not
         is set aside (never deleted) and downloaded again.
         """
-        from smoltrain.checkpoint import quarantine
+        from smoltrain.checkpoint.state import quarantine
 
         final = storage.step_dir(run_dir, step)
         if final.is_dir():
@@ -293,7 +293,7 @@ class RunMirror:
         self.hub_repo = ck.push_to_hub
         self.hub_private = ck.hub_private
         if self.hub_repo:
-            from smoltrain.hub import check_token
+            from smoltrain.hf.hub import check_token
 
             check_token(self.hub_repo)
         self.keep_last = ck.keep_last
@@ -342,7 +342,7 @@ class RunMirror:
             if self.remote is not None:
                 self.remote.upload_checkpoint(ckpt, step, run_dir, self.keep_last, uploaded)
             if self.hub_repo:
-                from smoltrain.hub import prune_after_push, push_checkpoint
+                from smoltrain.hf.hub import prune_after_push, push_checkpoint
 
                 push_checkpoint(ckpt, self.hub_repo, f"step_{step:08d}", self.hub_private)
                 prune_after_push(self.hub_repo, self.keep_last, f"step_{step:08d}")  # reports its own failure

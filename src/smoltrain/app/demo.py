@@ -19,9 +19,9 @@ import torch
 
 from smoltrain.device import amp_dtype
 from smoltrain.errors import UserError
-from smoltrain.generate import SamplingConfig, generate, prepare_for_decode, stream_text
+from smoltrain.hf.interop import load_model, resolve_checkpoint
 from smoltrain.history import History
-from smoltrain.interop import load_model, resolve_checkpoint
+from smoltrain.model.generate import SamplingConfig, generate, prepare_for_decode, stream_text
 from smoltrain.storage import STEP_DIR, list_checkpoints, step_of
 
 PANES = ("A", "B")

@@ -1,0 +1,3 @@
+"""The Hugging Face formats: HF directories and GGUF files <-> model state (`interop`), the model card,
+and the Hub. Imports the core modules, model and data (the tokenizer); never checkpoints or training.
+"""
