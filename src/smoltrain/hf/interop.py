@@ -128,8 +128,11 @@ def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: s
         parts.append(f"wrong shapes {wrong[:4]}")
     if parts:
         raise UserError(f"Weights in {source} do not fit the model its config describes: {'; '.join(parts)}.")
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=False,
-                          assign=True)
+    # copy=True: tensors read from a safetensors file sit at the file's offsets (8-byte aligned), and on
+    # some CPUs (AMD EPYC) BLAS rounds differently on such buffers than on the 64-byte-aligned ones a
+    # fresh run allocates: a resumed run then evaluated 1 ulp away from an uninterrupted one
+    model.load_state_dict({k: v.to(device=device, dtype=dtype, copy=True) for k, v in state.items()},
+                          strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.init_rope()
