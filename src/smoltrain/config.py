@@ -74,6 +74,8 @@ class DataConfig:
     text_key: str = "text"
     max_documents: int | None = checked(None, positive)
     streaming: bool = False  # tokenize and pack on the fly from the sources, no prepare step
+    # streaming: worker processes per dataset that tokenize ahead of the step (0: in the training process)
+    num_workers: int = checked(1, nonneg("in the training process"))
     num_proc: int = checked(0, nonneg("all cores"))  # prepare workers
 
 
