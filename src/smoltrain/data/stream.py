@@ -22,6 +22,8 @@ stored order: no shuffle buffer (its contents could not be restored exactly).
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections import deque
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -61,6 +63,19 @@ def _text(row: Mapping, text_key: str, source: str) -> str:
         raise UserError(f"Stream {source} has no {text_key!r} column (columns: {', '.join(row)}); choose one "
                         "with data.text_key.")
     return row[text_key] or ""
+
+
+def _exit_with(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
+
+
+def die_with_parent() -> None:
+    """In a worker: exit as soon as the trainer is gone. Killed with -9, the trainer leaves its workers
+    blocked for ever flushing encoded chunks into a pipe nobody reads (torch's own watchdog never gets to
+    run), holding the trainer's stdout open; a thread watching the parent's pid ends them instead."""
+    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
 
 
 def _as_is(item: dict) -> dict:
@@ -108,6 +123,7 @@ class ChunkStream(IterableDataset):
         num, me = (1, 0) if info is None else (info.num_workers, info.id)
         if info is not None:  # one process per core already: no nested thread pool
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
+            die_with_parent()
         tok = Tokenizer(Path(self.tokenizer_dir), self.tokenizer_dir)
         epoch, number, position = self.start
         seq = 0  # chunks since this stream started: chunk seq is worker seq % num's
