@@ -90,10 +90,28 @@ def tree_rss(proc) -> tuple[int, int]:
     return sum(sizes), max(sizes)
 
 
+def children_cpu() -> float:
+    """CPU seconds of every finished child and its reaped descendants: on a shared host, tokens per CPU
+    second is what one core of one's own would feed, where tokens per wall second says how busy it was."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def tree_cpu() -> float:
+    """CPU seconds of this process and its live children (the stream's workers)."""
+    import psutil
+
+    me = psutil.Process()
+    return sum(sum(p.cpu_times()[:2]) for p in [me, *me.children(recursive=True)])
+
+
 def measured(cmd: list[str]) -> dict:
     """Run `cmd`, sampling its process tree's memory; seconds, peak RSS (tree and largest process)."""
     import psutil
 
+    cpu0 = children_cpu()
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ps = psutil.Process(p.pid)
@@ -107,7 +125,8 @@ def measured(cmd: list[str]) -> dict:
     out, err = p.communicate()
     if p.returncode:
         sys.exit(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
-    return {"seconds": round(seconds, 2), "peak_rss_tree_mb": round(peak_sum / 2**20),
+    return {"seconds": round(seconds, 2), "cpu_seconds": round(children_cpu() - cpu0, 2),
+            "peak_rss_tree_mb": round(peak_sum / 2**20),
             "peak_rss_process_mb": round(peak_max / 2**20), "stdout": out}
 
 
@@ -119,7 +138,8 @@ def run_prepare(corpus: Path, tok: Path, out: Path, num_proc: int) -> dict:
     r.pop("stdout")
     return {**r, "tokens": meta["num_tokens"], "documents": meta["num_documents"],
             "tokens_per_sec": round(meta["num_tokens"] / r["seconds"]),
-            "tokens_per_sec_per_proc": round(meta["num_tokens"] / r["seconds"] / num_proc)}
+            "tokens_per_sec_per_proc": round(meta["num_tokens"] / r["seconds"] / num_proc),
+            "tokens_per_cpu_sec": round(meta["num_tokens"] / r["cpu_seconds"])}
 
 
 _TOK: dict = {}
@@ -152,7 +172,8 @@ def run_peer(corpus: Path, tok: Path, num_proc: int, cache: Path) -> dict:
     tokens = json.loads(r.pop("stdout").strip().splitlines()[-1])["tokens"]
     shutil.rmtree(cache, ignore_errors=True)
     return {**r, "tokens": tokens, "tokens_per_sec": round(tokens / r["seconds"]),
-            "tokens_per_sec_per_proc": round(tokens / r["seconds"] / num_proc)}
+            "tokens_per_sec_per_proc": round(tokens / r["seconds"] / num_proc),
+            "tokens_per_cpu_sec": round(tokens / r["cpu_seconds"])}
 
 
 def stream_worker(kind: str, path: str, tok: str, workers: int, tokens: int) -> None:
@@ -172,10 +193,12 @@ def stream_worker(kind: str, path: str, tok: str, workers: int, tokens: int) -> 
     while served < tokens:
         served += loader.next_batch()[:, 1:].numel()
         if half is None and served >= tokens // 2:
-            half = (served, time.perf_counter())
+            half = (served, time.perf_counter(), tree_cpu())
     t2 = time.perf_counter()
+    cpu = tree_cpu() - half[2]
     print(json.dumps({"tokens": served, "startup_seconds": round(t1 - t0, 2),
                       "tokens_per_sec": round((served - half[0]) / (t2 - half[1])),
+                      "tokens_per_cpu_sec": round((served - half[0]) / cpu) if cpu > 0.5 else None,
                       "tokens_per_sec_all": round(served / (t2 - t0))}))
 
 

@@ -77,6 +77,7 @@ def mixed(corpora, bpe_dir, num_workers: int) -> StreamLoader:
                         weights={"a": 1, "b": 2}, grad_accum_steps=2, num_workers=num_workers, chunk_chars=300)
 
 
+@pytest.mark.slow  # spawns 6 worker processes: 7 min on this host under load 27
 def test_same_windows_with_0_1_2_workers_and_exact_resume_across_them(corpora, bpe_dir):
     """The chunks are numbered and encoded by worker (number % N): every worker count yields the same
     windows; a state saved under 2 workers (mid-step, mid-chunk) resumes in-process."""
@@ -165,6 +166,7 @@ def stream_args(tmp_path_factory, tiny_tokenizer_dir):
             "--set", f"data.datasets={datasets}", "--set", "data.streaming=true"]
 
 
+@pytest.mark.slow  # three training runs with spawned workers: 8-9 min each on this host under load 27
 @pytest.mark.parametrize("workers", [1, 2])
 def test_streaming_run_resumes_exactly_after_kill_9(tmp_path, stream_args, workers):
     args = [*stream_args, "--set", f"data.num_workers={workers}"]
