@@ -24,7 +24,7 @@ import torch
 from smoltrain.data.shards import check_vocab, load_meta, read_shard
 from smoltrain.errors import UserError
 
-__all__ = ["Mixture", "PackedLoader", "check_vocab", "eval_spans", "eval_windows", "ordered_batches"]
+__all__ = ["BatchLoader", "Mixture", "PackedLoader", "check_vocab", "eval_spans", "eval_windows", "ordered_batches"]
 
 _MIX = 0x6D6978  # generator purposes, so the mixture and the shuffles never share draws
 _PERM = 0x7065726D
@@ -124,7 +124,32 @@ class Mixture:
         return np.random.default_rng([self.seed, _MIX, step]).choice(len(self.names), size=size, p=w)
 
 
-class PackedLoader:
+class BatchLoader:
+    """What the packed and the streamed loaders share: endless iteration, the step served, the global batch."""
+
+    batch_size: int
+    world_size: int
+    grad_accum_steps: int
+    _step: int
+
+    def next_batch(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        while True:
+            yield self.next_batch()
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps fully served (all micro-steps)."""
+        return self._step
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size * self.grad_accum_steps
+
+
+class PackedLoader(BatchLoader):
     """Packed (B, T+1) LongTensor windows: inputs = w[:, :-1], labels = w[:, 1:] (see the module docstring)."""
 
     def __init__(self, datasets: Mapping[str, str | Path] | str | Path | list, batch_size: int, seq_len: int,
@@ -175,10 +200,6 @@ class PackedLoader:
                                 f"{need} windows (batch_size {self.batch_size} x world_size {self.world_size}). "
                                 "Use more data, a shorter seq_len or a smaller batch.")
 
-
-    @property
-    def global_batch(self) -> int:
-        return self.batch_size * self.world_size * self.grad_accum_steps
 
     def weights_at(self, step: int) -> dict[str, float]:
         return self.mixture.weights_at(step)
@@ -242,15 +263,6 @@ class PackedLoader:
             self._cursors = after
             self._plan = None
         return torch.from_numpy(out)
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        while True:
-            yield self.next_batch()
-
-    @property
-    def step(self) -> int:
-        """Optimizer steps fully served (all micro-steps)."""
-        return self._step
 
     @property
     def tokens_per_source(self) -> dict[str, int]:

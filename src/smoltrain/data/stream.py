@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from smoltrain.data.loader import Mixture, named_datasets
+from smoltrain.data.loader import BatchLoader, Mixture, named_datasets
 from smoltrain.data.sources import file_kind, open_hf, resolve_source
 from smoltrain.data.tokenizer import Tokenizer, load_tokenizer
 from smoltrain.errors import UserError
@@ -231,7 +231,7 @@ def check_stream(source: str, text_key: str) -> None:
     _text(row, text_key, source)
 
 
-class StreamLoader:
+class StreamLoader(BatchLoader):
     """Same API as PackedLoader (next_batch, state_dict, load_state_dict, tokens_per_source) over streams.
 
     `datasets` maps names to source specs (one source each: an hf: id, a file, or a directory of many
@@ -272,10 +272,6 @@ class StreamLoader:
         self._step = 0
         self._micro = 0
 
-    @property
-    def global_batch(self) -> int:
-        return self.batch_size * self.world_size * self.grad_accum_steps
-
     def next_batch(self) -> torch.Tensor:
         """This rank's next micro-batch: a (batch_size, seq_len + 1) int64 tensor."""
         b = self.batch_size
@@ -293,14 +289,6 @@ class StreamLoader:
             self._step += 1
             self._micro = 0
         return torch.from_numpy(out)
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        while True:
-            yield self.next_batch()
-
-    @property
-    def step(self) -> int:
-        return self._step
 
     @property
     def tokens_per_source(self) -> dict[str, int]:
