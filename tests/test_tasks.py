@@ -201,7 +201,11 @@ def test_suite_by_name_takes_lm_evals_prompts(monkeypatch):
 
 
 @pytest.mark.slow
-def test_unreachable_hub_is_exit_2(monkeypatch, tmp_path):
+def test_unreachable_hub_is_exit_2_and_leaves_nothing_offline(monkeypatch, tmp_path):
+    """The offline switch lasts for the load only: afterwards the environment and both libraries' flags
+    are as they were, so a later push_to_hub in the same process still goes online."""
+    import os
+
     import datasets.config
     import huggingface_hub.constants
 
@@ -209,14 +213,26 @@ def test_unreachable_hub_is_exit_2(monkeypatch, tmp_path):
     from smoltrain.eval import tasks as tasks
 
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        monkeypatch.setenv(var, "0")
-    for mod, attr in ((huggingface_hub.constants, "HF_HUB_OFFLINE"), (datasets.config, "HF_HUB_OFFLINE"),
-                      (datasets.config, "HF_DATASETS_OFFLINE")):
-        monkeypatch.setattr(mod, attr, getattr(mod, attr))
+        monkeypatch.delenv(var, raising=False)
+    flags = ((huggingface_hub.constants, "HF_HUB_OFFLINE"), (datasets.config, "HF_HUB_OFFLINE"),
+             (datasets.config, "HF_DATASETS_OFFLINE"))
+    for mod, attr in flags:
+        monkeypatch.setattr(mod, attr, False)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path)
     monkeypatch.setattr(tasks, "hub_reachable", lambda: False)
+    seen = []
+    real = datasets.load_dataset
+
+    def spy(*a, **kw):  # the load itself runs offline
+        seen.append([getattr(mod, attr) for mod, attr in flags])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(datasets, "load_dataset", spy)
     with pytest.raises(UserError, match="hub is not reachable.*--tasks FILE.jsonl"):
         tasks.load_task("arc_easy")
+    assert seen and all(all(s) for s in seen)
+    assert [getattr(mod, attr) for mod, attr in flags] == [False, False, False]
+    assert not [k for k in os.environ if "OFFLINE" in k]  # (lm-eval itself sets HF_XET_HIGH_PERFORMANCE)
 
 
 # --- the next-line task and in-loop evaluation ---------------------------------------------------

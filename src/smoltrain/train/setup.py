@@ -6,6 +6,7 @@ and then read what it wrote (quietly), so every rank ends with the same tokenize
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,7 +17,7 @@ from smoltrain.errors import UserError
 if TYPE_CHECKING:
     import torch
 
-    from smoltrain.config import Config, TrainConfig
+    from smoltrain.config import Config
     from smoltrain.data.tokenizer import Tokenizer
     from smoltrain.distributed import DistEnv
     from smoltrain.model.llama import SmolLM2
@@ -32,16 +33,21 @@ def check_inputs(cfg: Config) -> None:
         raise UserError("The config names inputs that are not there: " + "; ".join(missing) + ".")
 
 
-def apply_global_batch(train: TrainConfig, world_size: int) -> None:
-    """train.global_batch_size fixes the batch across world sizes: accumulation makes up the rest."""
-    if train.global_batch_size is None:
-        return
-    per_step = train.micro_batch_size * world_size
-    if train.global_batch_size % per_step:
-        raise UserError(f"train.global_batch_size {train.global_batch_size} is not divisible by "
-                        f"micro_batch_size {train.micro_batch_size} x world size {world_size} = {per_step}; "
+def with_global_batch(cfg: Config, world_size: int) -> Config:
+    """train.global_batch_size fixes the batch across world sizes: accumulation makes up the rest.
+
+    Returns a new Config (the resolved one is never edited) whose grad_accum_steps is what runs; it is
+    the one the run saves, so the run dir's config.yaml says how the batch was made."""
+    t = cfg.train
+    if t.global_batch_size is None:
+        return cfg
+    per_step = t.micro_batch_size * world_size
+    if t.global_batch_size % per_step:
+        raise UserError(f"train.global_batch_size {t.global_batch_size} is not divisible by "
+                        f"micro_batch_size {t.micro_batch_size} x world size {world_size} = {per_step}; "
                         "change one of them.")
-    train.grad_accum_steps = train.global_batch_size // per_step
+    train = dataclasses.replace(t, grad_accum_steps=t.global_batch_size // per_step)
+    return dataclasses.replace(cfg, train=train)
 
 
 def setup_data(cfg: Config, dist: DistEnv) -> tuple[Tokenizer, object, dict[str, Path] | None]:

@@ -33,7 +33,7 @@ from smoltrain.model.llama import IGNORE_INDEX
 from smoltrain.train.inloop import InLoopEval, in_loop_tasks
 from smoltrain.train.optim import build_optimizer, lr_at, rewarm_factor, set_lr
 from smoltrain.train.runlog import RunLog
-from smoltrain.train.setup import apply_global_batch, check_inputs, initial_model, setup_data
+from smoltrain.train.setup import check_inputs, initial_model, setup_data, with_global_batch
 from smoltrain.train.steplog import StepLog, summary, write_run_files
 
 
@@ -48,7 +48,7 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         self.amp_dtype = amp_dtype(self.device, cfg.train.dtype)
         self._autocast = autocast(self.device, self.amp_dtype)
-        apply_global_batch(cfg.train, self.dist.world_size)
+        self.cfg = cfg = with_global_batch(cfg, self.dist.world_size)  # a new Config; the caller's is unchanged
         check_inputs(cfg)  # before the run dir is touched or any asset fetched
         self.run_dir = Path(cfg.run.dir)
         self.step = 0
