@@ -76,6 +76,39 @@ def write_text_synced(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def publish_file(path: Path, data: str | bytes) -> Path:
+    """A file that appears whole (a log rewritten on resume, a task file, a tracker id): written under a
+    name private to this process beside it, fsynced, then renamed over `path` and the rename made durable."""
+    path = Path(path)
+    tmp = private_name("staging", path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_path(path.parent)
+    return path
+
+
+def rewrite_jsonl(path: Path, keep: Callable[[dict], bool], append: Iterable[dict] = ()) -> None:
+    """Keep the records of a JSONL log for which `keep` holds (a resumed run rewinds its logs to the
+    resumed step), add `append`, and publish the file whole. A line torn by a kill mid-write, or one
+    that is not a record `keep` can read, goes."""
+    lines = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if keep(json.loads(line)):
+                    lines.append(line)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue
+    lines += [json.dumps(record) for record in append]
+    publish_file(path, "".join(line + "\n" for line in lines))
+
+
 def _files(directory: Path, skip: str) -> list[Path]:
     return sorted(p for p in Path(directory).rglob("*") if p.is_file() and p.name != skip)
 
@@ -257,7 +290,7 @@ def commit(staging: Path, final: Path, command: str, info: dict | None = None, h
     staging = Path(staging)
     final = Path(final)
     write_manifest(staging, command, info, hashed)
-    fsync_tree(staging)
+    fsync_tree(staging)  # before an earlier output is moved aside: that window stays one rename long
     old = None
     if final.exists():
         if keep_existing:
@@ -271,11 +304,19 @@ def commit(staging: Path, final: Path, command: str, info: dict | None = None, h
             check_target(final, command, force=True, legacy=legacy)  # still only our own earlier output
             old = private_name("old", final)
             os.replace(final, old)
-    os.replace(staging, final)
-    fsync_path(final.parent)
+    rename_synced(staging, final, synced=True)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def rename_synced(staging: Path, final: Path, synced: bool = False) -> None:
+    """The commit point of a finished staging directory: every file and directory in it fsynced (unless
+    the caller just did), one rename to `final` (which must not exist), and the new name made durable."""
+    if not synced:
+        fsync_tree(staging)
+    os.replace(staging, final)
+    fsync_path(final.parent)
 
 
 @contextlib.contextmanager

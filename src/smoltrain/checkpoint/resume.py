@@ -11,7 +11,7 @@ import yaml
 from smoltrain import distributed as dist_io
 from smoltrain.checkpoint import state as ckpt_io
 from smoltrain.checkpoint.rundir import settings_diff
-from smoltrain.config import Config, DatasetConfig
+from smoltrain.config import Config, DatasetConfig, get_dotted
 from smoltrain.errors import UserError
 from smoltrain.hf.interop import resolve_checkpoint
 from smoltrain.storage import list_checkpoints, step_dir, step_of
@@ -100,12 +100,6 @@ TRAJECTORY_FIELDS = ("model", "train.seq_len", "train.seed", "optim.name",
                      "data.val_fraction")
 
 
-def _get(tree: dict, dotted: str) -> Any:
-    for k in dotted.split("."):
-        tree = tree.get(k, {}) if isinstance(tree, dict) else {}
-    return tree
-
-
 def _dataset_defaults(datasets: Any) -> Any:
     """Saved datasets with every DatasetConfig field present (defaults for the ones the save lacks)."""
     if not isinstance(datasets, list):
@@ -118,8 +112,8 @@ def trajectory_diff(old: dict, new: dict) -> list[str]:
     """Trajectory-defining fields whose values differ between two resolved config dicts."""
     diffs = []
     for key in TRAJECTORY_FIELDS:
-        a = _get(old, key)
-        b = _get(new, key)
+        a = get_dotted(old, key, {})
+        b = get_dotted(new, key, {})
         if key == "data.datasets":  # a config saved before a dataset field existed had its default
             a = _dataset_defaults(a)
             b = _dataset_defaults(b)

@@ -366,22 +366,11 @@ def score_in_loop(model: torch.nn.Module, tok: Tokenizer, tasks: list[Task], dev
 
 def load_scorer(path: str, device: torch.device) -> tuple[Scorer, Tokenizer, str]:
     """A Scorer for a checkpoint, run directory or HF directory (any causal LM transformers loads)."""
-    from smoltrain.data.tokenizer import load_tokenizer
-    from smoltrain.eval.bpb import hf_config
-    from smoltrain.hf.interop import load_resolved, resolve_checkpoint
+    from smoltrain.hf.interop import load_causal_lm
 
-    directory = resolve_checkpoint(path)
-    if hf_config(directory).get("model_type") == "llama":
-        model, tok, _ = load_resolved(directory, device=device)
-        return Scorer(model.eval(), device, model.config.max_position_embeddings), tok, str(directory)
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, local_files_only=True)
-    except Exception as e:
-        raise UserError(f"transformers could not load {directory}: {e}") from None
+    model, tok, directory = load_causal_lm(path, device)
     max_length = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
-    return Scorer(model.to(device).eval(), device, max_length), load_tokenizer(directory), str(directory)
+    return Scorer(model, device, max_length), tok, str(directory)
 
 
 def evaluate_tasks(paths: list[str], specs: list[str], limit: int | None, device: torch.device) -> list[dict]:
