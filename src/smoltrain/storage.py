@@ -32,7 +32,6 @@ from smoltrain.errors import TrainingError, UserError
 MANIFEST = "manifest.json"  # checkpoints (train, import, export): sha256 of every file
 MARKER = ".smoltrain-output.json"  # other outputs (prepare, tokenizer, report, assets): sizes of every file
 FORMAT = "smoltrain-output"
-LEGACY_KINDS = {"train": "train", "import": "import", "export": "export"}  # manifests before "command" existed
 PRIVATE = re.compile(r"^\.(staging|old|deleting)-(?P<name>.+)-(?P<pid>\d+)-(?P<tag>[0-9a-f]{8})$")
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 STEP_DIR = re.compile(r"^step_(\d{8})$")  # RUN/checkpoints/step_NNNNNNNN
@@ -166,7 +165,7 @@ def output_record(directory: Path) -> dict | None:
             continue
         if not isinstance(doc, dict) or not isinstance(doc.get("files"), dict):
             continue
-        command = doc.get("command") or LEGACY_KINDS.get(doc.get("kind"))
+        command = doc.get("command")
         if command:
             return {**doc, "command": command, "record": name}
     return None
@@ -240,11 +239,10 @@ def check_inputs(out: str | Path, inputs: Iterable[str | Path], flag: str = "--o
 
 
 def check_target(out: str | Path, command: str, force: bool, inputs: Iterable[str | Path] = (),
-                 flag: str = "--out", legacy: dict | None = None) -> None:
+                 flag: str = "--out") -> None:
     """Refuse (exit 2, naming the path) before any work when publishing `command`'s output at `out` could
     lose something: `out` is or holds one of the command's inputs, or holds files the command did not write,
-    or is a previous output and --force was not given. An empty directory is fine. `legacy` is the record
-    to assume for an output written before markers existed."""
+    or is a previous output and --force was not given. An empty directory is fine."""
     out_path = Path(out).expanduser()
     check_inputs(out_path, inputs, flag)
     if not out_path.exists():
@@ -253,7 +251,7 @@ def check_target(out: str | Path, command: str, force: bool, inputs: Iterable[st
         raise UserError(f"{flag} {out_path} exists and is a file, not a directory; choose another {flag}.")
     if not any(out_path.iterdir()):
         return
-    record = output_record(out_path) or legacy
+    record = output_record(out_path)
     foreign = foreign_files(out_path, record) if record and record["command"] == command else []
     if record is None or record["command"] != command or foreign:
         made = f"the output of smoltrain {record['command']}" if record else "not an output of smoltrain " + command
@@ -280,7 +278,7 @@ def make_staging(final: Path) -> Path:
 
 
 def commit(staging: Path, final: Path, command: str, info: dict | None = None, hashed: bool = True,
-           replace: bool = False, keep_existing: bool = False, legacy: dict | None = None) -> Path:
+           replace: bool = False, keep_existing: bool = False) -> Path:
     """Write the record, fsync everything, rename `staging` to `final` (the commit point).
 
     An existing `final` is replaced only with `replace` (the caller checked it with check_target) and only
@@ -301,7 +299,7 @@ def commit(staging: Path, final: Path, command: str, info: dict | None = None, h
         elif not replace:
             raise UserError(f"{final} appeared while it was being written; it was left alone.")
         else:
-            check_target(final, command, force=True, legacy=legacy)  # still only our own earlier output
+            check_target(final, command, force=True)  # still only our own earlier output
             old = private_name("old", final)
             os.replace(final, old)
     rename_synced(staging, final, synced=True)
@@ -321,7 +319,7 @@ def rename_synced(staging: Path, final: Path, synced: bool = False) -> None:
 
 @contextlib.contextmanager
 def publish(final: str | Path, command: str, info: dict | None = None, hashed: bool = True,
-            replace: bool = False, keep_existing: bool = False, legacy: dict | None = None) -> Iterator[Path]:
+            replace: bool = False, keep_existing: bool = False) -> Iterator[Path]:
     """Yield a private staging directory beside `final`; on success commit it there.
 
     On any exception (ENOSPC included) the staging directory is removed and `final` is untouched.
@@ -330,7 +328,7 @@ def publish(final: str | Path, command: str, info: dict | None = None, hashed: b
     staging = make_staging(final)
     try:
         yield staging
-        commit(staging, final, command, info, hashed, replace, keep_existing, legacy)
+        commit(staging, final, command, info, hashed, replace, keep_existing)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
