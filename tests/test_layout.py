@@ -87,7 +87,7 @@ MAY_IMPORT = {
     "core": ("smoltrain.model.config",),
     "smoltrain.model": (),
     "smoltrain.data": (),
-    "smoltrain.hf": ("smoltrain.model", "smoltrain.data"),
+    "smoltrain.hf": ("smoltrain.model", "smoltrain.data", "smoltrain.checkpoint.discovery"),
     "smoltrain.eval": ("smoltrain.model", "smoltrain.data", "smoltrain.hf"),
     "smoltrain.checkpoint": ("smoltrain.model", "smoltrain.data", "smoltrain.hf"),
     "smoltrain.train": ("smoltrain.model", "smoltrain.data", "smoltrain.hf", "smoltrain.eval", "smoltrain.checkpoint"),
