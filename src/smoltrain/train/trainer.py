@@ -1,10 +1,11 @@
 """The training loop: Trainer.train() -> train_step() -> forward_backward().
 
-Every stateful part (model, optimizer, loader, RNG, loop counters) is saved in each checkpoint and
-restored on resume, so a killed run continues bit-identically on CPU. The learning rate is a pure
-function of the step (optim.lr_at), so it needs no state. Evaluation (evaluator.InLoopEval), saving
-(checkpointer.Checkpointer) and step logging (steplog.StepLog) are collaborators with their own state;
-the data comes from trainsetup.
+Every stateful part (model, optimizer, loader, scaler, RNG, and the loop counters: the Trainer's own
+state_dict) is registered with the checkpointer, saved in each checkpoint and restored on resume, so a
+killed run continues bit-identically on CPU. The learning rate is a pure function of the step
+(optim.lr_at), so it needs no state. Evaluation (inloop.InLoopEval), saving (checkpoint.Checkpointer)
+and step logging (steplog.StepLog) are collaborators that share one RunContext; the data comes from
+train.setup, and where the run's files live from checkpoint.layout.
 """
 
 from __future__ import annotations
