@@ -24,7 +24,7 @@ import torch
 from smoltrain.data.shards import check_vocab, load_meta, read_shard
 from smoltrain.errors import UserError
 
-__all__ = ["BatchLoader", "Mixture", "PackedLoader", "check_vocab", "eval_spans", "eval_windows", "ordered_batches"]
+__all__ = ["Mixture", "PackedLoader", "check_vocab", "eval_spans", "eval_windows", "ordered_batches"]
 
 _MIX = 0x6D6978  # generator purposes, so the mixture and the shuffles never share draws
 _PERM = 0x7065726D
@@ -124,32 +124,7 @@ class Mixture:
         return np.random.default_rng([self.seed, _MIX, step]).choice(len(self.names), size=size, p=w)
 
 
-class BatchLoader:
-    """What the packed and the streamed loaders share: endless iteration, the step served, the global batch."""
-
-    batch_size: int
-    world_size: int
-    grad_accum_steps: int
-    _step: int
-
-    def next_batch(self) -> torch.Tensor:
-        raise NotImplementedError
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        while True:
-            yield self.next_batch()
-
-    @property
-    def step(self) -> int:
-        """Optimizer steps fully served (all micro-steps)."""
-        return self._step
-
-    @property
-    def global_batch(self) -> int:
-        return self.batch_size * self.world_size * self.grad_accum_steps
-
-
-class PackedLoader(BatchLoader):
+class PackedLoader:
     """Packed (B, T+1) LongTensor windows: inputs = w[:, :-1], labels = w[:, 1:] (see the module docstring)."""
 
     def __init__(self, datasets: Mapping[str, str | Path] | str | Path | list, batch_size: int, seq_len: int,
@@ -200,6 +175,10 @@ class PackedLoader(BatchLoader):
                                 f"{need} windows (batch_size {self.batch_size} x world_size {self.world_size}). "
                                 "Use more data, a shorter seq_len or a smaller batch.")
 
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size * self.grad_accum_steps
 
     def weights_at(self, step: int) -> dict[str, float]:
         return self.mixture.weights_at(step)
@@ -269,11 +248,6 @@ class PackedLoader(BatchLoader):
         """Label tokens served so far per dataset, summed over all ranks (the same number on every rank)."""
         return dict(zip(self.names, self._tokens))
 
-    @property
-    def epochs(self) -> dict[str, float]:
-        """How many passes over each dataset have been started, as a fraction."""
-        return {s.name: c[0] + c[1] / s.num_windows for s, c in zip(self.sources, self._cursors)}
-
     def state_dict(self) -> dict:
         return {
             "version": 1, "step": self._step, "micro_step": self._micro,
@@ -298,17 +272,6 @@ class PackedLoader(BatchLoader):
         self._cursors = [tuple(state["cursors"][n]) for n in self.names]
         self._tokens = [int(state["tokens_per_source"][n]) for n in self.names]
         self._plan = None
-
-    def val_batches(self, max_batches: int | None = None, source: str | None = None) -> Iterator[torch.Tensor]:
-        """A deterministic, finite pass in stored order (no shuffling): the same batches on every call.
-
-        Global batch j is this rank's slice of windows [j * B * world, (j + 1) * B * world) of the chosen
-        sources laid end to end; every rank yields the same number of batches (safe for collectives).
-        """
-        sources = [s for s in self.sources if source is None or s.name == source]
-        if not sources:
-            raise UserError(f"No dataset named {source!r} (datasets: {', '.join(self.names)}).")
-        return ordered_batches(sources, self.batch_size, max_batches, self.rank, self.world_size)
 
 
 def ordered_batches(sources: list[TokenSource], batch_size: int, max_batches: int | None = None, rank: int = 0,

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from smoltrain.data.loader import BatchLoader, Mixture, named_datasets
+from smoltrain.data.loader import Mixture, named_datasets
 from smoltrain.data.sources import file_kind, open_hf, resolve_source
 from smoltrain.data.tokenizer import Tokenizer, load_tokenizer
 from smoltrain.errors import UserError
@@ -157,8 +157,7 @@ class ChunkStream(IterableDataset):
             position = None
 
     def encode(self, tok: Tokenizer, texts: list[str], epoch: int, number: int, begin: dict | None) -> dict:
-        encode = getattr(tok.backend, "encode_batch_fast", tok.backend.encode_batch)  # fast: no offsets
-        ids = [np.asarray(e.ids + [tok.eot_id], dtype=np.int32) for e in encode(texts, add_special_tokens=False)]
+        ids = [np.asarray(doc + [tok.eot_id], dtype=np.int32) for doc in tok.encode_batch(texts)]
         return {"ids": np.concatenate(ids), "epoch": epoch, "number": number, "begin": begin}
 
 
@@ -231,7 +230,7 @@ def check_stream(source: str, text_key: str) -> None:
     _text(row, text_key, source)
 
 
-class StreamLoader(BatchLoader):
+class StreamLoader:
     """Same API as PackedLoader (next_batch, state_dict, load_state_dict, tokens_per_source) over streams.
 
     `datasets` maps names to source specs (one source each: an hf: id, a file, or a directory of many
@@ -271,6 +270,10 @@ class StreamLoader(BatchLoader):
                                           (0, 0, None)), num_workers, seq_len) for n, s in named.items()]
         self._step = 0
         self._micro = 0
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size * self.grad_accum_steps
 
     def next_batch(self) -> torch.Tensor:
         """This rank's next micro-batch: a (batch_size, seq_len + 1) int64 tensor."""
