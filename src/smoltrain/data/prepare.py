@@ -122,13 +122,15 @@ def _encode_all(chunks: Iterator, tokenizer_dir: Path, dtype: np.dtype, num_proc
 
 
 def _recipe(sources: list[Source], tok: Tokenizer, text_key: str, val_fraction: float, val_docs: int | None,
-            max_documents: int | None, val_documents: list[str]) -> dict:
+            max_documents: int | None, val_documents: list[str], max_tokens: int | None = None) -> dict:
     """What determines the output: a re-run with the same recipe is a no-op."""
     specs = [s.spec if s.kind == "hf" else str(Path(s.spec).expanduser().resolve()) for s in sources]
     recipe = {"sources": specs, "tokenizer_sha256": tok.sha256, "text_key": text_key, "val_fraction": val_fraction,
               "val_docs": val_docs, "max_documents": max_documents}
     if val_documents:  # only then: data prepared before names could be held out keeps its recipe
         recipe["val_documents"] = list(val_documents)
+    if max_tokens is not None:  # likewise: data prepared before token caps keeps its recipe
+        recipe["max_tokens"] = max_tokens
     return recipe
 
 
@@ -160,13 +162,16 @@ def legacy_record(out: Path) -> dict | None:
 
 def prepare(sources: Iterable[str | Path], tokenizer: str | Path | Tokenizer, out: str | Path, *,
             text_key: str = "text", val_fraction: float = 0.01, val_docs: int | None = None,
-            val_documents: Iterable[str] = (), max_documents: int | None = None, num_proc: int | None = None,
+            val_documents: Iterable[str] = (), max_documents: int | None = None, max_tokens: int | None = None,
+            num_proc: int | None = None,
             force: bool = False, shard_tokens: int = SHARD_TOKENS, model_vocab_size: int | None = None,
             progress: bool = True, verbose: bool = True) -> dict:
     """Tokenize `sources` into `out` and return its meta.json as a dict (see module docstring).
 
     `val_documents` (globs of source-relative names) holds out those documents and nothing else; without it
     `val_docs` (a count) or `val_fraction` (1.0: an evaluation-only dataset) hold out evenly spaced ones.
+    `max_tokens` stops reading at the first work item (about a megabyte of text) that brings both splits
+    to at least that many tokens, so the same documents are kept for any num_proc.
     """
     t0 = time.perf_counter()
     srcs = resolve_sources(sources)
@@ -176,7 +181,9 @@ def prepare(sources: Iterable[str | Path], tokenizer: str | Path | Tokenizer, ou
     _check_args(tok, val_fraction, val_docs, max_documents, model_vocab_size, globs)
     Holdout(globs).check_files(srcs)
     out = Path(out).expanduser()
-    recipe = _recipe(srcs, tok, text_key, val_fraction, val_docs, max_documents, list(globs))
+    if max_tokens is not None and max_tokens < 1:
+        raise UserError(f"--max-tokens must be at least 1, got {max_tokens}.")
+    recipe = _recipe(srcs, tok, text_key, val_fraction, val_docs, max_documents, list(globs), max_tokens)
     meta = _existing(out, recipe, force, srcs)
     if meta is not None:
         if verbose:
@@ -198,7 +205,8 @@ def prepare(sources: Iterable[str | Path], tokenizer: str | Path | Tokenizer, ou
         val_names = []
         seen = []
         chunks = _chunks(docs, holdout, val_names, seen)
-        splits = _tokenize(chunks, tok, staging, dtype, num_proc or _cpu_count(), shard_tokens, progress, total)
+        splits = _tokenize(chunks, tok, staging, dtype, num_proc or _cpu_count(), shard_tokens, progress, total,
+                           max_tokens)
         if holdout.unmatched(seen):
             raise_unmatched(holdout.unmatched(seen), [d.name for d in seen])
         meta = {
@@ -208,7 +216,8 @@ def prepare(sources: Iterable[str | Path], tokenizer: str | Path | Tokenizer, ou
             "tokenizer": tok.identity, "vocab_size": tok.vocab_size, "eot_id": eot, "dtype": dtype.name,
             "splits": splits, "sources": [s.spec for s in srcs], "text_key": text_key,
             "val_fraction": None if globs else val_fraction, "val_documents": val_names,
-            "val_selection": "names" if globs else "fraction", "max_documents": max_documents, "recipe": recipe,
+            "val_selection": "names" if globs else "fraction", "max_documents": max_documents,
+            "max_tokens": max_tokens, "recipe": recipe,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.perf_counter() - t0, 3),
         }
         if meta["num_documents"] == 0:
@@ -254,7 +263,7 @@ def _cpu_count() -> int:
 
 
 def _tokenize(chunks: Iterator, tok: Tokenizer, staging: Path, dtype: np.dtype, num_proc: int,
-              shard_tokens: int, progress: bool, total: int | None) -> dict:
+              shard_tokens: int, progress: bool, total: int | None, max_tokens: int | None = None) -> dict:
     from tqdm.auto import tqdm
 
     writers = {name: ShardWriter(staging, name, dtype, shard_tokens) for name in ("train", "val")}
@@ -267,6 +276,8 @@ def _tokenize(chunks: Iterator, tok: Tokenizer, staging: Path, dtype: np.dtype, 
             num_tokens += len(train) + len(val)
             bar.update(n_train + n_val)
             bar.set_postfix_str(f"{num_tokens:,} tokens", refresh=False)
+            if max_tokens is not None and num_tokens >= max_tokens:
+                break  # closing the generator stops the workers; the documents after this item are not read
     finally:
         bar.close()
     splits = {}

@@ -32,6 +32,21 @@ def check_inputs(cfg: Config) -> None:
         raise UserError("The config names inputs that are not there: " + "; ".join(missing) + ".")
 
 
+def check_data_budget(cfg: Config, world_size: int, verbose: bool = False) -> None:
+    """Refuse a run that would read a prepared dataset more than data.max_epochs times (before the run dir is
+    touched when the data was prepared earlier; right after prepare otherwise); print planned vs available."""
+    from smoltrain.data.budget import available, budget_line, check_passes
+
+    if cfg.data.streaming:
+        return
+    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size
+    trained = [d for d in cfg.data.datasets if not d.eval_only(cfg.data.val_fraction)]
+    avail = {d.name: available(cfg, d) for d in trained}
+    check_passes(cfg, global_batch, avail)
+    if verbose and all(a.exact for a in avail.values()):
+        print(budget_line(cfg, global_batch, avail), flush=True)
+
+
 def apply_global_batch(train: TrainConfig, world_size: int) -> None:
     """train.global_batch_size fixes the batch across world sizes: accumulation makes up the rest."""
     if train.global_batch_size is None:
@@ -63,6 +78,7 @@ def setup_data(cfg: Config, dist: DistEnv) -> tuple[Tokenizer, object, dict[str,
                         f"{cfg.model.vocab_size}; raise model.vocab_size or use a smaller tokenizer.")
     t = cfg.train
     trained = {d.name: d.weight for d in cfg.data.datasets if not d.eval_only(cfg.data.val_fraction)}
+    check_data_budget(cfg, dist.world_size, verbose=dist.is_main)  # every dataset is prepared now: exact
     stages = cfg.to_dict()["data"]["stages"]  # plain dicts, as the loader takes them
     loader = PackedLoader({n: paths[n] for n in trained}, split="train", weights=trained,
                           stages=stages or None, batch_size=t.micro_batch_size, seq_len=t.seq_len, seed=t.seed,

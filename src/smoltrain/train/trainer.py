@@ -33,7 +33,13 @@ from smoltrain.model.llama import IGNORE_INDEX
 from smoltrain.train.inloop import InLoopEval, in_loop_tasks
 from smoltrain.train.optim import build_optimizer, lr_at, rewarm_factor, set_lr
 from smoltrain.train.runlog import RunLog
-from smoltrain.train.setup import apply_global_batch, check_inputs, initial_model, setup_data
+from smoltrain.train.setup import (
+    apply_global_batch,
+    check_data_budget,
+    check_inputs,
+    initial_model,
+    setup_data,
+)
 from smoltrain.train.steplog import StepLog, summary, write_run_files
 
 
@@ -50,6 +56,7 @@ class Trainer:
         self._autocast = autocast(self.device, self.amp_dtype)
         apply_global_batch(cfg.train, self.dist.world_size)
         check_inputs(cfg)  # before the run dir is touched or any asset fetched
+        check_data_budget(cfg, self.dist.world_size)  # data prepared earlier: its passes are known now
         self.run_dir = Path(cfg.run.dir)
         self.step = 0
         self.tokens_seen = 0
