@@ -61,7 +61,9 @@ def _gib(n: float) -> str:
 def model_lines(cfg: Config) -> list[str]:
     m = cfg.model
     emb = m.vocab_size * m.hidden_size * (1 if m.tie_word_embeddings else 2)
-    total = _num_params(cfg)
+    from smoltrain.train.setup import num_params
+
+    total = num_params(cfg)
     t = cfg.train
     fpt = flops_per_token(m, t.seq_len)
     return [f"Model: {total:,} parameters ({emb:,} embedding{'' if m.tie_word_embeddings else ' and head'}, "
@@ -69,15 +71,6 @@ def model_lines(cfg: Config) -> list[str]:
             f"{m.num_attention_heads}/{m.num_key_value_heads} heads, vocab {m.vocab_size}",
             f"FLOPs per token: {fpt:.3e} (6 x matmul weights + attention at seq_len {t.seq_len}: "
             "runlog.flops_per_token, the count the trainer's MFU uses)"]
-
-
-def _num_params(cfg: Config) -> int:
-    import torch
-
-    from smoltrain.model.llama import SmolLM2
-
-    with torch.device("meta"):
-        return SmolLM2(cfg.model).num_params()
 
 
 def batch_lines(cfg: Config, gpus: int) -> list[str]:
@@ -252,6 +245,9 @@ def make_plan(cfg: Config, gpus: int, gpu: str | None) -> list[str]:
     names = gpu_names(gpu)
     if gpus < 1:
         raise UserError(f"--gpus must be at least 1, got {gpus}.")
+    from smoltrain.train.setup import apply_global_batch
+
+    apply_global_batch(cfg.train, gpus)  # train.global_batch_size fixes sequences per step on any GPU count
     plan = Plan(cfg, gpus, strategy_for(cfg, gpus))
     plan.memory = measure(cfg)
     lines = model_lines(cfg) + batch_lines(cfg, gpus) + data_lines(cfg, gpus) + memory_lines(plan)

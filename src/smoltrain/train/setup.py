@@ -47,6 +47,65 @@ def check_data_budget(cfg: Config, world_size: int, verbose: bool = False) -> No
         print(budget_line(cfg, global_batch, avail), flush=True)
 
 
+def cpu_fallback(cfg: Config, device: torch.device, is_main: bool) -> None:
+    """A GPU recipe on a CPU: bf16 becomes fp32 and torch.compile goes off (said once), and a step whose
+    memory (the plan's figure, train.memory) exceeds this machine's available memory is refused up front."""
+    if device.type != "cpu":
+        return
+    t = cfg.train
+    changes = []
+    if t.dtype == "bf16":
+        changes.append("bf16 -> fp32 (CPU bf16 matmuls are many times slower than fp32)")
+        t.dtype = "fp32"
+    if t.compile:
+        changes.append("torch.compile off (minutes of compiling for little gain on a CPU)")
+        t.compile = False
+    if changes and is_main:
+        print("This recipe asks for GPU settings but runs on a CPU: " + "; ".join(changes) + ".", flush=True)
+    if changes or num_params(cfg) * 16 > 2**30:  # a small CPU model needs no check
+        check_cpu_memory(cfg)
+
+
+def num_params(cfg: Config) -> int:
+    import torch
+
+    from smoltrain.model.llama import SmolLM2
+
+    with torch.device("meta"):
+        return SmolLM2(cfg.model).num_params()
+
+
+def available_memory() -> int | None:
+    """Bytes this machine can still give (MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_cpu_memory(cfg: Config) -> None:
+    import torch
+
+    from smoltrain.model.loss import auto_chunk
+    from smoltrain.train.memory import GIB, measure_step
+
+    t = cfg.train
+    free = available_memory()
+    if free is None:
+        return
+    rows = t.micro_batch_size * t.seq_len
+    chunk = auto_chunk(rows, cfg.model.vocab_size, torch.device("cpu")) if t.loss_chunk == "auto" else t.loss_chunk
+    peak = measure_step(cfg.model, cfg.optim, t.micro_batch_size, t.seq_len, amp=False,
+                        activation_checkpointing=t.activation_checkpointing, loss_chunk=chunk).peak
+    if peak > free:
+        raise UserError(f"One training step of this recipe needs about {peak / GIB:.1f} GiB on this CPU (fp32, micro "
+                        f"batch {t.micro_batch_size} x {t.seq_len}: the plan's figure, smoltrain plan) but the machine "
+                        f"has {free / GIB:.1f} GiB available. Lower train.micro_batch_size (raise grad_accum_steps "
+                        "to keep tokens per step) or train.seq_len, turn on train.activation_checkpointing, or run "
+                        "it on a GPU.")
+
+
 def apply_global_batch(train: TrainConfig, world_size: int) -> None:
     """train.global_batch_size fixes the batch across world sizes: accumulation makes up the rest."""
     if train.global_batch_size is None:

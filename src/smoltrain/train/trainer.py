@@ -37,6 +37,7 @@ from smoltrain.train.setup import (
     apply_global_batch,
     check_data_budget,
     check_inputs,
+    cpu_fallback,
     initial_model,
     setup_data,
 )
@@ -52,6 +53,7 @@ class Trainer:
         self.dist = dist_io.setup(cfg.parallel.strategy, self.device.type)
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
+        cpu_fallback(cfg, self.device, self.dist.is_main)  # before anything is written or built
         self.amp_dtype = amp_dtype(self.device, cfg.train.dtype)
         self._autocast = autocast(self.device, self.amp_dtype)
         apply_global_batch(cfg.train, self.dist.world_size)
