@@ -65,16 +65,16 @@ def test_a_run_that_would_repeat_its_data_is_refused_before_its_first_step(tmp_p
 def test_prepare_stops_at_max_tokens(tmp_path, tiny_tokenizer_dir):
     corpus = tmp_path / "c"
     corpus.mkdir()
-    for i in range(50):
-        (corpus / f"d{i:02d}.txt").write_text(("word%d " % i) * 60000)  # ~60K tokens each, one work item each
+    for i in range(30):  # 2.1 MB of text: two work items of about a megabyte
+        (corpus / f"d{i:02d}.txt").write_text(f"word{i} " * 10000)
     full = run_cli("prepare", "--source", corpus, "--tokenizer", tiny_tokenizer_dir, "--out", tmp_path / "all",
                    "--num-proc", "1")
     capped = run_cli("prepare", "--source", corpus, "--tokenizer", tiny_tokenizer_dir, "--out", tmp_path / "cap",
-                     "--num-proc", "1", "--max-tokens", "500000")
+                     "--num-proc", "1", "--max-tokens", "50000")
     assert full.returncode == 0 and capped.returncode == 0, capped.stderr
     total = json.loads((tmp_path / "all" / "meta.json").read_text())["num_tokens"]
     meta = json.loads((tmp_path / "cap" / "meta.json").read_text())
-    assert 500_000 <= meta["num_tokens"] < total and meta["recipe"]["max_tokens"] == 500_000
+    assert 50_000 <= meta["num_tokens"] < total and meta["recipe"]["max_tokens"] == 50_000
 
 
 def test_gpu_recipe_on_cpu_warns_and_falls_back_or_is_refused(tmp_path, tiny_data):
