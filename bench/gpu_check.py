@@ -111,6 +111,25 @@ def _time_steps(step, device: str, steps: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def _timed(c: Check, model, loss_fn) -> float:
+    """Seconds per training step (AdamW, bf16 autocast on CUDA) of `loss_fn`, the peak memory reset first."""
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=c.device == "cuda")
+    amp = torch.bfloat16 if c.device == "cuda" else torch.float32
+
+    def step() -> None:
+        with torch.autocast(c.device, dtype=amp, enabled=amp != torch.float32):
+            loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if c.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    return _time_steps(step, c.device, 3 if c.tiny else 10)
+
+
 def _ours(c: Check, compiled: bool) -> dict:
     import torch
 
@@ -122,21 +141,10 @@ def _ours(c: Check, compiled: bool) -> dict:
     cfg = get_preset(name).replace(max_position_embeddings=max(seq, 256))
     model = build_model(cfg, c.device).train()
     fwd = torch.compile(model) if compiled and c.device == "cuda" else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=c.device == "cuda")
     batch = torch.randint(0, cfg.vocab_size, (micro, seq + 1), device=c.device)
-    amp = torch.bfloat16 if c.device == "cuda" else torch.float32
-
-    def step() -> None:
-        with torch.autocast(c.device, dtype=amp, enabled=amp != torch.float32):
-            loss = fwd(batch[:, :-1], labels=batch[:, 1:], loss_chunk="auto")
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    if c.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    secs = _time_steps(step, c.device, 3 if c.tiny else 10)
+    secs = _timed(c, model, lambda: fwd(batch[:, :-1], labels=batch[:, 1:], loss_chunk="auto"))
     tps = micro * seq / secs
+    amp = torch.bfloat16 if c.device == "cuda" else torch.float32
     peak = peak_flops(torch.device(c.device), amp)
     mfu = flops_per_token(cfg, seq) * tps / peak if peak else None
     return {"tokens_per_sec": round(tps), "mfu": mfu, "peak_gib": round(_peak(c.device), 3)}
@@ -159,20 +167,8 @@ def _transformers(c: Check) -> dict:
     cfg = get_preset(name).replace(max_position_embeddings=max(seq, 256))
     model = LlamaForCausalLM(LlamaConfig(**cfg.to_hf())).to(c.device).train()
     fwd = torch.compile(model) if c.device == "cuda" else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=c.device == "cuda")
     batch = torch.randint(0, cfg.vocab_size, (micro, seq), device=c.device)
-    amp = torch.bfloat16 if c.device == "cuda" else torch.float32
-
-    def step() -> None:
-        with torch.autocast(c.device, dtype=amp, enabled=amp != torch.float32):
-            loss = fwd(input_ids=batch, labels=batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    if c.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    secs = _time_steps(step, c.device, 3 if c.tiny else 10)
+    secs = _timed(c, model, lambda: fwd(input_ids=batch, labels=batch).loss)
     return {"tokens_per_sec": round(micro * seq / secs), "peak_gib": round(_peak(c.device), 3)}
 
 
@@ -186,6 +182,8 @@ def plan_vs_peak(c: Check) -> dict:
     plan = measure_step(cfg, OptimConfig(), micro, seq, amp=c.device == "cuda", activation_checkpointing=False,
                         loss_chunk="auto").peak / 2**30
     measured = c.results.get("throughput", {}).get("eager", {}).get("peak_gib")
+    if c.device != "cuda":  # a CPU process's peak RSS holds torch itself: no like-for-like figure here
+        return {"plan_peak_gib": round(plan, 3), "measured_eager_peak_gib": None, "error": None}
     return {"plan_peak_gib": round(plan, 3), "measured_eager_peak_gib": measured,
             "error": round(plan / measured - 1, 4) if measured else None}
 
