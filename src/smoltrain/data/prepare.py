@@ -163,40 +163,33 @@ def legacy_record(out: Path) -> dict | None:
 def prepare(sources: Iterable[str | Path], tokenizer: str | Path | Tokenizer, out: str | Path, *,
             text_key: str = "text", val_fraction: float = 0.01, val_docs: int | None = None,
             val_documents: Iterable[str] = (), max_documents: int | None = None, max_tokens: int | None = None,
-            num_proc: int | None = None,
-            force: bool = False, shard_tokens: int = SHARD_TOKENS, model_vocab_size: int | None = None,
+            num_proc: int | None = None, force: bool = False, shard_tokens: int = SHARD_TOKENS,
+            model_vocab_size: int | None = None,
             progress: bool = True, verbose: bool = True) -> dict:
     """Tokenize `sources` into `out` and return its meta.json as a dict (see module docstring).
 
     `val_documents` (globs of source-relative names) holds out those documents and nothing else; without it
     `val_docs` (a count) or `val_fraction` (1.0: an evaluation-only dataset) hold out evenly spaced ones.
-    `max_tokens` stops reading at the first work item (about a megabyte of text) that brings both splits
-    to at least that many tokens, so the same documents are kept for any num_proc.
+    `max_tokens` stops reading once both splits hold that many tokens (see _tokenize).
     """
     t0 = time.perf_counter()
     srcs = resolve_sources(sources)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     eot = tok.eot_id
     globs = tuple(val_documents or ())
-    _check_args(tok, val_fraction, val_docs, max_documents, model_vocab_size, globs)
+    _check_args(tok, val_fraction, val_docs, max_documents, model_vocab_size, globs, max_tokens)
     Holdout(globs).check_files(srcs)
     out = Path(out).expanduser()
-    if max_tokens is not None and max_tokens < 1:
-        raise UserError(f"--max-tokens must be at least 1, got {max_tokens}.")
     recipe = _recipe(srcs, tok, text_key, val_fraction, val_docs, max_documents, list(globs), max_tokens)
     meta = _existing(out, recipe, force, srcs)
     if meta is not None:
-        if verbose:
-            print(f"{out} is already prepared ({meta['num_tokens']:,} tokens, {meta['num_documents']:,} documents)"
-                  "; nothing to do (--force rebuilds it).")
-        return meta
+        return _nothing_to_do(out, meta, verbose)
     total = None
     if val_docs is not None:  # an exact count: turn it into the fraction that selects exactly that many
         total = count_documents(srcs, text_key, max_documents)
         val_fraction = _val_docs_fraction(val_docs, total)
     opened = open_datasets(srcs)
-    max_id = max(max(tok.backend.get_vocab().values()), eot)
-    dtype = dtype_for_vocab(max_id)
+    dtype = dtype_for_vocab(max(max(tok.backend.get_vocab().values()), eot))
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out.parent, out.name)
     with publish(out, "prepare", hashed=False, replace=force, legacy=legacy_record(out)) as staging:
@@ -216,8 +209,8 @@ def prepare(sources: Iterable[str | Path], tokenizer: str | Path | Tokenizer, ou
             "tokenizer": tok.identity, "vocab_size": tok.vocab_size, "eot_id": eot, "dtype": dtype.name,
             "splits": splits, "sources": [s.spec for s in srcs], "text_key": text_key,
             "val_fraction": None if globs else val_fraction, "val_documents": val_names,
-            "val_selection": "names" if globs else "fraction", "max_documents": max_documents,
-            "max_tokens": max_tokens, "recipe": recipe,
+            "val_selection": "names" if globs else "fraction", "max_documents": max_documents, "recipe": recipe,
+            "max_tokens": max_tokens,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.perf_counter() - t0, 3),
         }
         if meta["num_documents"] == 0:
@@ -229,8 +222,15 @@ def prepare(sources: Iterable[str | Path], tokenizer: str | Path | Tokenizer, ou
     return meta
 
 
+def _nothing_to_do(out: Path, meta: dict, verbose: bool) -> dict:
+    if verbose:
+        print(f"{out} is already prepared ({meta['num_tokens']:,} tokens, {meta['num_documents']:,} documents)"
+              "; nothing to do (--force rebuilds it).")
+    return meta
+
+
 def _check_args(tok: Tokenizer, val_fraction: float, val_docs: int | None, max_documents: int | None,
-                model_vocab_size: int | None, globs: tuple[str, ...]) -> None:
+                model_vocab_size: int | None, globs: tuple[str, ...], max_tokens: int | None = None) -> None:
     if model_vocab_size is not None:
         check_vocab(tok, model_vocab_size)
     if not 0 <= val_fraction <= 1:
@@ -244,6 +244,8 @@ def _check_args(tok: Tokenizer, val_fraction: float, val_docs: int | None, max_d
         raise UserError(f"--val-docs must not be negative, got {val_docs}.")
     if max_documents is not None and max_documents < 1:
         raise UserError(f"--max-documents must be at least 1, got {max_documents}.")
+    if max_tokens is not None and max_tokens < 1:
+        raise UserError(f"--max-tokens must be at least 1, got {max_tokens}.")
 
 
 def _val_docs_fraction(val_docs: int, total: int | None) -> float:
@@ -264,6 +266,8 @@ def _cpu_count() -> int:
 
 def _tokenize(chunks: Iterator, tok: Tokenizer, staging: Path, dtype: np.dtype, num_proc: int,
               shard_tokens: int, progress: bool, total: int | None, max_tokens: int | None = None) -> dict:
+    """Encode and write every work item; with `max_tokens`, stop after the first item (about a megabyte of text)
+    that brings both splits to at least that many, so the same documents are kept for any num_proc."""
     from tqdm.auto import tqdm
 
     writers = {name: ShardWriter(staging, name, dtype, shard_tokens) for name in ("train", "val")}
