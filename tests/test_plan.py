@@ -50,12 +50,13 @@ def test_a_run_that_would_repeat_its_data_is_refused_before_its_first_step(tmp_p
     ok = _train(tmp_path / "first", tiny_data, "--set", "train.max_steps=1")  # the data is prepared now
     assert ok.returncode == 0, ok.stderr
     have = json.loads((_prepared(tiny_data) / "meta.json").read_text())["splits"]["train"]["num_tokens"]
-    steps = have // (4 * 64) + 10
+    batch = ["--set", "train.micro_batch_size=32"]  # few steps to a second pass: 2048 tokens a step
+    steps = have // (32 * 64) + 2
     run = tmp_path / "again"
-    proc = _train(run, tiny_data, "--set", f"train.max_steps={steps}", "--set", "data.max_epochs=1")
+    proc = _train(run, tiny_data, *batch, "--set", f"train.max_steps={steps}", "--set", "data.max_epochs=1")
     assert_user_error(proc, "data.max_epochs", "passes", "lower train.max_steps")
     assert not run.exists()  # refused before the run dir got anything
-    proc = _train(run, tiny_data, "--set", f"train.max_steps={steps}", "--set", "data.max_epochs=2",
+    proc = _train(run, tiny_data, *batch, "--set", f"train.max_steps={steps}", "--set", "data.max_epochs=2",
                   "--set", "checkpoint.every=0")
     assert proc.returncode == 0, proc.stderr
     assert "Tokens planned vs available" in proc.stdout
