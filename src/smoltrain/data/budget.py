@@ -81,9 +81,10 @@ def _bytes_per_token(files: list[Path], text_key: str, tokenizer) -> tuple[float
 
 
 def _estimate_local(cfg: Config, ds: DatasetConfig, sources: list[str], tokenizer) -> Available:
-    from smoltrain.data.sources import resolve_sources
+    from smoltrain.data.sources import _files_under, resolve_sources
 
-    files = [Path(s.spec) for s in resolve_sources(sources)]
+    paths = [Path(s.spec) for s in resolve_sources(sources)]
+    files = [f for p in paths for f in (_files_under(p) if p.is_dir() else [p])]
     sizes = [_text_bytes(f, cfg.data.text_key) for f in files]
     text = sum(s for s, _ in sizes)
     docs = sum(d for _, d in sizes) if all(d is not None for _, d in sizes) else None

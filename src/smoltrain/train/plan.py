@@ -55,7 +55,11 @@ def gpu_names(name: str | None) -> list[str]:
 
 
 def _gib(n: float) -> str:
-    return f"{n / GIB:.2f} GiB"
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2**20:.1f} MiB"
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
 
 
 def model_lines(cfg: Config) -> list[str]:
@@ -80,7 +84,7 @@ def batch_lines(cfg: Config, gpus: int) -> list[str]:
     flops = total * flops_per_token(cfg.model, t.seq_len)
     return [f"Tokens: {t.micro_batch_size} x {t.seq_len} x accum {t.grad_accum_steps} x {gpus} GPU"
             f"{'s' if gpus > 1 else ''} = {per_step:,} per step; {t.max_steps:,} steps = {total:,} tokens "
-            f"({total / 1e9:.2f}B), {flops:.3e} training FLOPs"]
+            f"({_count(total)}), {flops:.3e} training FLOPs"]
 
 
 def data_lines(cfg: Config, gpus: int) -> list[str]:
@@ -189,9 +193,12 @@ def memory_lines(plan: Plan) -> list[str]:
     return out
 
 
+MAX_MICRO = 4096  # the search stops here: larger micro batches are printed as "4096+"
+
+
 def largest_micro_batch(m: StepMemory, strategy: str, gpus: int, gpu_bytes: int) -> int:
     best = 0
-    for b in range(1, 4097):
+    for b in range(1, MAX_MICRO + 1):
         if not fits(per_gpu(m.at(b), strategy, gpus)["peak"], gpu_bytes):
             break
         best = b
@@ -224,8 +231,9 @@ def gpu_lines(plan: Plan, names: list[str]) -> list[str]:
             advice = f"use micro {micro} x accum {accum}"
         else:
             advice = "does not fit even at micro batch 1"
-        out.append(f"  {name:<10} {mem / GIB:6.1f} GiB: largest micro batch {sizes[0]} (checkpointing off) / "
-                   f"{sizes[1]} (on); {advice}; {'fits' if micro_fits else 'the recipe micro batch does NOT fit'}; "
+        shown = [f"{n}+" if n == MAX_MICRO else str(n) for n in sizes]
+        out.append(f"  {name:<10} {mem / GIB:6.1f} GiB: largest micro batch {shown[0]} (checkpointing off) / "
+                   f"{shown[1]} (on); {advice}; {'fits' if micro_fits else 'the recipe micro batch does NOT fit'}; "
                    f"{hours:,.1f} h, {hours * plan.gpus:,.1f} GPU-hours")
     plan.fits_somewhere = fit_any
     return out
