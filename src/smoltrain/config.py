@@ -207,6 +207,27 @@ class Config:
         return Path(self.run.data_dir) if self.run.data_dir else Path(self.run.dir) / "data"
 
 
+def get_dotted(tree: dict, dotted: str, default: Any = None) -> Any:
+    """tree["optim"]["lr"] for "optim.lr"; `default` when a key is missing or a section is not a mapping."""
+    node: Any = tree
+    for k in dotted.split("."):
+        if not isinstance(node, dict) or k not in node:
+            return default
+        node = node[k]
+    return node
+
+
+def flatten_dotted(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 1}} -> {"optim.lr": 1}; lists (datasets, stages) stay whole values."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten_dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree

@@ -34,9 +34,6 @@ def next_line_cli(a: argparse.Namespace) -> int:
     """`smoltrain tasks next-line --data DIR --out FILE`."""
     from smoltrain.eval.nextline import make_next_line_task
 
-    for name in ("items", "context_lines"):
-        if getattr(a, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(a, name)}).")
     if Path(a.out).exists() and not a.force:
         raise UserError(f"{a.out} exists; pass --force to replace it.")
     out = make_next_line_task(a.data, a.out, a.items, a.seed, a.context_lines)

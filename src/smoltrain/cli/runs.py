@@ -66,8 +66,6 @@ def _eval_tasks(a: argparse.Namespace) -> int:
     from smoltrain.device import pick_device
     from smoltrain.eval.tasks import evaluate_tasks, format_table, parse_task_specs
 
-    if a.limit is not None and a.limit < 1:
-        raise UserError(f"--limit must be at least 1 (got {a.limit}).")
     rows = evaluate_tasks(a.models, parse_task_specs(a.tasks), a.limit, pick_device(a.device))
     if a.json:
         _print_json(rows)
@@ -115,12 +113,6 @@ def report_cli(a: argparse.Namespace) -> int:
     from smoltrain.app.report import make_report
     from smoltrain.eval.tasks import parse_task_specs
 
-    if a.max_new_tokens is not None and a.max_new_tokens < 1:
-        raise UserError("--max-new-tokens must be at least 1.")
-    if a.max_batches < 1:
-        raise UserError("--max-batches must be at least 1.")
-    if a.tasks_limit is not None and a.tasks_limit < 1:
-        raise UserError("--tasks-limit must be at least 1.")
     tasks = parse_task_specs(a.tasks) if a.tasks else ()
     page = make_report(a.run, a.out, a.prompts, a.reference or [], a.data, a.max_new_tokens, a.device,
                        a.max_batches, tasks=tasks, tasks_limit=a.tasks_limit)

@@ -38,7 +38,6 @@ from smoltrain.data.tokenizer import (
     NoText,
     Tokenizer,
     check_vocab_size,
-    legacy_tokenizer_record,
     load_tokenizer,
     train_bpe,
 )
@@ -145,19 +144,8 @@ def _existing(out: Path, recipe: dict, force: bool, sources: list[Source]) -> di
             return meta
         raise UserError(f"{out} already holds data prepared with a different {', '.join(differs)}; pass --force "
                         "to rebuild it, or choose another --out.")
-    check_target(out, "prepare", force, legacy=legacy_record(out))
+    check_target(out, "prepare", force)
     return None
-
-
-def legacy_record(out: Path) -> dict | None:
-    """What a prepare output from before storage markers holds: meta.json, its shards, tokenizer/."""
-    try:
-        meta = load_meta(out)
-        files = ["meta.json"] + [s["file"] for split in meta["splits"].values() for s in split["shards"]]
-    except (UserError, KeyError, TypeError, AttributeError):
-        return None
-    files += [str(p.relative_to(out)) for p in (out / "tokenizer").rglob("*") if p.is_file()]
-    return {"command": "prepare", "files": dict.fromkeys(files, {})}
 
 
 def prepare(sources: Iterable[str | Path], tokenizer: str | Path | Tokenizer, out: str | Path, *,
@@ -192,7 +180,7 @@ def prepare(sources: Iterable[str | Path], tokenizer: str | Path | Tokenizer, ou
     dtype = dtype_for_vocab(max(max(tok.backend.get_vocab().values()), eot))
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out.parent, out.name)
-    with publish(out, "prepare", hashed=False, replace=force, legacy=legacy_record(out)) as staging:
+    with publish(out, "prepare", hashed=False, replace=force) as staging:
         docs = iter_named_documents(srcs, text_key, max_documents, opened)
         holdout = Holdout(globs, val_fraction)
         val_names = []
@@ -321,8 +309,7 @@ def train_tokenizer(sources, vocab_size: int, out_dir: str | Path, *, text_key: 
     check_vocab_size(vocab_size, extra_special_tokens)
     out = Path(out_dir).expanduser()
     srcs = resolve_sources(sources)
-    legacy = legacy_tokenizer_record(out)
-    check_target(out, "tokenizer", force, inputs=[s.spec for s in srcs if s.kind != "hf"], legacy=legacy)
+    check_target(out, "tokenizer", force, inputs=[s.spec for s in srcs if s.kind != "hf"])
     try:
         return train_bpe(iter_documents(srcs, text_key, max_documents), vocab_size, out, min_frequency=min_frequency,
                          extra_special_tokens=extra_special_tokens, show_progress=show_progress, force=force)

@@ -253,9 +253,9 @@ def make_plan(cfg: Config, gpus: int, gpu: str | None) -> list[str]:
     names = gpu_names(gpu)
     if gpus < 1:
         raise UserError(f"--gpus must be at least 1, got {gpus}.")
-    from smoltrain.train.setup import apply_global_batch
+    from smoltrain.train.setup import with_global_batch
 
-    apply_global_batch(cfg.train, gpus)  # train.global_batch_size fixes sequences per step on any GPU count
+    cfg = with_global_batch(cfg, gpus)  # train.global_batch_size fixes sequences per step on any GPU count
     plan = Plan(cfg, gpus, strategy_for(cfg, gpus))
     plan.memory = measure(cfg)
     lines = model_lines(cfg) + batch_lines(cfg, gpus) + data_lines(cfg, gpus) + memory_lines(plan)
