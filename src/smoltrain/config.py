@@ -47,6 +47,7 @@ class DatasetConfig:
     val_documents: list[str] = field(default_factory=list)  # globs of source-relative names to hold out
     # default data.val_fraction; 1.0: evaluation only (never trained on)
     val_fraction: float | None = checked(None, interval(0, 1, high_open=False))
+    max_tokens: int | None = checked(None, positive)  # prepare stops reading past this many tokens (of both splits)
 
     def eval_only(self, default_fraction: float) -> bool:
         return not self.val_documents and self.held_out_fraction(default_fraction) == 1.0
@@ -73,6 +74,10 @@ class DataConfig:
     val_fraction: float = checked(0.01, interval(0, 1))  # held-out documents per dataset
     text_key: str = "text"
     max_documents: int | None = checked(None, positive)
+    # tokens to prepare in all, shared by the trained datasets by weight (a dataset's own max_tokens wins)
+    max_tokens: int | None = checked(None, positive)
+    # passes over each dataset's training split a run may make; train refuses a recipe that needs more
+    max_epochs: float = checked(1.0, positive)
     streaming: bool = False  # tokenize and pack on the fly from the sources, no prepare step
     # streaming: worker processes per dataset that tokenize ahead of the step (0: in the training process)
     num_workers: int = checked(1, nonneg("in the training process"))

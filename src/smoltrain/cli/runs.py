@@ -23,6 +23,18 @@ def train_cli(a: argparse.Namespace) -> int:
         distributed.teardown()
 
 
+def plan_cli(a: argparse.Namespace) -> int:
+    """`smoltrain plan --config YAML [--set ...] [--gpus N] [--gpu NAME]`: the recipe's costs, offline."""
+    from smoltrain.config import load_config
+    from smoltrain.train.plan import make_plan
+
+    cfg = load_config(a.config, a.set)
+    print(f"Plan for {a.config or 'the default config'} (offline: nothing is downloaded, prepared or trained)")
+    for line in make_plan(cfg, a.gpus, a.gpu):
+        print(line)
+    return 0
+
+
 def eval_cli(a: argparse.Namespace) -> int:
     """`smoltrain eval MODEL ... --data DIR` (loss, bits per byte) or `--tasks T[,T]` (accuracy)."""
     if (a.data is None) == (not a.tasks):
@@ -68,6 +80,14 @@ def add_train_commands(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value by dotted path, e.g. --set train.max_steps=100 (repeatable)")
     p.set_defaults(func=train_cli)
+
+    p = sub.add_parser("plan", help="what a recipe costs before a GPU is rented: tokens, passes, memory, time")
+    p.add_argument("--config", default=None, help="YAML recipe (configs/*.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--gpus", type=POSITIVE, default=1, help="GPUs the run uses (default: 1)")
+    p.add_argument("--gpu", default=None, help="one GPU kind (L4, A10G, A100-40GB, A100-80GB, H100, H200; "
+                                               "default: all)")
+    p.set_defaults(func=plan_cli)
 
     p = sub.add_parser("eval", help="bits per byte on a prepared split, or accuracy on multiple-choice tasks")
     p.add_argument("models", nargs="+", help="checkpoint, run directory or HF model directory (several: a table)")

@@ -200,6 +200,8 @@ class PackedLoader:
         parts = []
         while n > 0:
             take = min(n, total - pos)
+            if pos == 0 and epoch > 0 and self.rank == 0:
+                self._say_new_pass(k, epoch)
             parts.append(self._perm(k, epoch)[pos:pos + take])
             n = n - take
             pos = pos + take
@@ -207,6 +209,11 @@ class PackedLoader:
                 epoch = epoch + 1
                 pos = 0
         return (np.concatenate(parts) if parts else np.zeros(0, np.int64)), (epoch, pos)
+
+    def _say_new_pass(self, k: int, epoch: int) -> None:
+        src = self.sources[k]
+        print(f"Data: starting pass {epoch + 1} over {src.name} (all {src.num_tokens:,} tokens of its {self.split} "
+              f"split were read {epoch} time{'s' if epoch > 1 else ''})", flush=True)
 
     def _make_plan(self) -> tuple[np.ndarray, np.ndarray, list]:
         """(source of each global row, window of each global row, cursors after this step)."""

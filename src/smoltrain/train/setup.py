@@ -34,6 +34,81 @@ def check_inputs(cfg: Config) -> None:
         raise UserError("The config names inputs that are not there: " + "; ".join(missing) + ".")
 
 
+def check_data_budget(cfg: Config, world_size: int, verbose: bool = False) -> None:
+    """Refuse a run that would read a prepared dataset more than data.max_epochs times (before the run dir is
+    touched when the data was prepared earlier; right after prepare otherwise); print planned vs available."""
+    from smoltrain.data.budget import available, budget_line, check_passes
+
+    if cfg.data.streaming:
+        return
+    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size
+    trained = [d for d in cfg.data.datasets if not d.eval_only(cfg.data.val_fraction)]
+    avail = {d.name: available(cfg, d) for d in trained}
+    check_passes(cfg, global_batch, avail)
+    if verbose and all(a.exact for a in avail.values()):
+        print(budget_line(cfg, global_batch, avail), flush=True)
+
+
+def cpu_fallback(cfg: Config, device: torch.device, is_main: bool) -> Config:
+    """A GPU recipe on a CPU: bf16 becomes fp32 and torch.compile goes off (said once; a new Config, the one the
+    run saves), and a step whose memory (the plan's figure, train.memory) exceeds this machine's available
+    memory is refused up front."""
+    if device.type != "cpu":
+        return cfg
+    changes = {}
+    if cfg.train.dtype == "bf16":
+        changes["bf16 -> fp32 (CPU bf16 matmuls are many times slower than fp32)"] = ("dtype", "fp32")
+    if cfg.train.compile:
+        changes["torch.compile off (minutes of compiling for little gain on a CPU)"] = ("compile", False)
+    if changes:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **dict(changes.values())))
+        if is_main:
+            print("This recipe asks for GPU settings but runs on a CPU: " + "; ".join(changes) + ".", flush=True)
+    if changes or num_params(cfg) * 16 > 2**30:  # a small CPU model needs no check
+        check_cpu_memory(cfg)
+    return cfg
+
+
+def num_params(cfg: Config) -> int:
+    import torch
+
+    from smoltrain.model.llama import SmolLM2
+
+    with torch.device("meta"):
+        return SmolLM2(cfg.model).num_params()
+
+
+def available_memory() -> int | None:
+    """Bytes this machine can still give (MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_cpu_memory(cfg: Config) -> None:
+    import torch
+
+    from smoltrain.model.loss import auto_chunk
+    from smoltrain.train.memory import GIB, measure_step
+
+    t = cfg.train
+    free = available_memory()
+    if free is None:
+        return
+    rows = t.micro_batch_size * t.seq_len
+    chunk = auto_chunk(rows, cfg.model.vocab_size, torch.device("cpu")) if t.loss_chunk == "auto" else t.loss_chunk
+    peak = measure_step(cfg.model, cfg.optim, t.micro_batch_size, t.seq_len, amp=False,
+                        activation_checkpointing=t.activation_checkpointing, loss_chunk=chunk).peak
+    if peak > free:
+        raise UserError(f"One training step of this recipe needs about {peak / GIB:.1f} GiB on this CPU (fp32, micro "
+                        f"batch {t.micro_batch_size} x {t.seq_len}: the plan's figure, smoltrain plan) but the machine "
+                        f"has {free / GIB:.1f} GiB available. Lower train.micro_batch_size (raise grad_accum_steps "
+                        "to keep tokens per step) or train.seq_len, turn on train.activation_checkpointing, or run "
+                        "it on a GPU.")
+
+
 def with_global_batch(cfg: Config, world_size: int) -> Config:
     """train.global_batch_size fixes the batch across world sizes: accumulation makes up the rest.
 
@@ -71,6 +146,7 @@ def setup_data(cfg: Config, dist: DistEnv, layout: LocalLayout) -> tuple[Tokeniz
                         f"{cfg.model.vocab_size}; raise model.vocab_size or use a smaller tokenizer.")
     t = cfg.train
     trained = {d.name: d.weight for d in cfg.data.datasets if not d.eval_only(cfg.data.val_fraction)}
+    check_data_budget(cfg, dist.world_size, verbose=dist.is_main)  # every dataset is prepared now: exact
     stages = cfg.to_dict()["data"]["stages"]  # plain dicts, as the loader takes them
     loader = PackedLoader({n: paths[n] for n in trained}, split="train", weights=trained,
                           stages=stages or None, batch_size=t.micro_batch_size, seq_len=t.seq_len, seed=t.seed,
