@@ -202,6 +202,26 @@ class Config:
         return Path(self.run.data_dir) if self.run.data_dir else Path(self.run.dir) / "data"
 
 
+MAX_CONFIG_CHARS = 1 << 20  # a recipe is a few KiB; this bounds what parsing it can cost
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader without aliases: a 1 KB "billion laughs" file expands them without bound, and a recipe
+    has no need for them (--set and presets are how values are shared)."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001, ANN201 (PyYAML's signature)
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.YAMLError(f"YAML aliases (*{event.anchor}) are not accepted in a smoltrain config "
+                                 f"({event.start_mark}); write the value out")
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load without aliases (bounded: the result is no larger than the text)."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
@@ -219,7 +239,7 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
             raise UserError(f"--set expects KEY=VALUE (e.g. train.max_steps=100), got {pair!r}")
         key, raw = pair.split("=", 1)
         try:
-            out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+            out.append((key.strip(), load_yaml(raw) if raw.strip() else ""))
         except yaml.YAMLError:
             out.append((key.strip(), raw))
     return out
@@ -256,8 +276,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise UserError(f"Cannot read config file {path}: {e.strerror}.") from None
         except UnicodeDecodeError as e:
             raise UserError(f"Config file {path} is not UTF-8 text ({e.reason} at byte {e.start}).") from None
+        if len(text) > MAX_CONFIG_CHARS:
+            raise UserError(f"Config file {path} is {len(text):,} characters; a recipe is a few KiB (the limit is "
+                            f"{MAX_CONFIG_CHARS:,}). Is it the right file?")
         try:
-            tree = yaml.safe_load(text) or {}
+            tree = load_yaml(text) or {}
         except yaml.YAMLError as e:
             raise UserError(f"Malformed YAML in {path}: {str(e).replace(chr(10), ' ')}") from None
         if not isinstance(tree, dict):
@@ -302,7 +325,35 @@ def validate(cfg: Config) -> list[str]:
             p.append(f"eval.tasks {spec!r} names no dataset (datasets: {', '.join(names) or 'none'})")
     if cfg.checkpoint.remote:
         p += check_remote_url(cfg.checkpoint.remote)
+        p += _remote_overlaps(cfg)
+    if not str(cfg.run.dir).strip():
+        p.append("run.dir is empty (it would train into the current directory); name a run directory")
+    if any(not isinstance(q, str) or not q.strip() for q in cfg.eval.prompts):
+        p.append("eval.prompts holds an empty prompt (sampling needs some text to continue)")
     return p
+
+
+def _remote_overlaps(cfg: Config) -> list[str]:
+    """A file:// store may not lie in or around the run dir, the data dir or any input: its uploads and
+    retention delete what they find there (a store at the run dir deleted each new checkpoint's manifest)."""
+    scheme, _, rest = cfg.checkpoint.remote.partition("://")
+    if scheme not in ("file", "local"):
+        return []
+    store = Path(rest).expanduser().resolve()
+    places = [("run.dir", cfg.run.dir), ("run.data_dir", str(cfg.data_dir)), ("train.init_from", cfg.train.init_from),
+              ("train.resume_from", cfg.train.resume_from), ("data.tokenizer", cfg.data.tokenizer)]
+    for ds in cfg.data.datasets:
+        places += [(f"data.datasets[{ds.name}].path", ds.path)]
+        places += [(f"data.datasets[{ds.name}].sources", src) for src in ds.sources]
+    places += [("eval.tasks", t) for t in cfg.eval.tasks]
+    for key, value in places:
+        if not value or not isinstance(value, str) or ":" in value.split("/", 1)[0]:  # hf:, assets:, URLs
+            continue
+        where = Path(value).expanduser().resolve()
+        if where == store or store in where.parents or where in store.parents:
+            return [f"checkpoint.remote {cfg.checkpoint.remote} overlaps {key} {value}: the store's uploads and "
+                    "retention delete files there; give the store a directory of its own"]
+    return []
 
 
 def _stage_problems(stages: list[StageConfig], names: list[str]) -> list[str]:

@@ -25,7 +25,7 @@ import shutil
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from smoltrain.errors import TrainingError, UserError
 
@@ -80,6 +80,34 @@ def _files(directory: Path, skip: str) -> list[Path]:
     return sorted(p for p in Path(directory).rglob("*") if p.is_file() and p.name != skip)
 
 
+class Escape(UserError):
+    """A name read from a file points outside its directory: hostile or damaged, never skipped quietly."""
+
+
+def contained(root: str | Path, name: object, what: str = "entry") -> Path:
+    """`root / name` for a name read from a file (a manifest, a store listing, meta.json), refused unless it
+    stays inside `root`: no absolute path, no `..`, no symlink on the way that leads out. Whoever writes such
+    a file chooses the names, and a sha256 check does not help (they write the sums too)."""
+    text = name if isinstance(name, str) else ""
+    parts = PurePosixPath(text.replace("\\", "/")).parts
+    if not text or "\0" in text or Path(text).is_absolute() or ".." in parts:
+        raise Escape(f"{what} {shown(name)} in {root} is not a plain relative name inside that directory; "
+                        "refusing to read or write it (a file naming paths outside its own directory is hostile "
+                        "or damaged). Nothing was written.")
+    target = Path(root) / text
+    base = Path(root).resolve()
+    if not _inside(target.resolve(), base):
+        raise Escape(f"{what} {shown(name)} in {root} leads outside that directory (through a symlink); "
+                        "refusing to read or write it. Nothing was written.")
+    return target
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """A value from a file, for an error message: its repr cut to `limit` characters (never unbounded)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...(cut)"
+
+
 def write_manifest(directory: Path, command: str, info: dict | None = None, hashed: bool = True) -> None:
     """The record of what `command` wrote into `directory`, written last (with sha256 when `hashed`)."""
     directory = Path(directory)
@@ -104,9 +132,12 @@ def matches_record(path: Path, rec: dict) -> bool:
 
 def read_manifest(directory: Path) -> dict:
     try:
-        return json.loads((Path(directory) / MANIFEST).read_text())
+        doc = json.loads((Path(directory) / MANIFEST).read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"Checkpoint {directory} has a missing or unreadable {MANIFEST} ({e}).") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"Checkpoint {directory} has a {MANIFEST} that is not a JSON object.")
+    return doc
 
 
 def verify_manifest(directory: Path) -> dict:
@@ -116,7 +147,9 @@ def verify_manifest(directory: Path) -> dict:
     if not isinstance(files, dict):
         raise UserError(f"Checkpoint {directory} has a {MANIFEST} without a file list.")
     for name, rec in files.items():
-        path = Path(directory) / name
+        path = contained(directory, name, f"{MANIFEST} entry")
+        if not isinstance(rec, dict):
+            raise UserError(f"Checkpoint {directory} has a {MANIFEST} whose entry for {shown(name)} is not a record.")
         if not path.is_file():
             raise UserError(f"Checkpoint {directory} is incomplete: {name} is missing.")
         if not matches_record(path, rec):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from smoltrain import domain
 from smoltrain.cli.args import POSITIVE, out_dir, out_file, ranged
@@ -36,9 +35,7 @@ def next_line_cli(a: argparse.Namespace) -> int:
     for name in ("items", "context_lines"):
         if getattr(a, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(a, name)}).")
-    if Path(a.out).exists() and not a.force:
-        raise UserError(f"{a.out} exists; pass --force to replace it.")
-    out = make_next_line_task(a.data, a.out, a.items, a.seed, a.context_lines)
+    out = make_next_line_task(a.data, a.out, a.items, a.seed, a.context_lines, force=a.force)
     n = sum(1 for _ in open(out, encoding="utf-8"))
     print(f"Wrote {n} next-line items from the held-out documents of {a.data} -> {out}")
     return 0

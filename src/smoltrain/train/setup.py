@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from smoltrain import distributed as dist_io
 from smoltrain.data.recipe import missing_inputs
 from smoltrain.errors import UserError
+from smoltrain.storage import shown
 
 if TYPE_CHECKING:
     import torch
@@ -30,6 +31,20 @@ def check_inputs(cfg: Config) -> None:
     missing = missing_inputs(cfg)
     if missing:
         raise UserError("The config names inputs that are not there: " + "; ".join(missing) + ".")
+    from smoltrain.eval.configured import check_eval_tasks
+
+    check_eval_tasks(cfg)
+
+
+def check_prompts(cfg: Config, tokenizer: Tokenizer) -> None:
+    """eval.prompts are sampled at the end of the run: each must encode to something that leaves room in
+    the model's context for at least one new token. Checked before step 1, never after training."""
+    limit = cfg.model.max_position_embeddings
+    for prompt in cfg.eval.prompts:
+        n = len(tokenizer.encode(prompt))
+        if n == 0 or n >= limit:
+            raise UserError(f"eval.prompts {shown(prompt, 60)} is {n} tokens; a prompt must be 1 to {limit - 1} tokens "
+                            f"(model.max_position_embeddings {limit}). Nothing was trained.")
 
 
 def apply_global_batch(train: TrainConfig, world_size: int) -> None:

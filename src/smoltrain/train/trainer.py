@@ -33,7 +33,7 @@ from smoltrain.model.llama import IGNORE_INDEX
 from smoltrain.train.inloop import InLoopEval, in_loop_tasks
 from smoltrain.train.optim import build_optimizer, lr_at, rewarm_factor, set_lr
 from smoltrain.train.runlog import RunLog
-from smoltrain.train.setup import apply_global_batch, check_inputs, initial_model, setup_data
+from smoltrain.train.setup import apply_global_batch, check_inputs, check_prompts, initial_model, setup_data
 from smoltrain.train.steplog import StepLog, summary, write_run_files
 
 
@@ -68,6 +68,7 @@ class Trainer:
         self.mirror = dist_io.all_or_none(lambda: RunMirror.from_config(cfg) if self.dist.is_main else None)
         self.node_remote = dist_io.all_or_none(lambda: node_remote(cfg, self.dist, self.mirror))  # stores checked now
         self.tokenizer, self.loader, self.val_paths = setup_data(cfg, self.dist)
+        check_prompts(cfg, self.tokenizer)  # the end of the run samples them: refuse a bad one now
         ckpt = self._find_resume()
         self._setup_model(ckpt)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
@@ -211,16 +212,19 @@ class Trainer:
                             "last good checkpoint is kept. Lower optim.lr or check the data.")
 
     def _maybe_eval_sample_save(self) -> None:
-        """The periodic work, in this order: held-out eval, tasks, samples, save."""
+        """The periodic work, in this order: held-out eval, tasks, samples, save; at the end the save comes
+        first, so nothing that fails in the final evaluation or sampling can cost the run its weights."""
         cfg = self.cfg
         step = self.step
         done = step == cfg.train.max_steps
+        if done:
+            self.save()
         if done or (cfg.eval.every and step % cfg.eval.every == 0):
             self.evaluator.evaluate(step)
             self.evaluator.evaluate_tasks(step)
         if cfg.eval.prompts and (done or (cfg.eval.sample_every and step % cfg.eval.sample_every == 0)):
             self.evaluator.samples(step)
-        if done or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+        if not done and cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             self.save()
 
     def save(self) -> Path | None:
