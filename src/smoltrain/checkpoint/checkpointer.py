@@ -64,6 +64,7 @@ class Checkpointer:
         its state (train_state holds the loop counters for the trainer)."""
         state = ckpt_io.load_train_state(ckpt)
         load_optimizer(ckpt, self.model, self.optimizer)
+        ckpt_io.check_finite(ckpt, self.optimizer)
         if self.scaler is not None and state["extra"].get("scaler"):
             self.scaler.load_state_dict(state["extra"]["scaler"])
         self.loader.load_state_dict(self._rank_loader_state(state["train_state"]["loader"]))

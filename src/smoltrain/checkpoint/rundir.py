@@ -86,6 +86,28 @@ class RunLock:
         return self._finalizer is not None and self._finalizer.alive
 
 
+def check_run_dir(run_dir: Path, recipe: str | Path | None = None) -> None:
+    """Refuse (exit 2) a run.dir that exists and is not a smoltrain run dir but holds files: train writes
+    config.yaml, env.json and metrics.jsonl there and would overwrite or rewind a user's files of those names.
+    A run dir is recognised by what every train leaves in it (its lock file, config history, checkpoints);
+    the recipe itself (--config RUN/config.yaml) does not count: it is never rewritten."""
+    path = Path(run_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"run.dir {path} is a file, not a directory; choose another run.dir.")
+    if not path.is_dir() or any((path / m).exists() for m in (LOCK_NAME, HISTORY_NAME, "checkpoints")):
+        return
+    skip = Path(recipe).expanduser().resolve() if recipe else None
+    try:
+        foreign = sorted(p.name for p in path.iterdir() if p.resolve() != skip)
+    except OSError as e:
+        raise UserError(f"run.dir {path} cannot be read ({e.strerror}); fix its permissions or choose another.") from None
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UserError(f"run.dir {path} exists and holds files smoltrain did not write ({shown}); train never "
+                        "writes into such a directory (it would overwrite or rewind files named config.yaml, "
+                        "env.json, metrics.jsonl). Choose a new or empty run.dir, or move those files away.")
+
+
 def sees_lock(run_dir: Path, token: str) -> bool:
     """True when this process reads the lock record rank 0 just wrote (the run dir is shared with it)."""
     try:
@@ -134,7 +156,7 @@ def record_segment(run_dir: Path, start_step: int, config: dict, changes: list[s
     tmp.replace(path)
 
 
-def own_run_dir(run_dir: Path, dist: DistEnv, separate_ok: bool) -> RunLock | None:
+def own_run_dir(run_dir: Path, dist: DistEnv, separate_ok: bool, recipe: str | Path | None = None) -> RunLock | None:
     """Rank 0 locks the run dir before anything in it is read or cleaned; every rank checks it sees it.
 
     A rank on a node that does not (no shared filesystem) is refused, unless `separate_ok`
@@ -143,6 +165,7 @@ def own_run_dir(run_dir: Path, dist: DistEnv, separate_ok: bool) -> RunLock | No
     rank is raised on every rank.
     """
     lock = RunLock(run_dir)
+    dist_io.on_main(lambda: check_run_dir(run_dir, recipe))
     token = dist_io.on_main(lambda: lock.acquire().token)
     if dist.world_size == 1:
         return lock

@@ -40,8 +40,9 @@ from smoltrain.train.steplog import StepLog, summary, write_run_files
 class Trainer:
     """One training run in one run dir: setup (here and in trainsetup), the loop, and the stop glue."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, recipe: str | Path | None = None):
         self.cfg = cfg
+        self.recipe = recipe  # the --config file: never rewritten, even when it is RUN/config.yaml
         self.device = pick_device(cfg.train.device)
         self.dist = dist_io.setup(cfg.parallel.strategy, self.device.type)
         if self.device.type == "cuda" and self.dist.enabled:
@@ -56,7 +57,7 @@ class Trainer:
         self.resume_changes: list[str] = []
         self.rewarm_from = None  # the step this run was last extended from (optim.rewarmup_steps ramps from it)
         self.stop = StopRequest()
-        self.lock = own_run_dir(self.run_dir, self.dist, separate_ok=bool(cfg.checkpoint.remote))
+        self.lock = own_run_dir(self.run_dir, self.dist, separate_ok=bool(cfg.checkpoint.remote), recipe=recipe)
         try:
             self._setup(cfg)
         except BaseException:
@@ -67,9 +68,9 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.mirror = dist_io.all_or_none(lambda: RunMirror.from_config(cfg) if self.dist.is_main else None)
         self.node_remote = dist_io.all_or_none(lambda: node_remote(cfg, self.dist, self.mirror))  # stores checked now
+        ckpt = self._find_resume()  # before data: a checkpoint that cannot be resumed is refused before any work
         self.tokenizer, self.loader, self.val_paths = setup_data(cfg, self.dist)
         check_prompts(cfg, self.tokenizer)  # the end of the run samples them: refuse a bad one now
-        ckpt = self._find_resume()
         self._setup_model(ckpt)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, self.dist, self.device,
@@ -246,7 +247,7 @@ class Trainer:
                               cfg.log.trackio_project)
             self.evaluator.log = self.log
             write_run_files(self.run_dir, cfg, self.device, self.dist.world_size, self.step, self.resume_changes,
-                            self.raw_model.num_params())
+                            self.raw_model.num_params(), self.recipe)
             self.checkpointer.check_disk()
             if self.mirror is not None:
                 self.mirror.run_started(self.run_dir)
