@@ -317,8 +317,14 @@ def validate(cfg: Config) -> list[str]:
             p.append(f"dataset {d.name!r}: val_documents needs sources (a prepared path is already split)")
         if any(not g for g in d.val_documents):
             p.append(f"dataset {d.name!r}: val_documents holds an empty glob")
-    if cfg.data.datasets and all(d.eval_only(cfg.data.val_fraction) for d in cfg.data.datasets):
+    trained = [d for d in cfg.data.datasets if not d.eval_only(cfg.data.val_fraction)]
+    if cfg.data.datasets and not trained:
         p.append("every dataset is evaluation-only (val_fraction 1.0): at least one must be trained on")
+    elif trained and not 0 < _total([d.weight for d in trained]) < math.inf:
+        p.append("the trained datasets' weights must sum to a positive finite number (all 0, or too large)")
+    if cfg.data.train_tokenizer_vocab_size > cfg.model.vocab_size:
+        p.append(f"data.train_tokenizer_vocab_size ({cfg.data.train_tokenizer_vocab_size}) exceeds model.vocab_size "
+                 f"({cfg.model.vocab_size}): token ids would index past the embedding")
     p += _stage_problems(cfg.data.stages, names)
     for spec in cfg.eval.tasks:
         if spec.startswith("next-line:") and spec.split(":", 1)[1] not in names:
@@ -370,9 +376,16 @@ def _stage_problems(stages: list[StageConfig], names: list[str]) -> list[str]:
         bad = {k: w for k, w in st.weights.items() if not is_number(w) or not math.isfinite(w) or w < 0}
         if bad:
             p.append(f"{where}.weights must be finite numbers >= 0 (got {bad})")
+        elif st.weights and not 0 < _total(list(st.weights.values())) < math.inf:
+            p.append(f"{where}.weights must sum to a positive finite number (all 0, or too large)")
         if i and st.start_step <= stages[i - 1].start_step:
             p.append(f"{where}.start_step ({st.start_step}) must be greater than the previous stage's")
     return p
+
+
+def _total(weights: list) -> float:
+    """Sum of the valid weights (the others are reported on their own); inf when it overflows."""
+    return sum(float(w) for w in weights if is_number(w) and math.isfinite(w) and w >= 0)
 
 
 def check_remote_url(url: str) -> list[str]:

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -271,12 +273,37 @@ def private_name(kind: str, final: Path) -> Path:
     return final.parent / f".{kind}-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+STAGING_LOCK = ".smoltrain-staging.lock"  # flocked by the writer while a staging dir is being filled
+LOCKLESS_GRACE_S = 3600  # a staging dir without its lock file is left alone this long after its last change
+_held: dict[Path, int] = {}  # staging dir -> the fd of its held lock
+
+
 def make_staging(final: Path) -> Path:
+    """A private staging dir beside `final`, locked (flock) by this process until commit or drop_staging:
+    a cleaner in another PID namespace (a container sharing the disk) cannot see our PID, but it sees the lock."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = private_name("staging", final)
     staging.mkdir()
+    fd = os.open(staging / STAGING_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    _held[staging] = fd
     return staging
+
+
+def _unlock(staging: Path, unlink: bool) -> None:
+    fd = _held.pop(Path(staging), None)
+    if unlink:
+        with contextlib.suppress(OSError):
+            os.unlink(Path(staging) / STAGING_LOCK)
+    if fd is not None:
+        os.close(fd)
+
+
+def drop_staging(staging: Path) -> None:
+    """Remove a staging dir this process made (a failed or abandoned write), releasing its lock last."""
+    shutil.rmtree(staging, ignore_errors=True)
+    _unlock(staging, unlink=False)
 
 
 def commit(staging: Path, final: Path, command: str, info: dict | None = None, hashed: bool = True,
@@ -289,12 +316,14 @@ def commit(staging: Path, final: Path, command: str, info: dict | None = None, h
     """
     staging = Path(staging)
     final = Path(final)
+    with contextlib.suppress(OSError):  # not one of the output's files; the fd keeps the lock until the rename
+        os.unlink(staging / STAGING_LOCK)
     write_manifest(staging, command, info, hashed)
     fsync_tree(staging)
     old = None
     if final.exists():
         if keep_existing:
-            shutil.rmtree(staging, ignore_errors=True)
+            drop_staging(staging)
             return final
         if final.is_dir() and not any(final.iterdir()):
             final.rmdir()
@@ -305,6 +334,7 @@ def commit(staging: Path, final: Path, command: str, info: dict | None = None, h
             old = private_name("old", final)
             os.replace(final, old)
     os.replace(staging, final)
+    _unlock(staging, unlink=False)
     fsync_path(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
@@ -324,7 +354,7 @@ def publish(final: str | Path, command: str, info: dict | None = None, hashed: b
         yield staging
         commit(staging, final, command, info, hashed, replace, keep_existing, legacy)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        drop_staging(staging)
 
 
 def pid_alive(pid: int) -> bool:
@@ -337,9 +367,34 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def staging_dead(p: Path, pid: int) -> bool:
+    """A private dir's writer is provably gone: its staging lock can be taken (the kernel drops an flock when
+    its holder dies, whatever PID namespace it ran in). A dir without a lock file (one being committed, or
+    from an older smoltrain) counts as dead only when its PID is gone here too and it has not changed for
+    LOCKLESS_GRACE_S: a PID lookup alone cannot see a writer in another container sharing the disk."""
+    try:
+        fd = os.open(p / STAGING_LOCK, os.O_RDWR)
+    except FileNotFoundError:
+        try:
+            idle = time.time() - p.stat().st_mtime
+            empty = not any(p.iterdir())  # a writer killed between mkdir and its lock: nothing to lose
+        except OSError:
+            return False
+        return (empty or idle > LOCKLESS_GRACE_S) and not pid_alive(pid)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def clean_stale(parent: Path, name: str | None = None) -> list[Path]:
-    """Remove `.staging-`/`.old-`/`.deleting-` dirs in `parent` (for `name` only, if given) whose process
-    is gone. Anything else, and the private dirs of live processes, is left alone."""
+    """Remove `.staging-`/`.old-`/`.deleting-` dirs in `parent` (for `name` only, if given) whose writer is
+    provably gone (staging_dead). Anything else, and the private dirs of live writers, is left alone."""
     removed = []
     parent = Path(parent)
     if not parent.is_dir():
@@ -348,10 +403,10 @@ def clean_stale(parent: Path, name: str | None = None) -> list[Path]:
         m = PRIVATE.match(p.name)
         if m is None or not p.is_dir() or (name is not None and m["name"] != name):
             continue
-        pid = int(m["pid"])
-        if pid != os.getpid() and not pid_alive(pid):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
+        if p in _held or not staging_dead(p, int(m["pid"])):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
     return removed
 
 

@@ -10,7 +10,6 @@ trainer's: it passes them in and reads them back.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -111,7 +110,7 @@ class Checkpointer:
                                   own / OPTIMIZER_DIR if own else None)
             uploaded = self._gather_parts(step, part, staging)
             if own is not None:
-                shutil.rmtree(own, ignore_errors=True)
+                storage.drop_staging(own)
             if main:
                 state = {"step": step, "tokens_seen": tokens_seen, "global_batch": self.global_batch,
                          "world_size": self.dist.world_size, "loader": loader_state,

@@ -19,7 +19,6 @@ import json
 import os
 import posixpath
 import re
-import shutil
 import sys
 import threading
 import time
@@ -210,7 +209,7 @@ class Remote:
 
     def _download(self, step: int, run_dir: Path) -> Path:
         final = storage.step_dir(run_dir, step)
-        staging = storage.private_name("staging", final)  # private to this process (debris rules)
+        staging = storage.make_staging(final)  # private to this process and locked (debris rules)
         src = self._path("checkpoints", final.name)
         try:
             raw = self.fs.cat_file(posixpath.join(src, storage.MANIFEST))
@@ -221,6 +220,7 @@ class Remote:
             (staging / storage.MANIFEST).write_bytes(raw)
             storage.verify_manifest(staging)
             storage.fsync_tree(staging)  # durable before it is named a checkpoint, as storage.commit does
+            os.unlink(staging / storage.STAGING_LOCK)  # not a checkpoint file; our fd holds the lock to the end
             os.replace(staging, final)
             storage.fsync_path(final.parent)
         except storage.Escape:
@@ -228,7 +228,7 @@ class Remote:
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"download failed ({_explain(e)})") from None
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            storage.drop_staging(staging)
         return final
 
     @staticmethod

@@ -89,7 +89,7 @@ def discard_on_error(staging: Path | None) -> Iterator[None]:
         yield
     except BaseException:
         if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+            storage.drop_staging(staging)
         raise
 
 
