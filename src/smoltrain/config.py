@@ -205,6 +205,10 @@ class Config:
 MAX_CONFIG_CHARS = 1 << 20  # a recipe is a few KiB; this bounds what parsing it can cost
 
 
+class AliasError(yaml.YAMLError):
+    """A YAML alias: refused (never read as a plain string, as other unparsable --set values are)."""
+
+
 class _NoAliasLoader(yaml.SafeLoader):
     """SafeLoader without aliases: a 1 KB "billion laughs" file expands them without bound, and a recipe
     has no need for them (--set and presets are how values are shared)."""
@@ -212,7 +216,7 @@ class _NoAliasLoader(yaml.SafeLoader):
     def compose_node(self, parent, index):  # noqa: ANN001, ANN201 (PyYAML's signature)
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
-            raise yaml.YAMLError(f"YAML aliases (*{event.anchor}) are not accepted in a smoltrain config "
+            raise AliasError(f"YAML aliases (*{event.anchor}) are not accepted in a smoltrain config "
                                  f"({event.start_mark}); write the value out")
         return super().compose_node(parent, index)
 
@@ -240,6 +244,8 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
         key, raw = pair.split("=", 1)
         try:
             out.append((key.strip(), load_yaml(raw) if raw.strip() else ""))
+        except AliasError as e:
+            raise UserError(f"--set {key.strip()}: {e}.") from None
         except yaml.YAMLError:
             out.append((key.strip(), raw))
     return out
