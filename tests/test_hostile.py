@@ -467,3 +467,53 @@ def test_publish_holds_the_staging_lock_and_leaves_no_lock_file(tmp_path):
         assert storage.clean_stale(tmp_path) == []  # our own, locked
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [storage.MARKER, "a.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+# --- 7. reading a run that is still training ------------------------------------------------------------
+
+def test_loading_a_live_run_retries_when_retention_deletes_the_checkpoint(tmp_path, tiny_ckpt, monkeypatch):
+    """export/eval/generate RUN while it trains: retention may delete the newest checkpoint between
+    resolving and reading it; the run's newest one is then read instead of failing on a missing file."""
+    from smoltrain.hf import interop
+
+    run = tmp_path / "run"
+    for step in (2, 4):
+        shutil.copytree(tiny_ckpt, storage.step_dir(run, step))
+    real = interop.read_hf_config
+    calls = []
+
+    def racing(directory):
+        calls.append(directory.name)
+        step = storage.step_of(directory)
+        if step in (4, 8):  # the trainer saves the next step and retention deletes this one under the reader
+            shutil.copytree(tiny_ckpt, storage.step_dir(run, step + 2))
+            storage.remove_dir(directory)
+        return real(directory)
+
+    monkeypatch.setattr(interop, "read_hf_config", racing)
+    _, tok, used = interop.load_model(run)
+    assert calls == ["step_00000004", "step_00000006"] and used == storage.step_dir(run, 6) and tok is not None
+    out = tmp_path / "export"
+    shutil.copytree(tiny_ckpt, storage.step_dir(run, 8))
+    assert interop.export_hf(run, out) == out and (out / "model.safetensors").exists()
+    assert calls[2:] == ["step_00000008", "step_00000010"]
+    assert "step_00000010" in json.loads((out / storage.MARKER if (out / storage.MARKER).exists()
+                                          else out / storage.MANIFEST).read_text())["source"]
+
+
+# --- 7. refusals that used to come after a tokenizer was trained or data prepared -------------------------
+
+def test_init_from_of_another_shape_is_refused_before_data(tmp_path, tiny_data, tiny_ckpt):
+    run = tmp_path / "run"
+    data_before = tree(Path(data_dir_of(tiny_data)))
+    refused(tmp_path, *train_args(run, tiny_data, f"train.init_from={tiny_ckpt}", "model.hidden_size=128"),
+            needles=("another shape",))
+    assert tree(Path(data_dir_of(tiny_data))) == data_before
+
+
+def test_changed_max_documents_is_refused_before_a_tokenizer_is_trained(tmp_path, tiny_data, trained):
+    data = Path(data_dir_of(tiny_data))
+    before = tree(data)
+    refused(tmp_path, *train_args(tmp_path / "run", tiny_data, "data.max_documents=5",
+                                  "data.train_tokenizer_vocab_size=300"), needles=("max_documents", "None there"))
+    assert tree(data) == before  # no tokenizer-bpe300-* directory

@@ -43,6 +43,30 @@ def missing_inputs(cfg: Config) -> list[str]:
     return problems
 
 
+def stale_datasets(cfg: Config) -> list[str]:
+    """Prepared datasets whose recorded recipe differs from the config in a setting that does not depend on
+    the tokenizer (max_documents, text_key, held-out choice): prepare would refuse them, so refuse now,
+    before a tokenizer is trained for nothing."""
+    problems = []
+    for ds in cfg.data.datasets:
+        path = dataset_path(cfg, ds.name, ds.path)
+        try:
+            recipe = json.loads((path / "meta.json").read_text()).get("recipe")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if not ds.sources or not isinstance(recipe, dict):
+            continue
+        want = {"text_key": cfg.data.text_key, "val_fraction": ds.held_out_fraction(cfg.data.val_fraction),
+                "max_documents": cfg.data.max_documents}
+        if ds.val_documents:
+            want["val_documents"] = list(ds.val_documents)
+        differs = [f"{k} ({recipe.get(k)!r} there, {v!r} now)" for k, v in want.items() if recipe.get(k) != v]
+        if differs:
+            problems.append(f"dataset {ds.name!r}: {path} holds data prepared with another " + ", ".join(differs)
+                            + "; set it back, or move that directory away to prepare it again")
+    return problems
+
+
 def dataset_path(cfg: Config, name: str, path: str) -> Path:
     return Path(path) if path else cfg.data_dir / name
 

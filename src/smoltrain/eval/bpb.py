@@ -151,13 +151,13 @@ def _hf_forward(path: Path, device: torch.device):
 def load_forward(path: str, device: torch.device) -> tuple[object, Tokenizer, str]:
     """(forward(x, y) -> per-token NLL or logits, tokenizer, resolved directory) of a checkpoint or HF dir."""
     from smoltrain.data.tokenizer import load_tokenizer
-    from smoltrain.hf.interop import load_resolved, resolve_checkpoint
+    from smoltrain.hf.interop import load_retrying, resolve_checkpoint
 
     directory = resolve_checkpoint(path)
     model_type = hf_config(directory).get("model_type")
     if model_type != "llama":  # any other causal LM: let transformers run it
         return _hf_forward(directory, device), load_tokenizer(directory), str(directory)
-    model, tok, _ = load_resolved(directory, device=device)
+    model, tok, directory = load_retrying(path, directory, device=device)
     return (lambda x, y: model(x, labels=y, loss_chunk="auto", reduction="none")), tok, str(directory)
 
 

@@ -362,11 +362,11 @@ def load_scorer(path: str, device: torch.device) -> tuple[Scorer, Tokenizer, str
     """A Scorer for a checkpoint, run directory or HF directory (any causal LM transformers loads)."""
     from smoltrain.data.tokenizer import load_tokenizer
     from smoltrain.eval.bpb import hf_config
-    from smoltrain.hf.interop import load_resolved, resolve_checkpoint
+    from smoltrain.hf.interop import load_retrying, resolve_checkpoint
 
     directory = resolve_checkpoint(path)
     if hf_config(directory).get("model_type") == "llama":
-        model, tok, _ = load_resolved(directory, device=device)
+        model, tok, directory = load_retrying(path, directory, device=device)
         return Scorer(model.eval(), device, model.config.max_position_embeddings), tok, str(directory)
     from transformers import AutoModelForCausalLM
 

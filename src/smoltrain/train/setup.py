@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from smoltrain import distributed as dist_io
-from smoltrain.data.recipe import missing_inputs
+from smoltrain.data.recipe import missing_inputs, stale_datasets
 from smoltrain.errors import UserError
 from smoltrain.storage import shown
 
@@ -31,9 +31,26 @@ def check_inputs(cfg: Config) -> None:
     missing = missing_inputs(cfg)
     if missing:
         raise UserError("The config names inputs that are not there: " + "; ".join(missing) + ".")
+    stale = stale_datasets(cfg)
+    if stale:
+        raise UserError("The config does not match data already prepared: " + "; ".join(stale) + ".")
     from smoltrain.eval.configured import check_eval_tasks
 
     check_eval_tasks(cfg)
+    check_init_from(cfg)
+
+
+def check_init_from(cfg: Config) -> None:
+    """train.init_from must have the config's model shape: read from its config.json now, before any work."""
+    from smoltrain.hf.interop import read_hf_config, resolve_checkpoint
+
+    src = cfg.train.init_from
+    if not src or "://" in src or not Path(src).expanduser().is_dir():
+        return
+    shape = read_hf_config(resolve_checkpoint(src))
+    if shape != cfg.model:
+        raise UserError(f"train.init_from {src} has another shape than the config's model section; set model to "
+                        f"match it: {shape}")
 
 
 def check_prompts(cfg: Config, tokenizer: Tokenizer) -> None:
