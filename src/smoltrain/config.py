@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -299,6 +300,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 def validate(cfg: Config) -> list[str]:
     """Every field's domain (declared with `checked` on the dataclasses), then cross-field checks."""
     p = cfg.model.validate()
+    p += _fits_in_memory(cfg.model) if not p else []
     for section in dataclasses.fields(cfg):
         if section.name != "model":
             p += domain_problems(getattr(cfg, section.name), section.name)
@@ -387,6 +389,22 @@ def _stage_problems(stages: list[StageConfig], names: list[str]) -> list[str]:
         if i and st.start_step <= stages[i - 1].start_step:
             p.append(f"{where}.start_step ({st.start_step}) must be greater than the previous stage's")
     return p
+
+
+def _fits_in_memory(m: ModelConfig) -> list[str]:
+    """A shape whose fp32 weights alone exceed this machine's memory cannot even be built: say so now
+    rather than let the allocation fail (a traceback) after the data was prepared."""
+    kv = m.num_key_value_heads * m.head_dim
+    layer = 2 * m.hidden_size * m.hidden_size + 2 * m.hidden_size * kv + 3 * m.hidden_size * m.intermediate_size
+    params = m.vocab_size * m.hidden_size * (1 if m.tie_word_embeddings else 2) + m.num_hidden_layers * layer
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return []
+    if params * 4 <= memory:
+        return []
+    return [f"model sizes give {params:,} parameters ({params * 4 / 2**30:,.1f} GiB in fp32), more than this "
+            f"machine's {memory / 2**30:,.1f} GiB of memory"]
 
 
 def _total(weights: list) -> float:

@@ -221,7 +221,18 @@ def _iter_parquet(path: Path, text_key: str) -> Iterator[str]:
 
 
 def iter_file(path: Path, text_key: str = "text") -> Iterator[str]:
-    """Documents of one local file."""
+    """Documents of one local file; a file that cannot be read (permissions, a corrupt gzip or parquet) is
+    a user error naming it, never a traceback from the library that tripped on it."""
+    try:
+        yield from _iter_file(path, text_key)
+    except UserError:
+        raise
+    except Exception as e:  # OSError, EOFError, zlib.error, pyarrow's ArrowException: all about this file
+        raise UserError(f"Source file {path} cannot be read ({type(e).__name__}: {str(e)[:200]}); fix it or leave it "
+                        "out of the source.") from None
+
+
+def _iter_file(path: Path, text_key: str) -> Iterator[str]:
     kind = file_kind(path)
     if kind == ".txt":
         yield _decode(path.read_bytes(), str(path))

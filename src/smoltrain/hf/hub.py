@@ -34,6 +34,7 @@ def check_token(repo_id: str) -> None:
 def push_folder(folder: Path, repo_id: str, revision: str | None = None, private: bool = False,
                 message: str = "Upload from smoltrain") -> str:
     """Create the repo (and branch) if needed, then upload `folder` as one commit; returns the commit URL."""
+    import httpx
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -44,7 +45,7 @@ def push_folder(folder: Path, repo_id: str, revision: str | None = None, private
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision, repo_type="model",
                                  commit_message=message, ignore_patterns=["manifest.json"])
-    except (HfHubHTTPError, OSError) as e:
+    except (HfHubHTTPError, OSError, httpx.HTTPError) as e:  # httpx: no network, DNS, timeouts
         raise UserError(f"Pushing to {repo_id} on {api.endpoint} failed: {_first_line(e)}") from None
     return str(info.commit_url)
 
@@ -77,6 +78,7 @@ def retain_branches(repo_id: str, keep_last: int, pushed: str) -> list[str]:
     """
     if keep_last <= 0:
         return []
+    import httpx
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 

@@ -31,6 +31,10 @@ def check_inputs(cfg: Config) -> None:
     missing = missing_inputs(cfg)
     if missing:
         raise UserError("The config names inputs that are not there: " + "; ".join(missing) + ".")
+    blocked = [f"{key} {p} ({q} is a file)" for key, p in _output_dirs(cfg)
+               for q in (p, *p.parents) if q.exists() and not q.is_dir()][:1]
+    if blocked:
+        raise UserError(f"A directory the run writes is blocked by a file: {blocked[0]}; choose another path.")
     stale = stale_datasets(cfg)
     if stale:
         raise UserError("The config does not match data already prepared: " + "; ".join(stale) + ".")
@@ -38,6 +42,13 @@ def check_inputs(cfg: Config) -> None:
 
     check_eval_tasks(cfg)
     check_init_from(cfg)
+
+
+def _output_dirs(cfg: Config) -> list[tuple[str, Path]]:
+    """The directories a run creates: run.dir, run.data_dir and the datasets it prepares."""
+    dirs = [("run.dir", Path(cfg.run.dir).expanduser()), ("run.data_dir", cfg.data_dir.expanduser())]
+    return dirs + [(f"data.datasets[{d.name}].path", Path(d.path).expanduser()) for d in cfg.data.datasets
+                   if d.path and d.sources]
 
 
 def check_init_from(cfg: Config) -> None:
