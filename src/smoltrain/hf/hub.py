@@ -89,7 +89,7 @@ def retain_branches(repo_id: str, keep_last: int, pushed: str) -> list[str]:
         for name in stale_branches([b.name for b in refs.branches], keep_last, pushed):
             api.delete_branch(repo_id, branch=name, repo_type="model")
             deleted.append(name)
-    except (HfHubHTTPError, OSError) as e:
+    except (HfHubHTTPError, OSError, httpx.HTTPError) as e:
         done = f" after deleting {', '.join(deleted)}" if deleted else ""
         where = f"{repo_id} on {api.endpoint}"
         raise UserError(f"deleting old branches of {where} failed{done}: {_first_line(e)}") from None
