@@ -517,3 +517,64 @@ def test_changed_max_documents_is_refused_before_a_tokenizer_is_trained(tmp_path
     refused(tmp_path, *train_args(tmp_path / "run", tiny_data, "data.max_documents=5",
                                   "data.train_tokenizer_vocab_size=300"), needles=("max_documents", "None there"))
     assert tree(data) == before  # no tokenizer-bpe300-* directory
+
+
+# --- 7. traceback families: each one paragraph, exit 2 ---------------------------------------------------
+
+@pytest.mark.parametrize("name,content", [
+    ("bad.jsonl.gz", b"\x1f\x8b\x08\x00 this is not really gzip"),
+    ("trunc.jsonl.gz", None),
+    ("bad.parquet", b"PAR1 garbage, not a parquet footer"),
+])
+def test_corrupt_compressed_or_columnar_sources_are_refused(tmp_path, name, content):
+    import gzip
+
+    (tmp_path / "src").mkdir()
+    if content is None:  # a gzip cut in half
+        content = gzip.compress(b"".join(json.dumps({"text": SAMPLE_TEXT}).encode() + b"\n" for _ in range(50)))
+        content = content[: len(content) // 2]
+    (tmp_path / "src" / name).write_bytes(content)
+    refused(tmp_path, "tokenizer", "train", "--source", tmp_path / "src", "--vocab-size", "300",
+            "--out", tmp_path / "tok", needles=(name,))
+
+
+def test_data_dir_blocked_by_a_file_and_a_model_too_big_to_build_are_refused(tmp_path, tiny_data):
+    (tmp_path / "afile").write_text("x")
+    sets = [x for pair in zip(tiny_data[::2], tiny_data[1::2]) if not pair[1].startswith("run.data_dir=") for x in pair]
+    refused(tmp_path, *train_args(tmp_path / "run", sets, f"run.data_dir={tmp_path / 'afile' / 'data'}"),
+            needles=("blocked by a file", "afile"))
+    refused(tmp_path, *train_args(tmp_path / "run", tiny_data, "model.hidden_size=1048576",
+                                  "model.intermediate_size=4194304"), needles=("more than this machine",))
+
+
+def test_binary_prompt_file_is_refused(tmp_path, ckpt):
+    (tmp_path / "prompts.bin").write_bytes(bytes(range(256)) * 4)
+    refused(tmp_path, "generate", ckpt, "--prompt-file", tmp_path / "prompts.bin", needles=("not UTF-8",))
+
+
+def test_push_to_hub_without_network_is_refused(tmp_path, ckpt):
+    env = {**os.environ, "HF_TOKEN": "hf_fake", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"}
+    proc = subprocess.run([sys.executable, "-m", "smoltrain", "export", str(ckpt), "--push-to-hub", "me/model"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert_user_error(proc, "me/model")
+
+
+def test_torn_env_json_does_not_break_the_report(tmp_path, trained):
+    from smoltrain.app.report import open_run
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    (run / "env.json").write_text('{"torch": "2.')  # killed mid-write by an older smoltrain
+    assert open_run(run).env == {}
+    assert json.loads((trained / "env.json").read_text())  # what train writes now is whole (atomic)
+
+
+def test_held_out_glob_matching_every_file_is_refused_before_any_work(tmp_path, tiny_data):
+    (tmp_path / "corpus").mkdir()
+    for i in range(3):
+        (tmp_path / "corpus" / f"d{i}.txt").write_text(SAMPLE_TEXT)
+    data_before = tree(Path(data_dir_of(tiny_data)))
+    refused(tmp_path, *train_args(tmp_path / "run", tiny_data,
+                                  f"data.datasets=[{{name: a, sources: ['{tmp_path}/corpus'], val_documents: ['d*']}}]"),
+            needles=("match every file",))
+    assert tree(Path(data_dir_of(tiny_data))) == data_before

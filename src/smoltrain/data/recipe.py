@@ -43,6 +43,20 @@ def missing_inputs(cfg: Config) -> list[str]:
     return problems
 
 
+def all_held_out(cfg: Config) -> list[str]:
+    """Trained datasets whose val_documents globs match every file of their (local) sources: the train split
+    would be empty, which used to be found only after the tokenizer and the data were made."""
+    from smoltrain.data.sources import resolve_sources
+
+    found = []
+    for ds in cfg.data.datasets:
+        local = all(not s.startswith(("hf:", "assets:")) and "://" not in s for s in ds.sources)
+        if ds.val_documents and ds.sources and local and _holdout(cfg, ds).holds_out_every_file(resolve_sources(ds.sources)):
+            found.append(f"dataset {ds.name!r}: val_documents {', '.join(ds.val_documents)} match every file of its "
+                         "sources, so nothing is left to train on; narrow the globs")
+    return found
+
+
 def stale_datasets(cfg: Config) -> list[str]:
     """Prepared datasets whose recorded recipe differs from the config in a setting that does not depend on
     the tokenizer (max_documents, text_key, held-out choice): prepare would refuse them, so refuse now,

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from smoltrain import distributed as dist_io
-from smoltrain.data.recipe import missing_inputs, stale_datasets
+from smoltrain.data.recipe import all_held_out, missing_inputs, stale_datasets
 from smoltrain.errors import UserError
 from smoltrain.storage import shown
 
@@ -35,9 +35,9 @@ def check_inputs(cfg: Config) -> None:
                for q in (p, *p.parents) if q.exists() and not q.is_dir()][:1]
     if blocked:
         raise UserError(f"A directory the run writes is blocked by a file: {blocked[0]}; choose another path.")
-    stale = stale_datasets(cfg)
+    stale = all_held_out(cfg) + stale_datasets(cfg)
     if stale:
-        raise UserError("The config does not match data already prepared: " + "; ".join(stale) + ".")
+        raise UserError("The config's data cannot be used: " + "; ".join(stale) + ".")
     from smoltrain.eval.configured import check_eval_tasks
 
     check_eval_tasks(cfg)
