@@ -144,7 +144,7 @@ class Checkpointer:
         def fetch() -> str | None:
             try:
                 for name, rec in records:
-                    self.remote.get_part(step, name, staging / name, rec)
+                    self.remote.get_part(step, name, storage.contained(staging, name, "node part"), rec)
             except Exception as e:  # every store raises its own classes
                 return f"rank 0 could not fetch the other nodes' parts of step {step} from {self.remote.url} ({e})"
             return None
