@@ -345,6 +345,8 @@ class RunMirror:
             raise UserError(f"checkpoint.remote {self.remote.url}: uploading {ckpt} failed: {_explain(e)}.") from None
 
     def run_started(self, run_dir: Path) -> None:
+        """Queue an upload of the run's log files (at the start, and after the final evaluation and samples,
+        which come after the final checkpoint's upload took its snapshot of them)."""
         if self.remote is not None:
             self.uploads.submit("the upload of the run's log files", lambda: self.remote.upload_logs(run_dir))
 

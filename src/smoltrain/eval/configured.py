@@ -42,7 +42,7 @@ def load_eval_tasks(cfg: Config, paths: dict[str, Path] | None, verbose: bool = 
             name = spec.split(":", 1)[1]
             if paths is None:
                 raise UserError(f"eval.tasks {spec!r} needs a prepared dataset (data.streaming is on).")
-            spec = str(make_next_line_task(paths[name], next_line_task_path(cfg, name)))
+            spec = str(make_next_line_task(paths[name], next_line_task_path(cfg, name), legacy_ok=True))
             if verbose:
                 print(f"Built the next-line task from the held-out split of {name!r} -> {spec}")
         specs.append(spec)

@@ -90,16 +90,19 @@ def write_task(items: list[dict], out: str | Path) -> Path:
     return out
 
 
-def written_by_us(path: Path) -> bool:
-    """Every line of the file is a next-line item this command wrote (its origin says so)."""
+def written_by_us(path: Path, legacy_ok: bool = False) -> bool:
+    """Every line of the file is a next-line item this command wrote (its origin says so); with `legacy_ok`
+    (the trainer's own data_dir/tasks/) also items written before they carried an origin."""
     try:
         lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError, ValueError):
         return False
-    return bool(lines) and all(isinstance(x, dict) and x.get("origin") == ORIGIN for x in lines)
+    legacy = {"context", "choices", "label"}
+    return bool(lines) and all(isinstance(x, dict) and (x.get("origin") == ORIGIN or legacy_ok and set(x) == legacy)
+                               for x in lines)
 
 
-def check_task_out(out: str | Path, data: str | Path, force: bool) -> None:
+def check_task_out(out: str | Path, data: str | Path, force: bool, legacy_ok: bool = False) -> None:
     """Before any work: `out` is not the prepared data or inside it, and an existing file there is replaced
     only when it is an earlier next-line task (never a user's file, even with --force)."""
     out = Path(out).expanduser()
@@ -109,7 +112,7 @@ def check_task_out(out: str | Path, data: str | Path, force: bool) -> None:
                         "there would add a file to it. Choose another --out.")
     if not out.exists():
         return
-    if not written_by_us(out):
+    if not written_by_us(out, legacy_ok):
         raise UserError(f"--out {out} exists and is not a next-line task smoltrain wrote; it is never replaced, "
                         "even with --force. Choose another --out, or move that file away yourself.")
     if not force:
@@ -118,6 +121,6 @@ def check_task_out(out: str | Path, data: str | Path, force: bool) -> None:
 
 
 def make_next_line_task(data: str | Path, out: str | Path, num_items: int = 500, seed: int = 0,
-                        context_lines: int = 4, force: bool = True) -> Path:
-    check_task_out(out, data, force)
+                        context_lines: int = 4, force: bool = True, legacy_ok: bool = False) -> Path:
+    check_task_out(out, data, force, legacy_ok)
     return write_task(build_items(held_out_documents(data), num_items, context_lines, seed=seed), out)

@@ -225,6 +225,8 @@ class Trainer:
             self.evaluator.evaluate_tasks(step)
         if cfg.eval.prompts and (done or (cfg.eval.sample_every and step % cfg.eval.sample_every == 0)):
             self.evaluator.samples(step)
+        if done and self.mirror is not None:
+            self.mirror.run_started(self.run_dir)  # the final records reach the store too
         if not done and cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             self.save()
 
