@@ -98,7 +98,7 @@ def check_run_dir(run_dir: Path, recipe: str | Path | None = None) -> None:
         return
     skip = Path(recipe).expanduser().resolve() if recipe else None
     try:
-        foreign = sorted(p.name for p in path.iterdir() if p.resolve() != skip)
+        foreign = sorted(p.name for p in path.iterdir() if p.resolve() != skip and not _smoltrain_output(p))
     except OSError as e:
         raise UserError(f"run.dir {path} cannot be read ({e.strerror}); fix its permissions or choose another.") from None
     if foreign:
@@ -106,6 +106,13 @@ def check_run_dir(run_dir: Path, recipe: str | Path | None = None) -> None:
         raise UserError(f"run.dir {path} exists and holds files smoltrain did not write ({shown}); train never "
                         "writes into such a directory (it would overwrite or rewind files named config.yaml, "
                         "env.json, metrics.jsonl). Choose a new or empty run.dir, or move those files away.")
+
+
+def _smoltrain_output(p: Path) -> bool:
+    """A directory another smoltrain command published (e.g. `prepare --out RUN/data` before training)."""
+    from smoltrain.storage import output_record
+
+    return p.is_dir() and output_record(p) is not None
 
 
 def sees_lock(run_dir: Path, token: str) -> bool:
