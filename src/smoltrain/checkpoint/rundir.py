@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from smoltrain import distributed as dist_io
 from smoltrain.errors import UserError
+from smoltrain.storage import output_record
 
 if TYPE_CHECKING:
     from smoltrain.distributed import DistEnv
@@ -110,8 +111,6 @@ def check_run_dir(run_dir: Path, recipe: str | Path | None = None) -> None:
 
 def _smoltrain_output(p: Path) -> bool:
     """A directory another smoltrain command published (e.g. `prepare --out RUN/data` before training)."""
-    from smoltrain.storage import output_record
-
     return p.is_dir() and output_record(p) is not None
 
 
