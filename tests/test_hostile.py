@@ -578,3 +578,18 @@ def test_held_out_glob_matching_every_file_is_refused_before_any_work(tmp_path, 
                                   f"data.datasets=[{{name: a, sources: ['{tmp_path}/corpus'], val_documents: ['d*']}}]"),
             needles=("match every file",))
     assert tree(Path(data_dir_of(tiny_data))) == data_before
+
+
+def test_run_dir_may_hold_smoltrain_outputs_and_the_recipe_but_nothing_foreign(tmp_path):
+    from smoltrain.checkpoint.rundir import check_run_dir
+
+    run = tmp_path / "run"
+    with storage.publish(run / "data", "prepare", hashed=False) as d:
+        (d / "meta.json").write_text("{}")
+    (run / "config.yaml").write_text("train: {max_steps: 2}\n")
+    check_run_dir(run, recipe=run / "config.yaml")  # prepare --out RUN/data, then --config RUN/config.yaml
+    with pytest.raises(UserError, match="config.yaml"):
+        check_run_dir(run)  # the same file when it is not the recipe: a user's file train would overwrite
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="notes.txt"):
+        check_run_dir(run, recipe=run / "config.yaml")
