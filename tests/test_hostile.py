@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from smoltrain import storage
+from smoltrain.checkpoint.discovery import step_dir, step_of
 from smoltrain.errors import UserError
 
 from .conftest import DEBUG_TINY, SAMPLE_TEXT, assert_user_error, run_cli, s3
@@ -354,7 +355,7 @@ def test_final_checkpoint_is_saved_before_final_sampling(tmp_path, tiny_data, mo
                                    "checkpoint.every=0"])
     with pytest.raises(RuntimeError, match="sampling failed"):
         Trainer(cfg).train()
-    assert storage.verify_manifest(storage.step_dir(tmp_path / "run", 3))  # the run's weights are kept
+    assert storage.verify_manifest(step_dir(tmp_path / "run", 3))  # the run's weights are kept
 
 
 @pytest.fixture(scope="module")
@@ -369,7 +370,7 @@ def trained(tmp_path_factory, tiny_data) -> Path:
 
 def _tamper(run: Path, step: int, edit) -> None:
     """Edit a checkpoint's file and rewrite its manifest (a consistent manifest proves nothing)."""
-    ckpt = storage.step_dir(run, step)
+    ckpt = step_dir(run, step)
     edit(ckpt)
     files = {str(p.relative_to(ckpt)): storage.file_record(p) for p in sorted(ckpt.rglob("*"))
              if p.is_file() and p.name != storage.MANIFEST}
@@ -478,23 +479,23 @@ def test_loading_a_live_run_retries_when_retention_deletes_the_checkpoint(tmp_pa
 
     run = tmp_path / "run"
     for step in (2, 4):
-        shutil.copytree(tiny_ckpt, storage.step_dir(run, step))
+        shutil.copytree(tiny_ckpt, step_dir(run, step))
     real = interop.read_hf_config
     calls = []
 
     def racing(directory):
         calls.append(directory.name)
-        step = storage.step_of(directory)
+        step = step_of(directory)
         if step in (4, 8):  # the trainer saves the next step and retention deletes this one under the reader
-            shutil.copytree(tiny_ckpt, storage.step_dir(run, step + 2))
+            shutil.copytree(tiny_ckpt, step_dir(run, step + 2))
             storage.remove_dir(directory)
         return real(directory)
 
     monkeypatch.setattr(interop, "read_hf_config", racing)
     _, tok, used = interop.load_model(run)
-    assert calls == ["step_00000004", "step_00000006"] and used == storage.step_dir(run, 6) and tok is not None
+    assert calls == ["step_00000004", "step_00000006"] and used == step_dir(run, 6) and tok is not None
     out = tmp_path / "export"
-    shutil.copytree(tiny_ckpt, storage.step_dir(run, 8))
+    shutil.copytree(tiny_ckpt, step_dir(run, 8))
     assert interop.export_hf(run, out) == out and (out / "model.safetensors").exists()
     assert calls[2:] == ["step_00000008", "step_00000010"]
     assert "step_00000010" in json.loads((out / storage.MARKER if (out / storage.MARKER).exists()
