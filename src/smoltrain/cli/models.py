@@ -99,6 +99,9 @@ def _read_prompts(a: argparse.Namespace) -> list[str]:
         lines = open(a.prompt_file, encoding="utf-8").read().splitlines()
     except OSError as e:
         raise UserError(f"Cannot read --prompt-file: {e}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"--prompt-file {a.prompt_file} is not UTF-8 text ({e.reason} at byte {e.start}); is it "
+                        "the right file?") from None
     prompts = [line.replace("\\n", "\n") for line in lines if line.strip()]
     if not prompts:
         raise UserError(f"--prompt-file {a.prompt_file} holds no prompts.")

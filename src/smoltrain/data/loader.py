@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from smoltrain.data.shards import check_vocab, load_meta, read_shard
+from smoltrain.data.shards import check_vocab, load_meta, read_shard, split_shards
 from smoltrain.errors import UserError
 
 __all__ = ["Mixture", "PackedLoader", "check_vocab", "eval_spans", "eval_windows", "ordered_batches"]
@@ -41,7 +41,7 @@ class TokenSource:
         splits = self.meta["splits"]
         if split not in splits:
             raise UserError(f"{self.directory} has no {split!r} split (it has {', '.join(splits)}).")
-        self.shards = [read_shard(self.directory / s["file"]) for s in splits[split]["shards"]]
+        self.shards = [read_shard(p) for p in split_shards(self.directory, self.meta, split)]
         self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
         self.num_tokens = int(self.offsets[-1])
         self.num_windows = max(0, (self.num_tokens - 1) // seq_len)

@@ -150,7 +150,25 @@ def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: s
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                need_tokenizer: bool = True) -> tuple[SmolLM2, Tokenizer | None, Path]:
     """Model (+ tokenizer) from a checkpoint dir, run dir or HF dir; returns the directory used."""
-    return load_resolved(resolve_checkpoint(path), device, dtype, need_tokenizer)
+    return load_retrying(path, resolve_checkpoint(path), device, dtype, need_tokenizer)
+
+
+LOAD_TRIES = 3
+
+
+def load_retrying(path: str | Path, directory: Path, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32, need_tokenizer: bool = True
+                  ) -> tuple[SmolLM2, Tokenizer | None, Path]:
+    """load_resolved(directory); when `path` is a run dir still training, its retention may delete that
+    checkpoint while it is read (export RUN during training): then the newest one is resolved and read again."""
+    for _ in range(LOAD_TRIES - 1):
+        try:
+            return load_resolved(directory, device, dtype, need_tokenizer)
+        except (UserError, OSError):
+            if directory.exists() or directory == Path(path).expanduser():
+                raise
+        directory = resolve_checkpoint(path)  # retention removed it meanwhile: the run's newest one now
+    return load_resolved(directory, device, dtype, need_tokenizer)
 
 
 def load_causal_lm(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, Tokenizer, Path]:
@@ -158,8 +176,7 @@ def load_causal_lm(path: str | Path, device: torch.device) -> tuple[torch.nn.Mod
     ours for Llama (a SmolLM2), transformers' AutoModelForCausalLM for anything else."""
     directory = resolve_checkpoint(path)
     if hf_config(directory).get("model_type") == "llama":
-        model, tok, _ = load_resolved(directory, device=device)
-        return model, tok, directory
+        return load_retrying(path, directory, device=device)
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -351,7 +368,7 @@ def export_hf(ckpt: str | Path, out: str | Path, force: bool = False, card: str 
     src = resolve_checkpoint(ckpt)
     out = Path(out).expanduser()
     check_target(out, "export", force, inputs=[ckpt, src])  # never over the run dir or the checkpoint
-    model, tok, _ = load_resolved(src)  # resolve_checkpoint above verified the manifest
+    model, tok, src = load_retrying(ckpt, src)  # resolve_checkpoint above verified the manifest
     with publish(out, "export", {"kind": "export", "source": str(src)}, replace=force) as d:
         save_model_files(d, model_state(model), model.config, tok)
         write_hf_extras(d, model.config, src, card)

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from smoltrain import distributed as dist_io
-from smoltrain.data.recipe import missing_inputs
+from smoltrain.data.recipe import all_held_out, missing_inputs, stale_datasets
 from smoltrain.errors import UserError
+from smoltrain.storage import shown
 
 if TYPE_CHECKING:
     import torch
@@ -32,6 +33,48 @@ def check_inputs(cfg: Config) -> None:
     missing = missing_inputs(cfg)
     if missing:
         raise UserError("The config names inputs that are not there: " + "; ".join(missing) + ".")
+    blocked = [f"{key} {p} ({q} is a file)" for key, p in _output_dirs(cfg)
+               for q in (p, *p.parents) if q.exists() and not q.is_dir()][:1]
+    if blocked:
+        raise UserError(f"A directory the run writes is blocked by a file: {blocked[0]}; choose another path.")
+    stale = all_held_out(cfg) + stale_datasets(cfg)
+    if stale:
+        raise UserError("The config's data cannot be used: " + "; ".join(stale) + ".")
+    from smoltrain.eval.configured import check_eval_tasks
+
+    check_eval_tasks(cfg)
+    check_init_from(cfg)
+
+
+def _output_dirs(cfg: Config) -> list[tuple[str, Path]]:
+    """The directories a run creates: run.dir, run.data_dir and the datasets it prepares."""
+    dirs = [("run.dir", Path(cfg.run.dir).expanduser()), ("run.data_dir", cfg.data_dir.expanduser())]
+    return dirs + [(f"data.datasets[{d.name}].path", Path(d.path).expanduser()) for d in cfg.data.datasets
+                   if d.path and d.sources]
+
+
+def check_init_from(cfg: Config) -> None:
+    """train.init_from must have the config's model shape: read from its config.json now, before any work."""
+    from smoltrain.hf.interop import read_hf_config, resolve_checkpoint
+
+    src = cfg.train.init_from
+    if not src or "://" in src or not Path(src).expanduser().is_dir():
+        return
+    shape = read_hf_config(resolve_checkpoint(src))
+    if shape != cfg.model:
+        raise UserError(f"train.init_from {src} has another shape than the config's model section; set model to "
+                        f"match it: {shape}")
+
+
+def check_prompts(cfg: Config, tokenizer: Tokenizer) -> None:
+    """eval.prompts are sampled at the end of the run: each must encode to something that leaves room in
+    the model's context for at least one new token. Checked before step 1, never after training."""
+    limit = cfg.model.max_position_embeddings
+    for prompt in cfg.eval.prompts:
+        n = len(tokenizer.encode(prompt))
+        if n == 0 or n >= limit:
+            raise UserError(f"eval.prompts {shown(prompt, 60)} is {n} tokens; a prompt must be 1 to {limit - 1} tokens "
+                            f"(model.max_position_embeddings {limit}). Nothing was trained.")
 
 
 def check_data_budget(cfg: Config, world_size: int, verbose: bool = False) -> None:
