@@ -71,8 +71,7 @@ def test_f32_round_trip_is_exact_and_transformers_agrees(tiny_ckpt, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "tiny.gguf"
-    proc = run_cli("export", tiny_ckpt, "--format", "gguf", "--out", out)
-    assert proc.returncode == 0, proc.stderr
+    assert cli_main(["export", str(tiny_ckpt), "--format", "gguf", "--out", str(out)]) == 0
     assert [p.name for p in tmp_path.iterdir()] == ["tiny.gguf"]  # no staging left behind
     assert run_cli("import", out, "--out", tmp_path / "back").returncode == 0
     ref = read_hf_weights(tiny_ckpt)
