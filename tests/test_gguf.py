@@ -259,7 +259,7 @@ def check_in_llama_cpp(ckpt: Path, tmp_path: Path, prompts: list[str]) -> dict[s
         out = export_gguf(ckpt, tmp_path / f"{ckpt.name}-{dtype}.gguf", dtype)
         same = ckpt if dtype == "f32" else tmp_path / f"back-{ckpt.name}-{dtype}"
         if dtype == "f16":
-            assert run_cli("import", out, "--out", same).returncode == 0
+            assert run_cli("import", out, "--out", same, timeout=1200).returncode == 0
         hits = 0
         for text in prompts:
             ids = tok.encode(text)
@@ -294,13 +294,14 @@ def test_real_smollm2_reexported(smollm2_gguf, tmp_path):
     """The real SmolLM2-135M-Instruct (4-bit GGUF) imported, re-exported as q8_0 and imported again writes
     the original's greedy text; where llama-cpp-python is installed, llama.cpp runs our f32/f16/q8_0."""
     ckpt = tmp_path / "smollm2"
-    assert run_cli("import", smollm2_gguf, "--out", ckpt).returncode == 0
+    assert run_cli("import", smollm2_gguf, "--out", ckpt, timeout=1200).returncode == 0
     q8 = export_gguf(ckpt, tmp_path / "smollm2-q8_0.gguf", "q8_0")
-    assert run_cli("import", q8, "--out", tmp_path / "again").returncode == 0
+    assert run_cli("import", q8, "--out", tmp_path / "again", timeout=1200).returncode == 0
     print(f"SmolLM2-135M q8_0 max weight error (relative to each tensor's max): "
           f"{max_error(q8, read_hf_weights(ckpt)):.2e}")
     for prompt in ["The capital of France is", "def fibonacci(n):\n    "]:
-        texts = [run_cli("generate", c, "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "24").stdout
+        texts = [run_cli("generate", c, "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "24",
+                         timeout=1200).stdout
                  for c in (ckpt, tmp_path / "again")]
         assert texts[0] == texts[1] and len(texts[0]) > len(prompt) + 20
     try:

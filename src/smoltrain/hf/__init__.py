@@ -1,3 +1,4 @@
-"""The Hugging Face formats: HF directories and GGUF files <-> model state (`interop`), the model card,
-and the Hub. Imports the core modules, model and data (the tokenizer); never checkpoints or training.
+"""The Hugging Face formats: HF directories and GGUF files <-> model state (`interop`; the GGUF format
+itself, read and written with llama.cpp's `gguf` package, in `gguf`), the model card, and the Hub.
+Imports the core modules, model and data (the tokenizer); never checkpoints or training.
 """
