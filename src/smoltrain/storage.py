@@ -255,6 +255,50 @@ def check_target(out: str | Path, command: str, force: bool, inputs: Iterable[st
                         f"to replace it, or choose another {flag}.")
 
 
+def check_file_target(out: str | Path, command: str, force: bool, inside: Iterable[str | Path] = (),
+                      ours: Callable[[Path], bool] = lambda p: False, flag: str = "--out") -> None:
+    """check_target for a command whose output is one file (export --format gguf): refuse (exit 2) an `out`
+    that lies inside one of `inside` (the run dir, the checkpoint: a foreign file there breaks their
+    manifests), a directory, or an existing file that `ours` does not recognise as an earlier output of
+    `command` (replaced only with --force)."""
+    out_path = Path(out).expanduser()
+    for d in inside:
+        if _inside(_resolved(out_path), _resolved(d)):
+            raise UserError(f"{flag} {out_path} lies inside {d}, this command's own input; a file written there "
+                            f"would be foreign to it. Choose an {flag} outside it.")
+    if out_path.is_dir():
+        raise UserError(f"{flag} {out_path} is a directory; smoltrain {command} writes one file there. Name the "
+                        "file instead.")
+    if not out_path.exists():
+        return
+    if not ours(out_path):
+        raise UserError(f"{flag} {out_path} already exists and is not an earlier output of smoltrain {command}; it "
+                        f"is never replaced, even with --force. Choose another {flag}, or move it away yourself.")
+    if not force:
+        raise UserError(f"{flag} {out_path} already exists (an earlier output of smoltrain {command}); pass --force "
+                        f"to replace it, or choose another {flag}.")
+
+
+@contextlib.contextmanager
+def staged_file(final: str | Path, replace: bool = False,
+                ours: Callable[[Path], bool] = lambda p: False) -> Iterator[Path]:
+    """publish_file for a file a library writes itself (the GGUF writer): yield a private staging path
+    beside `final`; on success fsync it and rename it onto `final` (the commit point: a file with the final name is always complete). An existing `final` is replaced only with
+    `replace` and while `ours` still recognises it. On any exception the staging file is removed."""
+    final = Path(final).expanduser()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = private_name("staging", final)
+    try:
+        yield staging
+        fsync_path(staging)
+        if final.exists() and not (replace and ours(final)):
+            raise UserError(f"{final} appeared while it was being written, or is no longer ours; it was left alone.")
+        os.replace(staging, final)
+        fsync_path(final.parent)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
 def private_name(kind: str, final: Path) -> Path:
     """`.<kind>-<name>-<pid>-<hex>` beside `final`: no other process ever picks the same name."""
     return final.parent / f".{kind}-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -362,6 +406,14 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def _idle(p: Path) -> float:
+    """Seconds since `p` last changed (0 when it cannot be read: never old enough to remove)."""
+    try:
+        return time.time() - p.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 def staging_dead(p: Path, pid: int) -> bool:
     """A private dir's writer is provably gone: its staging lock can be taken (the kernel drops an flock when
     its holder dies, whatever PID namespace it ran in). A dir without a lock file (one being committed, or
@@ -388,20 +440,26 @@ def staging_dead(p: Path, pid: int) -> bool:
 
 
 def clean_stale(parent: Path, name: str | None = None) -> list[Path]:
-    """Remove `.staging-`/`.old-`/`.deleting-` dirs in `parent` (for `name` only, if given) whose writer is
-    provably gone (staging_dead). Anything else, and the private dirs of live writers, is left alone."""
+    """Remove `.staging-`/`.old-`/`.deleting-` dirs (and single-file staging files) in `parent` (for `name`
+    only, if given) whose writer is provably gone (staging_dead; a staging file: its PID gone and it has not
+    changed for LOCKLESS_GRACE_S). Anything else, and the private dirs of live writers, is left alone."""
     removed = []
     parent = Path(parent)
     if not parent.is_dir():
         return removed
     for p in parent.iterdir():
         m = PRIVATE.match(p.name)
-        if m is None or not p.is_dir() or (name is not None and m["name"] != name):
+        if m is None or (name is not None and m["name"] != name):
             continue
-        if p in _held or not staging_dead(p, int(m["pid"])):
+        pid = int(m["pid"])
+        if p in _held or pid == os.getpid():
             continue
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(p)
+        if p.is_dir() and staging_dead(p, pid):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+        elif p.is_file() and not pid_alive(pid) and _idle(p) > LOCKLESS_GRACE_S:
+            p.unlink(missing_ok=True)
+            removed.append(p)
     return removed
 
 

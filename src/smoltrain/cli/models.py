@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from smoltrain import domain
-from smoltrain.cli.args import DEVICE, POSITIVE, out_dir, ranged
+from smoltrain.cli.args import DEVICE, POSITIVE, out_dir, out_path, ranged
 from smoltrain.errors import UserError
 
 
@@ -30,6 +30,11 @@ def _cmd_import(a: argparse.Namespace) -> int:
 def _cmd_export(a: argparse.Namespace) -> int:
     from smoltrain.hf.interop import export_hf
 
+    if a.format == "gguf":
+        return _export_gguf(a)
+    if a.dtype is not None:
+        raise UserError("--dtype chooses the weights' type of a GGUF export; add --format gguf (an HF export "
+                        "is fp32 safetensors).")
     if a.push_to_hub:
         from smoltrain.hf.hub import check_token, push_folder
 
@@ -52,6 +57,19 @@ def _cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def _export_gguf(a: argparse.Namespace) -> int:
+    """`export CKPT --format gguf --out FILE.gguf [--dtype f32|f16|bf16|q8_0]`: one file for llama.cpp/Ollama."""
+    from smoltrain.hf.interop import export_gguf
+
+    if a.push_to_hub:
+        raise UserError("--push-to-hub uploads HF directories; upload a .gguf with `hf upload REPO FILE.gguf`.")
+    if a.out is None:
+        raise UserError("export --format gguf needs --out FILE.gguf.")
+    out = export_gguf(a.ckpt, a.out, dtype=a.dtype or "f32", force=a.force)
+    print(f"Exported {a.ckpt} -> {out} (GGUF, {a.dtype or 'f32'}: runs in llama.cpp, Ollama, LM Studio)")
+    return 0
+
+
 def add_model_commands(sub) -> None:
     p = sub.add_parser("assets", help="fetch the offline reference assets (SmolLM2-135M-Instruct GGUF, Shakespeare)")
     p.add_argument("--dir", default=None, help="cache directory (default ~/.cache/smoltrain/assets)")
@@ -64,10 +82,15 @@ def add_model_commands(sub) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(func=_cmd_import)
 
-    p = sub.add_parser("export", help="export a checkpoint (or a run's newest) as an HF directory")
+    p = sub.add_parser("export", help="export a checkpoint (or a run's newest) as an HF directory or a GGUF file")
     p.add_argument("ckpt", help="checkpoint directory or run directory")
-    p.add_argument("--out", default=None, type=out_dir, help="HF directory to write (optional with --push-to-hub)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--out", default=None, type=out_path,
+                   help="HF directory to write (optional with --push-to-hub), or with --format gguf the .gguf file")
+    p.add_argument("--format", choices=("hf", "gguf"), default="hf",
+                   help="hf: a transformers directory (default); gguf: one file for llama.cpp, Ollama, LM Studio")
+    p.add_argument("--dtype", choices=("f32", "f16", "bf16", "q8_0"), default=None,
+                   help="with --format gguf: the weights' type (default f32; norms stay f32)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out (only an earlier export)")
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
                    help="upload the export to this Hub model repo (HF_TOKEN, HF_ENDPOINT honoured)")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo as private")
