@@ -50,3 +50,13 @@ def out_file(raw: str) -> str:
         raise argparse.ArgumentTypeError(f"{raw} is a directory, not a file")
     out_dir(str(path.parent))
     return raw
+
+
+def text_extensions(raw: str) -> tuple[str, ...]:
+    """`.md,.py` (or `md py`) -> (".md", ".py"): the files read whole as one document each."""
+    from smoltrain.data.sources import normalize_extensions
+
+    exts = normalize_extensions(raw.replace(" ", ","))
+    if not exts:
+        raise argparse.ArgumentTypeError(f"expected extensions such as .md,.py (got {raw!r})")
+    return exts

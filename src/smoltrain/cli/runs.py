@@ -6,21 +6,44 @@ import argparse
 import json
 
 from smoltrain import domain
-from smoltrain.cli.args import DEVICE, POSITIVE, out_dir, ranged
+from smoltrain.cli.args import DEVICE, POSITIVE, out_dir, ranged, text_extensions
 from smoltrain.errors import UserError
 
 
 def train_cli(a: argparse.Namespace) -> int:
-    """`smoltrain train --config YAML [--set K=V ...]`; the process group is torn down on any exit."""
+    """`smoltrain train --config YAML [--data PATH ...] [--set K=V ...]`; the process group is torn down on
+    any exit. Config and input problems come in one message before anything is written or fetched."""
     from smoltrain import distributed
-    from smoltrain.config import load_config
+    from smoltrain.config import OwnTexts, load_config
+    from smoltrain.data.recipe import input_problems
     from smoltrain.train.trainer import Trainer
 
-    cfg = load_config(a.config, a.set)
+    own = OwnTexts(tuple(a.data), a.data_ext or ()) if a.data else None
+    if a.data_ext and not a.data:
+        a.set = [f"data.text_extensions=[{', '.join(a.data_ext)}]", *a.set]
+    notes: list[str] = []
+    checks = () if a.print_config else (input_problems,)
+    cfg = load_config(a.config, a.set, own=own, checks=checks, notes=notes)
+    if a.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    if notes:
+        print("Training on your own texts: " + "; ".join(notes) + ".", flush=True)
     try:
         return Trainer(cfg).train()
     finally:
         distributed.teardown()
+
+
+def config_keys_cli(a: argparse.Namespace) -> int:
+    """`smoltrain config keys [SECTION]`: every key with its type, default and allowed values."""
+    from smoltrain.config import config_keys
+
+    rows = config_keys(a.section)
+    width = max(len(key) for key, _, _ in rows)
+    for key, kind, default in rows:
+        print(f"{key:<{width}}  {kind}  (default {default})")
+    return 0
 
 
 def eval_cli(a: argparse.Namespace) -> int:
@@ -67,9 +90,25 @@ def _eval_tasks(a: argparse.Namespace) -> int:
 def add_train_commands(sub) -> None:
     p = sub.add_parser("train", help="train (or resume) a run from a YAML recipe")
     p.add_argument("--config", default=None, help="YAML recipe (configs/*.yaml); defaults apply without one")
+    p.add_argument("--data", nargs="+", action="extend", default=[], metavar="DIR_OR_FILE",
+                   help="train on your own texts: these files or folders replace the recipe's datasets (every "
+                        "10th document held out; the recipe's BPE, if any, is trained on them; run.dir becomes "
+                        "runs/NAME)")
+    p.add_argument("--data-ext", type=text_extensions, default=None, metavar="EXT[,EXT]",
+                   help="extensions of the files read whole as one document each (data.text_extensions; .txt "
+                        "unless given), e.g. .md,.py")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value by dotted path, e.g. --set train.max_steps=100 (repeatable)")
+                   help="override a config value by dotted path, e.g. --set train.max_steps=100 (repeatable; "
+                        "smoltrain config keys lists them)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as YAML and exit (nothing is checked on disk or written)")
     p.set_defaults(func=train_cli)
+
+    p = sub.add_parser("config", help="the config's keys: types, allowed values and defaults")
+    csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    c = csub.add_parser("keys", help="list every config key with its type, allowed values and default")
+    c.add_argument("section", nargs="?", default=None, help="only this section (model, data, optim, ...)")
+    c.set_defaults(func=config_keys_cli)
 
     p = sub.add_parser("eval", help="bits per byte on a prepared split, or accuracy on multiple-choice tasks")
     p.add_argument("models", nargs="+", help="checkpoint, run directory or HF model directory (several: a table)")

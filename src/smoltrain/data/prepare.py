@@ -25,6 +25,7 @@ import numpy as np
 
 from smoltrain.data.shards import META_FORMAT, VERSION, ShardWriter, check_vocab, dtype_for_vocab, load_meta
 from smoltrain.data.sources import (
+    TEXT_EXTENSIONS,
     Document,
     Source,
     count_documents,
@@ -122,13 +123,15 @@ def _encode_all(chunks: Iterator, tokenizer_dir: Path, dtype: np.dtype, num_proc
 
 
 def _recipe(sources: list[Source], tok: Tokenizer, text_key: str, val_fraction: float, val_docs: int | None,
-            max_documents: int | None, val_documents: list[str]) -> dict:
+            max_documents: int | None, val_documents: list[str], text_extensions: tuple[str, ...]) -> dict:
     """What determines the output: a re-run with the same recipe is a no-op."""
     specs = [s.spec if s.kind == "hf" else str(Path(s.spec).expanduser().resolve()) for s in sources]
     recipe = {"sources": specs, "tokenizer_sha256": tok.sha256, "text_key": text_key, "val_fraction": val_fraction,
               "val_docs": val_docs, "max_documents": max_documents}
     if val_documents:  # only then: data prepared before names could be held out keeps its recipe
         recipe["val_documents"] = list(val_documents)
+    if tuple(text_extensions) != TEXT_EXTENSIONS:  # likewise: .txt-only data keeps its recipe
+        recipe["text_extensions"] = list(text_extensions)
     return recipe
 
 
@@ -162,21 +165,22 @@ def prepare(sources: Iterable[str | Path], tokenizer: str | Path | Tokenizer, ou
             text_key: str = "text", val_fraction: float = 0.01, val_docs: int | None = None,
             val_documents: Iterable[str] = (), max_documents: int | None = None, num_proc: int | None = None,
             force: bool = False, shard_tokens: int = SHARD_TOKENS, model_vocab_size: int | None = None,
-            progress: bool = True, verbose: bool = True) -> dict:
+            progress: bool = True, verbose: bool = True, text_extensions: tuple[str, ...] = TEXT_EXTENSIONS) -> dict:
     """Tokenize `sources` into `out` and return its meta.json as a dict (see module docstring).
 
     `val_documents` (globs of source-relative names) holds out those documents and nothing else; without it
     `val_docs` (a count) or `val_fraction` (1.0: an evaluation-only dataset) hold out evenly spaced ones.
+    `text_extensions` names the files read whole, one document each (default .txt).
     """
     t0 = time.perf_counter()
-    srcs = resolve_sources(sources)
+    srcs = resolve_sources(sources, text_extensions)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     eot = tok.eot_id
     globs = tuple(val_documents or ())
     _check_args(tok, val_fraction, val_docs, max_documents, model_vocab_size, globs)
     Holdout(globs).check_files(srcs)
     out = Path(out).expanduser()
-    recipe = _recipe(srcs, tok, text_key, val_fraction, val_docs, max_documents, list(globs))
+    recipe = _recipe(srcs, tok, text_key, val_fraction, val_docs, max_documents, list(globs), text_extensions)
     meta = _existing(out, recipe, force, srcs)
     if meta is not None:
         if verbose:
@@ -297,7 +301,7 @@ def _report(out: Path, meta: dict) -> None:
 def train_tokenizer(sources, vocab_size: int, out_dir: str | Path, *, text_key: str = "text",
                     max_documents: int | None = None, min_frequency: int = 2,
                     extra_special_tokens: list[str] | tuple[str, ...] = (), force: bool = False,
-                    show_progress: bool = False) -> Tokenizer:
+                    show_progress: bool = False, text_extensions: tuple[str, ...] = TEXT_EXTENSIONS) -> Tokenizer:
     """`tokenizer.train_bpe` on the documents of raw sources (files, dirs, hf:NAME), saved to `out_dir`.
 
     Here, not in tokenizer.py, because reading sources is the data layer's job and the tokenizer sits below
@@ -305,7 +309,7 @@ def train_tokenizer(sources, vocab_size: int, out_dir: str | Path, *, text_key: 
     """
     check_vocab_size(vocab_size, extra_special_tokens)
     out = Path(out_dir).expanduser()
-    srcs = resolve_sources(sources)
+    srcs = resolve_sources(sources, text_extensions)
     legacy = legacy_tokenizer_record(out)
     check_target(out, "tokenizer", force, inputs=[s.spec for s in srcs if s.kind != "hf"], legacy=legacy)
     try:

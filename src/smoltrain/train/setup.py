@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from smoltrain import distributed as dist_io
-from smoltrain.data.recipe import missing_inputs
+from smoltrain.data.recipe import input_problems, vocab_mismatch
 from smoltrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -23,13 +23,12 @@ if TYPE_CHECKING:
 
 
 def check_inputs(cfg: Config) -> None:
-    """Refuse a config without data or with missing local inputs before the run dir is touched or any
-    asset fetched."""
-    if not cfg.data.datasets:
-        raise UserError("The config has no data.datasets (e.g. --config configs/quickstart.yaml).")
-    missing = missing_inputs(cfg)
-    if missing:
-        raise UserError("The config names inputs that are not there: " + "; ".join(missing) + ".")
+    """Refuse a config without data, with missing local inputs or a tokenizer too large for the model before
+    the run dir is touched or any asset fetched (the CLI runs input_problems with the config's own checks,
+    so a user sees every problem in one message)."""
+    problems = input_problems(cfg)
+    if problems:
+        raise UserError("Invalid configuration: " + "; ".join(problems) + ".")
 
 
 def apply_global_batch(train: TrainConfig, world_size: int) -> None:
@@ -59,8 +58,8 @@ def setup_data(cfg: Config, dist: DistEnv) -> tuple[Tokenizer, object, dict[str,
     if dist.separate_dirs:
         check_same_data(tokenizer, paths, dist)
     if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise UserError(f"The tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
-                        f"{cfg.model.vocab_size}; raise model.vocab_size or use a smaller tokenizer.")
+        message = vocab_mismatch(cfg, tokenizer.vocab_size)
+        raise UserError(message[0].upper() + message[1:] + ".")
     t = cfg.train
     trained = {d.name: d.weight for d in cfg.data.datasets if not d.eval_only(cfg.data.val_fraction)}
     stages = cfg.to_dict()["data"]["stages"]  # plain dicts, as the loader takes them

@@ -60,7 +60,7 @@ class Trainer:
         try:
             self._setup(cfg)
         except BaseException:
-            self.close()
+            self.close(refused=True)
             raise
 
     def _setup(self, cfg: Config) -> None:
@@ -84,10 +84,11 @@ class Trainer:
                                     tasks, self.device, self._autocast, self.dist, self._print)
         self.log: RunLog | None = None  # opened by train(): a run with nothing to do writes nothing
 
-    def close(self) -> None:
-        """Release the run dir (the kernel would at exit; in-process callers get it back now)."""
+    def close(self, refused: bool = False) -> None:
+        """Release the run dir (the kernel would at exit; in-process callers get it back now); a run refused
+        during setup also removes the lock file and run dir it created, when nothing else was written there."""
         if self.lock is not None:
-            self.lock.release()
+            self.lock.release(refused)
 
     def _setup_model(self, ckpt: Path | None) -> None:
         """Weights are loaded before any wrapping; FSDP swaps in sharded parameters, so the optimizer
