@@ -95,7 +95,7 @@ def add_data_commands(sub) -> None:
                    help="directory for tokenizer.json + tokenizer_config.json")
     t.add_argument("--text-ext", type=text_extensions, default=".txt", metavar="EXT[,EXT]", help=ext_help)
     t.add_argument("--text-key", default="text", help="text column of jsonl/parquet/hf rows")
-    t.add_argument("--max-documents", type=POSITIVE, default=None)
+    t.add_argument("--max-documents", type=POSITIVE, default=None, help="train on at most this many documents")
     t.add_argument("--min-frequency", type=POSITIVE, default=2, help="merges must occur at least this often")
     t.add_argument("--special-token", action="append", default=[], metavar="TOKEN",
                    help="extra special token after <|endoftext|>, <|im_start|>, <|im_end|> (repeatable)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from smoltrain import domain
 from smoltrain.cli.args import DEVICE, POSITIVE, out_dir, ranged, text_extensions
@@ -118,7 +119,7 @@ def add_train_commands(sub) -> None:
                         "names (hellaswag, arc_easy, arc_challenge, piqa, winogrande, openbookqa, commonsense_qa, "
                         "mmlu; need the hub or its cache); comma-separated or repeated")
     p.add_argument("--limit", type=POSITIVE, default=None, help="score only the first N items of each task")
-    p.add_argument("--split", default="val", choices=["val", "train"])
+    p.add_argument("--split", default="val", choices=["val", "train"], help="which split of --data to score")
     p.add_argument("--seq-len", type=POSITIVE, default=None,
                    help="window length (default: a training checkpoint's train.seq_len, else the model's context)")
     p.add_argument("--batch-size", type=POSITIVE, default=None, help="windows per batch (default: the run's micro batch)")
@@ -142,7 +143,7 @@ def report_cli(a: argparse.Namespace) -> int:
         raise UserError("--tasks-limit must be at least 1.")
     tasks = parse_task_specs(a.tasks) if a.tasks else ()
     page = make_report(a.run, a.out, a.prompts, a.reference or [], a.data, a.max_new_tokens, a.device,
-                       a.max_batches, tasks=tasks, tasks_limit=a.tasks_limit)
+                       a.max_batches, tasks=tasks, tasks_limit=a.tasks_limit, say=_progress("report"))
     print(f"Wrote {page} (one self-contained file: open it in a browser)")
     return 0
 
@@ -164,7 +165,7 @@ def add_show_commands(sub) -> None:
     p = sub.add_parser("report", help="an HTML report of a run: curves, throughput, samples per checkpoint")
     p.add_argument("run", help="run directory (run.dir of a training run)")
     p.add_argument("--out", required=True, metavar="DIR", type=out_dir,
-                   help="directory for index.html and its PNG images")
+                   help="directory for index.html (one self-contained page: the charts are embedded)")
     p.add_argument("--prompts", nargs="+", action="extend", default=None, metavar="TEXT",
                    help="prompts to generate at each checkpoint (default: the config's eval.prompts)")
     p.add_argument("--max-new-tokens", type=POSITIVE, default=None, help="default: the config's eval.sample_tokens")
@@ -182,9 +183,18 @@ def add_show_commands(sub) -> None:
     p = sub.add_parser("demo", help="a local web demo: prompt, sampling controls, checkpoints side by side")
     p.add_argument("ckpt", help="run directory (pick among its checkpoints), checkpoint or HF directory")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=ranged(domain.interval(1, 65535, high_open=False)), default=7860)
+    p.add_argument("--port", type=ranged(domain.interval(1, 65535, high_open=False)), default=7860,
+                   help="port to listen on")
     p.add_argument("--device", default="auto", type=DEVICE, help="auto (cuda > mps > cpu), cpu, cuda, mps")
     p.set_defaults(func=demo_cli)
+
+
+def _progress(command: str):
+    """A printer of progress lines on stderr (stdout keeps the result), flushed at once."""
+    def say(message: str) -> None:
+        print(f"{command}: {message}...", file=sys.stderr, flush=True)
+
+    return say
 
 
 def _print_json(rows: list[dict]) -> None:

@@ -216,13 +216,22 @@ class Trainer:
         cfg = self.cfg
         step = self.step
         done = step == cfg.train.max_steps
-        if done or (cfg.eval.every and step % cfg.eval.every == 0):
+        evaluate = done or bool(cfg.eval.every and step % cfg.eval.every == 0)
+        sample = bool(cfg.eval.prompts) and (done or bool(cfg.eval.sample_every and step % cfg.eval.sample_every == 0))
+        save = done or bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+        final = "final " if done else ""
+        if evaluate:
+            self.steplog.phase(f"{final}eval")  # the bar says what it waits for (a final eval can take minutes)
             self.evaluator.evaluate(step)
             self.evaluator.evaluate_tasks(step)
-        if cfg.eval.prompts and (done or (cfg.eval.sample_every and step % cfg.eval.sample_every == 0)):
+        if sample:
+            self.steplog.phase(f"{final}samples")
             self.evaluator.samples(step)
-        if done or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+        if save:
+            self.steplog.phase(f"{final}save")
             self.save()
+        if evaluate or sample or save:
+            self.steplog.phase("done" if done else "train")
 
     def save(self) -> Path | None:
         """This step's checkpoint (every rank calls it; rank 0 gets the path)."""
@@ -248,6 +257,7 @@ class Trainer:
             if self.mirror is not None:
                 self.mirror.run_started(self.run_dir)
         self.stop.install()
+        self.segment_start = (self.step, self.tokens_seen)
         bar = None
         if self.dist.is_main and cfg.log.progress:
             bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
@@ -263,11 +273,13 @@ class Trainer:
             self.log.close()
 
     def _print_summary(self, seconds: float) -> None:
+        """This segment's tokens over this segment's time (an extended run counts from where it resumed)."""
         cfg = self.cfg
         eval_data = self.val_paths[cfg.data.datasets[0].name] if self.val_paths else None
         prompt = (cfg.eval.prompts or ["Hello"])[0]
-        self._print(summary(self.run_dir, self.step, self.tokens_seen, seconds, cfg.log.tensorboard, prompt,
-                            eval_data))
+        start_step, start_tokens = self.segment_start
+        self._print(summary(self.run_dir, self.step, self.tokens_seen - start_tokens, seconds, cfg.log.tensorboard,
+                            prompt, eval_data, start_step))
 
     def _print(self, msg: str) -> None:
         if self.dist.is_main:
