@@ -169,9 +169,8 @@ def prepare(sources: Iterable[str | Path], tokenizer: str | Path | Tokenizer, ou
     """Tokenize `sources` into `out` and return its meta.json as a dict (see module docstring).
 
     `val_documents` (globs of source-relative names) holds out those documents and nothing else; without it
-    `val_docs` (a count) or `val_fraction` (1.0: an evaluation-only dataset) hold out evenly spaced ones.
-    `text_extensions` names the files read whole, one document each (default .txt).
-    """
+    `val_docs` (a count) or `val_fraction` (1.0: an evaluation-only dataset) hold out evenly spaced ones;
+    `text_extensions` names the files read whole, one document each."""
     t0 = time.perf_counter()
     srcs = resolve_sources(sources, text_extensions)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)

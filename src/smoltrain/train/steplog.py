@@ -104,6 +104,14 @@ class StepLog:
             self.bar.close()
 
 
+def due_work(cfg: Config, step: int) -> list[str]:
+    """What runs after `step`, in order: eval (held-out loss and tasks), samples, save; all at the last step."""
+    done = step == cfg.train.max_steps
+    every = {"eval": cfg.eval.every, "samples": cfg.eval.sample_every, "save": cfg.checkpoint.every}
+    due = [name for name, n in every.items() if done or (n and step % n == 0)]
+    return [name for name in due if name != "samples" or cfg.eval.prompts]
+
+
 def summary(run_dir: Path, step: int, tokens: int, seconds: float, tensorboard: bool, prompt: str,
             eval_data: Path | None, start_step: int = 0) -> str:
     """Where everything is, the final held-out scores, and what to run next (rank 0). `tokens` and `seconds`

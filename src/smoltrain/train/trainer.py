@@ -34,7 +34,7 @@ from smoltrain.train.inloop import InLoopEval, in_loop_tasks
 from smoltrain.train.optim import build_optimizer, lr_at, rewarm_factor, set_lr
 from smoltrain.train.runlog import RunLog
 from smoltrain.train.setup import apply_global_batch, check_inputs, initial_model, setup_data
-from smoltrain.train.steplog import StepLog, summary, write_run_files
+from smoltrain.train.steplog import StepLog, due_work, summary, write_run_files
 
 
 class Trainer:
@@ -85,8 +85,7 @@ class Trainer:
         self.log: RunLog | None = None  # opened by train(): a run with nothing to do writes nothing
 
     def close(self, refused: bool = False) -> None:
-        """Release the run dir (the kernel would at exit; in-process callers get it back now); a run refused
-        during setup also removes the lock file and run dir it created, when nothing else was written there."""
+        """Release the run dir (the kernel would at exit); a run refused in setup removes what the lock made."""
         if self.lock is not None:
             self.lock.release(refused)
 
@@ -212,26 +211,16 @@ class Trainer:
                             "last good checkpoint is kept. Lower optim.lr or check the data.")
 
     def _maybe_eval_sample_save(self) -> None:
-        """The periodic work, in this order: held-out eval, tasks, samples, save."""
-        cfg = self.cfg
+        """The periodic work, in this order: held-out eval and tasks, samples, save; the bar names each."""
         step = self.step
-        done = step == cfg.train.max_steps
-        evaluate = done or bool(cfg.eval.every and step % cfg.eval.every == 0)
-        sample = bool(cfg.eval.prompts) and (done or bool(cfg.eval.sample_every and step % cfg.eval.sample_every == 0))
-        save = done or bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
-        final = "final " if done else ""
-        if evaluate:
-            self.steplog.phase(f"{final}eval")  # the bar says what it waits for (a final eval can take minutes)
-            self.evaluator.evaluate(step)
-            self.evaluator.evaluate_tasks(step)
-        if sample:
-            self.steplog.phase(f"{final}samples")
-            self.evaluator.samples(step)
-        if save:
-            self.steplog.phase(f"{final}save")
-            self.save()
-        if evaluate or sample or save:
-            self.steplog.phase("done" if done else "train")
+        work = {"eval": lambda: (self.evaluator.evaluate(step), self.evaluator.evaluate_tasks(step)),
+                "samples": lambda: self.evaluator.samples(step), "save": self.save}
+        due = due_work(self.cfg, step)
+        for name in due:  # a final eval can take minutes: the bar says what it waits for
+            self.steplog.phase(("final " if step == self.cfg.train.max_steps else "") + name)
+            work[name]()
+        if due:
+            self.steplog.phase("train")
 
     def save(self) -> Path | None:
         """This step's checkpoint (every rank calls it; rank 0 gets the path)."""
