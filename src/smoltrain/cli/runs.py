@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from smoltrain import domain
@@ -28,7 +29,7 @@ def train_cli(a: argparse.Namespace) -> int:
     if a.print_config:
         print(cfg.to_yaml(), end="")
         return 0
-    if notes:
+    if notes and os.environ.get("RANK", "0") == "0":  # under torchrun, once
         print("Training on your own texts: " + "; ".join(notes) + ".", flush=True)
     try:
         return Trainer(cfg).train()
