@@ -9,8 +9,8 @@ therefore always complete, and one with a marker says which command wrote which 
 `--force` may replace only a previous output of the same command whose files are all its own (the marker
 lists them); never the command's inputs, a directory that holds them, or anything with foreign files.
 
-This module also holds the one sha256 helper pair (files, strings) and how a run's checkpoints are named
-and found: the newest one whose manifest verifies.
+This module also holds the one sha256 helper pair (files, strings). How a run's checkpoints are named
+and found is checkpoint.discovery's.
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ import os
 import re
 import shutil
 import uuid
-import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from smoltrain.errors import TrainingError, UserError
@@ -35,7 +34,6 @@ FORMAT = "smoltrain-output"
 LEGACY_KINDS = {"train": "train", "import": "import", "export": "export"}  # manifests before "command" existed
 PRIVATE = re.compile(r"^\.(staging|old|deleting)-(?P<name>.+)-(?P<pid>\d+)-(?P<tag>[0-9a-f]{8})$")
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-STEP_DIR = re.compile(r"^step_(\d{8})$")  # RUN/checkpoints/step_NNNNNNNN
 
 
 def sha256_file(path: Path) -> str:
@@ -137,48 +135,6 @@ def output_record(directory: Path) -> dict | None:
         if command:
             return {**doc, "command": command, "record": name}
     return None
-
-
-# Here rather than in checkpoint.py: interop.load_model resolves a run dir to its newest valid checkpoint,
-# and interop sits below checkpoint.
-
-def step_dir(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
-
-
-def step_of(ckpt: Path) -> int:
-    """The step a checkpoint directory is named for (step_dir's inverse)."""
-    return int(Path(ckpt).name.removeprefix("step_"))
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Committed checkpoint directories of a run, oldest first (staging debris is ignored)."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name))
-
-
-def newest_verified(run_dir: Path, on_invalid: Callable[[Path, UserError], None]) -> Path | None:
-    """The newest checkpoint of a run that passes its manifest; each newer one that fails is handed to
-    `on_invalid` (warn, or quarantine) before the next older one is tried."""
-    for ckpt in reversed(list_checkpoints(run_dir)):
-        try:
-            verify_manifest(ckpt)
-            return ckpt
-        except UserError as e:
-            on_invalid(ckpt, e)
-    return None
-
-
-def newest_valid(run_dir: Path) -> Path | None:
-    """The newest checkpoint that passes its manifest; corrupt newer ones are reported and skipped."""
-    return newest_verified(run_dir, _warn_skipped)
-
-
-def _warn_skipped(ckpt: Path, error: UserError) -> None:
-    # stacklevel 4: newest_valid's caller (this, newest_verified, newest_valid are in between)
-    warnings.warn(f"Skipping checkpoint: {error}", stacklevel=4)
 
 
 def _resolved(p: str | Path) -> Path:

@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 import yaml
 
+from smoltrain.checkpoint.discovery import STEP_DIR, list_checkpoints, step_of
 from smoltrain.device import amp_dtype
 from smoltrain.errors import UserError
 from smoltrain.hf.interop import load_model, resolve_checkpoint
 from smoltrain.history import History
 from smoltrain.model.generate import SamplingConfig, generate, prepare_for_decode, stream_text
-from smoltrain.storage import STEP_DIR, list_checkpoints, step_of
 
 PANES = ("A", "B")
 SAMPLING = SamplingConfig()  # the shared defaults (generate and in-training samples start from them too)

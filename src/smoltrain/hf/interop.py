@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from smoltrain import storage
+from smoltrain.checkpoint.discovery import newest_valid
 from smoltrain.data.tokenizer import Tokenizer, load_tokenizer
 from smoltrain.errors import UserError
 from smoltrain.hf.modelcard import ORIGIN, model_card, model_kind
@@ -74,7 +75,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         storage.verify_manifest(p)
         return p
     if (p / "checkpoints").is_dir():
-        ckpt = storage.newest_valid(p)
+        ckpt = newest_valid(p)
         if ckpt is None:
             raise UserError(f"Run directory {p} has no valid checkpoint yet.")
         return ckpt

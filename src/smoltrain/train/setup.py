@@ -16,6 +16,7 @@ from smoltrain.errors import UserError
 if TYPE_CHECKING:
     import torch
 
+    from smoltrain.checkpoint.layout import LocalLayout
     from smoltrain.config import Config, TrainConfig
     from smoltrain.data.tokenizer import Tokenizer
     from smoltrain.distributed import DistEnv
@@ -43,20 +44,21 @@ def apply_global_batch(train: TrainConfig, world_size: int) -> None:
     train.grad_accum_steps = train.global_batch_size // per_step
 
 
-def setup_data(cfg: Config, dist: DistEnv) -> tuple[Tokenizer, object, dict[str, Path] | None]:
-    """(tokenizer, training loader, every dataset's prepared directory or None for a stream)."""
+def setup_data(cfg: Config, dist: DistEnv, layout: LocalLayout) -> tuple[Tokenizer, object, dict[str, Path] | None]:
+    """(tokenizer, training loader, every dataset's prepared directory or None for a stream).
+
+    The process that leads its run dir (`layout`) prepares first; nodes that prepared apart must agree."""
     from smoltrain.data.loader import PackedLoader
     from smoltrain.data.recipe import prepare_datasets, resolve_tokenizer
 
     if cfg.data.streaming:
-        return setup_stream(cfg, dist)
+        return setup_stream(cfg, dist, layout)
     def prepare() -> tuple[Tokenizer, dict[str, Path]]:
         tokenizer = resolve_tokenizer(cfg, verbose=dist.is_main)
         return tokenizer, prepare_datasets(cfg, tokenizer, verbose=dist.is_main)
 
-    tokenizer, paths = dist_io.main_first(prepare, dist.leads_dir)
-    if dist.separate_dirs:
-        check_same_data(tokenizer, paths, dist)
+    tokenizer, paths = dist_io.main_first(prepare, layout.leads_dir)
+    layout.check_same_data(tokenizer, paths)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         message = vocab_mismatch(cfg, tokenizer.vocab_size)
         raise UserError(message[0].upper() + message[1:] + ".")
@@ -69,32 +71,7 @@ def setup_data(cfg: Config, dist: DistEnv) -> tuple[Tokenizer, object, dict[str,
     return tokenizer, loader, paths  # paths: every dataset's held-out split, evaluation-only ones included
 
 
-def data_fingerprint(tokenizer: Tokenizer, paths: dict[str, Path]) -> dict:
-    """What must agree between nodes that prepared their data apart: the tokenizer's files, and each
-    dataset's splits (tokens, documents, shard sizes) from its meta.json; paths and times may differ."""
-    import json
-
-    from smoltrain.data.tokenizer import TOKENIZER_FILES
-    from smoltrain.storage import sha256_file
-
-    files = [tokenizer.directory / n for n in TOKENIZER_FILES]
-    found = {"tokenizer": {p.name: sha256_file(p) for p in files if p.is_file()}}
-    for name, path in sorted(paths.items()):
-        found[name] = json.loads((path / "meta.json").read_text())["splits"]
-    return found
-
-
-def check_same_data(tokenizer: Tokenizer, paths: dict[str, Path], dist: DistEnv) -> None:
-    """Nodes with run dirs of their own each prepared the data: refuse to train if they disagree."""
-    prints = dist_io.all_ranks(data_fingerprint(tokenizer, paths))
-    differ = [r for r, p in enumerate(prints) if p != prints[0]]
-    if differ:
-        raise UserError(f"The nodes prepared different data: rank {differ[0]}'s tokenizer or datasets differ "
-                        "from rank 0's (each node keeps its own run.dir and prepares from its own copy of the "
-                        "sources). Give every node the same sources and tokenizer, or a shared run.data_dir.")
-
-
-def setup_stream(cfg: Config, dist: DistEnv) -> tuple[Tokenizer, object, None]:
+def setup_stream(cfg: Config, dist: DistEnv, layout: LocalLayout) -> tuple[Tokenizer, object, None]:
     """data.streaming: tokenize and pack one source on the fly; no prepare step, no held-out split."""
     from smoltrain.data.recipe import resolve_asset, resolve_tokenizer
     from smoltrain.data.stream import StreamLoader
@@ -106,9 +83,8 @@ def setup_stream(cfg: Config, dist: DistEnv) -> tuple[Tokenizer, object, None]:
     def resolve() -> tuple[Tokenizer, str]:
         return resolve_tokenizer(cfg, verbose=dist.is_main), resolve_asset(ds.sources[0])
 
-    tokenizer, source = dist_io.main_first(resolve, dist.leads_dir)  # rank 0 fetches and trains first
-    if dist.separate_dirs:
-        check_same_data(tokenizer, {}, dist)
+    tokenizer, source = dist_io.main_first(resolve, layout.leads_dir)  # rank 0 fetches and trains first
+    layout.check_same_data(tokenizer, {})
     loader = StreamLoader(source, tokenizer, cfg.train.micro_batch_size, cfg.train.seq_len,
                           text_key=cfg.data.text_key, rank=dist.rank, world_size=dist.world_size,
                           name=ds.name)
@@ -121,7 +97,7 @@ def initial_model(cfg: Config, ckpt: Path | None, device: torch.device) -> SmolL
     from smoltrain.model.llama import build_model
 
     source = ckpt or cfg.train.init_from
-    if source:  # a resume checkpoint was verified by pick_resume; init_from is resolved here
+    if source:  # a resume checkpoint was verified by find_resume; init_from is resolved here
         load = interop.load_resolved if ckpt else interop.load_model
         model, _, src = load(source, device=device, need_tokenizer=False)
         if model.config != cfg.model:
