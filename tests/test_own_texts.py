@@ -116,7 +116,7 @@ def test_a_run_refused_during_setup_leaves_nothing_behind(tmp_path, monkeypatch,
     """The lock file and the directories the lock made go again; a foreign file (and its dir) stays."""
     import smoltrain.train.trainer as trainer_module
 
-    def refuse(cfg, dist):
+    def refuse(*args):
         raise UserError("refused in setup")
 
     monkeypatch.setattr(trainer_module, "setup_data", refuse)
