@@ -131,6 +131,24 @@ def test_publish_commits_atomically_and_replaces_only_its_own_output(tmp_path):
 
 # --- checkpoints never run code --------------------------------------------------------------------------
 
+def test_a_file_is_published_whole_and_a_log_rewound_keeps_its_records(tmp_path, monkeypatch):
+    """publish_file leaves the old file in place when the write fails and no temp file either way;
+    rewrite_jsonl keeps the records asked for, drops torn lines, appends."""
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2}\nnot json\n{"step": 3}\n{"step": 4, "lo')
+    storage.rewrite_jsonl(log, lambda r: r["step"] <= 2, [{"step": 9}])
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n{"step": 9}\n'
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage.os, "fsync", full)
+    with pytest.raises(OSError):
+        storage.publish_file(log, "half")
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n{"step": 9}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
 def test_checkpoint_state_is_safetensors_and_json_only(run4):
     ckpt = step_dir(run4, 4)
     names = sorted(storage.read_manifest(ckpt)["files"])

@@ -53,6 +53,7 @@ class DatasetConfig:
     val_documents: list[str] = field(default_factory=list)  # globs of source-relative names to hold out
     # default data.val_fraction; 1.0: evaluation only (never trained on)
     val_fraction: float | None = checked(None, interval(0, 1, high_open=False))
+    max_tokens: int | None = checked(None, positive)  # prepare stops reading past this many tokens (of both splits)
 
     def eval_only(self, default_fraction: float) -> bool:
         return not self.val_documents and self.held_out_fraction(default_fraction) == 1.0
@@ -81,7 +82,13 @@ class DataConfig:
     text_extensions: list[str] = checked(default_factory=lambda: [".txt"], domain=EXTENSION)
     text_key: str = "text"
     max_documents: int | None = checked(None, positive)
+    # tokens to prepare in all, shared by the trained datasets by weight (a dataset's own max_tokens wins)
+    max_tokens: int | None = checked(None, positive)
+    # passes over each dataset's training split a run may make; train refuses a recipe that needs more
+    max_epochs: float = checked(1.0, positive)
     streaming: bool = False  # tokenize and pack on the fly from the sources, no prepare step
+    # streaming: worker processes per dataset that tokenize ahead of the step (0: in the training process)
+    num_workers: int = checked(1, nonneg("in the training process"))
     num_proc: int = checked(0, nonneg("all cores"))  # prepare workers
 
 
@@ -239,6 +246,27 @@ def _keys_of(cls: type, prefix: str) -> list[tuple[str, str, str]]:
         rows.append((f"{prefix}.{f.name}", expected(tp, f.metadata.get("domain")), yaml.safe_dump(
             default, default_flow_style=True, width=1000).strip().removesuffix("...").strip()))
     return rows
+
+
+def get_dotted(tree: dict, dotted: str, default: Any = None) -> Any:
+    """tree["optim"]["lr"] for "optim.lr"; `default` when a key is missing or a section is not a mapping."""
+    node: Any = tree
+    for k in dotted.split("."):
+        if not isinstance(node, dict) or k not in node:
+            return default
+        node = node[k]
+    return node
+
+
+def flatten_dotted(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 1}} -> {"optim.lr": 1}; lists (datasets, stages) stay whole values."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten_dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

@@ -182,5 +182,5 @@ def full_state_dict(model: nn.Module, env: DistEnv) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(model, options=opts) if env.world_size > 1 or dist.is_initialized() else {}
+        return get_model_state_dict(model, options=opts)  # fsdp runs only under torchrun (setup refuses it elsewhere)
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}

@@ -16,7 +16,6 @@ and on resume every other node fetches the chosen checkpoint into its own run di
 from __future__ import annotations
 
 import json
-import os
 import posixpath
 import shutil
 import sys
@@ -214,9 +213,7 @@ class Remote:
                 self.fs.get_file(posixpath.join(src, name), str(target))
             (staging / storage.MANIFEST).write_bytes(raw)
             storage.verify_manifest(staging)
-            storage.fsync_tree(staging)  # durable before it is named a checkpoint, as storage.commit does
-            os.replace(staging, final)
-            storage.fsync_path(final.parent)
+            storage.rename_synced(staging, final)  # durable before it is named a checkpoint, as commit does
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"download failed ({_explain(e)})") from None
         finally:
@@ -228,9 +225,7 @@ class Remote:
         for name in LOG_FILES:
             src = self._path(name)
             if self.fs.exists(src):
-                tmp = run_dir / f".{name}.remote-tmp"
-                tmp.write_bytes(self.fs.cat_file(src))
-                tmp.replace(run_dir / name)
+                storage.publish_file(run_dir / name, self.fs.cat_file(src))
 
 
 class Uploader:

@@ -12,7 +12,7 @@ from smoltrain import distributed as dist_io
 from smoltrain.checkpoint import state as ckpt_io
 from smoltrain.checkpoint.discovery import list_checkpoints, newest_valid, quarantined, step_of
 from smoltrain.checkpoint.rundir import settings_diff
-from smoltrain.config import Config, DatasetConfig
+from smoltrain.config import Config, DatasetConfig, get_dotted
 from smoltrain.errors import UserError
 from smoltrain.hf.interop import resolve_checkpoint
 
@@ -101,12 +101,6 @@ TRAJECTORY_FIELDS = ("model", "train.seq_len", "train.seed", "optim.name",
                      "data.val_fraction")
 
 
-def _get(tree: dict, dotted: str) -> Any:
-    for k in dotted.split("."):
-        tree = tree.get(k, {}) if isinstance(tree, dict) else {}
-    return tree
-
-
 def _dataset_defaults(datasets: Any) -> Any:
     """Saved datasets with every DatasetConfig field present (defaults for the ones the save lacks)."""
     if not isinstance(datasets, list):
@@ -119,8 +113,8 @@ def trajectory_diff(old: dict, new: dict) -> list[str]:
     """Trajectory-defining fields whose values differ between two resolved config dicts."""
     diffs = []
     for key in TRAJECTORY_FIELDS:
-        a = _get(old, key)
-        b = _get(new, key)
+        a = get_dotted(old, key, {})
+        b = get_dotted(new, key, {})
         if key == "data.datasets":  # a config saved before a dataset field existed had its default
             a = _dataset_defaults(a)
             b = _dataset_defaults(b)

@@ -17,9 +17,11 @@ import time
 import uuid
 import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from smoltrain import distributed as dist_io
+from smoltrain import storage
+from smoltrain.config import flatten_dotted
 from smoltrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -138,21 +140,10 @@ def sees_lock(run_dir: Path, token: str) -> bool:
         return False
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """{"optim": {"lr": 1}} -> {"optim.lr": 1}; lists (datasets, stages) stay whole values."""
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def settings_diff(old: dict, new: dict) -> list[str]:
     """Every resolved setting that differs between two config dicts, as `key: old -> new`."""
-    a = flatten(old)
-    b = flatten(new)
+    a = flatten_dotted(old)
+    b = flatten_dotted(new)
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
@@ -162,20 +153,9 @@ def record_segment(run_dir: Path, start_step: int, config: dict, changes: list[s
     Segments that started at or after `start_step` were rewound along with metrics.jsonl, so they go:
     the history reads as the trajectory the run's checkpoints and metrics describe.
     """
-    path = Path(run_dir) / HISTORY_NAME
-    keep = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line)["start_step"] < start_step:
-                    keep.append(line)
-            except (ValueError, KeyError, TypeError):
-                continue  # a line torn by a kill mid-write
     entry = {"start_step": start_step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changes": changes,
              "config": config}
-    tmp = path.with_name(HISTORY_NAME + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in [*keep, json.dumps(entry)]))
-    tmp.replace(path)
+    storage.rewrite_jsonl(Path(run_dir) / HISTORY_NAME, lambda r: r["start_step"] < start_step, [entry])
 
 
 def own_run_dir(run_dir: Path, dist: DistEnv, separate_ok: bool) -> tuple[RunLock, bool, bool]:

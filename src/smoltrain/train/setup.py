@@ -6,6 +6,7 @@ and then read what it wrote (quietly), so every rank ends with the same tokenize
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
     import torch
 
     from smoltrain.checkpoint.layout import LocalLayout
-    from smoltrain.config import Config, TrainConfig
+    from smoltrain.config import Config
     from smoltrain.data.tokenizer import Tokenizer
     from smoltrain.distributed import DistEnv
     from smoltrain.model.llama import SmolLM2
@@ -32,16 +33,96 @@ def check_inputs(cfg: Config) -> None:
         raise UserError("Invalid configuration: " + "; ".join(problems) + ".")
 
 
-def apply_global_batch(train: TrainConfig, world_size: int) -> None:
-    """train.global_batch_size fixes the batch across world sizes: accumulation makes up the rest."""
-    if train.global_batch_size is None:
+def check_data_budget(cfg: Config, world_size: int, verbose: bool = False) -> None:
+    """Refuse a run that would read a prepared dataset more than data.max_epochs times (before the run dir is
+    touched when the data was prepared earlier; right after prepare otherwise); print planned vs available."""
+    from smoltrain.data.budget import available, budget_line, check_passes
+
+    if cfg.data.streaming:
         return
-    per_step = train.micro_batch_size * world_size
-    if train.global_batch_size % per_step:
-        raise UserError(f"train.global_batch_size {train.global_batch_size} is not divisible by "
-                        f"micro_batch_size {train.micro_batch_size} x world size {world_size} = {per_step}; "
+    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size
+    trained = [d for d in cfg.data.datasets if not d.eval_only(cfg.data.val_fraction)]
+    avail = {d.name: available(cfg, d) for d in trained}
+    check_passes(cfg, global_batch, avail)
+    if verbose and all(a.exact for a in avail.values()):
+        print(budget_line(cfg, global_batch, avail), flush=True)
+
+
+def cpu_fallback(cfg: Config, device: torch.device, is_main: bool) -> Config:
+    """A GPU recipe on a CPU: bf16 becomes fp32 and torch.compile goes off (said once; a new Config, the one the
+    run saves), and a step whose memory (the plan's figure, train.memory) exceeds this machine's available
+    memory is refused up front."""
+    if device.type != "cpu":
+        return cfg
+    changes = {}
+    if cfg.train.dtype == "bf16":
+        changes["bf16 -> fp32 (CPU bf16 matmuls are many times slower than fp32)"] = ("dtype", "fp32")
+    if cfg.train.compile:
+        changes["torch.compile off (minutes of compiling for little gain on a CPU)"] = ("compile", False)
+    if changes:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **dict(changes.values())))
+        if is_main:
+            print("This recipe asks for GPU settings but runs on a CPU: " + "; ".join(changes) + ".", flush=True)
+    if changes or num_params(cfg) * 16 > 2**30:  # a small CPU model needs no check
+        check_cpu_memory(cfg)
+    return cfg
+
+
+def num_params(cfg: Config) -> int:
+    import torch
+
+    from smoltrain.model.llama import SmolLM2
+
+    with torch.device("meta"):
+        return SmolLM2(cfg.model).num_params()
+
+
+def available_memory() -> int | None:
+    """Bytes this machine can still give (MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_cpu_memory(cfg: Config) -> None:
+    import torch
+
+    from smoltrain.model.loss import auto_chunk
+    from smoltrain.train.memory import GIB, measure_step
+
+    t = cfg.train
+    free = available_memory()
+    if free is None:
+        return
+    rows = t.micro_batch_size * t.seq_len
+    chunk = auto_chunk(rows, cfg.model.vocab_size, torch.device("cpu")) if t.loss_chunk == "auto" else t.loss_chunk
+    peak = measure_step(cfg.model, cfg.optim, t.micro_batch_size, t.seq_len, amp=False,
+                        activation_checkpointing=t.activation_checkpointing, loss_chunk=chunk).peak
+    if peak > free:
+        raise UserError(f"One training step of this recipe needs about {peak / GIB:.1f} GiB on this CPU (fp32, micro "
+                        f"batch {t.micro_batch_size} x {t.seq_len}: the plan's figure, smoltrain plan) but the machine "
+                        f"has {free / GIB:.1f} GiB available. Lower train.micro_batch_size (raise grad_accum_steps "
+                        "to keep tokens per step) or train.seq_len, turn on train.activation_checkpointing, or run "
+                        "it on a GPU.")
+
+
+def with_global_batch(cfg: Config, world_size: int) -> Config:
+    """train.global_batch_size fixes the batch across world sizes: accumulation makes up the rest.
+
+    Returns a new Config (the resolved one is never edited) whose grad_accum_steps is what runs; it is
+    the one the run saves, so the run dir's config.yaml says how the batch was made."""
+    t = cfg.train
+    if t.global_batch_size is None:
+        return cfg
+    per_step = t.micro_batch_size * world_size
+    if t.global_batch_size % per_step:
+        raise UserError(f"train.global_batch_size {t.global_batch_size} is not divisible by "
+                        f"micro_batch_size {t.micro_batch_size} x world size {world_size} = {per_step}; "
                         "change one of them.")
-    train.grad_accum_steps = train.global_batch_size // per_step
+    train = dataclasses.replace(t, grad_accum_steps=t.global_batch_size // per_step)
+    return dataclasses.replace(cfg, train=train)
 
 
 def setup_data(cfg: Config, dist: DistEnv, layout: LocalLayout) -> tuple[Tokenizer, object, dict[str, Path] | None]:
@@ -64,6 +145,7 @@ def setup_data(cfg: Config, dist: DistEnv, layout: LocalLayout) -> tuple[Tokeniz
         raise UserError(message[0].upper() + message[1:] + ".")
     t = cfg.train
     trained = {d.name: d.weight for d in cfg.data.datasets if not d.eval_only(cfg.data.val_fraction)}
+    check_data_budget(cfg, dist.world_size, verbose=dist.is_main)  # every dataset is prepared now: exact
     stages = cfg.to_dict()["data"]["stages"]  # plain dicts, as the loader takes them
     loader = PackedLoader({n: paths[n] for n in trained}, split="train", weights=trained,
                           stages=stages or None, batch_size=t.micro_batch_size, seq_len=t.seq_len, seed=t.seed,
@@ -72,22 +154,28 @@ def setup_data(cfg: Config, dist: DistEnv, layout: LocalLayout) -> tuple[Tokeniz
 
 
 def setup_stream(cfg: Config, dist: DistEnv, layout: LocalLayout) -> tuple[Tokenizer, object, None]:
-    """data.streaming: tokenize and pack one source on the fly; no prepare step, no held-out split."""
+    """data.streaming: tokenize, mix and pack the sources on the fly, in data.num_workers processes per
+    dataset; no prepare step, no held-out split."""
     from smoltrain.data.recipe import resolve_asset, resolve_tokenizer
     from smoltrain.data.stream import StreamLoader
 
-    if len(cfg.data.datasets) != 1 or len(cfg.data.datasets[0].sources) != 1:
-        raise UserError("data.streaming trains from exactly one dataset with one source; prepare the data "
-                        "(data.streaming: false) to mix several.")
-    ds = cfg.data.datasets[0]
-    def resolve() -> tuple[Tokenizer, str]:
-        return resolve_tokenizer(cfg, verbose=dist.is_main), resolve_asset(ds.sources[0])
+    several = [d.name for d in cfg.data.datasets if len(d.sources) != 1]
+    if several:
+        raise UserError(f"data.streaming reads exactly one source per dataset (a directory or an hf: id may hold "
+                        f"many files); {', '.join(several)} must name one. Give each source a dataset of its own "
+                        "(their weights mix them), or prepare the data.")
+    def resolve() -> tuple[Tokenizer, dict[str, str]]:
+        return (resolve_tokenizer(cfg, verbose=dist.is_main),
+                {d.name: resolve_asset(d.sources[0]) for d in cfg.data.datasets})
 
-    tokenizer, source = dist_io.main_first(resolve, layout.leads_dir)  # rank 0 fetches and trains first
+    tokenizer, sources = dist_io.main_first(resolve, layout.leads_dir)  # rank 0 fetches and trains first
     layout.check_same_data(tokenizer, {})
-    loader = StreamLoader(source, tokenizer, cfg.train.micro_batch_size, cfg.train.seq_len,
-                          text_key=cfg.data.text_key, rank=dist.rank, world_size=dist.world_size,
-                          name=ds.name)
+    t = cfg.train
+    stages = cfg.to_dict()["data"]["stages"]  # plain dicts, as the loader takes them
+    loader = StreamLoader(sources, tokenizer, t.micro_batch_size, t.seq_len, text_key=cfg.data.text_key,
+                          rank=dist.rank, world_size=dist.world_size, seed=t.seed,
+                          weights={d.name: d.weight for d in cfg.data.datasets}, stages=stages or None,
+                          grad_accum_steps=t.grad_accum_steps, num_workers=cfg.data.num_workers)
     return tokenizer, loader, None  # a stream has no held-out split: evaluations are skipped
 
 

@@ -35,7 +35,14 @@ from smoltrain.model.llama import IGNORE_INDEX
 from smoltrain.train.inloop import InLoopEval, in_loop_tasks
 from smoltrain.train.optim import build_optimizer, lr_at, rewarm_factor, set_lr
 from smoltrain.train.runlog import RunLog
-from smoltrain.train.setup import apply_global_batch, check_inputs, initial_model, setup_data
+from smoltrain.train.setup import (
+    check_data_budget,
+    check_inputs,
+    cpu_fallback,
+    initial_model,
+    setup_data,
+    with_global_batch,
+)
 from smoltrain.train.steplog import StepLog, due_work, summary, write_run_files
 
 
@@ -53,9 +60,11 @@ class Trainer:
         if device.type == "cuda" and self.dist.enabled:
             device = torch.device("cuda", self.dist.local_rank)
         self.device = device
+        cfg = cpu_fallback(cfg, self.device, self.dist.is_main)  # before anything is written or built
         self.amp_dtype = amp_dtype(self.device, cfg.train.dtype)
-        apply_global_batch(cfg.train, self.dist.world_size)
+        self.cfg = cfg = with_global_batch(cfg, self.dist.world_size)  # a new Config; the caller's is unchanged
         check_inputs(cfg)  # before the run dir is touched or any asset fetched
+        check_data_budget(cfg, self.dist.world_size)  # data prepared earlier: its passes are known now
         self.run = RunContext(cfg, self.dist, self.device, self.amp_dtype, self._print)
         self.run_dir = Path(cfg.run.dir)
         self.step = 0
