@@ -30,7 +30,7 @@ def test_all_problems_in_one_message(tmp_path):
     with pytest.raises(UserError) as e:
         load_config(None, ["train.max_stepz=5", "optim.lr=fast", "train.seq_len=100000", "train.micro_batch_size=0"])
     msg = str(e.value)
-    for needle in ("unknown key 'train.max_stepz'", "optim.lr must be float, got 'fast'",
+    for needle in ("unknown key 'train.max_stepz'", "optim.lr must be float > 0, got 'fast'",
                    "train.seq_len (100000) exceeds model.max_position_embeddings (8192)",
                    "train.micro_batch_size must be > 0 (got 0)"):
         assert needle in msg, (needle, msg)

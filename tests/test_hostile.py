@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from smoltrain import storage
+from smoltrain import containment, storage
 from smoltrain.checkpoint.discovery import step_dir, step_of
 from smoltrain.errors import UserError
 
@@ -79,10 +79,10 @@ def test_checkpoint_manifest_of_the_wrong_json_shape_is_refused(tmp_path, ckpt, 
 
 
 def test_contained_accepts_plain_names_and_refuses_the_rest(tmp_path):
-    assert storage.contained(tmp_path, "optimizer/state.safetensors") == tmp_path / "optimizer/state.safetensors"
+    assert containment.contained(tmp_path, "optimizer/state.safetensors") == tmp_path / "optimizer/state.safetensors"
     for bad in ["", "..", "../x", "/abs", "a/../../b", "a\\..\\..\\b", "nul\0byte", None, 5, ["x"]]:
-        with pytest.raises(storage.Escape):
-            storage.contained(tmp_path, bad)
+        with pytest.raises(containment.Escape):
+            containment.contained(tmp_path, bad)
 
 
 # --- 1. containment: stores (file:// and S3) ---------------------------------------------------------

@@ -80,7 +80,8 @@ def test_the_cli_is_the_edge():
 
 CORE = {"smoltrain", "smoltrain.errors", "smoltrain.config", "smoltrain.domain",
         "smoltrain.presets", "smoltrain.device", "smoltrain.storage", "smoltrain.distributed", "smoltrain.faults",
-        "smoltrain.history", "smoltrain.runinfo"}
+        "smoltrain.history", "smoltrain.runinfo", "smoltrain.recipefile",
+        "smoltrain.containment"}
 # what each package may import besides itself and the core modules (the core may also import the
 # architecture's dataclass, smoltrain.model.config, a leaf: the recipe's `model:` section is one)
 MAY_IMPORT = {

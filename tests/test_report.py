@@ -42,6 +42,8 @@ def test_report_writes_one_self_contained_page(run12, tmp_path, tiny_data):
                    "--max-batches", "2")
     assert proc.returncode == 0, proc.stderr
     assert f"Wrote {out / 'index.html'}" in proc.stdout
+    for part in ("report: evaluating 2 model(s)", "report: generating 1 prompt(s)", "report: drawing the charts"):
+        assert part in proc.stderr, proc.stderr  # progress while the slow parts run, on stderr
     page = (out / "index.html").read_text()
     # the curves are inside the page; the marker says `report` wrote the directory (so a re-run may replace it)
     assert sorted(p.name for p in out.iterdir()) == [".smoltrain-output.json", "index.html"]

@@ -187,7 +187,7 @@ CLI_BAD = [
     ("generate {ckpt} --prompt hi --repetition-penalty 0", ["--repetition-penalty", "> 0"]),
     ("import {root}/no_fields --out {out}", ["config.json lacks vocab_size, hidden_size"]),
     ("import {root}/a_list --out {out}", ["must hold a JSON object"]),
-    ("export {ckpt} --out {file}/sub", ["--out", "which is a file"]),
+    ("export {ckpt} --out {file}/sub", ["--out", "is a file"]),
     ("prepare --source {corpus} --tokenizer {tok} --out {out} --val-fraction 1.5", ["--val-fraction", "[0, 1]"]),
     ("prepare --source {corpus} --tokenizer {file} --out {out}", ["tokenizer"]),
     ("tokenizer train --source {corpus} --vocab-size 0 --out {out}", ["--vocab-size"]),

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,8 +35,13 @@ from smoltrain.domain import (
 )
 from smoltrain.domain import problems as domain_problems
 from smoltrain.errors import UserError
-from smoltrain.model.config import ModelConfig
+from smoltrain.model.config import ModelConfig, SamplingConfig
 from smoltrain.presets import PRESETS
+from smoltrain.recipefile import parse_overrides, read_tree, set_dotted
+
+SAMPLING = SamplingConfig()  # the shared sampling defaults (generate, demo, in-training samples)
+EXTENSION = Domain(lambda v: isinstance(v, str) and re.fullmatch(r"\.[\w+-][\w.+-]*", v) is not None,
+                   "a file extension with its dot, e.g. .md")
 
 
 @dataclass
@@ -73,6 +80,8 @@ class DataConfig:
     datasets: list[DatasetConfig] = field(default_factory=list)
     stages: list[StageConfig] = field(default_factory=list)  # [{start_step: N, weights: {name: w}}]
     val_fraction: float = checked(0.01, interval(0, 1))  # held-out documents per dataset
+    # files read whole as one document each (.jsonl, .jsonl.gz and .parquet are always read by rows)
+    text_extensions: list[str] = checked(default_factory=lambda: [".txt"], domain=EXTENSION)
     text_key: str = "text"
     max_documents: int | None = checked(None, positive)
     # tokens to prepare in all, shared by the trained datasets by weight (a dataset's own max_tokens wins)
@@ -166,9 +175,9 @@ class EvalConfig:
     sample_every: int = checked(0, nonneg("only at the end"))  # generate from `prompts` every N steps
     prompts: list[str] = field(default_factory=list)
     sample_tokens: int = checked(48, nonneg("no samples"))
-    temperature: float = checked(0.8, temperature)
-    top_k: int = checked(50, nonneg("off"))
-    top_p: float = checked(1.0, top_p)
+    temperature: float = checked(SAMPLING.temperature, temperature)  # defaults: model.config.SamplingConfig's
+    top_k: int = checked(SAMPLING.top_k, nonneg("off"))
+    top_p: float = checked(SAMPLING.top_p, top_p)
     # multiple-choice tasks scored at every evaluation: JSONL files, lm-eval suite names (hellaswag, ...), or
     # next-line:DATASET (pick the true next line of four, built from that dataset's held-out split)
     tasks: list[str] = field(default_factory=list)
@@ -210,75 +219,91 @@ class Config:
         return Path(self.run.data_dir) if self.run.data_dir else Path(self.run.dir) / "data"
 
 
-def get_dotted(tree: dict, dotted: str, default: Any = None) -> Any:
-    """tree["optim"]["lr"] for "optim.lr"; `default` when a key is missing or a section is not a mapping."""
-    node: Any = tree
-    for k in dotted.split("."):
-        if not isinstance(node, dict) or k not in node:
-            return default
-        node = node[k]
-    return node
+def config_keys(section: str | None = None) -> list[tuple[str, str, str]]:
+    """(dotted key, type and allowed values, default) for every config key: `smoltrain config keys`."""
+    sections = [f for f in dataclasses.fields(Config) if section is None or f.name == section]
+    if not sections:
+        known = ", ".join(f.name for f in dataclasses.fields(Config))
+        raise UserError(f"No config section {section!r} (sections: {known}).")
+    rows: list[tuple[str, str, str]] = []
+    for f in sections:
+        rows += _keys_of(f.type if isinstance(f.type, type) else type(getattr(Config(), f.name)), f.name)
+    return rows
 
 
-def flatten_dotted(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """{"optim": {"lr": 1}} -> {"optim.lr": 1}; lists (datasets, stages) stay whole values."""
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(flatten_dotted(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-MAX_CONFIG_CHARS = 1 << 20  # a recipe is a few KiB; this bounds what parsing it can cost
+def _keys_of(cls: type, prefix: str) -> list[tuple[str, str, str]]:
+    import typing
+
+    from smoltrain.domain import expected
+
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        inner = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+        if inner is not None and dataclasses.is_dataclass(inner):
+            rows += _keys_of(inner, f"{prefix}.{f.name}[]")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append((f"{prefix}.{f.name}", expected(tp, f.metadata.get("domain")), yaml.safe_dump(
+            default, default_flow_style=True, width=1000).strip().removesuffix("...").strip()))
+    return rows
 
 
-class AliasError(yaml.YAMLError):
-    """A YAML alias: refused (never read as a plain string, as other unparsable --set values are)."""
+Check = Callable[["Config"], list[str]]
+OWN_VAL_FRACTION = 0.1  # `--data`: every 10th document held out (a folder of notes has few documents)
 
 
-class _NoAliasLoader(yaml.SafeLoader):
-    """SafeLoader without aliases: a 1 KB "billion laughs" file expands them without bound, and a recipe
-    has no need for them (--set and presets are how values are shared)."""
+@dataclass(frozen=True)
+class OwnTexts:
+    """`smoltrain train --data PATH... [--data-ext .md,.py]`: train on these files instead of the recipe's
+    datasets (litgpt's TextFiles): one dataset, a BPE trained on it when the recipe trains one."""
 
-    def compose_node(self, parent, index):  # noqa: ANN001, ANN201 (PyYAML's signature)
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise AliasError(f"YAML aliases (*{event.anchor}) are not accepted in a smoltrain config "
-                                 f"({event.start_mark}); write the value out")
-        return super().compose_node(parent, index)
+    paths: tuple[str, ...]
+    extensions: tuple[str, ...] = ()
 
-
-def load_yaml(text: str) -> Any:
-    """yaml.safe_load without aliases (bounded: the result is no larger than the text)."""
-    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
-
-
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise UserError(f"--set {dotted}: {k} is not a section")
-    node[keys[-1]] = value
+    @property
+    def name(self) -> str:
+        """The dataset's name: the first path's folder or file stem, in characters safe for a directory."""
+        first = Path(self.paths[0]).expanduser()
+        stem = first.resolve().name if first.is_dir() else first.name.split(".")[0]
+        return re.sub(r"[^A-Za-z0-9_-]+", "-", stem).strip("-") or "texts"
 
 
-def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
-    out = []
-    for pair in pairs:
-        if "=" not in pair:
-            raise UserError(f"--set expects KEY=VALUE (e.g. train.max_steps=100), got {pair!r}")
-        key, raw = pair.split("=", 1)
-        try:
-            out.append((key.strip(), load_yaml(raw) if raw.strip() else ""))
-        except AliasError as e:
-            raise UserError(f"--set {key.strip()}: {e}.") from None
-        except yaml.YAMLError:
-            out.append((key.strip(), raw))
-    return out
+def use_own_texts(tree: dict, own: OwnTexts, overridden: set[str]) -> list[str]:
+    """Replace the recipe's datasets with `own`'s and drop what named the old ones; the changes, as phrases.
+
+    The run goes to runs/NAME (unless --set run.dir is given), so it never resumes the recipe's own run."""
+    data = tree.setdefault("data", {})
+    if not isinstance(data, dict):
+        return []  # build() names the malformed section
+    name = own.name
+    old = [str(d.get("name", "data")) for d in data.get("datasets") or [] if isinstance(d, dict)]
+    data["datasets"] = [{"name": name, "sources": list(own.paths), "val_fraction": OWN_VAL_FRACTION}]
+    notes = [f"data.datasets [{', '.join(old)}] -> [{name}: {', '.join(own.paths)}] (every "
+             f"{round(1 / OWN_VAL_FRACTION)}th document held out)"]
+    if own.extensions:
+        data["text_extensions"] = list(own.extensions)
+        notes.append(f"data.text_extensions [{', '.join(own.extensions)}]")
+    if data.pop("stages", None):
+        notes.append("data.stages dropped (they weighted the replaced datasets)")
+    ev = tree.get("eval")
+    tasks = ev.get("tasks") if isinstance(ev, dict) else None
+    gone = [t for t in tasks or [] if isinstance(t, str) and t.startswith("next-line:")]
+    if gone:
+        ev["tasks"] = [t for t in tasks if t not in gone]
+        notes.append(f"eval.tasks {', '.join(gone)} dropped (built from the replaced dataset; "
+                     f"--set 'eval.tasks=[next-line:{name}]' scores yours)")
+    run = tree.setdefault("run", {})
+    if "run.dir" not in overridden and isinstance(run, dict):
+        notes.append(f"run.dir {run.get('dir', RunConfig.dir)} -> runs/{name}")
+        run["dir"] = f"runs/{name}"
+    return notes
 
 
-def config_from_dict(tree: dict, source: str = "config") -> Config:
+def config_from_dict(tree: dict, source: str = "config", checks: Iterable[Check] = ()) -> Config:
+    """Build and validate; `checks` (e.g. the trainer's input checks: paths, tokenizer size) add their
+    problems to the same message, so a user sees every mistake in one run."""
     tree = dict(tree or {})
     problems: list[str] = []
     model = tree.get("model") or {}
@@ -292,35 +317,26 @@ def config_from_dict(tree: dict, source: str = "config") -> Config:
         tree["model"] = model
     cfg = build(Config, tree, "", problems)
     problems += validate(cfg)  # fields with a wrong type kept their defaults: safe to check the rest
+    for check in checks:
+        problems += check(cfg)
     if problems:
         raise UserError(f"Invalid configuration in {source}: " + "; ".join(problems) + ".")
     return cfg
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML recipe (or defaults when path is None), apply `--set` overrides, validate."""
-    tree: dict = {}
-    source = "defaults"
-    if path is not None:
-        source = str(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise UserError(f"Cannot read config file {path}: {e.strerror}.") from None
-        except UnicodeDecodeError as e:
-            raise UserError(f"Config file {path} is not UTF-8 text ({e.reason} at byte {e.start}).") from None
-        if len(text) > MAX_CONFIG_CHARS:
-            raise UserError(f"Config file {path} is {len(text):,} characters; a recipe is a few KiB (the limit is "
-                            f"{MAX_CONFIG_CHARS:,}). Is it the right file?")
-        try:
-            tree = load_yaml(text) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"Malformed YAML in {path}: {str(e).replace(chr(10), ' ')}") from None
-        if not isinstance(tree, dict):
-            raise UserError(f"Config file {path} must hold a mapping of sections, not {type(tree).__name__}.")
-    for key, value in parse_overrides(overrides or []):
-        _set_dotted(tree, key, value)
-    return config_from_dict(tree, source)
+def load_config(path: str | Path | None, overrides: list[str] | None = None, own: OwnTexts | None = None,
+                checks: Iterable[Check] = (), notes: list[str] | None = None) -> Config:
+    """Read a YAML recipe (or defaults when path is None), apply `own` texts (`--data`) and then the
+    `--set` overrides, validate; what `own` changed is appended to `notes`."""
+    tree = read_tree(path)
+    pairs = parse_overrides(overrides or [])
+    if own is not None:
+        changed = use_own_texts(tree, own, {key for key, _ in pairs})
+        if notes is not None:
+            notes += changed
+    for key, value in pairs:
+        set_dotted(tree, key, value)
+    return config_from_dict(tree, "defaults" if path is None else str(path), checks)
 
 
 def validate(cfg: Config) -> list[str]:
@@ -356,10 +372,8 @@ def validate(cfg: Config) -> list[str]:
         p.append("every dataset is evaluation-only (val_fraction 1.0): at least one must be trained on")
     elif trained and not 0 < _total([d.weight for d in trained]) < math.inf:
         p.append("the trained datasets' weights must sum to a positive finite number (all 0, or too large)")
-    if cfg.data.train_tokenizer_vocab_size > cfg.model.vocab_size:
-        p.append(f"data.train_tokenizer_vocab_size ({cfg.data.train_tokenizer_vocab_size}) exceeds model.vocab_size "
-                 f"({cfg.model.vocab_size}): token ids would index past the embedding")
     p += _stage_problems(cfg.data.stages, names)
+    p += _tokenizer_problems(cfg)
     for spec in cfg.eval.tasks:
         if spec.startswith("next-line:") and spec.split(":", 1)[1] not in names:
             p.append(f"eval.tasks {spec!r} names no dataset (datasets: {', '.join(names) or 'none'})")
@@ -394,6 +408,19 @@ def _remote_overlaps(cfg: Config) -> list[str]:
             return [f"checkpoint.remote {cfg.checkpoint.remote} overlaps {key} {value}: the store's uploads and "
                     "retention delete files there; give the store a directory of its own"]
     return []
+def _tokenizer_problems(cfg: Config) -> list[str]:
+    """A tokenizer to train needs texts to train on and must fit the model; each message names the fix."""
+    d = cfg.data
+    size = d.train_tokenizer_vocab_size
+    p = []
+    if size > 0 and d.datasets and not any(ds.sources and not ds.eval_only(d.val_fraction) for ds in d.datasets):
+        p.append(f"data.train_tokenizer_vocab_size {size} trains a tokenizer on the datasets' sources, but no "
+                 "dataset has sources to train on; give a dataset sources, or set data.train_tokenizer_vocab_size: "
+                 f"0 (off) to use data.tokenizer ({d.tokenizer}) as is")
+    if size > cfg.model.vocab_size:
+        p.append(f"data.train_tokenizer_vocab_size ({size}) exceeds model.vocab_size ({cfg.model.vocab_size}); "
+                 f"set data.train_tokenizer_vocab_size: {cfg.model.vocab_size}, or raise model.vocab_size to {size}")
+    return p
 
 
 def _stage_problems(stages: list[StageConfig], names: list[str]) -> list[str]:

@@ -138,7 +138,18 @@ def _type_ok(value: Any, tp: Any) -> bool:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_args(tp):  # list[str], int | None: the parameters say what goes inside
+        return str(tp).replace("typing.", "")
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def expected(tp: Any, dom: Domain | None) -> str:
+    """What a field takes, its domain included: `int >= 0 (0: off)`, `list[str] (each ...)`."""
+    if dom is None:
+        return _type_name(tp)
+    if typing.get_origin(tp) is list:
+        return f"{_type_name(tp)} (each {dom.text})"
+    return f"{_type_name(tp)} {dom.text}"
 
 
 def build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
@@ -150,6 +161,7 @@ def build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
         problems.append(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
         return cls()
     hints = typing.get_type_hints(cls)
+    domains = {f.name: f.metadata.get("domain") for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else str(key)
@@ -164,7 +176,7 @@ def build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
         elif inner is not None and dataclasses.is_dataclass(inner) and isinstance(value, list):
             kwargs[key] = [build(inner, v, f"{path}[{i}]", problems) for i, v in enumerate(value)]
         elif not _type_ok(value, tp):
-            problems.append(f"{path} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+            problems.append(f"{path} must be {expected(tp, domains.get(key))}, got {value!r} ({type(value).__name__})")
         else:
             kwargs[key] = float(value) if tp is float or (tp == float | None and value is not None) else value
     return cls(**kwargs)

@@ -49,3 +49,24 @@ def environment(device: torch.device, world_size: int) -> dict:
         "versions": {p: _version(p) for p in ("smoltrain", "torch", "transformers", "tokenizers", "numpy")},
         "device": str(device), "device_name": dev, "world_size": world_size, "cpu_threads": torch.get_num_threads(),
     }
+
+
+def program() -> str:
+    """smoltrain as the user typed it, so the commands we suggest can be copied: `.venv/bin/smoltrain`,
+    `smoltrain`, or `python -m smoltrain` (the interpreter as typed)."""
+    argv = getattr(sys, "orig_argv", None) or sys.argv
+    if len(argv) >= 3 and argv[1] == "-m" and argv[2] == "smoltrain":
+        return f"{argv[0]} -m smoltrain"
+    if Path(sys.argv[0]).name == "smoltrain":
+        return sys.argv[0]
+    return "smoltrain"
+
+
+def tensorboard_program() -> str:
+    """TensorBoard next to the smoltrain the user ran: the same interpreter, or the same bin directory."""
+    name = program()
+    if name.endswith(" -m smoltrain"):
+        return name.removesuffix(" -m smoltrain") + " -m tensorboard.main"
+    if "/" in name:
+        return str(Path(name).parent / "tensorboard")
+    return "tensorboard"

@@ -26,8 +26,9 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
+from smoltrain.containment import contained, shown
 from smoltrain.errors import TrainingError, UserError
 
 MANIFEST = "manifest.json"  # checkpoints (train, import, export): sha256 of every file
@@ -110,34 +111,6 @@ def rewrite_jsonl(path: Path, keep: Callable[[dict], bool], append: Iterable[dic
 
 def _files(directory: Path, skip: str) -> list[Path]:
     return sorted(p for p in Path(directory).rglob("*") if p.is_file() and p.name != skip)
-
-
-class Escape(UserError):
-    """A name read from a file points outside its directory: hostile or damaged, never skipped quietly."""
-
-
-def contained(root: str | Path, name: object, what: str = "entry") -> Path:
-    """`root / name` for a name read from a file (a manifest, a store listing, meta.json), refused unless it
-    stays inside `root`: no absolute path, no `..`, no symlink on the way that leads out. Whoever writes such
-    a file chooses the names, and a sha256 check does not help (they write the sums too)."""
-    text = name if isinstance(name, str) else ""
-    parts = PurePosixPath(text.replace("\\", "/")).parts
-    if not text or "\0" in text or Path(text).is_absolute() or ".." in parts:
-        raise Escape(f"{what} {shown(name)} in {root} is not a plain relative name inside that directory; "
-                        "refusing to read or write it (a file naming paths outside its own directory is hostile "
-                        "or damaged). Nothing was written.")
-    target = Path(root) / text
-    base = Path(root).resolve()
-    if not _inside(target.resolve(), base):
-        raise Escape(f"{what} {shown(name)} in {root} leads outside that directory (through a symlink); "
-                        "refusing to read or write it. Nothing was written.")
-    return target
-
-
-def shown(value: object, limit: int = 80) -> str:
-    """A value from a file, for an error message: its repr cut to `limit` characters (never unbounded)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "...(cut)"
 
 
 def write_manifest(directory: Path, command: str, info: dict | None = None, hashed: bool = True) -> None:
@@ -495,3 +468,16 @@ def format_bytes(n: float) -> str:
 def tree_size(directory: Path) -> int:
     """Bytes of every file under `directory`."""
     return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
+
+
+def umask() -> int:
+    """The process umask, read without changing it where Linux tells it (/proc), else set and restored."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

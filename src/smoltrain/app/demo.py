@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import yaml
 
 from smoltrain.checkpoint.discovery import STEP_DIR, list_checkpoints, step_of
 from smoltrain.device import amp_dtype
@@ -25,6 +26,7 @@ from smoltrain.history import History
 from smoltrain.model.generate import SamplingConfig, generate, prepare_for_decode, stream_text
 
 PANES = ("A", "B")
+SAMPLING = SamplingConfig()  # the shared defaults (generate and in-training samples start from them too)
 
 
 class CheckpointSource:
@@ -72,6 +74,18 @@ class CheckpointSource:
         if self.run_dir is not None and key in {k for _, k in self.options()}:
             return self.run_dir / "checkpoints" / key
         raise UserError(f"Checkpoint {key!r} is not (or no longer) in {self.name}; reload the page.")
+
+    def placeholder(self) -> str:
+        """The prompt box's hint: the run's first eval.prompts entry (its config.yaml, or the checkpoint's),
+        so a Shakespeare model suggests "ROMEO:"; a generic one for a model without a run config."""
+        for where in (self.run_dir, self.single):
+            try:
+                prompts = (yaml.safe_load((where / "config.yaml").read_text()).get("eval") or {}).get("prompts")
+            except (OSError, TypeError, AttributeError, yaml.YAMLError):
+                continue
+            if prompts and isinstance(prompts[0], str) and prompts[0].strip():
+                return prompts[0]
+        return "Once upon a time"
 
     def defaults(self) -> tuple[str, str]:
         """Keys shown first: the oldest and the newest checkpoint (or the one asked for)."""
@@ -169,12 +183,12 @@ def build_app(source: CheckpointSource, cache: ModelCache):
     with gr.Blocks(title="smoltrain demo", analytics_enabled=False) as app:
         gr.Markdown(f"## smoltrain demo\n`{source.name}`: pick a checkpoint for each pane, type a prompt, and "
                     "generate. Both panes use the same settings and seed, so what differs is the checkpoint.")
-        prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt", placeholder="Once upon a time")
+        prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt", placeholder=source.placeholder())
         with gr.Row():
             max_new = gr.Slider(1, min(2048, context), value=min(64, context), step=1, label="max new tokens")
-            temperature = gr.Slider(0.0, 2.0, value=0.8, step=0.05, label="temperature (0 = greedy)")
-            top_k = gr.Slider(0, 200, value=50, step=1, label="top-k (0 = off)")
-            top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.01, label="top-p (1 = off)")
+            temperature = gr.Slider(0.0, 2.0, value=SAMPLING.temperature, step=0.05, label="temperature (0 = greedy)")
+            top_k = gr.Slider(0, 200, value=SAMPLING.top_k, step=1, label="top-k (0 = off)")
+            top_p = gr.Slider(0.05, 1.0, value=SAMPLING.top_p, step=0.01, label="top-p (1 = off)")
             seed = gr.Number(value=0, precision=0, label="seed (empty = random)")
         button = gr.Button("Generate", variant="primary", elem_id="generate")
         pickers = []

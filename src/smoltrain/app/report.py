@@ -14,7 +14,7 @@ import base64
 import json
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -90,6 +90,10 @@ def _read_text(path: Path) -> str:
         return ""
 
 
+def quiet(_: str) -> None:
+    """No progress lines (the CLI passes its own printer)."""
+
+
 def draw_charts(run: Run) -> list[tuple[str, str]]:
     """(title, PNG as a data: URI) per chart; a chart is left out when its metric was never logged."""
     made = []
@@ -112,13 +116,16 @@ def _data_uri(png: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
 
 
-def checkpoint_generations(run: Run, prompts: list[str], max_new_tokens: int, device: torch.device) -> list[dict]:
+def checkpoint_generations(run: Run, prompts: list[str], max_new_tokens: int, device: torch.device,
+                           say: Callable[[str], None] = quiet) -> list[dict]:
     """Each prompt, greedily continued by every kept checkpoint: rows of step, val loss, prompt, text."""
     from smoltrain.model.generate import SamplingConfig, generate, prepare_for_decode
 
     rows = []
-    for ckpt in run.checkpoints:
+    for i, ckpt in enumerate(run.checkpoints):
         step = step_of(ckpt)
+        say(f"generating {len(prompts)} prompt(s) x {max_new_tokens} tokens at step {step} "
+            f"({i + 1}/{len(run.checkpoints)})")
         val = val_label(run.history, step)
         try:
             model, tok, _ = load_model(ckpt, device=device)
@@ -190,13 +197,15 @@ def run_task_specs(run: Run, extra: Sequence[str]) -> list[str]:
     return list(dict.fromkeys([*specs, *extra]))
 
 
-def task_table(models: list[tuple[str, Path]], specs: list[str], limit: int | None, device: torch.device) -> list[dict]:
+def task_table(models: list[tuple[str, Path]], specs: list[str], limit: int | None, device: torch.device,
+               say: Callable[[str], None] = quiet) -> list[dict]:
     """acc / acc_norm of every model on every task, through smoltrain.eval.tasks (as `eval --tasks` does)."""
     from smoltrain.eval.tasks import load_scorer, load_task, score_task
 
     tasks = [load_task(s, limit) for s in specs]
     rows = []
-    for label, path in models:
+    for i, (label, path) in enumerate(models):
+        say(f"scoring {len(tasks)} task(s) with {label} ({i + 1}/{len(models)})")
         scorer, tok, _ = load_scorer(str(path), device)
         rows.append({"model": label, "tasks": {t.name: score_task(scorer, tok, t) for t in tasks}})
         del scorer
@@ -256,7 +265,7 @@ def _summary_rows(run: Run) -> list[list[str]]:
             ["final val loss / ppl / bits per byte", val],
             ["median tokens/s (max)", speed],
             ["median MFU", mfu],
-            ["peak GPU memory (GiB)", fmt(t["peak_mem_gb"], ".2f")]]
+            ["peak memory (GiB: GPU allocator, or CPU RSS)", fmt(t["peak_mem_gb"], ".2f")]]
     rows += [[f"tokens from {name}", fmt(n)] for name, n in t["tokens_per_source"].items()]
     return rows
 
@@ -297,8 +306,9 @@ def _environment_rows(run: Run) -> list[list[str]]:
 def make_report(run_dir: str | Path, out: str | Path, prompts: list[str] | None = None,
                 references: Sequence[str] = (), data: str | Path | None = None, max_new_tokens: int | None = None,
                 device: str = "auto", max_batches: int = 50, batch_size: int = 4, tasks: Sequence[str] = (),
-                tasks_limit: int | None = None) -> Path:
-    """Write DIR/index.html and its PNGs; returns the HTML path. Inputs are checked before any work."""
+                tasks_limit: int | None = None, say: Callable[[str], None] = quiet) -> Path:
+    """Write DIR/index.html (charts embedded); returns its path. Inputs are checked before any work; `say`
+    hears a line before each slow part (evaluations, tasks, generations can take minutes on a CPU)."""
     from smoltrain.device import pick_device
 
     run = open_run(run_dir)
@@ -320,13 +330,15 @@ def make_report(run_dir: str | Path, out: str | Path, prompts: list[str] | None 
         if final is None:
             raise UserError(f"Run directory {run.dir} has no valid checkpoint to evaluate.")
         seq_len = int((run.config.get("train") or {}).get("seq_len") or 512)
+        say(f"evaluating {1 + len(refs)} model(s) on {data_dir} (up to {max_batches} batches each)")
         ppl = perplexity_table([(f"this run (step {step_of(final)})", final), *refs], data_dir, seq_len,
                                batch_size, max_batches, dev)
     specs = run_task_specs(run, tasks)
     limit = tasks_limit or int(ev.get("tasks_limit") or 200)
     scored = [(f"step {step_of(c)}", c) for c in run.checkpoints] + refs
-    task_rows = task_table(scored, specs, limit, dev) if specs else []
-    gens = checkpoint_generations(run, prompts, max_new_tokens, dev)
+    task_rows = task_table(scored, specs, limit, dev, say) if specs else []
+    gens = checkpoint_generations(run, prompts, max_new_tokens, dev, say)
+    say("drawing the charts")
     with publish(out, "report", {"run": str(run.dir)}, hashed=False, replace=True) as staging:
         charts = draw_charts(run)
         page = render(run, charts, gens, prompts, max_new_tokens, ppl, data_dir, task_rows)

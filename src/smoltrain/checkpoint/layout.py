@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from smoltrain import containment, storage
 from smoltrain import distributed as dist_io
-from smoltrain import storage
 from smoltrain.checkpoint import state as ckpt_io
 from smoltrain.checkpoint.discovery import step_dir, step_of
 from smoltrain.checkpoint.optimizer import OPTIMIZER_DIR
@@ -78,9 +78,10 @@ class LocalLayout:
     def check_same_data(self, tokenizer: Tokenizer, paths: dict[str, Path]) -> None:
         """Every rank reads the data rank 0 prepared: nothing to compare."""
 
-    def close(self) -> None:
-        """Release the run dir (the kernel would at exit; in-process callers get it back now)."""
-        self.lock.release()
+    def close(self, refused: bool = False) -> None:
+        """Release the run dir (the kernel would at exit; in-process callers get it back now); `refused`: the
+        run did nothing, so the lock file and directories it created go too."""
+        self.lock.release(refused)
 
 
 class NodeLayout(LocalLayout):
@@ -131,7 +132,7 @@ class NodeLayout(LocalLayout):
         def fetch() -> str | None:
             try:
                 for name, rec in records:
-                    self.remote.get_part(step, name, storage.contained(staging, name, "node part"), rec)
+                    self.remote.get_part(step, name, containment.contained(staging, name, "node part"), rec)
             except Exception as e:  # every store raises its own classes
                 return f"rank 0 could not fetch the other nodes' parts of step {step} from {self.remote.url} ({e})"
             return None
@@ -222,5 +223,5 @@ def open_run_dir(cfg: Config, dist: DistEnv, recipe: str | Path | None = None) -
         remote = dist_io.all_or_none(node_remote)
         return NodeLayout(run_dir, dist, lock, mirror, remote, sees_main_dir, cfg.checkpoint.keep_last)
     except BaseException:
-        lock.release()
+        lock.release(refused=True)
         raise

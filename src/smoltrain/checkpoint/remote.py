@@ -26,7 +26,7 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from smoltrain import storage
+from smoltrain import containment, storage
 from smoltrain.checkpoint.discovery import STEP_DIR, quarantine, step_dir, step_name, step_of
 from smoltrain.config import check_remote_url
 from smoltrain.errors import UserError
@@ -194,7 +194,7 @@ class Remote:
             print(f"{why}: downloading {self.url_of(step)}...", flush=True)
             try:
                 local = self._download(step, Path(run_dir))
-            except storage.Escape as e:
+            except containment.Escape as e:
                 raise UserError(f"checkpoint.remote {self.url} is unsafe: {e} Check who writes that store.") from None
             except UserError as e:
                 print(f"remote: skipping {self.url_of(step)}: {e}", file=sys.stderr, flush=True)
@@ -217,7 +217,7 @@ class Remote:
             storage.verify_manifest(staging)
             os.unlink(staging / storage.STAGING_LOCK)  # not a checkpoint file; our fd holds the lock to the end
             storage.rename_synced(staging, final)  # durable before it is named a checkpoint, as commit does
-        except storage.Escape:
+        except containment.Escape:
             raise
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"download failed ({_explain(e)})") from None
@@ -232,7 +232,7 @@ class Remote:
         files = manifest.get("files") if isinstance(manifest, dict) else None
         if not isinstance(files, dict):
             raise UserError(f"{where}/{storage.MANIFEST} is not a smoltrain manifest (no file list)")
-        return {name: storage.contained(staging, name, f"{where}/{storage.MANIFEST} entry") for name in files}
+        return {name: containment.contained(staging, name, f"{where}/{storage.MANIFEST} entry") for name in files}
 
     def restore_logs(self, run_dir: Path) -> None:
         """The remote's log files replace local ones, so history reads as if the machine never changed."""

@@ -2,7 +2,9 @@
 
 The lock is an flock on RUN/.smoltrain.lock: the kernel drops it when the holder dies, so a `kill -9`
 never leaves a stale lock. The holder writes its PID and host into the file (a second trainer names
-them) and empties it again on a clean exit.
+them) and empties it again on a clean exit. A run refused during its setup (a resume that does not fit,
+a tokenizer too large for the model) leaves nothing behind: the lock file and the directories it created
+go again, when this process created them.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from typing import TYPE_CHECKING
 
 from smoltrain import distributed as dist_io
 from smoltrain import storage
-from smoltrain.config import flatten_dotted
 from smoltrain.errors import UserError
+from smoltrain.recipefile import flatten_dotted
 from smoltrain.storage import output_record
 
 if TYPE_CHECKING:
@@ -57,20 +59,25 @@ class RunLock:
         self.path = Path(run_dir) / LOCK_NAME
         self.token = uuid.uuid4().hex
         self._finalizer = None
+        self._created: list[Path] = []  # what acquire() made (the lock file, then new directories, deepest first)
 
     def acquire(self) -> RunLock:
+        made = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(fd)
+        for _ in range(10):  # a refused run may unlink the file between our open and flock: then open again
+            fd, new = _open_lock(self.path)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise UserError(_in_use(self.path.parent, holder)) from None
+            if _same_file(fd, self.path):
+                break
             os.close(fd)
-            who = f"PID {holder.get('pid', '?')} on host {holder.get('host', '?')}"
-            since = f", since {holder['started']}" if holder.get("started") else ""
-            raise UserError(f"{self.path.parent} is in use by another smoltrain train ({who}{since}). Two trainers "
-                            "on one run dir would overwrite each other's checkpoints and logs: wait for it to "
-                            "finish, stop it (it saves a checkpoint on SIGTERM), or use another run.dir.") from None
+        else:
+            raise UserError(f"Could not lock {self.path}: it was replaced 10 times while locking; try again.")
+        self._created = ([self.path] if new else []) + made
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                   "token": self.token}
         os.ftruncate(fd, 0)
@@ -79,10 +86,23 @@ class RunLock:
         self._finalizer = weakref.finalize(self, _release, fd)
         return self
 
-    def release(self) -> None:
+    def release(self, refused: bool = False) -> None:
+        """Drop the lock; `refused`: the run did nothing, so remove what acquire() created (while still
+        holding the lock, so no other trainer can hold this file)."""
+        if refused and self.held:
+            self.forget_created()
         if self._finalizer is not None:
             self._finalizer()
             self._finalizer = None
+
+    def forget_created(self) -> None:
+        """Remove the lock file and the directories acquire() created, if they hold nothing else."""
+        for p in self._created:
+            try:
+                p.unlink() if p == self.path else p.rmdir()
+            except OSError:
+                return  # a directory another command wrote into stays, and so do those above it
+        self._created = []
 
     @property
     def held(self) -> bool:
@@ -114,6 +134,28 @@ def check_run_dir(run_dir: Path, recipe: str | Path | None = None) -> None:
 def _smoltrain_output(p: Path) -> bool:
     """A directory another smoltrain command published (e.g. `prepare --out RUN/data` before training)."""
     return p.is_dir() and output_record(p) is not None
+def _open_lock(path: Path) -> tuple[int, bool]:
+    """(fd, whether this call created the file)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+    except FileExistsError:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644), False
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether the locked fd is still the file at `path` (not one unlinked by a refused run meanwhile)."""
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _in_use(run_dir: Path, holder: dict) -> str:
+    who = f"PID {holder.get('pid', '?')} on host {holder.get('host', '?')}"
+    since = f", since {holder['started']}" if holder.get("started") else ""
+    return (f"{run_dir} is in use by another smoltrain train ({who}{since}). Two trainers on one run dir would "
+            "overwrite each other's checkpoints and logs: wait for it to finish, stop it (it saves a checkpoint on "
+            "SIGTERM), or use another run.dir.")
 
 
 def sees_lock(run_dir: Path, token: str) -> bool:

@@ -18,7 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from smoltrain import storage
+from smoltrain import containment, storage
 from smoltrain.checkpoint.discovery import STEP_DIR, list_checkpoints, quarantine, step_dir, step_of
 from smoltrain.data.tokenizer import Tokenizer
 from smoltrain.errors import UserError
@@ -165,10 +165,10 @@ def check_train_state(ckpt: Path, ts: object) -> None:
     for key in COUNTERS:
         value = ts.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise bad(f"{key} is {storage.shown(value)}, not an integer >= 0")
+            raise bad(f"{key} is {containment.shown(value)}, not an integer >= 0")
     rewarm = ts.get("rewarm_from")
     if rewarm is not None and (not isinstance(rewarm, int) or isinstance(rewarm, bool) or not 0 <= rewarm <= ts["step"]):
-        raise bad(f"rewarm_from is {storage.shown(rewarm)}, not a step between 0 and {ts['step']}")
+        raise bad(f"rewarm_from is {containment.shown(rewarm)}, not a step between 0 and {ts['step']}")
     if not isinstance(ts.get("loader"), dict):
         raise bad("it has no loader position")
     if STEP_DIR.match(Path(ckpt).name) and step_of(ckpt) != ts["step"]:

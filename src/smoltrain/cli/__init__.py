@@ -11,6 +11,7 @@ import argparse
 import sys
 import traceback
 
+from smoltrain.cli.args import Parser
 from smoltrain.cli.data import add_data_commands, add_tasks_command
 from smoltrain.cli.models import add_model_commands
 from smoltrain.cli.runs import add_show_commands, add_train_commands
@@ -20,7 +21,13 @@ DESCRIPTION = "Pretrain SmolLM2-family models: prepare data, train, evaluate, ge
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="smoltrain", description=DESCRIPTION)
+    import platform
+
+    from smoltrain import __version__
+
+    parser = Parser(prog="smoltrain", description=DESCRIPTION)
+    parser.add_argument("--version", action="version",
+                        version=f"smoltrain {__version__} (Python {platform.python_version()})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_model_commands(sub)
     add_data_commands(sub)

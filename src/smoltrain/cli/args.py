@@ -12,6 +12,25 @@ from smoltrain import domain
 from smoltrain.domain import Domain
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in --help, except where there is none to show (None, off flags, empty lists)
+    or its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_text = action.help or ""
+        if action.default in (None, False, [], (), argparse.SUPPRESS) or "default" in help_text.lower():
+            return help_text
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """The CLI's parsers: defaults shown in every --help (subparsers inherit the class)."""
+
+    def __init__(self, *args: Any, **kw: Any):
+        kw.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kw)
+
+
 def ranged(dom: Domain, parse: type = int) -> Callable[[str], Any]:
     """An argparse type that parses and then refuses values outside `dom`, so argparse exits 2 naming
     the option before any work; floats must also be finite."""
@@ -56,3 +75,13 @@ def out_path(raw: str) -> str:
     """An output that is a directory or a file (export: an HF directory or a .gguf): no file above it."""
     out_dir(str(Path(raw).expanduser().parent))
     return raw
+
+
+def text_extensions(raw: str) -> tuple[str, ...]:
+    """`.md,.py` (or `md py`) -> (".md", ".py"): the files read whole as one document each."""
+    from smoltrain.data.sources import normalize_extensions
+
+    exts = normalize_extensions(raw.replace(" ", ","))
+    if not exts:
+        raise argparse.ArgumentTypeError(f"expected extensions such as .md,.py (got {raw!r})")
+    return exts

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from smoltrain import domain
-from smoltrain.cli.args import POSITIVE, out_dir, out_file, ranged
+from smoltrain.cli.args import POSITIVE, out_dir, out_file, ranged, text_extensions
 
 
 def _cmd_prepare(a: argparse.Namespace) -> int:
@@ -14,7 +14,7 @@ def _cmd_prepare(a: argparse.Namespace) -> int:
     prepare(a.source, a.tokenizer, a.out, text_key=a.text_key, val_fraction=a.val_fraction, val_docs=a.val_docs,
             val_documents=a.val_documents, max_documents=a.max_documents, max_tokens=a.max_tokens,
             num_proc=a.num_proc, force=a.force, shard_tokens=a.shard_tokens, model_vocab_size=a.model_vocab_size,
-            progress=not a.no_progress)
+            progress=not a.no_progress, text_extensions=a.text_ext)
     return 0
 
 
@@ -23,7 +23,7 @@ def _cmd_tokenizer_train(a: argparse.Namespace) -> int:
 
     tok = train_tokenizer(a.source, a.vocab_size, a.out, text_key=a.text_key, max_documents=a.max_documents,
                           min_frequency=a.min_frequency, extra_special_tokens=a.special_token, force=a.force,
-                          show_progress=True)
+                          show_progress=True, text_extensions=a.text_ext)
     print(f"Trained a byte-level BPE with {tok.vocab_size} tokens -> {a.out} (<|endoftext|> is id {tok.eot_id})")
     return 0
 
@@ -53,6 +53,7 @@ def add_tasks_command(sub) -> None:
 
 def add_data_commands(sub) -> None:
     src_help = "a .txt/.jsonl/.jsonl.gz/.parquet file, a directory of them, or hf:NAME[:CONFIG[:SPLIT]] (repeatable)"
+    ext_help = "extensions of the files read whole as one document each, comma-separated (e.g. .md,.py)"
     p = sub.add_parser("prepare", help="tokenize documents into token shards + meta.json for training")
     p.add_argument("--source", action="append", required=True, metavar="SRC", help=src_help)
     p.add_argument("--tokenizer", required=True, metavar="TOK", help="hub id, directory, tokenizer.json or .gguf")
@@ -67,7 +68,8 @@ def add_data_commands(sub) -> None:
     val.add_argument("--val-documents", action="append", default=[], metavar="GLOB",
                      help="hold out the documents whose source-relative name (e.g. hamlet_gut.txt, rows.jsonl#3) or "
                           "file matches GLOB, and only those (repeatable)")
-    p.add_argument("--text-key", default="text", help="text column of jsonl/parquet/hf rows (default text)")
+    p.add_argument("--text-ext", type=text_extensions, default=".txt", metavar="EXT[,EXT]", help=ext_help)
+    p.add_argument("--text-key", default="text", help="text column of jsonl/parquet/hf rows")
     p.add_argument("--max-documents", type=POSITIVE, default=None, help="stop after this many documents in all")
     p.add_argument("--max-tokens", type=POSITIVE, default=None,
                    help="stop once this many tokens are prepared (at the next ~1 MB work item)")
@@ -86,8 +88,9 @@ def add_data_commands(sub) -> None:
     t.add_argument("--vocab-size", type=POSITIVE, required=True, help="total tokens, special tokens included")
     t.add_argument("--out", required=True, metavar="DIR", type=out_dir,
                    help="directory for tokenizer.json + tokenizer_config.json")
-    t.add_argument("--text-key", default="text")
-    t.add_argument("--max-documents", type=POSITIVE, default=None)
+    t.add_argument("--text-ext", type=text_extensions, default=".txt", metavar="EXT[,EXT]", help=ext_help)
+    t.add_argument("--text-key", default="text", help="text column of jsonl/parquet/hf rows")
+    t.add_argument("--max-documents", type=POSITIVE, default=None, help="train on at most this many documents")
     t.add_argument("--min-frequency", type=POSITIVE, default=2, help="merges must occur at least this often")
     t.add_argument("--special-token", action="append", default=[], metavar="TOKEN",
                    help="extra special token after <|endoftext|>, <|im_start|>, <|im_end|> (repeatable)")

@@ -8,6 +8,9 @@ import sys
 from smoltrain import domain
 from smoltrain.cli.args import DEVICE, POSITIVE, out_dir, out_path, ranged
 from smoltrain.errors import UserError
+from smoltrain.model.config import SamplingConfig
+
+SAMPLING = SamplingConfig()  # the shared defaults: generate, demo and in-training samples (README)
 
 
 def _cmd_assets(a: argparse.Namespace) -> int:
@@ -102,13 +105,14 @@ def add_model_commands(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the prompt text")
     src.add_argument("--prompt-file", help="a file with one prompt per line (generated as a batch)")
-    p.add_argument("--max-new-tokens", type=POSITIVE, default=100)
-    p.add_argument("--temperature", type=ranged(domain.temperature, float), default=0.8, help="0 means greedy")
-    p.add_argument("--top-k", type=ranged(domain.nonneg("off")), default=0, help="0 disables")
-    p.add_argument("--top-p", type=ranged(domain.top_p, float), default=1.0, help="1.0 disables")
-    p.add_argument("--repetition-penalty", type=ranged(domain.positive, float), default=1.0,
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=100, help="tokens to generate after the prompt")
+    p.add_argument("--temperature", type=ranged(domain.temperature, float), default=SAMPLING.temperature,
+                   help="0 means greedy")
+    p.add_argument("--top-k", type=ranged(domain.nonneg("off")), default=SAMPLING.top_k, help="0 disables")
+    p.add_argument("--top-p", type=ranged(domain.top_p, float), default=SAMPLING.top_p, help="1.0 disables")
+    p.add_argument("--repetition-penalty", type=ranged(domain.positive, float), default=SAMPLING.repetition_penalty,
                    help="1.0 disables (HF semantics)")
-    p.add_argument("--seed", type=ranged(domain.seed), default=None)
+    p.add_argument("--seed", type=ranged(domain.seed), default=None, help="sampling seed (default: a random one)")
     p.add_argument("--device", default="auto", type=DEVICE, help="auto (cuda > mps > cpu), cpu, cuda, mps")
     p.add_argument("--no-stream", action="store_true", help="print when done instead of token by token")
     p.set_defaults(func=generate_cli)

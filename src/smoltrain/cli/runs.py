@@ -4,23 +4,48 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 
 from smoltrain import domain
-from smoltrain.cli.args import DEVICE, POSITIVE, out_dir, ranged
+from smoltrain.cli.args import DEVICE, POSITIVE, out_dir, ranged, text_extensions
 from smoltrain.errors import UserError
 
 
 def train_cli(a: argparse.Namespace) -> int:
-    """`smoltrain train --config YAML [--set K=V ...]`; the process group is torn down on any exit."""
+    """`smoltrain train --config YAML [--data PATH ...] [--set K=V ...]`; the process group is torn down on
+    any exit. Config and input problems come in one message before anything is written or fetched."""
     from smoltrain import distributed
-    from smoltrain.config import load_config
+    from smoltrain.config import OwnTexts, load_config
+    from smoltrain.data.recipe import input_problems
     from smoltrain.train.trainer import Trainer
 
-    cfg = load_config(a.config, a.set)
+    own = OwnTexts(tuple(a.data), a.data_ext or ()) if a.data else None
+    if a.data_ext and not a.data:
+        a.set = [f"data.text_extensions=[{', '.join(a.data_ext)}]", *a.set]
+    notes: list[str] = []
+    checks = () if a.print_config else (input_problems,)
+    cfg = load_config(a.config, a.set, own=own, checks=checks, notes=notes)
+    if a.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    if notes and os.environ.get("RANK", "0") == "0":  # under torchrun, once
+        print("Training on your own texts: " + "; ".join(notes) + ".", flush=True)
     try:
         return Trainer(cfg, recipe=a.config).train()
     finally:
         distributed.teardown()
+
+
+def config_keys_cli(a: argparse.Namespace) -> int:
+    """`smoltrain config keys [SECTION]`: every key with its type, default and allowed values."""
+    from smoltrain.config import config_keys
+
+    rows = config_keys(a.section)
+    width = max(len(key) for key, _, _ in rows)
+    for key, kind, default in rows:
+        print(f"{key:<{width}}  {kind}  (default {default})")
+    return 0
 
 
 def plan_cli(a: argparse.Namespace) -> int:
@@ -77,9 +102,26 @@ def _eval_tasks(a: argparse.Namespace) -> int:
 def add_train_commands(sub) -> None:
     p = sub.add_parser("train", help="train (or resume) a run from a YAML recipe")
     p.add_argument("--config", default=None, help="YAML recipe (configs/*.yaml); defaults apply without one")
+    p.add_argument("--data", nargs="+", action="extend", default=[], metavar="DIR_OR_FILE",
+                   help="train on your own texts: these files or folders replace the recipe's datasets (every "
+                        "10th document held out; the recipe's BPE, if any, is trained on them; run.dir becomes "
+                        "runs/NAME)")
+    p.add_argument("--data-ext", type=text_extensions, default=None, metavar="EXT[,EXT]",
+                   help="extensions of the files read whole as one document each (data.text_extensions; .txt "
+                        "unless given), e.g. .md,.py")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value by dotted path, e.g. --set train.max_steps=100 (repeatable)")
+                   help="override a config value by dotted path, e.g. --set train.max_steps=100 (repeatable; "
+                        "smoltrain config keys lists them)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as YAML and exit (nothing is checked on disk or written)")
     p.set_defaults(func=train_cli)
+
+    p = sub.add_parser("config", help="the config's keys: types, allowed values and defaults")
+    csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    c = csub.add_parser("keys", help="list every config key with its type, allowed values and default")
+    c.add_argument("section", nargs="?", default=None, help="only this section (model, data, optim, ...)")
+    c.set_defaults(func=config_keys_cli)
+
 
     p = sub.add_parser("plan", help="what a recipe costs before a GPU is rented: tokens, passes, memory, time")
     p.add_argument("--config", default=None, help="YAML recipe (configs/*.yaml)")
@@ -97,7 +139,7 @@ def add_train_commands(sub) -> None:
                         "names (hellaswag, arc_easy, arc_challenge, piqa, winogrande, openbookqa, commonsense_qa, "
                         "mmlu; need the hub or its cache); comma-separated or repeated")
     p.add_argument("--limit", type=POSITIVE, default=None, help="score only the first N items of each task")
-    p.add_argument("--split", default="val", choices=["val", "train"])
+    p.add_argument("--split", default="val", choices=["val", "train"], help="which split of --data to score")
     p.add_argument("--seq-len", type=POSITIVE, default=None,
                    help="window length (default: a training checkpoint's train.seq_len, else the model's context)")
     p.add_argument("--batch-size", type=POSITIVE, default=None, help="windows per batch (default: the run's micro batch)")
@@ -115,7 +157,7 @@ def report_cli(a: argparse.Namespace) -> int:
 
     tasks = parse_task_specs(a.tasks) if a.tasks else ()
     page = make_report(a.run, a.out, a.prompts, a.reference or [], a.data, a.max_new_tokens, a.device,
-                       a.max_batches, tasks=tasks, tasks_limit=a.tasks_limit)
+                       a.max_batches, tasks=tasks, tasks_limit=a.tasks_limit, say=_progress("report"))
     print(f"Wrote {page} (one self-contained file: open it in a browser)")
     return 0
 
@@ -137,7 +179,7 @@ def add_show_commands(sub) -> None:
     p = sub.add_parser("report", help="an HTML report of a run: curves, throughput, samples per checkpoint")
     p.add_argument("run", help="run directory (run.dir of a training run)")
     p.add_argument("--out", required=True, metavar="DIR", type=out_dir,
-                   help="directory for index.html and its PNG images")
+                   help="directory for index.html (one self-contained page: the charts are embedded)")
     p.add_argument("--prompts", nargs="+", action="extend", default=None, metavar="TEXT",
                    help="prompts to generate at each checkpoint (default: the config's eval.prompts)")
     p.add_argument("--max-new-tokens", type=POSITIVE, default=None, help="default: the config's eval.sample_tokens")
@@ -155,9 +197,18 @@ def add_show_commands(sub) -> None:
     p = sub.add_parser("demo", help="a local web demo: prompt, sampling controls, checkpoints side by side")
     p.add_argument("ckpt", help="run directory (pick among its checkpoints), checkpoint or HF directory")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=ranged(domain.interval(1, 65535, high_open=False)), default=7860)
+    p.add_argument("--port", type=ranged(domain.interval(1, 65535, high_open=False)), default=7860,
+                   help="port to listen on")
     p.add_argument("--device", default="auto", type=DEVICE, help="auto (cuda > mps > cpu), cpu, cuda, mps")
     p.set_defaults(func=demo_cli)
+
+
+def _progress(command: str):
+    """A printer of progress lines on stderr (stdout keeps the result), flushed at once."""
+    def say(message: str) -> None:
+        print(f"{command}: {message}...", file=sys.stderr, flush=True)
+
+    return say
 
 
 def _print_json(rows: list[dict]) -> None:

@@ -25,6 +25,7 @@ import numpy as np
 
 from smoltrain.data.shards import META_FORMAT, VERSION, ShardWriter, check_vocab, dtype_for_vocab, load_meta
 from smoltrain.data.sources import (
+    TEXT_EXTENSIONS,
     Document,
     Source,
     count_documents,
@@ -121,7 +122,8 @@ def _encode_all(chunks: Iterator, tokenizer_dir: Path, dtype: np.dtype, num_proc
 
 
 def _recipe(sources: list[Source], tok: Tokenizer, text_key: str, val_fraction: float, val_docs: int | None,
-            max_documents: int | None, val_documents: list[str], max_tokens: int | None = None) -> dict:
+            max_documents: int | None, val_documents: list[str], max_tokens: int | None = None,
+            text_extensions: tuple[str, ...] = TEXT_EXTENSIONS) -> dict:
     """What determines the output: a re-run with the same recipe is a no-op."""
     specs = [s.spec if s.kind == "hf" else str(Path(s.spec).expanduser().resolve()) for s in sources]
     recipe = {"sources": specs, "tokenizer_sha256": tok.sha256, "text_key": text_key, "val_fraction": val_fraction,
@@ -130,6 +132,8 @@ def _recipe(sources: list[Source], tok: Tokenizer, text_key: str, val_fraction: 
         recipe["val_documents"] = list(val_documents)
     if max_tokens is not None:  # likewise: data prepared before token caps keeps its recipe
         recipe["max_tokens"] = max_tokens
+    if tuple(text_extensions) != TEXT_EXTENSIONS:  # likewise: .txt-only data keeps its recipe
+        recipe["text_extensions"] = list(text_extensions)
     return recipe
 
 
@@ -152,23 +156,23 @@ def prepare(sources: Iterable[str | Path], tokenizer: str | Path | Tokenizer, ou
             text_key: str = "text", val_fraction: float = 0.01, val_docs: int | None = None,
             val_documents: Iterable[str] = (), max_documents: int | None = None, max_tokens: int | None = None,
             num_proc: int | None = None, force: bool = False, shard_tokens: int = SHARD_TOKENS,
-            model_vocab_size: int | None = None,
-            progress: bool = True, verbose: bool = True) -> dict:
+            model_vocab_size: int | None = None, progress: bool = True, verbose: bool = True,
+            text_extensions: tuple[str, ...] = TEXT_EXTENSIONS) -> dict:
     """Tokenize `sources` into `out` and return its meta.json as a dict (see module docstring).
 
     `val_documents` (globs of source-relative names) holds out those documents and nothing else; without it
-    `val_docs` (a count) or `val_fraction` (1.0: an evaluation-only dataset) hold out evenly spaced ones.
-    `max_tokens` stops reading once both splits hold that many tokens (see _tokenize).
-    """
+    `val_docs` (a count) or `val_fraction` (1.0: an evaluation-only dataset) hold out evenly spaced ones;
+    `max_tokens` stops once both splits hold that many tokens; `text_extensions`: files read whole."""
     t0 = time.perf_counter()
-    srcs = resolve_sources(sources)
+    srcs = resolve_sources(sources, text_extensions)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     eot = tok.eot_id
     globs = tuple(val_documents or ())
     _check_args(tok, val_fraction, val_docs, max_documents, model_vocab_size, globs, max_tokens)
     Holdout(globs).check_files(srcs)
     out = Path(out).expanduser()
-    recipe = _recipe(srcs, tok, text_key, val_fraction, val_docs, max_documents, list(globs), max_tokens)
+    recipe = _recipe(srcs, tok, text_key, val_fraction, val_docs, max_documents, list(globs), max_tokens,
+                     text_extensions)
     meta = _existing(out, recipe, force, srcs)
     if meta is not None:
         return _nothing_to_do(out, meta, verbose)
@@ -300,7 +304,7 @@ def _report(out: Path, meta: dict) -> None:
 def train_tokenizer(sources, vocab_size: int, out_dir: str | Path, *, text_key: str = "text",
                     max_documents: int | None = None, min_frequency: int = 2,
                     extra_special_tokens: list[str] | tuple[str, ...] = (), force: bool = False,
-                    show_progress: bool = False) -> Tokenizer:
+                    show_progress: bool = False, text_extensions: tuple[str, ...] = TEXT_EXTENSIONS) -> Tokenizer:
     """`tokenizer.train_bpe` on the documents of raw sources (files, dirs, hf:NAME), saved to `out_dir`.
 
     Here, not in tokenizer.py, because reading sources is the data layer's job and the tokenizer sits below
@@ -308,7 +312,7 @@ def train_tokenizer(sources, vocab_size: int, out_dir: str | Path, *, text_key: 
     """
     check_vocab_size(vocab_size, extra_special_tokens)
     out = Path(out_dir).expanduser()
-    srcs = resolve_sources(sources)
+    srcs = resolve_sources(sources, text_extensions)
     check_target(out, "tokenizer", force, inputs=[s.spec for s in srcs if s.kind != "hf"])
     try:
         return train_bpe(iter_documents(srcs, text_key, max_documents), vocab_size, out, min_frequency=min_frequency,

@@ -6,6 +6,7 @@ Runs on rank 0 before training (other ranks wait), and is a no-op when everythin
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,9 +29,20 @@ def resolve_asset(spec: str) -> str:
     return str(fetch_asset(key))
 
 
+# tokens of the tokenizers shipped as assets (known without fetching them)
+ASSET_VOCAB = {"assets:smollm2": 49152, "assets:smollm2-135m-instruct": 49152}
+
+
+def text_extensions(cfg: Config) -> tuple[str, ...]:
+    return tuple(e.lower() for e in cfg.data.text_extensions)
+
+
 def missing_inputs(cfg: Config) -> list[str]:
-    """Local paths the config reads that are not there, so a typo fails before assets are fetched,
-    a tokenizer is trained or data is prepared (URLs, hf: and assets: names are left to their readers)."""
+    """Local paths the config reads that are not there or hold nothing readable, so a typo fails before
+    assets are fetched, a tokenizer is trained or data is prepared (URLs, hf: and assets: names are left
+    to their readers)."""
+    from smoltrain.data.sources import resolve_source
+
     problems = []
     for key in ("init_from", "resume_from"):
         value = getattr(cfg.train, key)
@@ -38,9 +50,54 @@ def missing_inputs(cfg: Config) -> list[str]:
             problems.append(f"train.{key} {value} does not exist")
     for i, ds in enumerate(cfg.data.datasets):
         for src in ds.sources:
-            if not src.startswith(("hf:", "assets:")) and "://" not in src and not Path(src).expanduser().exists():
+            if src.startswith(("hf:", "assets:")) or "://" in src:
+                continue
+            if not Path(src).expanduser().exists():
                 problems.append(f"data.datasets[{i}].sources: {src} does not exist")
+                continue
+            try:
+                resolve_source(src, text_extensions(cfg))
+            except UserError as e:
+                problems.append(f"data.datasets[{i}].sources: {str(e).rstrip('.')}")
     return problems
+
+
+def input_problems(cfg: Config) -> list[str]:
+    """Everything about a config's inputs that can be checked before any work: datasets given, local
+    paths there and readable, a ready-made tokenizer no larger than the model's vocabulary."""
+    if not cfg.data.datasets:
+        return ["the config has no data.datasets (e.g. --config configs/quickstart.yaml, or --data DIR to train "
+                "on your own texts)"]
+    problems = missing_inputs(cfg)
+    d = cfg.data
+    if d.train_tokenizer_vocab_size > 0:
+        return problems
+    size = ASSET_VOCAB.get(d.tokenizer)
+    local = Path(d.tokenizer).expanduser()
+    if size is None and not d.tokenizer.startswith("assets:") and local.exists():
+        try:
+            size = load_tokenizer(local).vocab_size
+        except UserError as e:
+            return [*problems, f"data.tokenizer: {str(e).rstrip('.')}"]
+    if size is not None and size > cfg.model.vocab_size:
+        problems.append(vocab_mismatch(cfg, size))
+    return problems
+
+
+def vocab_mismatch(cfg: Config, size: int) -> str:
+    """A tokenizer larger than the model's vocabulary, and the fixes: a tokenizer trained for this run
+    earlier that fits, training one, or a larger model."""
+    fits = []
+    for path in cfg.data_dir.glob("tokenizer-bpe*-*/tokenizer.json"):
+        found = re.match(r"tokenizer-bpe(\d+)-", path.parent.name)
+        if found and int(found.group(1)) <= cfg.model.vocab_size:
+            fits.append(path.parent)
+    fits.sort(key=lambda p: p.stat().st_mtime)
+    earlier = f"use the tokenizer trained earlier (--set data.tokenizer={fits[-1]}), " if fits else ""
+    return (f"data.tokenizer {cfg.data.tokenizer} has {size} tokens but model.vocab_size is {cfg.model.vocab_size}; "
+            f"{earlier}train a BPE of the model's size on the training texts first (--set "
+            f"data.train_tokenizer_vocab_size={cfg.model.vocab_size}; 0 means off), or raise model.vocab_size to "
+            f"{size}")
 
 
 def token_cap(cfg: Config, ds: DatasetConfig) -> int | None:
@@ -113,12 +170,15 @@ def tokenizer_documents(cfg: Config) -> tuple[Iterator[str], str]:
     plan = [(ds, srcs) for ds, srcs in plan if not ds.eval_only(d.val_fraction)]
     if not plan:
         raise UserError("data.train_tokenizer_vocab_size needs datasets with sources to train on.")
-    resolved = [(ds, resolve_sources(srcs)) for ds, srcs in plan]
+    resolved = [(ds, resolve_sources(srcs, text_extensions(cfg))) for ds, srcs in plan]
     for ds, srcs in resolved:
         _holdout(cfg, ds).check_files(srcs)
     recipe = [[[str(Path(s).expanduser().resolve()) if not s.startswith("hf:") else s for s in srcs],
                list(ds.val_documents), ds.held_out_fraction(d.val_fraction)] for ds, srcs in plan]
-    key = sha256_text(json.dumps([recipe, d.text_key, d.max_documents]))[:8]
+    selection = [recipe, d.text_key, d.max_documents]
+    if text_extensions(cfg) != (".txt",):  # only then: a tokenizer trained on .txt files keeps its name
+        selection.append(list(text_extensions(cfg)))
+    key = sha256_text(json.dumps(selection))[:8]
 
     def texts() -> Iterator[str]:
         for ds, srcs in resolved:
@@ -159,7 +219,7 @@ def prepare_datasets(cfg: Config, tokenizer: Tokenizer, verbose: bool = True) ->
                     val_fraction=ds.held_out_fraction(cfg.data.val_fraction), val_documents=ds.val_documents,
                     max_documents=cfg.data.max_documents, max_tokens=token_cap(cfg, ds),
                     num_proc=cfg.data.num_proc or None, model_vocab_size=cfg.model.vocab_size,
-                    progress=verbose, verbose=verbose)
+                    progress=verbose, verbose=verbose, text_extensions=text_extensions(cfg))
         elif not (path / "meta.json").exists():
             raise UserError(f"Dataset {ds.name!r}: {path} is not a prepared dataset (no meta.json) and the "
                             "config gives no sources to prepare it from.")

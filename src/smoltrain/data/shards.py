@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from smoltrain.containment import contained, shown
 from smoltrain.errors import UserError
-from smoltrain.storage import contained, shown
 
 MAGIC = b"SMOLTOK\x00"
 VERSION = 1

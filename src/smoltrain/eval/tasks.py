@@ -31,9 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from smoltrain.containment import shown
 from smoltrain.data.tokenizer import Tokenizer
 from smoltrain.errors import UserError
-from smoltrain.storage import shown
 
 SUITES = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "openbookqa", "commonsense_qa", "mmlu")
 HUB_HOST = "huggingface.co"

@@ -9,6 +9,7 @@ The GGUF format itself (names, permutation, quantisation, tokenizer metadata) li
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TypeVar
 
@@ -44,7 +45,8 @@ def model_state(model: SmolLM2) -> dict[str, torch.Tensor]:
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
-    """safetensors' save_file, with a full disk reported as the OSError it is."""
+    """safetensors' save_file, with a full disk reported as the OSError it is, and the file's mode what
+    open() would give (safetensors writes 0600: an exported model must be as readable as its config)."""
     try:
         save_file(tensors, str(path), metadata=metadata)
     except OSError:
@@ -53,6 +55,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | 
         if storage.is_no_space(e):
             raise OSError(28, f"No space left on device: {path}") from None
         raise
+    os.chmod(path, 0o666 & ~storage.umask())
 
 
 def save_model_files(directory: Path, state: dict[str, torch.Tensor], cfg: ModelConfig,

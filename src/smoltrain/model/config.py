@@ -9,9 +9,28 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from smoltrain import domain
 from smoltrain.domain import build, checked, nonneg, positive
 from smoltrain.domain import problems as domain_problems
 from smoltrain.errors import UserError
+
+
+@dataclass
+class SamplingConfig:
+    """How text is sampled: these defaults are the one set `smoltrain generate`, the demo page and the
+    in-training samples (eval.temperature / top_k / top_p) start from. Nucleus sampling over the 50 most
+    likely tokens at temperature 0.8 keeps a small model's text readable without greedy's loops."""
+
+    temperature: float = checked(0.8, domain.temperature)
+    top_k: int = checked(50, domain.nonneg("off"))
+    top_p: float = checked(0.95, domain.top_p)
+    # 1.0 = off; HF semantics (divide positive logits, multiply negative)
+    repetition_penalty: float = checked(1.0, domain.positive)
+
+    def validate(self) -> None:
+        problems = domain_problems(self, "sampling")
+        if problems:
+            raise UserError("Bad sampling settings: " + "; ".join(problems) + ".")
 
 
 @dataclass

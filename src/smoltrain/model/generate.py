@@ -1,37 +1,23 @@
 """Text generation with a preallocated KV cache: sample -> prefill -> decode_one_token -> generate.
 
 Greedy decoding (temperature 0) gives exactly transformers' greedy `generate` tokens for the same model.
+SamplingConfig (its defaults are the one set `smoltrain generate`, the demo and in-training samples share)
+lives beside the architecture in model/config.py, so the training recipe (a core module) can default to it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 
-from smoltrain import domain
 from smoltrain.device import decode_threads
-from smoltrain.domain import checked
 from smoltrain.errors import UserError
-from smoltrain.model.config import eos_ids
+from smoltrain.model.config import SamplingConfig, eos_ids
 from smoltrain.model.llama import KVCache, SmolLM2, to_inference_layout
 
 PROMPT_BATCH = 16  # prompts of a --prompt-file decoded together
-
-
-@dataclass
-class SamplingConfig:
-    temperature: float = checked(0.8, domain.temperature)
-    top_k: int = checked(0, domain.nonneg("off"))
-    top_p: float = checked(1.0, domain.top_p)
-    # 1.0 = off; HF semantics (divide positive logits, multiply negative)
-    repetition_penalty: float = checked(1.0, domain.positive)
-
-    def validate(self) -> None:
-        problems = domain.problems(self, "sampling")
-        if problems:
-            raise UserError("Bad sampling settings: " + "; ".join(problems) + ".")
+__all__ = ["SamplingConfig", "generate", "generate_batch", "prepare_for_decode", "sample", "stream_text"]
 
 
 def prepare_for_decode(model: SmolLM2) -> SmolLM2:

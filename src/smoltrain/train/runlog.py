@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,13 @@ def rewind_jsonl(path: Path, step: int) -> None:
 
 
 def memory_gb(device: torch.device) -> float | None:
+    """Peak memory so far in GiB: the CUDA allocator's peak, elsewhere the process's peak RSS (what the
+    kernel's OOM killer counts; ru_maxrss is KiB on Linux, bytes on macOS)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return None
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from smoltrain import distributed as dist_io
-from smoltrain.data.recipe import all_held_out, missing_inputs, stale_datasets
+from smoltrain.containment import shown
+from smoltrain.data.recipe import all_held_out, input_problems, stale_datasets, vocab_mismatch
 from smoltrain.errors import UserError
-from smoltrain.storage import shown
 
 if TYPE_CHECKING:
     import torch
@@ -26,13 +26,13 @@ if TYPE_CHECKING:
 
 
 def check_inputs(cfg: Config) -> None:
-    """Refuse a config without data or with missing local inputs before the run dir is touched or any
-    asset fetched."""
-    if not cfg.data.datasets:
-        raise UserError("The config has no data.datasets (e.g. --config configs/quickstart.yaml).")
-    missing = missing_inputs(cfg)
-    if missing:
-        raise UserError("The config names inputs that are not there: " + "; ".join(missing) + ".")
+    """Refuse a config without data, with missing local inputs, a tokenizer too large for the model, output
+    dirs blocked by files, stale prepared data, bad eval tasks or an init_from of another shape, before the run
+    dir is touched or any asset fetched (the CLI runs input_problems with the config's own checks, so a user
+    sees those problems in one message)."""
+    problems = input_problems(cfg)
+    if problems:
+        raise UserError("Invalid configuration: " + "; ".join(problems) + ".")
     blocked = [f"{key} {p} ({q} is a file)" for key, p in _output_dirs(cfg)
                for q in (p, *p.parents) if q.exists() and not q.is_dir()][:1]
     if blocked:
@@ -185,8 +185,8 @@ def setup_data(cfg: Config, dist: DistEnv, layout: LocalLayout) -> tuple[Tokeniz
     tokenizer, paths = dist_io.main_first(prepare, layout.leads_dir)
     layout.check_same_data(tokenizer, paths)
     if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise UserError(f"The tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
-                        f"{cfg.model.vocab_size}; raise model.vocab_size or use a smaller tokenizer.")
+        message = vocab_mismatch(cfg, tokenizer.vocab_size)
+        raise UserError(message[0].upper() + message[1:] + ".")
     t = cfg.train
     trained = {d.name: d.weight for d in cfg.data.datasets if not d.eval_only(cfg.data.val_fraction)}
     check_data_budget(cfg, dist.world_size, verbose=dist.is_main)  # every dataset is prepared now: exact

@@ -99,30 +99,52 @@ class StepLog:
         else:
             print(f"step {step}/{run.cfg.train.max_steps} {msg}", flush=True)
 
+    def phase(self, name: str) -> None:
+        """Label the bar with what the run is doing now (train, eval, samples, save; `final ...` at the end)."""
+        if self.bar is not None:
+            self.bar.set_description_str(name, refresh=True)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
 
 
-def summary(run_dir: Path, step: int, tokens_seen: int, seconds: float, tensorboard: bool, prompt: str,
-            eval_data: Path | None) -> str:
-    """Where everything is, the final held-out scores, and what to run next (rank 0)."""
+def due_work(cfg: Config, step: int) -> list[str]:
+    """What runs after `step`, in order: eval (held-out loss and tasks), samples, save; all at the last step,
+    where the save comes first (a failure in the final eval or sampling never costs the run its weights)."""
+    done = step == cfg.train.max_steps
+    every = {"eval": cfg.eval.every, "samples": cfg.eval.sample_every, "save": cfg.checkpoint.every}
+    if done:
+        every = {"save": 0, "eval": 0, "samples": 0}
+    due = [name for name, n in every.items() if done or (n and step % n == 0)]
+    return [name for name in due if name != "samples" or cfg.eval.prompts]
+
+
+def summary(run_dir: Path, step: int, tokens: int, seconds: float, tensorboard: bool, prompt: str,
+            eval_data: Path | None, start_step: int = 0) -> str:
+    """Where everything is, the final held-out scores, and what to run next (rank 0). `tokens` and `seconds`
+    are this segment's (a resumed run started at `start_step`), so their ratio is this segment's speed; the
+    commands name smoltrain as the user invoked it, so they can be copied as they are."""
     from smoltrain.checkpoint.discovery import newest_valid
     from smoltrain.history import History
+    from smoltrain.runinfo import program, tensorboard_program
 
     val = History.load(run_dir).last(evals=True) or {}
     newest = newest_valid(run_dir)
-    lines = [f"\nDone: step {step}, {tokens_seen:,} tokens in {seconds / 60:.1f} min."]
+    steps = f"steps {start_step}-{step}" if start_step else f"step {step}"
+    lines = [f"\nDone: {steps}, {tokens:,} tokens in {seconds / 60:.1f} min "
+             f"({tokens / max(seconds, 1e-9):,.0f} tokens/s with evaluations and saves)."]
     if isinstance(val.get("val_loss"), float):
         bpb = f", {val['val_bpb']:.3f} bits per byte" if isinstance(val.get("val_bpb"), float) else ""
         lines.append(f"Held-out (step {val['step']}): loss {val['val_loss']:.4f}{bpb}.")
     lines += [f"  checkpoint   {newest}", f"  metrics      {run_dir / 'metrics.jsonl'}",
               f"  samples      {run_dir / 'samples.jsonl'}"]
     if tensorboard:
-        lines.append(f"  tensorboard  tensorboard --logdir {run_dir / 'tb'}")
-    eval_line = f"  smoltrain eval {run_dir} --data {eval_data if eval_data is not None else 'DIR'}"
-    lines += ["Next:", f"  smoltrain generate {run_dir} --prompt \"{prompt}\"", eval_line,
-              f"  smoltrain export {run_dir} --out hf/{run_dir.name}",
-              f"  smoltrain report {run_dir} --out report/{run_dir.name}",
-              f"  smoltrain demo {run_dir}"]
+        lines.append(f"  tensorboard  {tensorboard_program()} --logdir {run_dir / 'tb'}")
+    me = program()
+    eval_line = f"  {me} eval {run_dir} --data {eval_data if eval_data is not None else 'DIR'}"
+    lines += ["Next:", f"  {me} generate {run_dir} --prompt \"{prompt}\"", eval_line,
+              f"  {me} export {run_dir} --out hf/{run_dir.name}",
+              f"  {me} report {run_dir} --out report/{run_dir.name}",
+              f"  {me} demo {run_dir}"]
     return "\n".join(lines)

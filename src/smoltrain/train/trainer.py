@@ -44,7 +44,7 @@ from smoltrain.train.setup import (
     setup_data,
     with_global_batch,
 )
-from smoltrain.train.steplog import StepLog, summary, write_run_files
+from smoltrain.train.steplog import StepLog, due_work, summary, write_run_files
 
 
 class Trainer:
@@ -77,7 +77,7 @@ class Trainer:
         try:
             self._setup(cfg)
         except BaseException:
-            self.close()
+            self.close(refused=True)
             raise
 
     def _setup(self, cfg: Config) -> None:
@@ -95,9 +95,9 @@ class Trainer:
         self.tasks = in_loop_tasks(cfg, self.dist, self.val_paths)  # loaded before step 1
         self.log: RunLog | None = None  # opened by train(): a run with nothing to do writes nothing
 
-    def close(self) -> None:
-        """Release the run dir (the kernel would at exit; in-process callers get it back now)."""
-        self.layout.close()
+    def close(self, refused: bool = False) -> None:
+        """Release the run dir (the kernel would at exit); a run refused in setup removes what the lock made."""
+        self.layout.close(refused)
 
     def _setup_model(self, ckpt: Path | None) -> None:
         """Weights are loaded before any wrapping; FSDP swaps in sharded parameters, so the optimizer
@@ -216,22 +216,21 @@ class Trainer:
                             "last good checkpoint is kept. Lower optim.lr or check the data.")
 
     def _maybe_eval_sample_save(self) -> None:
-        """The periodic work, in this order: held-out eval, tasks, samples, save; at the end the save comes
-        first, so nothing that fails in the final evaluation or sampling can cost the run its weights."""
-        cfg = self.cfg
+        """The periodic work, in this order: held-out eval and tasks, samples, save; at the end the save comes
+        first, so nothing that fails in the final evaluation or sampling can cost the run its weights. The
+        progress bar names each (a final eval can take minutes)."""
         step = self.step
-        done = step == cfg.train.max_steps
-        if done:
-            self.save()
-        if done or (cfg.eval.every and step % cfg.eval.every == 0):
-            self.evaluator.evaluate(step)
-            self.evaluator.evaluate_tasks(step)
-        if cfg.eval.prompts and (done or (cfg.eval.sample_every and step % cfg.eval.sample_every == 0)):
-            self.evaluator.samples(step)
+        done = step == self.cfg.train.max_steps
+        work = {"eval": lambda: (self.evaluator.evaluate(step), self.evaluator.evaluate_tasks(step)),
+                "samples": lambda: self.evaluator.samples(step), "save": self.save}
+        due = due_work(self.cfg, step)
+        for name in due:
+            self.steplog.phase(("final " if done else "") + name)
+            work[name]()
         if done and self.layout.mirror is not None:
             self.layout.mirror.run_started(self.run_dir)  # the final records reach the store too
-        if not done and cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-            self.save()
+        if due:
+            self.steplog.phase("train")
 
     def save(self) -> Path | None:
         """This step's checkpoint (every rank calls it; rank 0 gets the path)."""
@@ -257,6 +256,7 @@ class Trainer:
                 self.layout.mirror.run_started(self.run_dir)
         self.evaluator = InLoopEval(self.run, self.raw_model, self.tokenizer, self.val_paths, self.tasks, self.log)
         self.stop.install()
+        self.segment_start = (self.step, self.tokens_seen)
         bar = None
         if self.dist.is_main and cfg.log.progress:
             bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
@@ -271,11 +271,13 @@ class Trainer:
             self.log.close()
 
     def _print_summary(self, seconds: float) -> None:
+        """This segment's tokens over this segment's time (an extended run counts from where it resumed)."""
         cfg = self.cfg
         eval_data = self.val_paths[cfg.data.datasets[0].name] if self.val_paths else None
         prompt = (cfg.eval.prompts or ["Hello"])[0]
-        self._print(summary(self.run_dir, self.step, self.tokens_seen, seconds, cfg.log.tensorboard, prompt,
-                            eval_data))
+        start_step, start_tokens = self.segment_start
+        self._print(summary(self.run_dir, self.step, self.tokens_seen - start_tokens, seconds, cfg.log.tensorboard,
+                            prompt, eval_data, start_step))
 
     def _print(self, msg: str) -> None:
         if self.dist.is_main:
