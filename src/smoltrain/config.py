@@ -79,6 +79,8 @@ class DataConfig:
     # passes over each dataset's training split a run may make; train refuses a recipe that needs more
     max_epochs: float = checked(1.0, positive)
     streaming: bool = False  # tokenize and pack on the fly from the sources, no prepare step
+    # streaming: worker processes per dataset that tokenize ahead of the step (0: in the training process)
+    num_workers: int = checked(1, nonneg("in the training process"))
     num_proc: int = checked(0, nonneg("all cores"))  # prepare workers
 
 

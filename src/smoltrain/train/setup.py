@@ -155,22 +155,28 @@ def setup_data(cfg: Config, dist: DistEnv, layout: LocalLayout) -> tuple[Tokeniz
 
 
 def setup_stream(cfg: Config, dist: DistEnv, layout: LocalLayout) -> tuple[Tokenizer, object, None]:
-    """data.streaming: tokenize and pack one source on the fly; no prepare step, no held-out split."""
+    """data.streaming: tokenize, mix and pack the sources on the fly, in data.num_workers processes per
+    dataset; no prepare step, no held-out split."""
     from smoltrain.data.recipe import resolve_asset, resolve_tokenizer
     from smoltrain.data.stream import StreamLoader
 
-    if len(cfg.data.datasets) != 1 or len(cfg.data.datasets[0].sources) != 1:
-        raise UserError("data.streaming trains from exactly one dataset with one source; prepare the data "
-                        "(data.streaming: false) to mix several.")
-    ds = cfg.data.datasets[0]
-    def resolve() -> tuple[Tokenizer, str]:
-        return resolve_tokenizer(cfg, verbose=dist.is_main), resolve_asset(ds.sources[0])
+    several = [d.name for d in cfg.data.datasets if len(d.sources) != 1]
+    if several:
+        raise UserError(f"data.streaming reads exactly one source per dataset (a directory or an hf: id may hold "
+                        f"many files); {', '.join(several)} must name one. Give each source a dataset of its own "
+                        "(their weights mix them), or prepare the data.")
+    def resolve() -> tuple[Tokenizer, dict[str, str]]:
+        return (resolve_tokenizer(cfg, verbose=dist.is_main),
+                {d.name: resolve_asset(d.sources[0]) for d in cfg.data.datasets})
 
-    tokenizer, source = dist_io.main_first(resolve, layout.leads_dir)  # rank 0 fetches and trains first
+    tokenizer, sources = dist_io.main_first(resolve, layout.leads_dir)  # rank 0 fetches and trains first
     layout.check_same_data(tokenizer, {})
-    loader = StreamLoader(source, tokenizer, cfg.train.micro_batch_size, cfg.train.seq_len,
-                          text_key=cfg.data.text_key, rank=dist.rank, world_size=dist.world_size,
-                          name=ds.name)
+    t = cfg.train
+    stages = cfg.to_dict()["data"]["stages"]  # plain dicts, as the loader takes them
+    loader = StreamLoader(sources, tokenizer, t.micro_batch_size, t.seq_len, text_key=cfg.data.text_key,
+                          rank=dist.rank, world_size=dist.world_size, seed=t.seed,
+                          weights={d.name: d.weight for d in cfg.data.datasets}, stages=stages or None,
+                          grad_accum_steps=t.grad_accum_steps, num_workers=cfg.data.num_workers)
     return tokenizer, loader, None  # a stream has no held-out split: evaluations are skipped
 
 
