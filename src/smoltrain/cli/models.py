@@ -88,6 +88,9 @@ def add_model_commands(sub) -> None:
     p.add_argument("--seed", type=ranged(domain.seed), default=None)
     p.add_argument("--device", default="auto", type=DEVICE, help="auto (cuda > mps > cpu), cpu, cuda, mps")
     p.add_argument("--no-stream", action="store_true", help="print when done instead of token by token")
+    p.add_argument("--weights", choices=["fp32", "int8"], default="fp32",
+                   help="int8: weight-only int8 decoding on the CPU (per-channel scales; ~4x fewer bytes per "
+                        "token, faster; see BENCHMARKS.md for its quality); default fp32")
     p.set_defaults(func=generate_cli)
 
 
@@ -110,7 +113,7 @@ def generate_cli(a: argparse.Namespace) -> int:
     its prompts in batches of PROMPT_BATCH, each checked before any work."""
     from smoltrain.device import amp_dtype, pick_device
     from smoltrain.hf.interop import load_model
-    from smoltrain.model.generate import SamplingConfig, prepare_for_decode
+    from smoltrain.model.generate import SamplingConfig, decode_weights, prepare_for_decode
 
     if a.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1.")
@@ -118,8 +121,9 @@ def generate_cli(a: argparse.Namespace) -> int:
     cfg.validate()
     prompts = _read_prompts(a)
     device = pick_device(a.device)
+    weights = decode_weights(a.weights, device)
     model, tok, _ = load_model(a.ckpt, device=device, dtype=amp_dtype(device))
-    prepare_for_decode(model)
+    prepare_for_decode(model, weights)
     if len(prompts) == 1:
         _generate_one(model, tok, prompts[0], cfg, a)
     else:

@@ -115,7 +115,7 @@ def demo_cli(a: argparse.Namespace) -> int:
 
     source = CheckpointSource(a.ckpt)
     check_port(a.host, a.port)
-    cache = ModelCache(pick_device(a.device))
+    cache = ModelCache(pick_device(a.device), weights=a.weights)
     _, last = source.defaults()
     cache.get(source.path(last))  # a broken checkpoint fails here, not on the first click
     return serve(source, cache, a.host, a.port)
@@ -145,6 +145,8 @@ def add_show_commands(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=ranged(domain.interval(1, 65535, high_open=False)), default=7860)
     p.add_argument("--device", default="auto", type=DEVICE, help="auto (cuda > mps > cpu), cpu, cuda, mps")
+    p.add_argument("--weights", choices=["auto", "fp32", "int8"], default="auto",
+                   help="auto (default): int8 weight-only decoding on the CPU, fp32 elsewhere")
     p.set_defaults(func=demo_cli)
 
 

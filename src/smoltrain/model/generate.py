@@ -14,6 +14,7 @@ from smoltrain import domain
 from smoltrain.device import decode_threads
 from smoltrain.domain import checked
 from smoltrain.errors import UserError
+from smoltrain.model import int8
 from smoltrain.model.config import eos_ids
 from smoltrain.model.llama import KVCache, SmolLM2, to_inference_layout
 
@@ -34,11 +35,29 @@ class SamplingConfig:
             raise UserError("Bad sampling settings: " + "; ".join(problems) + ".")
 
 
-def prepare_for_decode(model: SmolLM2) -> SmolLM2:
-    """On CPU, the inference weight layout (model.to_inference_layout): k-major, fused projections,
-    matrix-vector products through numpy's BLAS. The same weights (logits equal up to summation
-    order); for inference only."""
-    if model.model.embed_tokens.weight.device.type != "cpu":
+WEIGHTS = ("fp32", "int8")  # what `--weights` may ask for; "auto" is int8 on the CPU, fp32 elsewhere
+
+
+def decode_weights(name: str, device: torch.device) -> str:
+    """The weights to decode with on `device` ("auto" resolved); refuses int8 off the CPU before any work."""
+    if name == "auto":
+        return "int8" if int8.supported(device) else "fp32"
+    if name not in WEIGHTS:
+        raise UserError(f"--weights must be auto, fp32 or int8 (got {name!r}).")
+    if name == "int8" and not int8.supported(device):
+        raise UserError(f"--weights int8 is a CPU decoding path (torch's CPU int8 weight-only kernel); this "
+                        f"model would run on {device.type}. Use --device cpu, or --weights fp32.")
+    return name
+
+
+def prepare_for_decode(model: SmolLM2, weights: str = "fp32") -> SmolLM2:
+    """On CPU, the inference weight layout: fp32 (to_inference_layout: k-major, fused projections,
+    matrix-vector products through numpy's BLAS; the same weights, logits equal up to summation order), or
+    int8 weight-only (int8.to_int8: a quarter of the bytes per token; fp32 models only). Inference only."""
+    device = model.model.embed_tokens.weight.device
+    if decode_weights(weights, device) == "int8":
+        return int8.to_int8(model)
+    if device.type != "cpu":
         return model
     return to_inference_layout(model)
 
