@@ -30,12 +30,14 @@ def _cmd_import(a: argparse.Namespace) -> int:
 def _cmd_export(a: argparse.Namespace) -> int:
     from smoltrain.hf.interop import export_hf
 
+    if a.space is not None:
+        return _export_space(a)
     if a.push_to_hub:
         from smoltrain.hf.hub import check_token, push_folder
 
         check_token(a.push_to_hub)  # before any work
     elif a.out is None:
-        raise UserError("export needs --out DIR (or --push-to-hub REPO_ID).")
+        raise UserError("export needs --out DIR, --space DIR or --push-to-hub REPO_ID.")
     if a.out is None:
         import tempfile
 
@@ -49,6 +51,26 @@ def _cmd_export(a: argparse.Namespace) -> int:
             url = push_folder(out, a.push_to_hub, a.revision, a.private, f"smoltrain export of {a.ckpt}")
     if a.push_to_hub:
         print(f"Pushed {a.ckpt} to {a.push_to_hub} (revision {a.revision or 'main'}): {url}")
+    return 0
+
+
+def _export_space(a: argparse.Namespace) -> int:
+    """`export CKPT --space DIR [--push-to-hub USER/NAME]`: the Space folder, then (optionally) a Space repo."""
+    from smoltrain.hf.space import export_space
+
+    if a.out is not None:
+        raise UserError("--space DIR writes a Space folder (the HF model inside it, in DIR/model); drop --out.")
+    if a.push_to_hub:
+        from smoltrain.hf.hub import check_token
+
+        check_token(a.push_to_hub)  # before any work
+    out = export_space(a.ckpt, a.space, force=a.force)
+    print(f"Wrote the Space folder {out}: run it with `pip install -r requirements.txt && python app.py` there")
+    if a.push_to_hub:
+        from smoltrain.hf.hub import push_folder
+
+        url = push_folder(out, a.push_to_hub, a.revision, a.private, f"smoltrain Space of {a.ckpt}", "space")
+        print(f"Pushed the Space to {a.push_to_hub} (revision {a.revision or 'main'}): {url}")
     return 0
 
 
@@ -67,9 +89,13 @@ def add_model_commands(sub) -> None:
     p = sub.add_parser("export", help="export a checkpoint (or a run's newest) as an HF directory")
     p.add_argument("ckpt", help="checkpoint directory or run directory")
     p.add_argument("--out", default=None, type=out_dir, help="HF directory to write (optional with --push-to-hub)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--space", default=None, type=out_dir, metavar="DIR",
+                   help="write a Hugging Face Space folder instead (app.py, requirements.txt, README, the model): "
+                        "`pip install -r requirements.txt && python app.py` runs it without smoltrain")
+    p.add_argument("--force", action="store_true", help="replace an existing --out (or an earlier --space export)")
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
-                   help="upload the export to this Hub model repo (HF_TOKEN, HF_ENDPOINT honoured)")
+                   help="upload the export to this Hub model repo, or with --space to this Space repo "
+                        "(HF_TOKEN, HF_ENDPOINT honoured)")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo as private")
     p.add_argument("--revision", default=None, metavar="BRANCH", help="with --push-to-hub: branch (default main)")
     p.set_defaults(func=_cmd_export)
