@@ -139,8 +139,8 @@ def test_space_runs_from_a_fresh_venv_and_answers_like_smoltrain_generate(space,
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "GRADIO_SERVER_NAME")}
     log = open(tmp_path / "app.log", "w")
-    app = subprocess.Popen([str(python), "app.py", "--port", str(port)], cwd=space, stdout=log,
-                           stderr=subprocess.STDOUT, env={**env, "GRADIO_ANALYTICS_ENABLED": "False"})
+    app = subprocess.Popen([str(python), "app.py"], cwd=space, stdout=log, stderr=subprocess.STDOUT,
+                           env={**env, "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False"})
     try:
         deadline = time.monotonic() + 600
         while True:

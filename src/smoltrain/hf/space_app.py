@@ -2,16 +2,15 @@
 
 It runs on its own: `pip install -r requirements.txt && python app.py` (torch, transformers and gradio; no
 smoltrain). The model is the HF folder beside it (`model/`), the page's settings are in `space.json`.
-It listens on 127.0.0.1 (this machine only) unless told otherwise: Hugging Face Spaces set
-GRADIO_SERVER_NAME=0.0.0.0 themselves, elsewhere pass --host. On a CPU it decodes from int8 weights
-(weight-only, one scale per output channel, torch's own int8 kernel), the same quantisation as
-`smoltrain generate --weights int8`: a quarter of the bytes per token, so about 2-3x faster on the small
-CPUs of a free Space; pass --weights fp32 for the exact weights.
+It listens on 127.0.0.1 (this machine only) unless GRADIO_SERVER_NAME says otherwise (Hugging Face Spaces
+set it to 0.0.0.0 themselves); GRADIO_SERVER_PORT picks the port (7860). It decodes on the CPU from int8
+weights (weight-only, one scale per output channel, torch's own int8 kernel), the same quantisation as
+`smoltrain generate --weights int8`: a quarter of the bytes per token, faster where memory bandwidth is the
+limit, as on a free Space's 2 vCPUs; WEIGHTS=fp32 uses the exact weights.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import threading
@@ -102,16 +101,15 @@ def build(model, tok, weights: str) -> gr.Blocks:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-                    help="address to listen on (default 127.0.0.1: this machine only)")
-    ap.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
-    ap.add_argument("--weights", choices=["int8", "fp32"], default=os.environ.get("WEIGHTS", SETTINGS["weights"]),
-                    help="int8 (default: weight-only int8 decoding on the CPU) or fp32")
-    a = ap.parse_args()
-    model, tok = load(a.weights)
-    build(model, tok, a.weights).queue().launch(server_name=a.host, server_port=a.port, share=False,
-                                                ssr_mode=False)
+    """Serve the page. Settings come from the environment (gradio's own variables, and WEIGHTS), so the same
+    file runs on a Space and on a laptop unchanged."""
+    host = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")  # loopback unless told otherwise
+    port = int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
+    weights = os.environ.get("WEIGHTS", SETTINGS["weights"])
+    if weights not in ("int8", "fp32"):
+        raise SystemExit(f"WEIGHTS must be int8 or fp32, not {weights!r}.")
+    model, tok = load(weights)
+    build(model, tok, weights).queue().launch(server_name=host, server_port=port, share=False, ssr_mode=False)
 
 
 if __name__ == "__main__":
