@@ -37,16 +37,30 @@ def heldout_data(ckpt: Path, out: Path) -> Path:
     return out
 
 
+@torch.no_grad()
+def dequantized(model):
+    """The fp32 model holding exactly the values `--weights int8` multiplies by (every Linear, the head untied
+    from the fp32 embedding). tests/test_int8.py checks that the int8 model's logits equal such a model's; it
+    scores long windows through fp32 GEMM, where torch's int8 kernel (built for decoding) would take hours
+    on a CPU without AVX-512."""
+    from smoltrain.model.int8 import quantize
+
+    for mod in list(model.modules()):
+        if isinstance(mod, torch.nn.Linear):
+            q, scales = quantize(mod.weight)
+            mod.weight = torch.nn.Parameter(q.float() * scales[:, None], requires_grad=False)
+    return model
+
+
 @torch.inference_mode()
 def compare(ckpt: Path, data: Path, max_tokens: int = 16384, seq_len: int = 512, batch_size: int = 4) -> dict:
     """bpb of fp32 and int8 on the same held-out windows, and how often their argmax agree."""
     from smoltrain.data.loader import eval_windows
     from smoltrain.eval.bpb import TokenTables
     from smoltrain.hf.interop import load_model
-    from smoltrain.model.generate import prepare_for_decode
 
     fp32, tok, _ = load_model(ckpt)
-    q8 = prepare_for_decode(load_model(ckpt, need_tokenizer=False)[0], "int8")
+    q8 = dequantized(load_model(ckpt, need_tokenizer=False)[0])
     tables = TokenTables(tok)
     nats = {"fp32": 0.0, "int8": 0.0}
     nbytes = 0

@@ -75,17 +75,18 @@ def test_generate_cli_int8_and_bad_weights(tiny_ckpt):
 def test_int8_is_refused_off_the_cpu_before_loading():
     from smoltrain.errors import UserError
     from smoltrain.model.generate import decode_weights
+    from smoltrain.model.int8 import fast_here
 
-    assert decode_weights("auto", torch.device("cpu")) == "int8"
+    assert decode_weights("auto", torch.device("cpu")) == ("int8" if fast_here() else "fp32")
     assert decode_weights("auto", torch.device("meta")) == "fp32"
     with pytest.raises(UserError, match="CPU"):
         decode_weights("int8", torch.device("meta"))
 
 
-def test_demo_decodes_int8_on_the_cpu_by_default(tiny_ckpt):
+def test_demo_decodes_int8_when_asked(tiny_ckpt):
     from smoltrain.app.demo import ModelCache
 
-    cache = ModelCache(torch.device("cpu"))
+    cache = ModelCache(torch.device("cpu"), weights="int8")
     model, _ = cache.get(tiny_ckpt)
     assert cache.weights == "int8" and isinstance(model.lm_head, Int8Linear)
     assert ModelCache(torch.device("cpu"), weights="fp32").weights == "fp32"

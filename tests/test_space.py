@@ -140,7 +140,8 @@ def test_space_runs_from_a_fresh_venv_and_answers_like_smoltrain_generate(space,
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "GRADIO_SERVER_NAME")}
     log = open(tmp_path / "app.log", "w")
     app = subprocess.Popen([str(python), "app.py"], cwd=space, stdout=log, stderr=subprocess.STDOUT,
-                           env={**env, "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False"})
+                           env={**env, "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False",
+                                "WEIGHTS": "int8"})
     try:
         deadline = time.monotonic() + 600
         while True:

@@ -35,13 +35,13 @@ class SamplingConfig:
             raise UserError("Bad sampling settings: " + "; ".join(problems) + ".")
 
 
-WEIGHTS = ("fp32", "int8")  # what `--weights` may ask for; "auto" is int8 on the CPU, fp32 elsewhere
+WEIGHTS = ("fp32", "int8")  # what `--weights` may ask for; "auto": int8 where it is faster (int8.fast_here)
 
 
 def decode_weights(name: str, device: torch.device) -> str:
     """The weights to decode with on `device` ("auto" resolved); refuses int8 off the CPU before any work."""
     if name == "auto":
-        return "int8" if int8.supported(device) else "fp32"
+        return "int8" if int8.supported(device) and int8.fast_here() else "fp32"
     if name not in WEIGHTS:
         raise UserError(f"--weights must be auto, fp32 or int8 (got {name!r}).")
     if name == "int8" and not int8.supported(device):

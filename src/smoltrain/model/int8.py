@@ -14,6 +14,8 @@ The embedding stays fp32: a lookup reads one row per token. The tied LM head get
 
 from __future__ import annotations
 
+import platform
+
 import torch
 from torch import nn
 
@@ -29,8 +31,14 @@ def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def supported(device: torch.device | str) -> bool:
-    """int8 decoding runs where torch's weight-only int8 kernel does and pays: on the CPU."""
+    """int8 decoding runs where torch's weight-only int8 kernel does: on the CPU."""
     return torch.device(device).type == "cpu"
+
+
+def fast_here() -> bool:
+    """Whether int8 beats fp32 on this CPU. torch's kernel is vectorised for AVX-512 (and ARM); on an AVX2-only
+    x86 CPU it runs a scalar loop, ~1 GMAC/s on the AMD EPYC of BENCHMARKS.md, slower than fp32 through BLAS."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512") or platform.machine() in ("arm64", "aarch64")
 
 
 class Int8Linear(nn.Module):
