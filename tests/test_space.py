@@ -17,21 +17,36 @@ import pytest
 import torch
 import yaml
 
-from .conftest import assert_user_error, run_cli
+from .conftest import DEBUG_TINY, assert_user_error, run_cli
 from .test_demo import free_port
 from .test_hub import hub  # noqa: F401  (the fake Hub fixture)
-from .test_report import train_12_steps
 
 
 @pytest.fixture(scope="module")
-def run12(tmp_path_factory, tiny_data) -> Path:
-    return train_12_steps(tmp_path_factory.mktemp("space") / "run", tiny_data)
+def ckpt(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """A checkpoint as training leaves one (weights, tokenizer, the resolved config.yaml with eval.prompts),
+    of a tiny model whose next token depends on the context (init std 0.2); no training: seconds, not minutes."""
+    from smoltrain.config import load_config
+    from smoltrain.data.tokenizer import load_tokenizer
+    from smoltrain.hf.interop import model_state, save_model_files
+    from smoltrain.model.llama import build_model
+    from smoltrain.presets import get_preset
+    from smoltrain.storage import publish
+
+    torch.manual_seed(0)
+    cfg = get_preset("tiny").replace(initializer_range=0.2)
+    config = load_config(DEBUG_TINY, ["eval.prompts=['ROMEO:', 'To be, or not']"]).to_dict()
+    out = tmp_path_factory.mktemp("space") / "ckpt"
+    with publish(out, "import") as d:
+        save_model_files(d, model_state(build_model(cfg)), cfg, load_tokenizer(tiny_tokenizer_dir))
+        (d / "config.yaml").write_text(yaml.safe_dump(config))
+    return out
 
 
 @pytest.fixture(scope="module")
-def space(run12, tmp_path_factory) -> Path:
+def space(ckpt, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("spaces") / "space"
-    proc = run_cli("export", run12, "--space", out)
+    proc = run_cli("export", ckpt, "--space", out)
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -41,7 +56,7 @@ def _header(readme: Path) -> dict:
     return yaml.safe_load(header)
 
 
-def test_space_folder_has_the_space_header_pins_and_the_runs_prompts(space, run12):
+def test_space_folder_has_the_space_header_pins_and_the_runs_prompts(space, ckpt):
     from transformers import AutoModelForCausalLM
 
     assert {"README.md", "app.py", "requirements.txt", "space.json", "model"} <= {p.name for p in space.iterdir()}
@@ -53,8 +68,7 @@ def test_space_folder_has_the_space_header_pins_and_the_runs_prompts(space, run1
     reqs = (space / "requirements.txt").read_text().split()
     assert reqs == ["torch==2.13.0", f"transformers=={__import__('transformers').__version__}",
                     f"gradio=={gradio.__version__}"]
-    config = yaml.safe_load((run12 / "checkpoints" / "step_00000012" / "config.yaml").read_text())
-    assert json.loads((space / "space.json").read_text())["examples"] == config["eval"]["prompts"]
+    assert json.loads((space / "space.json").read_text())["examples"] == ["ROMEO:", "To be, or not"]
     assert (space / "model" / "README.md").read_text().startswith("---\nlibrary_name: transformers")  # the card
     AutoModelForCausalLM.from_pretrained(space / "model", local_files_only=True)
     tree = ast.parse((space / "app.py").read_text())
@@ -84,29 +98,29 @@ def test_the_apps_int8_and_fp32_models_compute_smoltrains_logits(space):
             assert torch.allclose(theirs(x).logits, ours(x), atol=1e-4), weights
 
 
-def test_space_refuses_a_foreign_dir_and_replaces_its_own_only_with_force(space, run12, tmp_path):
+def test_space_refuses_a_foreign_dir_and_replaces_its_own_only_with_force(space, ckpt, tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    assert_user_error(run_cli("export", run12, "--space", foreign), "--space", "not an output of smoltrain export")
+    assert_user_error(run_cli("export", ckpt, "--space", foreign), "--space", "not an output of smoltrain export")
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
     hf_export = tmp_path / "hf"
-    assert run_cli("export", run12, "--out", hf_export).returncode == 0
+    assert run_cli("export", ckpt, "--out", hf_export).returncode == 0
     before = sorted(p.name for p in hf_export.iterdir())
-    assert_user_error(run_cli("export", run12, "--space", hf_export), "smoltrain export")
+    assert_user_error(run_cli("export", ckpt, "--space", hf_export), "smoltrain export")
     assert sorted(p.name for p in hf_export.iterdir()) == before
     stamp = (space / "app.py").stat().st_mtime_ns
-    assert_user_error(run_cli("export", run12, "--space", space), "--force")
+    assert_user_error(run_cli("export", ckpt, "--space", space), "--force")
     assert (space / "app.py").stat().st_mtime_ns == stamp
-    assert run_cli("export", run12, "--space", space, "--force").returncode == 0
-    assert_user_error(run_cli("export", run12, "--space", tmp_path / "s", "--out", tmp_path / "o"), "--out")
+    assert run_cli("export", ckpt, "--space", space, "--force").returncode == 0
+    assert_user_error(run_cli("export", ckpt, "--space", tmp_path / "s", "--out", tmp_path / "o"), "--out")
     assert not (tmp_path / "s").exists() and not (tmp_path / "o").exists()
 
 
-def test_space_push_creates_a_gradio_space_repo(hub, run12, tmp_path, capsys):  # noqa: F811
+def test_space_push_creates_a_gradio_space_repo(hub, ckpt, tmp_path, capsys):  # noqa: F811
     from smoltrain.cli import main
 
-    assert main(["export", str(run12), "--space", str(tmp_path / "sp"), "--push-to-hub", "me/smol-space"]) == 0
+    assert main(["export", str(ckpt), "--space", str(tmp_path / "sp"), "--push-to-hub", "me/smol-space"]) == 0
     create = next(r for r in hub.requests if r[1] == "/api/repos/create")
     assert create[0] == "POST"
     (commit,) = hub.commits
@@ -132,7 +146,7 @@ def _fresh_venv(space: Path, where: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_space_runs_from_a_fresh_venv_and_answers_like_smoltrain_generate(space, run12, tmp_path):
+def test_space_runs_from_a_fresh_venv_and_answers_like_smoltrain_generate(space, ckpt, tmp_path):
     from gradio_client import Client
 
     python = _fresh_venv(space, tmp_path / "venv")
@@ -159,7 +173,7 @@ def test_space_runs_from_a_fresh_venv_and_answers_like_smoltrain_generate(space,
         app.wait(timeout=30)
         log.close()
     assert "127.0.0.1" in (tmp_path / "app.log").read_text()  # loopback by default
-    proc = run_cli("generate", run12, "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "24",
+    proc = run_cli("generate", ckpt, "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "24",
                    "--weights", "int8")
     assert proc.returncode == 0, proc.stderr
     assert text == proc.stdout[:-1]

@@ -4,8 +4,10 @@ Why: decoding one token at a time streams every weight once per token, so its sp
 weights / memory bandwidth. int8 weights are a quarter of fp32's bytes (for SmolLM2-135M: 134 MB per token
 instead of 538 MB). The product is torch's own CPU kernel `aten._weight_int8pack_mm` (x (M, K) fp32 @
 int8 w (N, K)^T, times scales (N,)): it widens the int8 weights in registers, so no fp32 copy is ever
-written back to memory. torchao's int8 weight-only layout reaches the same kernel on CPU, at the price of
-a dependency and a tensor subclass; the kernel alone is a few lines here.
+written back to memory. torchao's int8 weight-only layout on CPU either reaches the same kernel (compiled)
+or dequantises to fp32 per call (eager), so it would add a dependency and a tensor subclass for nothing.
+Where it pays: the kernel is vectorised for AVX-512 (and ARM); on an AVX2-only x86 CPU it ran at ~1 GMAC/s
+(BENCHMARKS.md), slower than the fp32 products, which is what `fast_here` tells callers choosing a default.
 
 Symmetric per-row quantisation: scale = max |w_row| / 127, q = round(w / scale) in [-127, 127]. A fused
 product (q/k/v, gate/up) quantises the same rows as its parts would, so fusing changes nothing.
@@ -36,8 +38,8 @@ def supported(device: torch.device | str) -> bool:
 
 
 def fast_here() -> bool:
-    """Whether int8 beats fp32 on this CPU. torch's kernel is vectorised for AVX-512 (and ARM); on an AVX2-only
-    x86 CPU it runs a scalar loop, ~1 GMAC/s on the AMD EPYC of BENCHMARKS.md, slower than fp32 through BLAS."""
+    """Whether int8 should beat fp32 on this CPU: torch's kernel has vectorised paths for AVX-512 and ARM (not
+    measured here); on the AVX2-only AMD EPYC of BENCHMARKS.md it ran at ~1 GMAC/s, slower than fp32 via BLAS."""
     return torch.backends.cpu.get_cpu_capability().startswith("AVX512") or platform.machine() in ("arm64", "aarch64")
 
 
