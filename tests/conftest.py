@@ -173,6 +173,19 @@ def write_mixed_corpus(root: Path) -> list[str]:
     return [docs[0], docs[1], docs[2], *docs[3:6], latin_read, *docs[7:10]]
 
 
+def counted_flops_per_token(cfg, seq_len: int) -> int:
+    """An oracle for runlog.flops_per_token: 6 x the matmul weights counted on a meta-built model (norms
+    and the embedding lookup left out, the LM head counted once even when tied) + attention's 12 L H Q T."""
+    from smoltrain.model.llama import SmolLM2
+
+    with torch.device("meta"):
+        model = SmolLM2(cfg)
+    norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
+    embedding = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size  # a lookup: no FLOPs
+    matmul = model.num_params() - norms - embedding
+    return 6 * matmul + 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
+
+
 DEBUG_TINY = Path(__file__).parent.parent / "configs" / "debug-tiny.yaml"
 
 

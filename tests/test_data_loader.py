@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from smoltrain.data.loader import PackedLoader, check_vocab, eval_windows
+from smoltrain.data.loader import PackedLoader, check_vocab, eval_windows, ordered_batches
 from smoltrain.data.prepare import prepare
 from smoltrain.data.shards import META_FORMAT, VERSION, ShardWriter
 from smoltrain.errors import UserError
@@ -67,7 +67,7 @@ def test_windows_are_stream_slices_and_an_epoch_visits_each_once(ab):
     assert starts != sorted(starts)  # shuffled
     second = [int(r[0]) for b in take(loader, 16) for r in b]
     assert sorted(second) == sorted(starts) and second != starts  # a new order each epoch
-    assert loader.epochs == {"a": 2.0}
+    assert loader.state_dict()["cursors"] == {"a": [2, 0]}  # (epoch, window): two whole passes served
 
 
 def test_deterministic_for_a_seed_and_independent_of_global_rng(ab):
@@ -161,15 +161,14 @@ def test_bad_configurations_are_user_errors(ab, tmp_path):
 
 
 def test_validation_pass_is_deterministic_finite_and_rank_sharded(ab):
-    val = PackedLoader(ab, batch_size=4, seq_len=T, split="val")  # a: 20 windows, b: 9 windows
-    first = list(val.val_batches())
-    assert len(first) == 29 // 4 and all(torch.equal(x, y) for x, y in zip(first, val.val_batches()))
+    sources = PackedLoader(ab, batch_size=4, seq_len=T, split="val").sources  # a: 20 windows, b: 9 windows
+    first = list(ordered_batches(sources, 4))
+    assert len(first) == 29 // 4 and all(torch.equal(x, y) for x, y in zip(first, ordered_batches(sources, 4)))
     stream = torch.cat(first)
     assert stream[0, 0] == 20000 and stream[20, 0] == 40000  # stored order: a, then b
-    assert len(list(val.val_batches(max_batches=2))) == 2
-    assert [int(b[0, 0]) for b in val.val_batches(source="b")] == [40000, 40000 + 4 * T]
-    ranks = [PackedLoader(ab, 2, T, split="val", rank=r, world_size=2) for r in range(2)]
-    pairs = zip(*(r.val_batches() for r in ranks))
+    assert len(list(ordered_batches(sources, 4, max_batches=2))) == 2
+    assert [int(b[0, 0]) for b in ordered_batches(sources[1:], 4)] == [40000, 40000 + 4 * T]
+    pairs = zip(*(ordered_batches(sources, 2, rank=r, world_size=2) for r in range(2)))
     assert torch.equal(torch.cat([torch.cat(p) for p in pairs]), stream)
     windows = list(eval_windows(ab["b"], "val", T, 4))
     assert [len(w) for w in windows] == [4, 4, 1]  # a shorter last batch covers the rest

@@ -151,13 +151,16 @@ def test_force_never_replaces_sources_or_foreign_files(tmp_path, bpe_dir):
     assert load_meta(out) == rebuilt and json.loads((out / ".smoltrain-output.json").read_text())["command"] == "prepare"
 
 
-def test_a_prepare_output_from_before_markers_is_still_recognised(tmp_path, bpe_dir):
+def test_a_directory_without_our_marker_is_never_replaced(tmp_path, bpe_dir):
+    """Without its marker nothing says which files prepare wrote: --force refuses it, and it stays."""
     (tmp_path / "a.txt").write_text("some text to tokenize " * 20)
     out = tmp_path / "out"
     prepare([tmp_path / "a.txt"], bpe_dir, out, num_proc=1, verbose=False)
     (out / ".smoltrain-output.json").unlink()
-    meta = prepare([tmp_path / "a.txt"], bpe_dir, out, num_proc=1, max_documents=1, force=True, verbose=False)
-    assert load_meta(out) == meta
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(UserError, match="not an output of smoltrain prepare"):
+        prepare([tmp_path / "a.txt"], bpe_dir, out, num_proc=1, max_documents=1, force=True, verbose=False)
+    assert sorted(p.name for p in out.iterdir()) == before
 
 
 def _fail_on_second_chunk(monkeypatch):

@@ -87,7 +87,7 @@ MAY_IMPORT = {
     "core": ("smoltrain.model.config",),
     "smoltrain.model": (),
     "smoltrain.data": (),
-    "smoltrain.hf": ("smoltrain.model", "smoltrain.data"),
+    "smoltrain.hf": ("smoltrain.model", "smoltrain.data", "smoltrain.checkpoint.discovery"),
     "smoltrain.eval": ("smoltrain.model", "smoltrain.data", "smoltrain.hf"),
     "smoltrain.checkpoint": ("smoltrain.model", "smoltrain.data", "smoltrain.hf"),
     "smoltrain.train": ("smoltrain.model", "smoltrain.data", "smoltrain.hf", "smoltrain.eval", "smoltrain.checkpoint"),
@@ -175,3 +175,11 @@ def test_one_assignment_per_statement():
             if not dependent:
                 squeezed.append(f"{name}:{node.lineno}")
     assert not squeezed, f"split these into one assignment per line: {squeezed}"
+
+
+def test_where_files_live_is_decided_in_one_place():
+    """Only checkpoint.layout (and the lock in rundir that it asks) knows whether nodes share a run dir:
+    the one-process save path reads without a multi-node flag."""
+    knows = sorted(name for name, path in MODULES.items()
+                   if "sees_main_dir" in path.read_text(encoding="utf-8"))
+    assert knows == ["smoltrain.checkpoint.layout", "smoltrain.checkpoint.rundir"], knows

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from smoltrain.model.llama import SmolLM2, build_model
@@ -97,8 +99,36 @@ def test_init_weights_uses_config_std():
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
-def test_meta_build_allocates_once_and_rope_not_in_state():
-    model = build_model(get_preset("tiny"), init=False)
+class _CpuStorages(TorchDispatchMode):
+    """The bytes and addresses of every CPU storage an op creates while active (in-place ops and views
+    create none; an address freed and reused is counted again, as it was allocated again)."""
+
+    def __init__(self):
+        super().__init__()
+        self.nbytes = 0
+        self.addresses: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.is_view or func._schema.is_mutable:
+            return out
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                self.nbytes += t.untyped_storage().nbytes()
+                self.addresses.add(t.untyped_storage().data_ptr())
+        return out
+
+
+@pytest.mark.parametrize("init", [True, False])
+def test_meta_build_allocates_once_and_rope_not_in_state(init):
+    """The weights are materialised once: the CPU memory created while building is the model's own
+    (plus the small RoPE tables' temporaries), not a CPU-built copy replaced by another."""
+    with _CpuStorages() as seen:
+        model = build_model(get_preset("tiny"), init=init)
+    own = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in [*model.parameters(), *model.buffers()]}
+    assert set(own) <= seen.addresses  # every weight came from this build
+    # a second copy would be 2x; the rest is the RoPE tables' temporaries (~0.3x on this tiny shape)
+    assert sum(own.values()) <= seen.nbytes < 1.5 * sum(own.values()), (seen.nbytes, sum(own.values()))
     assert "rope_cos" not in model.state_dict()
     assert model.rope_cos.shape == (256, 16) and model.rope_cos.device.type == "cpu"
 

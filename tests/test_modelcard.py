@@ -41,3 +41,23 @@ def test_card_markdown_is_not_html_escaped(tmp_path):
     assert "A base language model imported from `hf/A&B <x>`: it continues text." in card
     assert "&amp;" not in card and "&lt;" not in card
     assert "| context | " in card and "## Training" not in card and card.endswith("decisions about people.\n")
+
+
+def test_the_card_names_the_optimizer_that_ran():
+    """The shipped quickstart trains with Muon + AdamW: its card says so, with both groups' settings;
+    an AdamW run's line is AdamW's."""
+    from pathlib import Path
+
+    from smoltrain.config import load_config
+    from smoltrain.hf.modelcard import optimizer_line
+
+    configs = Path(__file__).parent.parent / "configs"
+    muon = load_config(configs / "quickstart.yaml").optim
+    line = optimizer_line(load_config(configs / "quickstart.yaml").to_dict()["optim"])
+    assert line.startswith("Muon for the decoder's hidden matrices") and " + AdamW for the embedding and norms" in line
+    for setting in (f"peak lr {muon.muon_lr}", f"momentum {muon.muon_momentum}", f"peak lr {muon.lr}",
+                    f"weight decay {muon.weight_decay}", f"lr adjustment {muon.muon_adjust_lr}"):
+        assert setting in line, (setting, line)
+    adamw = load_config(configs / "debug-tiny.yaml").to_dict()["optim"]
+    assert optimizer_line(adamw) == "AdamW (betas 0.9, 0.95; eps 1e-08; weight decay 0.01)"
+    assert optimizer_line({**adamw, "eight_bit": True}).startswith("AdamW8bit (bitsandbytes) (betas 0.9")

@@ -18,6 +18,7 @@ import torch
 from smoltrain import storage
 from smoltrain.checkpoint import optimizer as optimstate
 from smoltrain.checkpoint import state as ck
+from smoltrain.checkpoint.discovery import step_dir
 from smoltrain.cli import main as cli_main
 from smoltrain.data.tokenizer import TOKENIZER_FILES
 from smoltrain.errors import TrainingError
@@ -59,8 +60,8 @@ class Payload:
 
 
 def copy_checkpoint(run4: Path, dest_run: Path, step: int = 2) -> Path:
-    dest = ck.step_dir(dest_run, step)
-    shutil.copytree(ck.step_dir(run4, step), dest)
+    dest = step_dir(dest_run, step)
+    shutil.copytree(step_dir(run4, step), dest)
     return dest
 
 
@@ -81,7 +82,7 @@ def plant_payloads(ckpt: Path, marker: Path) -> None:
 
 def test_export_force_never_replaces_the_run_its_checkpoint_or_foreign_files(run4, tmp_path):
     before = tree_hash(run4)
-    ckpt = ck.step_dir(run4, 4)
+    ckpt = step_dir(run4, 4)
     assert_user_error(run_cli("export", run4, "--out", run4, "--force"), f"--out {run4} is this command's own input")
     assert_user_error(run_cli("export", ckpt, "--out", run4, "--force"), "own input")
     assert_user_error(run_cli("export", ckpt, "--out", ckpt, "--force"), "own input")
@@ -130,8 +131,26 @@ def test_publish_commits_atomically_and_replaces_only_its_own_output(tmp_path):
 
 # --- checkpoints never run code --------------------------------------------------------------------------
 
+def test_a_file_is_published_whole_and_a_log_rewound_keeps_its_records(tmp_path, monkeypatch):
+    """publish_file leaves the old file in place when the write fails and no temp file either way;
+    rewrite_jsonl keeps the records asked for, drops torn lines, appends."""
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2}\nnot json\n{"step": 3}\n{"step": 4, "lo')
+    storage.rewrite_jsonl(log, lambda r: r["step"] <= 2, [{"step": 9}])
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n{"step": 9}\n'
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage.os, "fsync", full)
+    with pytest.raises(OSError):
+        storage.publish_file(log, "half")
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n{"step": 9}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
 def test_checkpoint_state_is_safetensors_and_json_only(run4):
-    ckpt = ck.step_dir(run4, 4)
+    ckpt = step_dir(run4, 4)
     names = sorted(storage.read_manifest(ckpt)["files"])
     assert not [n for n in names if n.endswith((".pt", ".pth", ".bin", ".pkl", ".metadata"))], names
     for name in names:
@@ -218,7 +237,7 @@ def _estimate(ckpt: Path, export_hf: bool) -> int:
 
 
 def test_first_free_space_estimate_is_within_2_percent_of_the_real_size(run4, tmp_path):
-    ckpt = ck.step_dir(run4, 4)
+    ckpt = step_dir(run4, 4)
     real = storage.tree_size(ckpt)
     est = _estimate(ckpt, export_hf=True)
     assert abs(est - real) / real < 0.02, (est, real)
@@ -250,13 +269,13 @@ def _assert_clean_disk_full_exit(proc: subprocess.CompletedProcess) -> None:
 def test_disk_full_during_save_or_logging_exits_1_with_previous_checkpoint_intact(run4, tmp_path, tiny_data):
     run = tmp_path / "full"
     shutil.copytree(run4, run)
-    shutil.rmtree(ck.step_dir(run, 4))
-    keep = tree_hash(ck.step_dir(run, 2))
+    shutil.rmtree(step_dir(run, 4))
+    keep = tree_hash(step_dir(run, 2))
     for fault in ("in_save=4:enospc", "in_log=3:enospc"):
         _assert_clean_disk_full_exit(train(run, tiny_data, env={"SMOLTRAIN_FAULT": fault}))
         assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000002"]  # no staging debris
-        assert tree_hash(ck.step_dir(run, 2)) == keep
-        storage.verify_manifest(ck.step_dir(run, 2))
+        assert tree_hash(step_dir(run, 2)) == keep
+        storage.verify_manifest(step_dir(run, 2))
 
 
 def test_disk_full_in_prepare_and_export_exits_1_and_leaves_nothing(tmp_path, monkeypatch, bpe_dir, tiny_ckpt,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -201,7 +202,11 @@ def test_suite_by_name_takes_lm_evals_prompts(monkeypatch):
 
 
 @pytest.mark.slow
-def test_unreachable_hub_is_exit_2(monkeypatch, tmp_path):
+def test_unreachable_hub_is_exit_2_and_leaves_nothing_offline(monkeypatch, tmp_path):
+    """The offline switch lasts for the load only: afterwards the environment and both libraries' flags
+    are as they were, so a later push_to_hub in the same process still goes online."""
+    import os
+
     import datasets.config
     import huggingface_hub.constants
 
@@ -209,14 +214,26 @@ def test_unreachable_hub_is_exit_2(monkeypatch, tmp_path):
     from smoltrain.eval import tasks as tasks
 
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        monkeypatch.setenv(var, "0")
-    for mod, attr in ((huggingface_hub.constants, "HF_HUB_OFFLINE"), (datasets.config, "HF_HUB_OFFLINE"),
-                      (datasets.config, "HF_DATASETS_OFFLINE")):
-        monkeypatch.setattr(mod, attr, getattr(mod, attr))
+        monkeypatch.delenv(var, raising=False)
+    flags = ((huggingface_hub.constants, "HF_HUB_OFFLINE"), (datasets.config, "HF_HUB_OFFLINE"),
+             (datasets.config, "HF_DATASETS_OFFLINE"))
+    for mod, attr in flags:
+        monkeypatch.setattr(mod, attr, False)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path)
     monkeypatch.setattr(tasks, "hub_reachable", lambda: False)
+    seen = []
+    real = datasets.load_dataset
+
+    def spy(*a, **kw):  # the load itself runs offline
+        seen.append([getattr(mod, attr) for mod, attr in flags])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(datasets, "load_dataset", spy)
     with pytest.raises(UserError, match="hub is not reachable.*--tasks FILE.jsonl"):
         tasks.load_task("arc_easy")
+    assert seen and all(all(s) for s in seen)
+    assert [getattr(mod, attr) for mod, attr in flags] == [False, False, False]
+    assert not [k for k in os.environ if "OFFLINE" in k]  # (lm-eval itself sets HF_XET_HIGH_PERFORMANCE)
 
 
 # --- the next-line task and in-loop evaluation ---------------------------------------------------
@@ -269,6 +286,27 @@ def test_next_line_task_from_held_out_documents(tiny_tokenizer_dir, verse_corpus
     assert len({it["label"] for it in items}) == 4
 
 
+def plain_scores(ckpt: Path, items: list[dict]) -> dict:
+    """An oracle beside the batched Scorer: each (context, choice) in its own forward, log-probs summed;
+    acc_norm divides by the choice's length in characters (lm-eval's)."""
+    from smoltrain.eval.tasks import encode_pair
+    from smoltrain.hf.interop import load_model
+
+    model, tok, _ = load_model(str(ckpt), device=torch.device("cpu"))
+    acc = acc_norm = 0
+    for it in items:
+        lls = []
+        for choice in it["choices"]:
+            ctx, cont = encode_pair(tok, it["context"], choice)
+            with torch.no_grad():
+                out = model(torch.tensor([ctx + cont[:-1]]))
+            logp = F.log_softmax(getattr(out, "logits", out)[0, -len(cont):].float(), dim=-1)
+            lls.append(float(logp.gather(-1, torch.tensor(cont)[:, None]).sum()))
+        acc += int(np.argmax(lls) == it["label"])
+        acc_norm += int(np.argmax(np.array(lls) / [len(c) for c in it["choices"]]) == it["label"])
+    return {"acc": acc / len(items), "acc_norm": acc_norm / len(items)}
+
+
 def test_training_logs_task_accuracy(tiny_tokenizer_dir, verse_corpus, tmp_path):
     """eval.tasks runs at every evaluation: metrics.jsonl gets task/<name>/acc and acc_norm, equal to
     `smoltrain eval --tasks` on the checkpoint of the same step."""
@@ -281,13 +319,19 @@ def test_training_logs_task_accuracy(tiny_tokenizer_dir, verse_corpus, tmp_path)
     mc = write_jsonl(tmp_path / "mc.jsonl", ITEMS)
     sets = verse_sets(tiny_tokenizer_dir, verse_corpus, run) + [
         f"eval.tasks=[next-line:verse, '{mc}']", "eval.tasks_limit=5", "train.max_steps=4", "eval.every=2",
-        "checkpoint.every=0"]
+        "checkpoint.every=2", "checkpoint.keep_last=0"]
     Trainer(load_config(DEBUG_TINY, sets)).train()
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     task_recs = [r for r in recs if "task/verse-next-line/acc" in r]
     assert [r["step"] for r in task_recs] == [2, 4]
-    assert all(r["task/mc/acc"] in (0, 0.25, 0.5, 0.75, 1) for r in task_recs)
     built = run / "data" / "tasks" / "verse-next-line.jsonl"
+    verse = [json.loads(line) for line in built.read_text().splitlines()][:5]
+    for r in task_recs:  # what each evaluation logged is what a plain scorer finds on that step's weights
+        ckpt = run / "checkpoints" / f"step_{r['step']:08d}"
+        for name, items in (("mc", ITEMS), ("verse-next-line", verse)):
+            oracle = plain_scores(ckpt, items)
+            assert {m: r[f"task/{name}/{m}"] for m in oracle} == oracle, (r, name)
+    shutil.rmtree(run / "checkpoints" / "step_00000002")  # the report below reads the final checkpoint only
     proc = run_cli("eval", run, "--tasks", f"{built},{mc}", "--limit", "5", "--json", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     final = json.loads(proc.stdout)["tasks"]

@@ -306,10 +306,24 @@ def test_eval_any_hf_causal_lm_beside_ours(tmp_path, tiny_data, tiny_tokenizer_d
 
 
 def test_fp16_with_grad_scaler_trains_and_resumes(tmp_path, tiny_data):
+    """The scaler's steps update the weights (the loss falls), its state is saved and restored (its count
+    of finite steps since the last change goes on across the resume), and a resumed fp16 run is the
+    uninterrupted one."""
     run, common = tmp_path / "f16", ["--set", "train.dtype=fp16", "--set", "checkpoint.every=2"]
     assert train(run, tiny_data, *common, "--set", "train.max_steps=4").returncode == 0
-    scaler = json.loads((run / "checkpoints" / "step_00000004" / "extra.json").read_text())["scaler"]
-    assert scaler is not None and scaler["scale"] > 0
+
+    def scaler(run_dir: Path, step: int) -> dict:
+        return json.loads((run_dir / "checkpoints" / f"step_{step:08d}" / "extra.json").read_text())["scaler"]
+
+    assert scaler(run, 4)["scale"] == 2.0 ** 16 and scaler(run, 4)["_growth_tracker"] == 4  # no overflow yet
     more = train(run, tiny_data, *common, "--set", "train.max_steps=6")
     assert more.returncode == 0 and "(step 4)" in more.stdout
-    assert all(r[1] is None or r[1] < 7 for r in losses(run))
+    assert scaler(run, 6)["_growth_tracker"] == 6
+    whole = tmp_path / "whole"
+    assert train(whole, tiny_data, *common, "--set", "train.max_steps=6").returncode == 0
+    def step_losses(run_dir: Path) -> list[float]:  # (the interrupted run also evaluated at its end, step 4)
+        return [r[1] for r in losses(run_dir) if r[1] is not None]
+
+    assert step_losses(run) == step_losses(whole) and scaler(whole, 6) == scaler(run, 6)
+    steps = step_losses(whole)
+    assert len(steps) == 6 and steps[-1] < steps[0] - 0.2, steps  # the updates were applied

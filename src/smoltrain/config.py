@@ -47,6 +47,7 @@ class DatasetConfig:
     val_documents: list[str] = field(default_factory=list)  # globs of source-relative names to hold out
     # default data.val_fraction; 1.0: evaluation only (never trained on)
     val_fraction: float | None = checked(None, interval(0, 1, high_open=False))
+    max_tokens: int | None = checked(None, positive)  # prepare stops reading past this many tokens (of both splits)
 
     def eval_only(self, default_fraction: float) -> bool:
         return not self.val_documents and self.held_out_fraction(default_fraction) == 1.0
@@ -73,6 +74,10 @@ class DataConfig:
     val_fraction: float = checked(0.01, interval(0, 1))  # held-out documents per dataset
     text_key: str = "text"
     max_documents: int | None = checked(None, positive)
+    # tokens to prepare in all, shared by the trained datasets by weight (a dataset's own max_tokens wins)
+    max_tokens: int | None = checked(None, positive)
+    # passes over each dataset's training split a run may make; train refuses a recipe that needs more
+    max_epochs: float = checked(1.0, positive)
     streaming: bool = False  # tokenize and pack on the fly from the sources, no prepare step
     num_proc: int = checked(0, nonneg("all cores"))  # prepare workers
 
@@ -200,6 +205,27 @@ class Config:
     @property
     def data_dir(self) -> Path:
         return Path(self.run.data_dir) if self.run.data_dir else Path(self.run.dir) / "data"
+
+
+def get_dotted(tree: dict, dotted: str, default: Any = None) -> Any:
+    """tree["optim"]["lr"] for "optim.lr"; `default` when a key is missing or a section is not a mapping."""
+    node: Any = tree
+    for k in dotted.split("."):
+        if not isinstance(node, dict) or k not in node:
+            return default
+        node = node[k]
+    return node
+
+
+def flatten_dotted(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 1}} -> {"optim.lr": 1}; lists (datasets, stages) stay whole values."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten_dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

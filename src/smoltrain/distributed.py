@@ -23,17 +23,10 @@ class DistEnv:
     local_rank: int = 0
     strategy: str = "single"  # single | ddp | fsdp
     node: int = 0  # torchrun's GROUP_RANK
-    sees_main_dir: bool = True  # this process sees rank 0's run dir (one machine, or a shared filesystem)
-    separate_dirs: bool = False  # some node does not: every node keeps a run dir of its own
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def leads_dir(self) -> bool:
-        """The process that prepares data and fetches checkpoints in its node's run dir for the others."""
-        return self.is_main or (not self.sees_main_dir and self.local_rank == 0)
 
     @property
     def enabled(self) -> bool:
@@ -189,5 +182,5 @@ def full_state_dict(model: nn.Module, env: DistEnv) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(model, options=opts) if env.world_size > 1 or dist.is_initialized() else {}
+        return get_model_state_dict(model, options=opts)  # fsdp runs only under torchrun (setup refuses it elsewhere)
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}

@@ -46,10 +46,6 @@ def numeric(test: Callable[[float], bool], text: str) -> Domain:
 positive = numeric(lambda v: v > 0, "> 0")
 
 
-def at_least(low: float) -> Domain:
-    return numeric(lambda v: v >= low, f">= {low}")
-
-
 def nonneg(zero: str = "") -> Domain:
     """>= 0; `zero` says what 0 means where it is a setting of its own ("off", "all cores")."""
     return numeric(lambda v: v >= 0, ">= 0" + (f" (0: {zero})" if zero else ""))

@@ -9,8 +9,8 @@ therefore always complete, and one with a marker says which command wrote which 
 `--force` may replace only a previous output of the same command whose files are all its own (the marker
 lists them); never the command's inputs, a directory that holds them, or anything with foreign files.
 
-This module also holds the one sha256 helper pair (files, strings) and how a run's checkpoints are named
-and found: the newest one whose manifest verifies.
+This module also holds the one sha256 helper pair (files, strings). How a run's checkpoints are named
+and found is checkpoint.discovery's.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import uuid
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -32,10 +31,8 @@ from smoltrain.errors import TrainingError, UserError
 MANIFEST = "manifest.json"  # checkpoints (train, import, export): sha256 of every file
 MARKER = ".smoltrain-output.json"  # other outputs (prepare, tokenizer, report, assets): sizes of every file
 FORMAT = "smoltrain-output"
-LEGACY_KINDS = {"train": "train", "import": "import", "export": "export"}  # manifests before "command" existed
 PRIVATE = re.compile(r"^\.(staging|old|deleting)-(?P<name>.+)-(?P<pid>\d+)-(?P<tag>[0-9a-f]{8})$")
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-STEP_DIR = re.compile(r"^step_(\d{8})$")  # RUN/checkpoints/step_NNNNNNNN
 
 
 def sha256_file(path: Path) -> str:
@@ -74,6 +71,39 @@ def write_text_synced(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def publish_file(path: Path, data: str | bytes) -> Path:
+    """A file that appears whole (a log rewritten on resume, a task file, a tracker id): written under a
+    name private to this process beside it, fsynced, then renamed over `path` and the rename made durable."""
+    path = Path(path)
+    tmp = private_name("staging", path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_path(path.parent)
+    return path
+
+
+def rewrite_jsonl(path: Path, keep: Callable[[dict], bool], append: Iterable[dict] = ()) -> None:
+    """Keep the records of a JSONL log for which `keep` holds (a resumed run rewinds its logs to the
+    resumed step), add `append`, and publish the file whole. A line torn by a kill mid-write, or one
+    that is not a record `keep` can read, goes."""
+    lines = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if keep(json.loads(line)):
+                    lines.append(line)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue
+    lines += [json.dumps(record) for record in append]
+    publish_file(path, "".join(line + "\n" for line in lines))
 
 
 def _files(directory: Path, skip: str) -> list[Path]:
@@ -133,52 +163,10 @@ def output_record(directory: Path) -> dict | None:
             continue
         if not isinstance(doc, dict) or not isinstance(doc.get("files"), dict):
             continue
-        command = doc.get("command") or LEGACY_KINDS.get(doc.get("kind"))
+        command = doc.get("command")
         if command:
             return {**doc, "command": command, "record": name}
     return None
-
-
-# Here rather than in checkpoint.py: interop.load_model resolves a run dir to its newest valid checkpoint,
-# and interop sits below checkpoint.
-
-def step_dir(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
-
-
-def step_of(ckpt: Path) -> int:
-    """The step a checkpoint directory is named for (step_dir's inverse)."""
-    return int(Path(ckpt).name.removeprefix("step_"))
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Committed checkpoint directories of a run, oldest first (staging debris is ignored)."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name))
-
-
-def newest_verified(run_dir: Path, on_invalid: Callable[[Path, UserError], None]) -> Path | None:
-    """The newest checkpoint of a run that passes its manifest; each newer one that fails is handed to
-    `on_invalid` (warn, or quarantine) before the next older one is tried."""
-    for ckpt in reversed(list_checkpoints(run_dir)):
-        try:
-            verify_manifest(ckpt)
-            return ckpt
-        except UserError as e:
-            on_invalid(ckpt, e)
-    return None
-
-
-def newest_valid(run_dir: Path) -> Path | None:
-    """The newest checkpoint that passes its manifest; corrupt newer ones are reported and skipped."""
-    return newest_verified(run_dir, _warn_skipped)
-
-
-def _warn_skipped(ckpt: Path, error: UserError) -> None:
-    # stacklevel 4: newest_valid's caller (this, newest_verified, newest_valid are in between)
-    warnings.warn(f"Skipping checkpoint: {error}", stacklevel=4)
 
 
 def _resolved(p: str | Path) -> Path:
@@ -207,11 +195,10 @@ def check_inputs(out: str | Path, inputs: Iterable[str | Path], flag: str = "--o
 
 
 def check_target(out: str | Path, command: str, force: bool, inputs: Iterable[str | Path] = (),
-                 flag: str = "--out", legacy: dict | None = None) -> None:
+                 flag: str = "--out") -> None:
     """Refuse (exit 2, naming the path) before any work when publishing `command`'s output at `out` could
     lose something: `out` is or holds one of the command's inputs, or holds files the command did not write,
-    or is a previous output and --force was not given. An empty directory is fine. `legacy` is the record
-    to assume for an output written before markers existed."""
+    or is a previous output and --force was not given. An empty directory is fine."""
     out_path = Path(out).expanduser()
     check_inputs(out_path, inputs, flag)
     if not out_path.exists():
@@ -220,7 +207,7 @@ def check_target(out: str | Path, command: str, force: bool, inputs: Iterable[st
         raise UserError(f"{flag} {out_path} exists and is a file, not a directory; choose another {flag}.")
     if not any(out_path.iterdir()):
         return
-    record = output_record(out_path) or legacy
+    record = output_record(out_path)
     foreign = foreign_files(out_path, record) if record and record["command"] == command else []
     if record is None or record["command"] != command or foreign:
         made = f"the output of smoltrain {record['command']}" if record else "not an output of smoltrain " + command
@@ -247,7 +234,7 @@ def make_staging(final: Path) -> Path:
 
 
 def commit(staging: Path, final: Path, command: str, info: dict | None = None, hashed: bool = True,
-           replace: bool = False, keep_existing: bool = False, legacy: dict | None = None) -> Path:
+           replace: bool = False, keep_existing: bool = False) -> Path:
     """Write the record, fsync everything, rename `staging` to `final` (the commit point).
 
     An existing `final` is replaced only with `replace` (the caller checked it with check_target) and only
@@ -257,7 +244,7 @@ def commit(staging: Path, final: Path, command: str, info: dict | None = None, h
     staging = Path(staging)
     final = Path(final)
     write_manifest(staging, command, info, hashed)
-    fsync_tree(staging)
+    fsync_tree(staging)  # before an earlier output is moved aside: that window stays one rename long
     old = None
     if final.exists():
         if keep_existing:
@@ -268,19 +255,27 @@ def commit(staging: Path, final: Path, command: str, info: dict | None = None, h
         elif not replace:
             raise UserError(f"{final} appeared while it was being written; it was left alone.")
         else:
-            check_target(final, command, force=True, legacy=legacy)  # still only our own earlier output
+            check_target(final, command, force=True)  # still only our own earlier output
             old = private_name("old", final)
             os.replace(final, old)
-    os.replace(staging, final)
-    fsync_path(final.parent)
+    rename_synced(staging, final, synced=True)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def rename_synced(staging: Path, final: Path, synced: bool = False) -> None:
+    """The commit point of a finished staging directory: every file and directory in it fsynced (unless
+    the caller just did), one rename to `final` (which must not exist), and the new name made durable."""
+    if not synced:
+        fsync_tree(staging)
+    os.replace(staging, final)
+    fsync_path(final.parent)
+
+
 @contextlib.contextmanager
 def publish(final: str | Path, command: str, info: dict | None = None, hashed: bool = True,
-            replace: bool = False, keep_existing: bool = False, legacy: dict | None = None) -> Iterator[Path]:
+            replace: bool = False, keep_existing: bool = False) -> Iterator[Path]:
     """Yield a private staging directory beside `final`; on success commit it there.
 
     On any exception (ENOSPC included) the staging directory is removed and `final` is untouched.
@@ -289,7 +284,7 @@ def publish(final: str | Path, command: str, info: dict | None = None, hashed: b
     staging = make_staging(final)
     try:
         yield staging
-        commit(staging, final, command, info, hashed, replace, keep_existing, legacy)
+        commit(staging, final, command, info, hashed, replace, keep_existing)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

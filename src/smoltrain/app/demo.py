@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
+from smoltrain.checkpoint.discovery import STEP_DIR, list_checkpoints, step_of
 from smoltrain.device import amp_dtype
 from smoltrain.errors import UserError
 from smoltrain.hf.interop import load_model, resolve_checkpoint
 from smoltrain.history import History
 from smoltrain.model.generate import SamplingConfig, decode_weights, generate, prepare_for_decode, stream_text
-from smoltrain.storage import STEP_DIR, list_checkpoints, step_of
 
 PANES = ("A", "B")
 
@@ -197,9 +197,8 @@ def build_app(source: CheckpointSource, cache: ModelCache):
 
 
 def check_port(host: str, port: int) -> None:
-    """Fail with a clear message when host:port cannot be listened on (in use, or not this machine's)."""
-    if not 0 < port < 65536:
-        raise UserError(f"--port must be between 1 and 65535 (got {port}).")
+    """Fail with a clear message when host:port cannot be listened on (in use, or not this machine's);
+    the port's range was checked by argparse."""
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as e:

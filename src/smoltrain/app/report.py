@@ -23,10 +23,11 @@ import torch
 import yaml
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
+from smoltrain.checkpoint.discovery import list_checkpoints, newest_valid, step_of
 from smoltrain.errors import UserError
 from smoltrain.hf.interop import load_model, resolve_checkpoint
 from smoltrain.history import History, plot_loss, plot_series, plot_tasks, read_jsonl
-from smoltrain.storage import MANIFEST, check_target, list_checkpoints, newest_valid, publish, step_of
+from smoltrain.storage import MANIFEST, check_target, publish
 
 REPORT = "index.html"
 CHARTS = (  # file, metric (None: the loss chart), title, y label
@@ -307,8 +308,7 @@ def make_report(run_dir: str | Path, out: str | Path, prompts: list[str] | None 
     if refs and data_dir is None:
         raise UserError("--reference needs --data DIR (a prepared dataset); this run's own data was not found.")
     out = Path(out).expanduser()
-    legacy = _legacy_record(out)
-    check_target(out, "report", True, inputs=[run.dir], legacy=legacy)  # a report is rebuilt in place; nothing else is
+    check_target(out, "report", True, inputs=[run.dir])  # a report is rebuilt in place; nothing else is
     dev = pick_device(device)
     ppl = []
     if data_dir is not None:
@@ -323,18 +323,11 @@ def make_report(run_dir: str | Path, out: str | Path, prompts: list[str] | None 
     scored = [(f"step {step_of(c)}", c) for c in run.checkpoints] + refs
     task_rows = task_table(scored, specs, limit, dev) if specs else []
     gens = checkpoint_generations(run, prompts, max_new_tokens, dev)
-    with publish(out, "report", {"run": str(run.dir)}, hashed=False, replace=True, legacy=legacy) as staging:
+    with publish(out, "report", {"run": str(run.dir)}, hashed=False, replace=True) as staging:
         charts = draw_charts(run)
         page = render(run, charts, gens, prompts, max_new_tokens, ppl, data_dir, task_rows)
         (staging / REPORT).write_text(page, encoding="utf-8")
     return out / REPORT
-
-
-def _legacy_record(out: Path) -> dict | None:
-    """A report from before storage markers: index.html and its PNGs, nothing else."""
-    if not (out / REPORT).is_file():
-        return None
-    return {"command": "report", "files": {p.name: {} for p in out.iterdir() if p.name == REPORT or p.suffix == ".png"}}
 
 
 def _reference(path: str) -> Path:

@@ -16,9 +16,7 @@ and on resume every other node fetches the chosen checkpoint into its own run di
 from __future__ import annotations
 
 import json
-import os
 import posixpath
-import re
 import shutil
 import sys
 import threading
@@ -29,17 +27,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from smoltrain import storage
+from smoltrain.checkpoint.discovery import STEP_DIR, quarantine, step_dir, step_name, step_of
 from smoltrain.config import check_remote_url
 from smoltrain.errors import UserError
 from smoltrain.faults import fault_point
 
 if TYPE_CHECKING:
-    from smoltrain.config import Config
-    from smoltrain.distributed import DistEnv
+    pass
 
 LOG_FILES = ("metrics.jsonl", "samples.jsonl", "config.yaml", "config_history.jsonl", "env.json", "wandb.json",
              "trackio.json")
-STEP_DIR = re.compile(r"step_(\d{8})$")
 
 
 def _explain(e: BaseException) -> str:
@@ -80,7 +77,7 @@ class Remote:
         return posixpath.join(self.root, *parts)
 
     def url_of(self, step: int) -> str:
-        return f"{self.url}/checkpoints/step_{step:08d}"
+        return f"{self.url}/checkpoints/{step_name(step)}"
 
     def check(self) -> None:
         """Write, read back and delete a probe object: bad endpoints, buckets and credentials exit 2 now."""
@@ -101,7 +98,7 @@ class Remote:
         found = self.fs.glob(self._path("checkpoints", "step_" + pattern))
         steps = set()
         for p in found:
-            m = STEP_DIR.search(posixpath.dirname(p) if valid_only else p.rstrip("/"))
+            m = STEP_DIR.match(posixpath.basename(posixpath.dirname(p) if valid_only else p.rstrip("/")))
             if m:
                 steps.add(int(m.group(1)))
         return sorted(steps)
@@ -127,19 +124,19 @@ class Remote:
 
     def invalidate(self, step: int) -> None:
         """An older copy of this step stops counting (its manifest goes) before new files replace its own."""
-        manifest = self._path("checkpoints", f"step_{step:08d}", storage.MANIFEST)
+        manifest = self._path("checkpoints", step_name(step), storage.MANIFEST)
         if self.fs.exists(manifest):
             self.fs.rm_file(manifest)
 
     def upload_part(self, local: Path, step: int, name: str) -> dict:
         """A rank on a node without rank 0's run dir puts its own part of a checkpoint on the store."""
-        self.fs.put_file(str(local), self._path("checkpoints", f"step_{step:08d}", name))
+        self.fs.put_file(str(local), self._path("checkpoints", step_name(step), name))
         return storage.file_record(local)
 
     def get_part(self, step: int, name: str, target: Path, record: dict) -> None:
         """Rank 0 fetches another node's part into its staging dir, checked against what that rank sent."""
         target.parent.mkdir(parents=True, exist_ok=True)
-        self.fs.get_file(self._path("checkpoints", f"step_{step:08d}", name), str(target))
+        self.fs.get_file(self._path("checkpoints", step_name(step), name), str(target))
         if not storage.matches_record(target, record):
             raise OSError(f"{name} of step {step} on the store differs from what its rank uploaded")
 
@@ -149,9 +146,7 @@ class Remote:
         A copy from an earlier fetch is kept when it still matches the remote manifest; one that does not
         is set aside (never deleted) and downloaded again.
         """
-        from smoltrain.checkpoint.state import quarantine
-
-        final = storage.step_dir(run_dir, step)
+        final = step_dir(run_dir, step)
         if final.is_dir():
             try:
                 same = (final / storage.MANIFEST).read_bytes() == self.fs.cat_file(
@@ -184,7 +179,7 @@ class Remote:
         oldest_kept = valid[-keep_last]
         for step in self.steps(valid_only=False):
             if step < oldest_kept:
-                d = self._path("checkpoints", f"step_{step:08d}")
+                d = self._path("checkpoints", step_name(step))
                 if step in valid:
                     self.fs.rm_file(posixpath.join(d, storage.MANIFEST))
                 self.fs.rm(d, recursive=True)
@@ -206,7 +201,7 @@ class Remote:
         return None
 
     def _download(self, step: int, run_dir: Path) -> Path:
-        final = storage.step_dir(run_dir, step)
+        final = step_dir(run_dir, step)
         staging = storage.private_name("staging", final)  # private to this process (debris rules)
         src = self._path("checkpoints", final.name)
         try:
@@ -218,9 +213,7 @@ class Remote:
                 self.fs.get_file(posixpath.join(src, name), str(target))
             (staging / storage.MANIFEST).write_bytes(raw)
             storage.verify_manifest(staging)
-            storage.fsync_tree(staging)  # durable before it is named a checkpoint, as storage.commit does
-            os.replace(staging, final)
-            storage.fsync_path(final.parent)
+            storage.rename_synced(staging, final)  # durable before it is named a checkpoint, as commit does
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"download failed ({_explain(e)})") from None
         finally:
@@ -232,9 +225,7 @@ class Remote:
         for name in LOG_FILES:
             src = self._path(name)
             if self.fs.exists(src):
-                tmp = run_dir / f".{name}.remote-tmp"
-                tmp.write_bytes(self.fs.cat_file(src))
-                tmp.replace(run_dir / name)
+                storage.publish_file(run_dir / name, self.fs.cat_file(src))
 
 
 class Uploader:
@@ -321,7 +312,7 @@ class RunMirror:
     def publish(self, ckpt: Path) -> None:
         """Make sure a local checkpoint is on the store (its upload may have been cut short by a kill): the
         other nodes fetch it from there. Synchronous, before training starts."""
-        step = storage.step_of(ckpt)
+        step = step_of(ckpt)
         if step in self.remote.steps():
             return
         print(f"remote: {ckpt.name} is not on {self.remote.url} yet (its upload was interrupted); uploading it "
@@ -344,23 +335,10 @@ class RunMirror:
             if self.hub_repo:
                 from smoltrain.hf.hub import prune_after_push, push_checkpoint
 
-                push_checkpoint(ckpt, self.hub_repo, f"step_{step:08d}", self.hub_private)
-                prune_after_push(self.hub_repo, self.keep_last, f"step_{step:08d}")  # reports its own failure
+                push_checkpoint(ckpt, self.hub_repo, step_name(step), self.hub_private)
+                prune_after_push(self.hub_repo, self.keep_last, step_name(step))  # reports its own failure
 
         self.uploads.submit(f"the upload of step {step}", job)
 
     def finish(self) -> None:
         self.uploads.drain()
-
-
-def node_remote(cfg: Config, dist: DistEnv, mirror: RunMirror | None) -> Remote | None:
-    """The store on every rank when nodes keep run dirs of their own (their ranks upload parts to it and
-    fetch checkpoints from it); each node's first rank checks it before any work."""
-    if not dist.separate_dirs:
-        return None
-    if dist.is_main:
-        return mirror.remote
-    remote = Remote(cfg.checkpoint.remote, cfg.checkpoint.remote_options)
-    if dist.leads_dir:
-        remote.check()
-    return remote

@@ -1,4 +1,4 @@
-"""Which checkpoint a run resumes from, and what the resumed segment changes (rank 0, under the lock)."""
+"""Which checkpoint a run resumes from, and what the resumed segment changes (picked by rank 0, under the lock)."""
 
 from __future__ import annotations
 
@@ -10,72 +10,52 @@ import yaml
 
 from smoltrain import distributed as dist_io
 from smoltrain.checkpoint import state as ckpt_io
+from smoltrain.checkpoint.discovery import list_checkpoints, newest_valid, quarantined, step_of
 from smoltrain.checkpoint.rundir import settings_diff
-from smoltrain.config import Config, DatasetConfig
+from smoltrain.config import Config, DatasetConfig, get_dotted
 from smoltrain.errors import UserError
 from smoltrain.hf.interop import resolve_checkpoint
-from smoltrain.storage import list_checkpoints, step_dir, step_of
 
 if TYPE_CHECKING:
-    from smoltrain.distributed import DistEnv
+    from smoltrain.checkpoint.layout import LocalLayout
 
 
-def find_resume(cfg: Config, dist: DistEnv, global_batch: int, mirror=None,
-                remote=None) -> tuple[Path | None, list[str]]:
-    """Every rank: the checkpoint to resume in its own run dir (None: start fresh), and what changed.
+@dataclasses.dataclass(frozen=True)
+class Resume:
+    """The checkpoint a run continues from (None: start fresh), in this rank's run dir, and what changed."""
 
-    Rank 0 picks it (pick_resume); nodes with run dirs of their own then fetch it from the store into
-    theirs (`remote`), and clean their debris while their first rank holds their lock.
-    """
-    run_dir = Path(cfg.run.dir)
-    found, changes = dist_io.on_main(lambda: pick_resume(cfg, run_dir, global_batch, mirror, dist.separate_dirs))
-    if not dist.separate_dirs:
-        return found, changes
-    step = None if found is None else step_of(found)
-
-    def fetch() -> Path | None:
-        if dist.sees_main_dir:
-            return found
-        if dist.leads_dir:
-            ckpt_io.clean_debris(run_dir)
-            if step is not None:
-                remote.fetch(step, run_dir)
-                ckpt_io.retain(run_dir, cfg.checkpoint.keep_last)
-        return None if step is None else step_dir(run_dir, step)
-
-    return dist_io.all_or_none(fetch), changes  # also the barrier: every copy is there before any rank reads
+    path: Path | None = None
+    changes: list[str] = dataclasses.field(default_factory=list)  # settings that differ from the checkpoint's config (diff and history)
+    saved_max_steps: int | None = None  # the saved run's train.max_steps: a larger one extends it
 
 
-def pick_resume(cfg: Config, run_dir: Path, global_batch: int, mirror=None,
-                separate: bool = False) -> tuple[Path | None, list[str]]:
-    """The checkpoint to resume (None: start fresh) and the settings that differ from its config.
-
-    With no local checkpoint, `mirror` (checkpoint.remote) may download the newest remote one. When
-    nodes keep run dirs of their own (`separate`), the one chosen must be on the store, where they fetch it.
+def find_resume(cfg: Config, layout: LocalLayout, global_batch: int) -> Resume:
+    """Every rank: the one way a run finds its checkpoint. Rank 0 picks it under the run dir's lock (the
+    newest valid one, corrupt newer ones quarantined; the store's when the layout says so) and checks the
+    config against it; then every rank gets it in its own run dir (`layout.fetch`).
 
     Trajectory changes (model, data, seed, global batch) are refused unless train.allow_config_change;
     other changes (lr, schedule, weight decay, ...) are accepted and returned for the diff and history.
     """
+    picked = dist_io.on_main(lambda: _pick(cfg, layout, global_batch))
+    return dataclasses.replace(picked, path=layout.fetch(picked.path))
+
+
+def _pick(cfg: Config, layout: LocalLayout, global_batch: int) -> Resume:
+    """Rank 0: the checkpoint to resume, checked against this config."""
+    run_dir = layout.run_dir
     explicit = cfg.train.resume_from
-    if explicit and separate:
-        raise UserError("train.resume_from names a checkpoint on rank 0's machine, which the other nodes (each "
-                        "with a run dir of its own) cannot read. Resume without it (from the newest checkpoint "
-                        "on checkpoint.remote), or from a run.dir every node shares.")
+    layout.check_resume_from(explicit)
     ckpt_io.clean_debris(run_dir)  # safe: this process holds the run dir's lock
     if explicit:
         if not Path(explicit).exists():
             raise UserError(f"train.resume_from {explicit} does not exist (refusing to start fresh).")
         found = resolve_checkpoint(explicit)
     else:
-        found = ckpt_io.find_resume_checkpoint(run_dir, cfg.train.start_fresh)
-        if found is None and mirror is not None:  # a fresh machine: the remote copy, if any
-            found = mirror.restore(run_dir)
-        elif separate:  # this node may not have been rank 0's before: the store may hold a newer one
-            found = mirror.restore(run_dir, after=step_of(found)) or found
+        found = layout.from_store(newest_resumable(run_dir, cfg.train.start_fresh))
     if found is None:
-        return None, []
-    if separate:
-        mirror.publish(found)
+        return Resume()
+    layout.share(found)
     state = ckpt_io.load_train_state(found)
     old = yaml.safe_load(state["config_yaml"])
     diffs = trajectory_diff(old, cfg.to_dict())
@@ -90,7 +70,28 @@ def pick_resume(cfg: Config, run_dir: Path, global_batch: int, mirror=None,
     if explicit and newer:  # saving over them would set valid checkpoints aside
         raise UserError(f"run.dir {run_dir} already holds checkpoints after step {step} ({', '.join(newer)}); "
                         "resuming there from train.resume_from would overwrite them. Use another run.dir.")
-    return found, settings_diff(old, cfg.to_dict())
+    saved_max = (old.get("train") or {}).get("max_steps", step)
+    return Resume(found, settings_diff(old, cfg.to_dict()), saved_max)
+
+
+def newest_resumable(run_dir: Path, start_fresh: bool) -> Path | None:
+    """find_resume's look at the run dir: its newest valid checkpoint, corrupt newer ones warned about and
+    quarantined.
+
+    If checkpoints exist (or were quarantined by an earlier run) but none is valid, refuse unless
+    `start_fresh`: training from step 0 silently would rewind the run's logs over them.
+    """
+    found = newest_valid(run_dir, quarantine_bad=True)
+    if found is not None:
+        return found
+    bad = quarantined(run_dir)
+    if bad and not start_fresh:
+        names = ", ".join(p.name for p in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise UserError(f"Every checkpoint in {run_dir}/checkpoints is corrupt (moved aside as {names}); "
+                        "refusing to start fresh over them, which would rewind metrics.jsonl. Inspect them, then "
+                        "move them out of that directory, or set train.start_fresh=true to train from step 0 in "
+                        "this run dir (they are kept), or use another run.dir.")
+    return None
 
 
 # Fields that define a run's trajectory: resuming with any of them changed is refused by default.
@@ -98,12 +99,6 @@ def pick_resume(cfg: Config, run_dir: Path, global_batch: int, mirror=None,
 TRAJECTORY_FIELDS = ("model", "train.seq_len", "train.seed", "optim.name",
                      "data.datasets", "data.stages", "data.tokenizer", "data.train_tokenizer_vocab_size",
                      "data.val_fraction")
-
-
-def _get(tree: dict, dotted: str) -> Any:
-    for k in dotted.split("."):
-        tree = tree.get(k, {}) if isinstance(tree, dict) else {}
-    return tree
 
 
 def _dataset_defaults(datasets: Any) -> Any:
@@ -118,8 +113,8 @@ def trajectory_diff(old: dict, new: dict) -> list[str]:
     """Trajectory-defining fields whose values differ between two resolved config dicts."""
     diffs = []
     for key in TRAJECTORY_FIELDS:
-        a = _get(old, key)
-        b = _get(new, key)
+        a = get_dotted(old, key, {})
+        b = get_dotted(new, key, {})
         if key == "data.datasets":  # a config saved before a dataset field existed had its default
             a = _dataset_defaults(a)
             b = _dataset_defaults(b)

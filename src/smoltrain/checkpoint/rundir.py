@@ -15,9 +15,11 @@ import time
 import uuid
 import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from smoltrain import distributed as dist_io
+from smoltrain import storage
+from smoltrain.config import flatten_dotted
 from smoltrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -94,21 +96,10 @@ def sees_lock(run_dir: Path, token: str) -> bool:
         return False
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """{"optim": {"lr": 1}} -> {"optim.lr": 1}; lists (datasets, stages) stay whole values."""
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def settings_diff(old: dict, new: dict) -> list[str]:
     """Every resolved setting that differs between two config dicts, as `key: old -> new`."""
-    a = flatten(old)
-    b = flatten(new)
+    a = flatten_dotted(old)
+    b = flatten_dotted(new)
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
@@ -118,39 +109,28 @@ def record_segment(run_dir: Path, start_step: int, config: dict, changes: list[s
     Segments that started at or after `start_step` were rewound along with metrics.jsonl, so they go:
     the history reads as the trajectory the run's checkpoints and metrics describe.
     """
-    path = Path(run_dir) / HISTORY_NAME
-    keep = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line)["start_step"] < start_step:
-                    keep.append(line)
-            except (ValueError, KeyError, TypeError):
-                continue  # a line torn by a kill mid-write
     entry = {"start_step": start_step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changes": changes,
              "config": config}
-    tmp = path.with_name(HISTORY_NAME + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in [*keep, json.dumps(entry)]))
-    tmp.replace(path)
+    storage.rewrite_jsonl(Path(run_dir) / HISTORY_NAME, lambda r: r["start_step"] < start_step, [entry])
 
 
-def own_run_dir(run_dir: Path, dist: DistEnv, separate_ok: bool) -> RunLock | None:
+def own_run_dir(run_dir: Path, dist: DistEnv, separate_ok: bool) -> tuple[RunLock, bool, bool]:
     """Rank 0 locks the run dir before anything in it is read or cleaned; every rank checks it sees it.
 
     A rank on a node that does not (no shared filesystem) is refused, unless `separate_ok`
-    (checkpoint.remote is set): then every such node's first rank locks a run dir of the node's own, and
-    `dist` records the layout. Returns the lock this process holds (None elsewhere). A refusal on any
-    rank is raised on every rank.
+    (checkpoint.remote is set): then every such node's first rank locks a run dir of the node's own.
+    Returns (the lock, held by this process or not; whether this process sees rank 0's run dir; whether
+    nodes keep run dirs of their own). A refusal on any rank is raised on every rank.
     """
     lock = RunLock(run_dir)
     token = dist_io.on_main(lambda: lock.acquire().token)
     if dist.world_size == 1:
-        return lock
-    dist.sees_main_dir = sees_lock(run_dir, token)
-    seen = dist_io.all_ranks((dist.sees_main_dir, socket.gethostname()))
+        return lock, True, False
+    sees_main_dir = sees_lock(run_dir, token)
+    seen = dist_io.all_ranks((sees_main_dir, socket.gethostname()))
     blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(seen) if not ok]
     if not blind:
-        return lock if lock.held else None
+        return lock, True, False
     if not separate_ok:
         lock.release()
         raise UserError(f"run.dir {run_dir} is not shared between the nodes: {', '.join(blind)} cannot see the "
@@ -158,22 +138,27 @@ def own_run_dir(run_dir: Path, dist: DistEnv, separate_ok: bool) -> RunLock | No
                         "(NFS, Lustre, ...), or set checkpoint.remote (e.g. s3://bucket/run) so that each node "
                         "keeps a run dir of its own and checkpoints meet on the store; see the README, "
                         "'Several machines'.")
-    dist.separate_dirs = True
-    _lock_node_dirs(lock, run_dir, dist)
-    return lock if lock.held else None
+    _lock_node_dirs(lock, run_dir, dist, sees_main_dir)
+    return lock, sees_main_dir, True
 
 
-def _lock_node_dirs(lock: RunLock, run_dir: Path, dist: DistEnv) -> None:
+def leads_node_dir(dist: DistEnv, sees_main_dir: bool) -> bool:
+    """The process that prepares data and fetches checkpoints in its node's run dir for the others."""
+    return dist.is_main or (not sees_main_dir and dist.local_rank == 0)
+
+
+def _lock_node_dirs(lock: RunLock, run_dir: Path, dist: DistEnv, sees_main_dir: bool) -> None:
     """Each node without rank 0's run dir: its first rank locks the node's own; its other ranks must see it."""
     error = None
-    if dist.leads_dir and not dist.is_main:
+    leads = leads_node_dir(dist, sees_main_dir)
+    if leads and not dist.is_main:
         try:
             lock.acquire()
         except UserError as e:
             error = str(e)
     tokens = dist_io.all_ranks((dist.node, lock.token if lock.held else None, error))
     errors = [e for _, _, e in tokens if e]
-    if not errors and not dist.sees_main_dir and not dist.leads_dir:
+    if not errors and not sees_main_dir and not leads:
         mine = [t for node, t, _ in tokens[1:] if node == dist.node and t]
         if not (mine and sees_lock(run_dir, mine[0])):
             error = (f"rank {dist.rank} cannot see the run.dir lock file that its node's first rank wrote in "

@@ -1,4 +1,4 @@
-"""Training checkpoints: RUN/checkpoints/step_NNNNNNNN, saved, found, resumed from, retained.
+"""Training checkpoints: RUN/checkpoints/step_NNNNNNNN, written, read back, retained.
 
 A training checkpoint is an HF model directory (interop writes and reads that part) plus the trainer's
 state beside it, as safetensors and JSON only (nothing is unpickled). It is published by storage.commit:
@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import uuid
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,11 +18,12 @@ import torch
 from safetensors.torch import load_file
 
 from smoltrain import storage
+from smoltrain.checkpoint.discovery import list_checkpoints, quarantine, step_dir
 from smoltrain.data.tokenizer import Tokenizer
 from smoltrain.errors import UserError
+from smoltrain.faults import fault_point
 from smoltrain.hf.interop import drop_tied_head, save_model_files, save_tensors, write_hf_extras
 from smoltrain.model.config import ModelConfig
-from smoltrain.storage import list_checkpoints, step_dir
 
 # Nothing in a checkpoint is unpickled: weights, optimizer moments and torch RNG states are safetensors,
 # everything else (loop counters, loader position, scaler, Python/numpy RNG, param groups) is JSON.
@@ -69,6 +67,18 @@ def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+class RNGState:
+    """Every RNG the loop uses (torch, CUDA, Python, numpy) as a Stateful: uint8 tensors for safetensors and
+    JSON-able Python/numpy states."""
+
+    def state_dict(self) -> dict:
+        tensors, plain = rng_state()
+        return {"tensors": tensors, "plain": plain}
+
+    def load_state_dict(self, state: dict) -> None:
+        set_rng_state(state["tensors"], state["plain"])
+
+
 def begin_train_checkpoint(run_dir: Path, step: int) -> Path:
     """Rank 0, before a save: set aside a same-named (corrupt) checkpoint, make a private staging dir.
 
@@ -94,7 +104,7 @@ def discard_on_error(staging: Path | None) -> Iterator[None]:
 
 def finish_train_checkpoint(staging: Path, run_dir: Path, step: int, model_cfg: ModelConfig,
                             weights: dict[str, torch.Tensor], tokenizer: Tokenizer | None, config_yaml: str,
-                            extra: dict, train_state: dict, export_hf: bool = False) -> Path:
+                            extra: dict, train_state: dict, rng: dict, export_hf: bool = False) -> Path:
     """Rank 0, after every rank wrote its part: weights, config, RNG, loop state; then commit.
 
     The rename in commit() is the one point where the checkpoint becomes visible and complete.
@@ -103,13 +113,10 @@ def finish_train_checkpoint(staging: Path, run_dir: Path, step: int, model_cfg: 
     weights = drop_tied_head(weights, model_cfg)
     save_model_files(staging, weights, model_cfg, tokenizer)
     (staging / RUN_CONFIG).write_text(config_yaml)
-    rng_tensors, rng_plain = rng_state()
-    save_tensors(rng_tensors, staging / RNG_TENSORS)
-    (staging / RNG_JSON).write_text(json.dumps(rng_plain))
+    save_tensors(rng["tensors"], staging / RNG_TENSORS)
+    (staging / RNG_JSON).write_text(json.dumps(rng["plain"]))
     (staging / EXTRA).write_text(json.dumps(extra, indent=2))
     (staging / TRAIN_STATE).write_text(json.dumps(train_state, indent=2))
-    from smoltrain.faults import fault_point
-
     fault_point("in_save", step)  # crash tests: die with a half-written checkpoint
     if export_hf:
         hf = staging / "hf"
@@ -130,7 +137,8 @@ def load_train_state(ckpt: Path) -> dict:
         rng_tensors = load_file(str(ckpt / RNG_TENSORS))
         rng_plain = json.loads((ckpt / RNG_JSON).read_text())
         _check_rng(rng_tensors, rng_plain)
-        return {"train_state": json.loads((ckpt / TRAIN_STATE).read_text()), "rng": (rng_tensors, rng_plain),
+        return {"train_state": json.loads((ckpt / TRAIN_STATE).read_text()),
+                "rng": {"tensors": rng_tensors, "plain": rng_plain},
                 "extra": json.loads((ckpt / EXTRA).read_text()), "config_yaml": (ckpt / RUN_CONFIG).read_text()}
     except Exception as e:  # safetensors raises its own error type for a damaged file
         raise UserError(f"{ckpt} is not a training checkpoint that can be resumed: its trainer state is missing "
@@ -179,13 +187,6 @@ def check_free_space(run_dir: Path, need_bytes: int, min_free_gb: float) -> None
                             f"{min_free_gb:g} GiB kept free). Free some space or lower checkpoint.keep_last.")
 
 
-def quarantine(ckpt: Path) -> Path:
-    """Rename a bad checkpoint out of discovery's sight (kept for inspection, never deleted)."""
-    target = ckpt.parent / f".corrupt-{ckpt.name}-{uuid.uuid4().hex[:6]}"
-    os.replace(ckpt, target)
-    return target
-
-
 def retain(run_dir: Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` committed checkpoints (called after a commit)."""
     if keep_last <= 0:
@@ -200,34 +201,3 @@ def clean_debris(run_dir: Path) -> list[Path]:
     The trainer calls this only while it holds the run-dir lock.
     """
     return storage.clean_stale(Path(run_dir) / "checkpoints")
-
-
-def quarantined(run_dir: Path) -> list[Path]:
-    """Checkpoints moved aside as corrupt by an earlier resume, oldest name first."""
-    root = Path(run_dir) / "checkpoints"
-    return sorted(p for p in root.iterdir() if p.name.startswith(".corrupt-")) if root.is_dir() else []
-
-
-def find_resume_checkpoint(run_dir: Path, start_fresh: bool = False) -> Path | None:
-    """Newest valid checkpoint; corrupt newer ones are warned about and quarantined.
-
-    If checkpoints exist (or were quarantined by an earlier run) but none is valid, refuse unless
-    `start_fresh`: training from step 0 silently would rewind the run's logs over them.
-    """
-    found = storage.newest_verified(run_dir, _quarantine_invalid)
-    if found is not None:
-        return found
-    bad = quarantined(run_dir)
-    if bad and not start_fresh:
-        names = ", ".join(p.name for p in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        raise UserError(f"Every checkpoint in {run_dir}/checkpoints is corrupt (moved aside as {names}); "
-                        "refusing to start fresh over them, which would rewind metrics.jsonl. Inspect them, then "
-                        "move them out of that directory, or set train.start_fresh=true to train from step 0 in "
-                        "this run dir (they are kept), or use another run.dir.")
-    return None
-
-
-def _quarantine_invalid(ckpt: Path, error: UserError) -> None:
-    moved = quarantine(ckpt)
-    # stacklevel 4: find_resume_checkpoint's caller (this, newest_verified, find_resume_checkpoint between)
-    warnings.warn(f"{error} Skipping it (moved to {moved.name}) and trying the previous one.", stacklevel=4)

@@ -14,8 +14,9 @@ def _cmd_prepare(a: argparse.Namespace) -> int:
     from smoltrain.data.prepare import prepare
 
     prepare(a.source, a.tokenizer, a.out, text_key=a.text_key, val_fraction=a.val_fraction, val_docs=a.val_docs,
-            val_documents=a.val_documents, max_documents=a.max_documents, num_proc=a.num_proc, force=a.force,
-            shard_tokens=a.shard_tokens, model_vocab_size=a.model_vocab_size, progress=not a.no_progress)
+            val_documents=a.val_documents, max_documents=a.max_documents, max_tokens=a.max_tokens,
+            num_proc=a.num_proc, force=a.force, shard_tokens=a.shard_tokens, model_vocab_size=a.model_vocab_size,
+            progress=not a.no_progress)
     return 0
 
 
@@ -33,9 +34,6 @@ def next_line_cli(a: argparse.Namespace) -> int:
     """`smoltrain tasks next-line --data DIR --out FILE`."""
     from smoltrain.eval.nextline import make_next_line_task
 
-    for name in ("items", "context_lines"):
-        if getattr(a, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(a, name)}).")
     if Path(a.out).exists() and not a.force:
         raise UserError(f"{a.out} exists; pass --force to replace it.")
     out = make_next_line_task(a.data, a.out, a.items, a.seed, a.context_lines)
@@ -75,6 +73,8 @@ def add_data_commands(sub) -> None:
                           "file matches GLOB, and only those (repeatable)")
     p.add_argument("--text-key", default="text", help="text column of jsonl/parquet/hf rows (default text)")
     p.add_argument("--max-documents", type=POSITIVE, default=None, help="stop after this many documents in all")
+    p.add_argument("--max-tokens", type=POSITIVE, default=None,
+                   help="stop once this many tokens are prepared (at the next ~1 MB work item)")
     p.add_argument("--num-proc", type=POSITIVE, default=None, help="tokenizer processes (default: all cores)")
     p.add_argument("--shard-tokens", type=POSITIVE, default=100_000_000, help="tokens per shard file")
     p.add_argument("--model-vocab-size", type=POSITIVE, default=None,

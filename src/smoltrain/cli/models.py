@@ -141,8 +141,6 @@ def generate_cli(a: argparse.Namespace) -> int:
     from smoltrain.hf.interop import load_model
     from smoltrain.model.generate import SamplingConfig, decode_weights, prepare_for_decode
 
-    if a.max_new_tokens < 1:
-        raise UserError("--max-new-tokens must be at least 1.")
     cfg = SamplingConfig(a.temperature, a.top_k, a.top_p, a.repetition_penalty)
     cfg.validate()
     prompts = _read_prompts(a)

@@ -23,6 +23,18 @@ def train_cli(a: argparse.Namespace) -> int:
         distributed.teardown()
 
 
+def plan_cli(a: argparse.Namespace) -> int:
+    """`smoltrain plan --config YAML [--set ...] [--gpus N] [--gpu NAME]`: the recipe's costs, offline."""
+    from smoltrain.config import load_config
+    from smoltrain.train.plan import make_plan
+
+    cfg = load_config(a.config, a.set)
+    print(f"Plan for {a.config or 'the default config'} (offline: nothing is downloaded, prepared or trained)")
+    for line in make_plan(cfg, a.gpus, a.gpu):
+        print(line)
+    return 0
+
+
 def eval_cli(a: argparse.Namespace) -> int:
     """`smoltrain eval MODEL ... --data DIR` (loss, bits per byte) or `--tasks T[,T]` (accuracy)."""
     if (a.data is None) == (not a.tasks):
@@ -54,8 +66,6 @@ def _eval_tasks(a: argparse.Namespace) -> int:
     from smoltrain.device import pick_device
     from smoltrain.eval.tasks import evaluate_tasks, format_table, parse_task_specs
 
-    if a.limit is not None and a.limit < 1:
-        raise UserError(f"--limit must be at least 1 (got {a.limit}).")
     rows = evaluate_tasks(a.models, parse_task_specs(a.tasks), a.limit, pick_device(a.device))
     if a.json:
         _print_json(rows)
@@ -70,6 +80,14 @@ def add_train_commands(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value by dotted path, e.g. --set train.max_steps=100 (repeatable)")
     p.set_defaults(func=train_cli)
+
+    p = sub.add_parser("plan", help="what a recipe costs before a GPU is rented: tokens, passes, memory, time")
+    p.add_argument("--config", default=None, help="YAML recipe (configs/*.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--gpus", type=POSITIVE, default=1, help="GPUs the run uses (default: 1)")
+    p.add_argument("--gpu", default=None, help="one GPU kind (L4, A10G, A100-40GB, A100-80GB, H100, H200; "
+                                               "default: all)")
+    p.set_defaults(func=plan_cli)
 
     p = sub.add_parser("eval", help="bits per byte on a prepared split, or accuracy on multiple-choice tasks")
     p.add_argument("models", nargs="+", help="checkpoint, run directory or HF model directory (several: a table)")
@@ -95,12 +113,6 @@ def report_cli(a: argparse.Namespace) -> int:
     from smoltrain.app.report import make_report
     from smoltrain.eval.tasks import parse_task_specs
 
-    if a.max_new_tokens is not None and a.max_new_tokens < 1:
-        raise UserError("--max-new-tokens must be at least 1.")
-    if a.max_batches < 1:
-        raise UserError("--max-batches must be at least 1.")
-    if a.tasks_limit is not None and a.tasks_limit < 1:
-        raise UserError("--tasks-limit must be at least 1.")
     tasks = parse_task_specs(a.tasks) if a.tasks else ()
     page = make_report(a.run, a.out, a.prompts, a.reference or [], a.data, a.max_new_tokens, a.device,
                        a.max_batches, tasks=tasks, tasks_limit=a.tasks_limit)

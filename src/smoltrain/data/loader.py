@@ -179,6 +179,8 @@ class PackedLoader:
         parts = []
         while n > 0:
             take = min(n, total - pos)
+            if pos == 0 and epoch > 0 and self.rank == 0:
+                self._say_new_pass(k, epoch)
             parts.append(self._perm(k, epoch)[pos:pos + take])
             n = n - take
             pos = pos + take
@@ -186,6 +188,11 @@ class PackedLoader:
                 epoch = epoch + 1
                 pos = 0
         return (np.concatenate(parts) if parts else np.zeros(0, np.int64)), (epoch, pos)
+
+    def _say_new_pass(self, k: int, epoch: int) -> None:
+        src = self.sources[k]
+        print(f"Data: starting pass {epoch + 1} over {src.name} (all {src.num_tokens:,} tokens of its {self.split} "
+              f"split were read {epoch} time{'s' if epoch > 1 else ''})", flush=True)
 
     def _make_plan(self) -> tuple[np.ndarray, np.ndarray, list]:
         """(source of each global row, window of each global row, cursors after this step)."""
@@ -224,24 +231,10 @@ class PackedLoader:
             self._plan = None
         return torch.from_numpy(out)
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        while True:
-            yield self.next_batch()
-
-    @property
-    def step(self) -> int:
-        """Optimizer steps fully served (all micro-steps)."""
-        return self._step
-
     @property
     def tokens_per_source(self) -> dict[str, int]:
         """Label tokens served so far per dataset, summed over all ranks (the same number on every rank)."""
         return dict(zip(self.names, self._tokens))
-
-    @property
-    def epochs(self) -> dict[str, float]:
-        """How many passes over each dataset have been started, as a fraction."""
-        return {s.name: c[0] + c[1] / s.num_windows for s, c in zip(self.sources, self._cursors)}
 
     def state_dict(self) -> dict:
         return {
@@ -267,17 +260,6 @@ class PackedLoader:
         self._cursors = [tuple(state["cursors"][n]) for n in self.names]
         self._tokens = [int(state["tokens_per_source"][n]) for n in self.names]
         self._plan = None
-
-    def val_batches(self, max_batches: int | None = None, source: str | None = None) -> Iterator[torch.Tensor]:
-        """A deterministic, finite pass in stored order (no shuffling): the same batches on every call.
-
-        Global batch j is this rank's slice of windows [j * B * world, (j + 1) * B * world) of the chosen
-        sources laid end to end; every rank yields the same number of batches (safe for collectives).
-        """
-        sources = [s for s in self.sources if source is None or s.name == source]
-        if not sources:
-            raise UserError(f"No dataset named {source!r} (datasets: {', '.join(self.names)}).")
-        return ordered_batches(sources, self.batch_size, max_batches, self.rank, self.world_size)
 
 
 def ordered_batches(sources: list[TokenSource], batch_size: int, max_batches: int | None = None, rank: int = 0,

@@ -38,7 +38,6 @@ from smoltrain.data.tokenizer import (
     NoText,
     Tokenizer,
     check_vocab_size,
-    legacy_tokenizer_record,
     load_tokenizer,
     train_bpe,
 )
@@ -122,13 +121,15 @@ def _encode_all(chunks: Iterator, tokenizer_dir: Path, dtype: np.dtype, num_proc
 
 
 def _recipe(sources: list[Source], tok: Tokenizer, text_key: str, val_fraction: float, val_docs: int | None,
-            max_documents: int | None, val_documents: list[str]) -> dict:
+            max_documents: int | None, val_documents: list[str], max_tokens: int | None = None) -> dict:
     """What determines the output: a re-run with the same recipe is a no-op."""
     specs = [s.spec if s.kind == "hf" else str(Path(s.spec).expanduser().resolve()) for s in sources]
     recipe = {"sources": specs, "tokenizer_sha256": tok.sha256, "text_key": text_key, "val_fraction": val_fraction,
               "val_docs": val_docs, "max_documents": max_documents}
     if val_documents:  # only then: data prepared before names could be held out keeps its recipe
         recipe["val_documents"] = list(val_documents)
+    if max_tokens is not None:  # likewise: data prepared before token caps keeps its recipe
+        recipe["max_tokens"] = max_tokens
     return recipe
 
 
@@ -143,62 +144,50 @@ def _existing(out: Path, recipe: dict, force: bool, sources: list[Source]) -> di
             return meta
         raise UserError(f"{out} already holds data prepared with a different {', '.join(differs)}; pass --force "
                         "to rebuild it, or choose another --out.")
-    check_target(out, "prepare", force, legacy=legacy_record(out))
+    check_target(out, "prepare", force)
     return None
-
-
-def legacy_record(out: Path) -> dict | None:
-    """What a prepare output from before storage markers holds: meta.json, its shards, tokenizer/."""
-    try:
-        meta = load_meta(out)
-        files = ["meta.json"] + [s["file"] for split in meta["splits"].values() for s in split["shards"]]
-    except (UserError, KeyError, TypeError, AttributeError):
-        return None
-    files += [str(p.relative_to(out)) for p in (out / "tokenizer").rglob("*") if p.is_file()]
-    return {"command": "prepare", "files": dict.fromkeys(files, {})}
 
 
 def prepare(sources: Iterable[str | Path], tokenizer: str | Path | Tokenizer, out: str | Path, *,
             text_key: str = "text", val_fraction: float = 0.01, val_docs: int | None = None,
-            val_documents: Iterable[str] = (), max_documents: int | None = None, num_proc: int | None = None,
-            force: bool = False, shard_tokens: int = SHARD_TOKENS, model_vocab_size: int | None = None,
+            val_documents: Iterable[str] = (), max_documents: int | None = None, max_tokens: int | None = None,
+            num_proc: int | None = None, force: bool = False, shard_tokens: int = SHARD_TOKENS,
+            model_vocab_size: int | None = None,
             progress: bool = True, verbose: bool = True) -> dict:
     """Tokenize `sources` into `out` and return its meta.json as a dict (see module docstring).
 
     `val_documents` (globs of source-relative names) holds out those documents and nothing else; without it
     `val_docs` (a count) or `val_fraction` (1.0: an evaluation-only dataset) hold out evenly spaced ones.
+    `max_tokens` stops reading once both splits hold that many tokens (see _tokenize).
     """
     t0 = time.perf_counter()
     srcs = resolve_sources(sources)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     eot = tok.eot_id
     globs = tuple(val_documents or ())
-    _check_args(tok, val_fraction, val_docs, max_documents, model_vocab_size, globs)
+    _check_args(tok, val_fraction, val_docs, max_documents, model_vocab_size, globs, max_tokens)
     Holdout(globs).check_files(srcs)
     out = Path(out).expanduser()
-    recipe = _recipe(srcs, tok, text_key, val_fraction, val_docs, max_documents, list(globs))
+    recipe = _recipe(srcs, tok, text_key, val_fraction, val_docs, max_documents, list(globs), max_tokens)
     meta = _existing(out, recipe, force, srcs)
     if meta is not None:
-        if verbose:
-            print(f"{out} is already prepared ({meta['num_tokens']:,} tokens, {meta['num_documents']:,} documents)"
-                  "; nothing to do (--force rebuilds it).")
-        return meta
+        return _nothing_to_do(out, meta, verbose)
     total = None
     if val_docs is not None:  # an exact count: turn it into the fraction that selects exactly that many
         total = count_documents(srcs, text_key, max_documents)
         val_fraction = _val_docs_fraction(val_docs, total)
     opened = open_datasets(srcs)
-    max_id = max(max(tok.backend.get_vocab().values()), eot)
-    dtype = dtype_for_vocab(max_id)
+    dtype = dtype_for_vocab(max(max(tok.backend.get_vocab().values()), eot))
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out.parent, out.name)
-    with publish(out, "prepare", hashed=False, replace=force, legacy=legacy_record(out)) as staging:
+    with publish(out, "prepare", hashed=False, replace=force) as staging:
         docs = iter_named_documents(srcs, text_key, max_documents, opened)
         holdout = Holdout(globs, val_fraction)
         val_names = []
         seen = []
         chunks = _chunks(docs, holdout, val_names, seen)
-        splits = _tokenize(chunks, tok, staging, dtype, num_proc or _cpu_count(), shard_tokens, progress, total)
+        splits = _tokenize(chunks, tok, staging, dtype, num_proc or _cpu_count(), shard_tokens, progress, total,
+                           max_tokens)
         if holdout.unmatched(seen):
             raise_unmatched(holdout.unmatched(seen), [d.name for d in seen])
         meta = {
@@ -209,6 +198,7 @@ def prepare(sources: Iterable[str | Path], tokenizer: str | Path | Tokenizer, ou
             "splits": splits, "sources": [s.spec for s in srcs], "text_key": text_key,
             "val_fraction": None if globs else val_fraction, "val_documents": val_names,
             "val_selection": "names" if globs else "fraction", "max_documents": max_documents, "recipe": recipe,
+            "max_tokens": max_tokens,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.perf_counter() - t0, 3),
         }
         if meta["num_documents"] == 0:
@@ -220,8 +210,15 @@ def prepare(sources: Iterable[str | Path], tokenizer: str | Path | Tokenizer, ou
     return meta
 
 
+def _nothing_to_do(out: Path, meta: dict, verbose: bool) -> dict:
+    if verbose:
+        print(f"{out} is already prepared ({meta['num_tokens']:,} tokens, {meta['num_documents']:,} documents)"
+              "; nothing to do (--force rebuilds it).")
+    return meta
+
+
 def _check_args(tok: Tokenizer, val_fraction: float, val_docs: int | None, max_documents: int | None,
-                model_vocab_size: int | None, globs: tuple[str, ...]) -> None:
+                model_vocab_size: int | None, globs: tuple[str, ...], max_tokens: int | None = None) -> None:
     if model_vocab_size is not None:
         check_vocab(tok, model_vocab_size)
     if not 0 <= val_fraction <= 1:
@@ -235,6 +232,8 @@ def _check_args(tok: Tokenizer, val_fraction: float, val_docs: int | None, max_d
         raise UserError(f"--val-docs must not be negative, got {val_docs}.")
     if max_documents is not None and max_documents < 1:
         raise UserError(f"--max-documents must be at least 1, got {max_documents}.")
+    if max_tokens is not None and max_tokens < 1:
+        raise UserError(f"--max-tokens must be at least 1, got {max_tokens}.")
 
 
 def _val_docs_fraction(val_docs: int, total: int | None) -> float:
@@ -254,7 +253,9 @@ def _cpu_count() -> int:
 
 
 def _tokenize(chunks: Iterator, tok: Tokenizer, staging: Path, dtype: np.dtype, num_proc: int,
-              shard_tokens: int, progress: bool, total: int | None) -> dict:
+              shard_tokens: int, progress: bool, total: int | None, max_tokens: int | None = None) -> dict:
+    """Encode and write every work item; with `max_tokens`, stop after the first item (about a megabyte of text)
+    that brings both splits to at least that many, so the same documents are kept for any num_proc."""
     from tqdm.auto import tqdm
 
     writers = {name: ShardWriter(staging, name, dtype, shard_tokens) for name in ("train", "val")}
@@ -267,6 +268,8 @@ def _tokenize(chunks: Iterator, tok: Tokenizer, staging: Path, dtype: np.dtype, 
             num_tokens += len(train) + len(val)
             bar.update(n_train + n_val)
             bar.set_postfix_str(f"{num_tokens:,} tokens", refresh=False)
+            if max_tokens is not None and num_tokens >= max_tokens:
+                break  # closing the generator stops the workers; the documents after this item are not read
     finally:
         bar.close()
     splits = {}
@@ -306,8 +309,7 @@ def train_tokenizer(sources, vocab_size: int, out_dir: str | Path, *, text_key: 
     check_vocab_size(vocab_size, extra_special_tokens)
     out = Path(out_dir).expanduser()
     srcs = resolve_sources(sources)
-    legacy = legacy_tokenizer_record(out)
-    check_target(out, "tokenizer", force, inputs=[s.spec for s in srcs if s.kind != "hf"], legacy=legacy)
+    check_target(out, "tokenizer", force, inputs=[s.spec for s in srcs if s.kind != "hf"])
     try:
         return train_bpe(iter_documents(srcs, text_key, max_documents), vocab_size, out, min_frequency=min_frequency,
                          extra_special_tokens=extra_special_tokens, show_progress=show_progress, force=force)

@@ -43,6 +43,20 @@ def missing_inputs(cfg: Config) -> list[str]:
     return problems
 
 
+def token_cap(cfg: Config, ds: DatasetConfig) -> int | None:
+    """The tokens to prepare of `ds`: its own max_tokens, else its weight's share of data.max_tokens (the
+    trained datasets share it; an evaluation-only dataset takes data.val_fraction's share of the total)."""
+    d = cfg.data
+    if ds.max_tokens is not None or d.max_tokens is None:
+        return ds.max_tokens
+    trained = [x for x in d.datasets if not x.eval_only(d.val_fraction)]
+    if ds not in trained:
+        return max(1, int(d.max_tokens * d.val_fraction))
+    total = sum(x.weight for x in trained) or len(trained)
+    share = (ds.weight if total else 1.0) / total
+    return max(1, int(d.max_tokens * share))
+
+
 def dataset_path(cfg: Config, name: str, path: str) -> Path:
     return Path(path) if path else cfg.data_dir / name
 
@@ -107,7 +121,7 @@ def prepare_datasets(cfg: Config, tokenizer: Tokenizer, verbose: bool = True) ->
         if ds.sources:
             prepare([resolve_asset(s) for s in ds.sources], tokenizer, path, text_key=cfg.data.text_key,
                     val_fraction=ds.held_out_fraction(cfg.data.val_fraction), val_documents=ds.val_documents,
-                    max_documents=cfg.data.max_documents,
+                    max_documents=cfg.data.max_documents, max_tokens=token_cap(cfg, ds),
                     num_proc=cfg.data.num_proc or None, model_vocab_size=cfg.model.vocab_size,
                     progress=verbose, verbose=verbose)
         elif not (path / "meta.json").exists():

@@ -110,7 +110,7 @@ class StreamLoader:
                 self._it = None
                 continue
             self._epoch_docs += len(docs)
-            ids = [e.ids + [self.eot_id] for e in self.tok.backend.encode_batch(docs, add_special_tokens=False)]
+            ids = [doc + [self.eot_id] for doc in self.tok.encode_batch(docs)]
             self._buffer = np.concatenate([self._buffer, *(np.asarray(x, dtype=np.int64) for x in ids)])
 
     def next_batch(self) -> torch.Tensor:

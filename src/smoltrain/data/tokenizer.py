@@ -192,19 +192,10 @@ def train_bpe(documents, vocab_size: int, out_dir: str | Path, *, min_frequency:
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 8192, "bos_token": EOT,
               "eos_token": EOT, "unk_token": EOT, "pad_token": EOT, "add_prefix_space": False,
               "clean_up_tokenization_spaces": False, "additional_special_tokens": special[1:]}
-    legacy = legacy_tokenizer_record(out)
-    with publish(out, "tokenizer", {"vocab_size": vocab_size}, hashed=False, replace=force, legacy=legacy) as staging:
+    with publish(out, "tokenizer", {"vocab_size": vocab_size}, hashed=False, replace=force) as staging:
         backend.save(str(staging / "tokenizer.json"))
         (staging / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         (staging / "special_tokens_map.json").write_text(json.dumps(
             {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token", "additional_special_tokens")},
             indent=2) + "\n")
     return Tokenizer(out, str(out))
-
-
-def legacy_tokenizer_record(out: Path) -> dict | None:
-    """A tokenizer dir that `tokenizer train` wrote before storage markers: only its own three files."""
-    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-    if not (out / "tokenizer.json").is_file():
-        return None
-    return {"command": "tokenizer", "files": {n: {} for n in names if (out / n).exists()}}

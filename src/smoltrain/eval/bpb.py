@@ -134,42 +134,15 @@ def val_record(step: int, results: Mapping[str, dict]) -> dict:
     return rec
 
 
-def _hf_forward(path: Path, device: torch.device):
-    """A forward for a model our Llama loader does not handle (any HF causal LM)."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar is noise inside our command
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
-    except Exception as e:
-        raise UserError(f"transformers could not load {path}: {e}") from None
-    model = model.to(device).eval()
-    return lambda x, y: model(x).logits
-
-
 def load_forward(path: str, device: torch.device) -> tuple[object, Tokenizer, str]:
     """(forward(x, y) -> per-token NLL or logits, tokenizer, resolved directory) of a checkpoint or HF dir."""
-    from smoltrain.data.tokenizer import load_tokenizer
-    from smoltrain.hf.interop import load_resolved, resolve_checkpoint
+    from smoltrain.hf.interop import load_causal_lm
+    from smoltrain.model.llama import SmolLM2
 
-    directory = resolve_checkpoint(path)
-    model_type = hf_config(directory).get("model_type")
-    if model_type != "llama":  # any other causal LM: let transformers run it
-        return _hf_forward(directory, device), load_tokenizer(directory), str(directory)
-    model, tok, _ = load_resolved(directory, device=device)
-    return (lambda x, y: model(x, labels=y, loss_chunk="auto", reduction="none")), tok, str(directory)
-
-
-def hf_config(directory: Path) -> dict:
-    """An HF directory's config.json as a dict; a missing, malformed or non-object file is a UserError."""
-    try:
-        hf = json.loads((directory / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{directory}/config.json is missing or not valid JSON ({e}).") from None
-    if not isinstance(hf, dict):
-        raise UserError(f"{directory}/config.json must hold a JSON object, not {type(hf).__name__}.")
-    return hf
+    model, tok, directory = load_causal_lm(path, device)
+    if isinstance(model, SmolLM2):
+        return (lambda x, y: model(x, labels=y, loss_chunk="auto", reduction="none")), tok, str(directory)
+    return (lambda x, y: model(x).logits), tok, str(directory)  # any other causal LM, run by transformers
 
 
 def default_shape(directory: Path) -> tuple[int, int, int]:
@@ -177,6 +150,8 @@ def default_shape(directory: Path) -> tuple[int, int, int]:
     train.seq_len and micro_batch_size (so the numbers equal its run's in-loop evaluation), else the model's
     whole context, a few thousand tokens per batch."""
     import yaml
+
+    from smoltrain.hf.interop import hf_config
 
     hf = hf_config(directory)
     context = int(hf.get("max_position_embeddings") or hf.get("n_positions") or hf.get("n_ctx") or 2048)

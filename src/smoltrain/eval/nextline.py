@@ -10,13 +10,13 @@ seeded generator, so the same data and seed give the same file byte for byte.
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 
 from smoltrain.errors import UserError
+from smoltrain.storage import publish_file
 
 MIN_CHARS = 20  # shorter lines ("Well, what then?") are guessable from length alone
 FAR = 50  # distractors come from at least this many lines away
@@ -79,13 +79,10 @@ def build_items(docs: list[str], num_items: int, context_lines: int = 4, num_cho
 
 
 def write_task(items: list[dict], out: str | Path) -> Path:
-    """Write atomically (a temp name, then rename), so a half-written task file never exists."""
+    """Published whole (storage.publish_file), so a half-written task file never exists."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items), encoding="utf-8")
-    tmp.replace(out)
-    return out
+    return publish_file(out, "".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items))
 
 
 def make_next_line_task(data: str | Path, out: str | Path, num_items: int = 500, seed: int = 0,

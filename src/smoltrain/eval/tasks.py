@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
-import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,15 +104,24 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _go_offline() -> None:
-    """Let datasets and the hub client read their caches without trying (and retrying) the network."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    for module, attr in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE"),
-                         ("datasets.config", "HF_DATASETS_OFFLINE")):
-        mod = sys.modules.get(module)
-        if mod is not None and hasattr(mod, attr):
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """datasets and the hub client read their caches without trying (and retrying) the network, for
+    this load only: both libraries read their offline flag at call time, so it is set on them here and
+    put back after. The process environment is never touched, and a later push_to_hub goes online."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    flags = [(huggingface_hub.constants, "HF_HUB_OFFLINE"), (datasets.config, "HF_HUB_OFFLINE"),
+             (datasets.config, "HF_DATASETS_OFFLINE")]
+    saved = [(mod, attr, getattr(mod, attr)) for mod, attr in flags if hasattr(mod, attr)]
+    try:
+        for mod, attr, _ in saved:
             setattr(mod, attr, True)
+        yield
+    finally:
+        for mod, attr, value in saved:
+            setattr(mod, attr, value)
 
 
 def _items_from_lm_eval(task, limit: int | None) -> list[Item]:
@@ -141,12 +148,12 @@ def _items_from_lm_eval(task, limit: int | None) -> list[Item]:
 
 def load_suite(name: str, limit: int | None = None) -> Task:
     """A standard suite by lm-eval's name (a group such as mmlu: all its subtasks, `limit` each)."""
-    if not hub_reachable():
-        _go_offline()
     from lm_eval.tasks import TaskManager
 
+    offline = _hub_offline() if not hub_reachable() else contextlib.nullcontext()
     try:
-        leaves = list(TaskManager().load([name])["tasks"].values())
+        with offline:
+            leaves = list(TaskManager().load([name])["tasks"].values())
     except Exception as e:  # datasets raises ConnectionError, FileNotFoundError, ValueError, ...
         raise UserError(f"Could not load the {name!r} task through lm-eval (the Hugging Face hub is not "
                         f"reachable from here and the dataset is not cached: {type(e).__name__}: {e}). "
@@ -359,22 +366,11 @@ def score_in_loop(model: torch.nn.Module, tok: Tokenizer, tasks: list[Task], dev
 
 def load_scorer(path: str, device: torch.device) -> tuple[Scorer, Tokenizer, str]:
     """A Scorer for a checkpoint, run directory or HF directory (any causal LM transformers loads)."""
-    from smoltrain.data.tokenizer import load_tokenizer
-    from smoltrain.eval.bpb import hf_config
-    from smoltrain.hf.interop import load_resolved, resolve_checkpoint
+    from smoltrain.hf.interop import load_causal_lm
 
-    directory = resolve_checkpoint(path)
-    if hf_config(directory).get("model_type") == "llama":
-        model, tok, _ = load_resolved(directory, device=device)
-        return Scorer(model.eval(), device, model.config.max_position_embeddings), tok, str(directory)
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, local_files_only=True)
-    except Exception as e:
-        raise UserError(f"transformers could not load {directory}: {e}") from None
+    model, tok, directory = load_causal_lm(path, device)
     max_length = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
-    return Scorer(model.to(device).eval(), device, max_length), load_tokenizer(directory), str(directory)
+    return Scorer(model, device, max_length), tok, str(directory)
 
 
 def evaluate_tasks(paths: list[str], specs: list[str], limit: int | None, device: torch.device) -> list[dict]:

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from smoltrain import storage
+from smoltrain.checkpoint.discovery import newest_valid
 from smoltrain.data.tokenizer import Tokenizer, load_tokenizer
 from smoltrain.errors import UserError
 from smoltrain.hf.modelcard import ORIGIN, model_card, model_kind
@@ -71,7 +72,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         storage.verify_manifest(p)
         return p
     if (p / "checkpoints").is_dir():
-        ckpt = storage.newest_valid(p)
+        ckpt = newest_valid(p)
         if ckpt is None:
             raise UserError(f"Run directory {p} has no valid checkpoint yet.")
         return ckpt
@@ -80,13 +81,20 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise UserError(f"{p} is not a smoltrain checkpoint, a run directory or a Hugging Face model directory.")
 
 
-def read_hf_config(directory: Path) -> ModelConfig:
-    """The ModelConfig of an HF directory's config.json (anything but plain Llama is refused)."""
+def hf_config(directory: Path) -> dict:
+    """An HF directory's config.json as a dict; a missing, malformed or non-object file is a UserError."""
     try:
         hf = json.loads((directory / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{directory}/config.json is missing or not valid JSON ({e}).") from None
-    return ModelConfig.from_hf(hf, source=f"{directory}/config.json")
+    if not isinstance(hf, dict):
+        raise UserError(f"{directory}/config.json must hold a JSON object, not {type(hf).__name__}.")
+    return hf
+
+
+def read_hf_config(directory: Path) -> ModelConfig:
+    """The ModelConfig of an HF directory's config.json (anything but plain Llama is refused)."""
+    return ModelConfig.from_hf(hf_config(directory), source=f"{directory}/config.json")
 
 
 def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -143,6 +151,24 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
                need_tokenizer: bool = True) -> tuple[SmolLM2, Tokenizer | None, Path]:
     """Model (+ tokenizer) from a checkpoint dir, run dir or HF dir; returns the directory used."""
     return load_resolved(resolve_checkpoint(path), device, dtype, need_tokenizer)
+
+
+def load_causal_lm(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, Tokenizer, Path]:
+    """(model in eval mode, tokenizer, directory) of a checkpoint, run dir or any HF causal LM directory:
+    ours for Llama (a SmolLM2), transformers' AutoModelForCausalLM for anything else."""
+    directory = resolve_checkpoint(path)
+    if hf_config(directory).get("model_type") == "llama":
+        model, tok, _ = load_resolved(directory, device=device)
+        return model, tok, directory
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar is noise inside our command
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, local_files_only=True)
+    except Exception as e:
+        raise UserError(f"transformers could not load {directory}: {e}") from None
+    return model.to(device).eval(), load_tokenizer(directory), directory
 
 
 def load_resolved(directory: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,

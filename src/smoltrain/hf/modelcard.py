@@ -191,13 +191,24 @@ def _datasets(data: dict, tokens_per_source: dict) -> list[dict]:
     return rows
 
 
+def optimizer_line(o: dict) -> str:
+    """The optimizer that ran, read from the saved config's optim section (train.optim.build_optimizer's
+    choice): AdamW, bitsandbytes AdamW8bit, or Muon for the hidden matrices beside AdamW for the rest."""
+    kind = "AdamW8bit (bitsandbytes)" if o.get("eight_bit") else "AdamW"
+    adamw = f"betas {o.get('beta1')}, {o.get('beta2')}; eps {o.get('eps')}; weight decay {o.get('weight_decay')}"
+    if o.get("name", "adamw") != "muon":
+        return f"{kind} ({adamw})"
+    return (f"Muon for the decoder's hidden matrices (peak lr {o.get('muon_lr')}, Nesterov momentum "
+            f"{o.get('muon_momentum')}, weight decay {o.get('muon_weight_decay')}, lr adjustment "
+            f"{o.get('muon_adjust_lr')}) + AdamW for the embedding and norms (peak lr {o.get('lr')}; {adamw})")
+
+
 def _hyperparameters(cfg: dict, state: dict) -> list[tuple[str, object]]:
     o = cfg.get("optim") or {}
     t = cfg.get("train") or {}
     batch = (f"{state.get('global_batch', '?')} sequences (micro {t.get('micro_batch_size')} x accum "
              f"{t.get('grad_accum_steps')} x world {state.get('world_size', 1)}) of {t.get('seq_len')} tokens")
-    return [("optimizer", f"AdamW (betas {o.get('beta1')}, {o.get('beta2')}; eps {o.get('eps')}; "
-                          f"weight decay {o.get('weight_decay')})"),
+    return [("optimizer", optimizer_line(o)),
             ("learning rate", f"peak {o.get('lr')}, min {o.get('min_lr')}, schedule {o.get('schedule')} "
                               f"({o.get('decay_style')} decay), warmup {o.get('warmup_steps')} steps"),
             ("gradient clipping", o.get("grad_clip")),

@@ -17,7 +17,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, w, labels, chunk: int, ignore_index: int, mean: bool, need_grad: bool):
         # h (N, D) hidden states, w (V, D) head weight, labels (N,)
         valid = labels != ignore_index
-        all_valid = bool(valid.all())  # packed pretraining batches: skip the masking passes
+        # The ignored rows are masked by multiplying with `keep` (1.0 or 0.0), never by a host-side branch or a
+        # boolean index: no device sync and no data-dependent shape, so the step compiles to one graph; on a
+        # packed batch every factor is 1.0 and the results are bit-identical to the unmasked arithmetic.
+        keep = valid.to(torch.float32)
         safe = torch.where(valid, labels, 0)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if need_grad else None
@@ -26,7 +29,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for s in range(0, h.shape[0], chunk):
             hc = h[s : s + chunk]
             yc = safe[s : s + chunk]
-            vc = valid[s : s + chunk]
+            kc = keep[s : s + chunk]
             c = hc.shape[0]
             if hc.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type):
                 buf = torch.empty(min(chunk, h.shape[0]), w.shape[0], device=h.device) if buf is None else buf
@@ -38,15 +41,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             e = logits.sub_(row_max[:, None]).exp_()  # in place: the logits are not needed again
             row_sum = e.sum(dim=-1)
             nll = row_max + row_sum.log() - target
-            total += nll.sum() if all_valid else (nll * vc).sum()
+            total += (nll * kc).sum()
             if need_grad:  # d loss / d logits = e / row_sum - onehot, folded into the two matmuls
-                inv = row_sum.reciprocal() if all_valid else row_sum.reciprocal() * vc
-                keep = slice(None) if all_valid else vc
+                inv = row_sum.reciprocal() * kc
                 ed = e.to(h.dtype)
-                onehot_w = w[yc] if all_valid else w[yc] * vc[:, None]  # (C, D): the -1 at each label
+                onehot_w = w[yc] * kc[:, None].to(w.dtype)  # (C, D): the -1 at each label
                 grad_h[s : s + c] = (ed @ w) * inv[:, None].to(h.dtype) - onehot_w
                 grad_w.addmm_(ed.t().float(), (hc.float() * inv[:, None]))
-                grad_w.index_add_(0, yc[keep], -hc[keep].float())
+                grad_w.index_add_(0, yc, hc.float() * -kc[:, None])
         scale = 1.0 / valid.sum().float() if mean else torch.ones((), device=h.device)
         if need_grad:
             ctx.save_for_backward(grad_h, grad_w.to(w.dtype), scale)

@@ -7,17 +7,15 @@ optimizer, so evaluating changes nothing about the training trajectory. Records 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-import torch
 
 from smoltrain.eval.bpb import TokenTables, evaluate_datasets, val_record
 from smoltrain.model.generate import SamplingConfig, generate
 
 if TYPE_CHECKING:
-    from smoltrain.config import Config, EvalConfig, TrainConfig
+    from smoltrain.checkpoint.context import RunContext
+    from smoltrain.config import Config
     from smoltrain.data.tokenizer import Tokenizer
     from smoltrain.distributed import DistEnv
     from smoltrain.model.llama import SmolLM2
@@ -36,21 +34,17 @@ def in_loop_tasks(cfg: Config, dist: DistEnv, val_paths: dict[str, Path] | None)
 class InLoopEval:
     """The periodic evaluations of one run: what to evaluate on, and how to report it."""
 
-    def __init__(self, ev: EvalConfig, train: TrainConfig, model: SmolLM2, tokenizer: Tokenizer,
-                 val_paths: dict[str, Path] | None, tasks: list, device: torch.device, autocast: Callable,
-                 dist: DistEnv, print_fn: Callable[[str], None]):
-        self.ev = ev
-        self.train = train
-        self.model = model
+    def __init__(self, run: RunContext, model: SmolLM2, tokenizer: Tokenizer, val_paths: dict[str, Path] | None,
+                 tasks: list, log: RunLog | None):
+        self.run = run
+        self.ev = run.cfg.eval
+        self.train = run.cfg.train
+        self.model = model  # unwrapped (FSDP shards it in place)
         self.tokenizer = tokenizer
         self.val_paths = val_paths  # None for a stream: it has no held-out split
         self.tasks = tasks
-        self.device = device
-        self.autocast = autocast
-        self.dist = dist
-        self.print = print_fn
-        self.token_tables = TokenTables(tokenizer).to(device) if val_paths is not None else None
-        self.log: RunLog | None = None  # set by the trainer once the run's log is open (rank 0)
+        self.log = log  # the run's log on rank 0, None elsewhere
+        self.token_tables = TokenTables(tokenizer).to(run.device) if val_paths is not None else None
 
     def evaluate(self, step: int) -> dict | None:
         """Every dataset's whole held-out split (or eval.max_tokens of it), as `smoltrain eval` does."""
@@ -60,14 +54,14 @@ class InLoopEval:
         self.model.eval()
         fwd = lambda x, y: self.model(x, labels=y, loss_chunk=train.loss_chunk, reduction="none")  # noqa: E731
         results = evaluate_datasets(fwd, self.val_paths, "val", train.seq_len, train.micro_batch_size,
-                                    self.ev.max_tokens, self.device, self.token_tables, self.autocast)
+                                    self.ev.max_tokens, self.run.device, self.token_tables, self.run.autocast)
         self.model.train()
         if not results:
             return None
         rec = val_record(step, results)
         if self.log is not None:
             self.log.log(rec)
-            self.print(f"step {step}: val loss {rec['val_loss']:.4f} (ppl {rec['val_ppl']:.2f}"
+            self.run.say(f"step {step}: val loss {rec['val_loss']:.4f} (ppl {rec['val_ppl']:.2f}"
                        f"{_bpb_text(rec)}{_per_dataset_text(results)})")
         return rec
 
@@ -77,14 +71,14 @@ class InLoopEval:
             return
         from smoltrain.eval.tasks import score_in_loop
 
-        scores = score_in_loop(self.model, self.tokenizer, self.tasks, self.device, self.autocast)
+        scores = score_in_loop(self.model, self.tokenizer, self.tasks, self.run.device, self.run.autocast)
         self.model.train()
         self.log.log({"step": step, **scores})
-        self.print(f"step {step}: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in scores.items()))
+        self.run.say(f"step {step}: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in scores.items()))
 
     def samples(self, step: int) -> None:
         """A greedy and a sampled continuation of each eval.prompts prompt (rank 0; not under FSDP)."""
-        if not self.dist.is_main or self.dist.strategy == "fsdp":
+        if not self.run.dist.is_main or self.run.dist.strategy == "fsdp":
             return
         ev = self.ev
         tok = self.tokenizer
@@ -96,7 +90,7 @@ class InLoopEval:
                                seed=self.train.seed + step, stop_ids=[tok.eot_id])
                 text = tok.decode(list(ids))
                 self.log.sample({"step": step, "mode": mode, "prompt": prompt, "text": text})
-                self.print(f"[step {step} {mode}] {prompt}{text}")
+                self.run.say(f"[step {step} {mode}] {prompt}{text}")
         self.log.samples_done(step)
         self.model.train()
 

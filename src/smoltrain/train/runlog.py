@@ -12,6 +12,7 @@ import torch
 
 from smoltrain.faults import fault_point
 from smoltrain.model.config import ModelConfig
+from smoltrain.storage import publish_file, rewrite_jsonl
 
 # Dense bf16 tensor-core peaks (FLOP/s) from NVIDIA datasheets; GeForce cards at fp32 accumulate
 # (what PyTorch's bf16 matmuls use). Sparse figures are never a fair MFU denominator.
@@ -169,26 +170,14 @@ def kept_id(path: Path, new: str, project: str) -> str:
         return json.loads(path.read_text())["id"]
     except (OSError, ValueError, KeyError):
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"id": new, "project": project}) + "\n")
-        tmp.replace(path)
+        publish_file(path, json.dumps({"id": new, "project": project}) + "\n")
         return new
 
 
 def rewind_jsonl(path: Path, step: int) -> None:
     """Keep only the records with step <= `step` (a resumed run continues its history seamlessly)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except ValueError:
-            continue  # a line torn by a kill mid-write
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
+    if path.exists():
+        rewrite_jsonl(path, lambda r: r.get("step", 0) <= step)
 
 
 def memory_gb(device: torch.device) -> float | None:

@@ -6,6 +6,7 @@ and then read what it wrote (quietly), so every rank ends with the same tokenize
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,7 +17,8 @@ from smoltrain.errors import UserError
 if TYPE_CHECKING:
     import torch
 
-    from smoltrain.config import Config, TrainConfig
+    from smoltrain.checkpoint.layout import LocalLayout
+    from smoltrain.config import Config
     from smoltrain.data.tokenizer import Tokenizer
     from smoltrain.distributed import DistEnv
     from smoltrain.model.llama import SmolLM2
@@ -32,37 +34,119 @@ def check_inputs(cfg: Config) -> None:
         raise UserError("The config names inputs that are not there: " + "; ".join(missing) + ".")
 
 
-def apply_global_batch(train: TrainConfig, world_size: int) -> None:
-    """train.global_batch_size fixes the batch across world sizes: accumulation makes up the rest."""
-    if train.global_batch_size is None:
+def check_data_budget(cfg: Config, world_size: int, verbose: bool = False) -> None:
+    """Refuse a run that would read a prepared dataset more than data.max_epochs times (before the run dir is
+    touched when the data was prepared earlier; right after prepare otherwise); print planned vs available."""
+    from smoltrain.data.budget import available, budget_line, check_passes
+
+    if cfg.data.streaming:
         return
-    per_step = train.micro_batch_size * world_size
-    if train.global_batch_size % per_step:
-        raise UserError(f"train.global_batch_size {train.global_batch_size} is not divisible by "
-                        f"micro_batch_size {train.micro_batch_size} x world size {world_size} = {per_step}; "
+    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size
+    trained = [d for d in cfg.data.datasets if not d.eval_only(cfg.data.val_fraction)]
+    avail = {d.name: available(cfg, d) for d in trained}
+    check_passes(cfg, global_batch, avail)
+    if verbose and all(a.exact for a in avail.values()):
+        print(budget_line(cfg, global_batch, avail), flush=True)
+
+
+def cpu_fallback(cfg: Config, device: torch.device, is_main: bool) -> Config:
+    """A GPU recipe on a CPU: bf16 becomes fp32 and torch.compile goes off (said once; a new Config, the one the
+    run saves), and a step whose memory (the plan's figure, train.memory) exceeds this machine's available
+    memory is refused up front."""
+    if device.type != "cpu":
+        return cfg
+    changes = {}
+    if cfg.train.dtype == "bf16":
+        changes["bf16 -> fp32 (CPU bf16 matmuls are many times slower than fp32)"] = ("dtype", "fp32")
+    if cfg.train.compile:
+        changes["torch.compile off (minutes of compiling for little gain on a CPU)"] = ("compile", False)
+    if changes:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **dict(changes.values())))
+        if is_main:
+            print("This recipe asks for GPU settings but runs on a CPU: " + "; ".join(changes) + ".", flush=True)
+    if changes or num_params(cfg) * 16 > 2**30:  # a small CPU model needs no check
+        check_cpu_memory(cfg)
+    return cfg
+
+
+def num_params(cfg: Config) -> int:
+    import torch
+
+    from smoltrain.model.llama import SmolLM2
+
+    with torch.device("meta"):
+        return SmolLM2(cfg.model).num_params()
+
+
+def available_memory() -> int | None:
+    """Bytes this machine can still give (MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_cpu_memory(cfg: Config) -> None:
+    import torch
+
+    from smoltrain.model.loss import auto_chunk
+    from smoltrain.train.memory import GIB, measure_step
+
+    t = cfg.train
+    free = available_memory()
+    if free is None:
+        return
+    rows = t.micro_batch_size * t.seq_len
+    chunk = auto_chunk(rows, cfg.model.vocab_size, torch.device("cpu")) if t.loss_chunk == "auto" else t.loss_chunk
+    peak = measure_step(cfg.model, cfg.optim, t.micro_batch_size, t.seq_len, amp=False,
+                        activation_checkpointing=t.activation_checkpointing, loss_chunk=chunk).peak
+    if peak > free:
+        raise UserError(f"One training step of this recipe needs about {peak / GIB:.1f} GiB on this CPU (fp32, micro "
+                        f"batch {t.micro_batch_size} x {t.seq_len}: the plan's figure, smoltrain plan) but the machine "
+                        f"has {free / GIB:.1f} GiB available. Lower train.micro_batch_size (raise grad_accum_steps "
+                        "to keep tokens per step) or train.seq_len, turn on train.activation_checkpointing, or run "
+                        "it on a GPU.")
+
+
+def with_global_batch(cfg: Config, world_size: int) -> Config:
+    """train.global_batch_size fixes the batch across world sizes: accumulation makes up the rest.
+
+    Returns a new Config (the resolved one is never edited) whose grad_accum_steps is what runs; it is
+    the one the run saves, so the run dir's config.yaml says how the batch was made."""
+    t = cfg.train
+    if t.global_batch_size is None:
+        return cfg
+    per_step = t.micro_batch_size * world_size
+    if t.global_batch_size % per_step:
+        raise UserError(f"train.global_batch_size {t.global_batch_size} is not divisible by "
+                        f"micro_batch_size {t.micro_batch_size} x world size {world_size} = {per_step}; "
                         "change one of them.")
-    train.grad_accum_steps = train.global_batch_size // per_step
+    train = dataclasses.replace(t, grad_accum_steps=t.global_batch_size // per_step)
+    return dataclasses.replace(cfg, train=train)
 
 
-def setup_data(cfg: Config, dist: DistEnv) -> tuple[Tokenizer, object, dict[str, Path] | None]:
-    """(tokenizer, training loader, every dataset's prepared directory or None for a stream)."""
+def setup_data(cfg: Config, dist: DistEnv, layout: LocalLayout) -> tuple[Tokenizer, object, dict[str, Path] | None]:
+    """(tokenizer, training loader, every dataset's prepared directory or None for a stream).
+
+    The process that leads its run dir (`layout`) prepares first; nodes that prepared apart must agree."""
     from smoltrain.data.loader import PackedLoader
     from smoltrain.data.recipe import prepare_datasets, resolve_tokenizer
 
     if cfg.data.streaming:
-        return setup_stream(cfg, dist)
+        return setup_stream(cfg, dist, layout)
     def prepare() -> tuple[Tokenizer, dict[str, Path]]:
         tokenizer = resolve_tokenizer(cfg, verbose=dist.is_main)
         return tokenizer, prepare_datasets(cfg, tokenizer, verbose=dist.is_main)
 
-    tokenizer, paths = dist_io.main_first(prepare, dist.leads_dir)
-    if dist.separate_dirs:
-        check_same_data(tokenizer, paths, dist)
+    tokenizer, paths = dist_io.main_first(prepare, layout.leads_dir)
+    layout.check_same_data(tokenizer, paths)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise UserError(f"The tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
                         f"{cfg.model.vocab_size}; raise model.vocab_size or use a smaller tokenizer.")
     t = cfg.train
     trained = {d.name: d.weight for d in cfg.data.datasets if not d.eval_only(cfg.data.val_fraction)}
+    check_data_budget(cfg, dist.world_size, verbose=dist.is_main)  # every dataset is prepared now: exact
     stages = cfg.to_dict()["data"]["stages"]  # plain dicts, as the loader takes them
     loader = PackedLoader({n: paths[n] for n in trained}, split="train", weights=trained,
                           stages=stages or None, batch_size=t.micro_batch_size, seq_len=t.seq_len, seed=t.seed,
@@ -70,32 +154,7 @@ def setup_data(cfg: Config, dist: DistEnv) -> tuple[Tokenizer, object, dict[str,
     return tokenizer, loader, paths  # paths: every dataset's held-out split, evaluation-only ones included
 
 
-def data_fingerprint(tokenizer: Tokenizer, paths: dict[str, Path]) -> dict:
-    """What must agree between nodes that prepared their data apart: the tokenizer's files, and each
-    dataset's splits (tokens, documents, shard sizes) from its meta.json; paths and times may differ."""
-    import json
-
-    from smoltrain.data.tokenizer import TOKENIZER_FILES
-    from smoltrain.storage import sha256_file
-
-    files = [tokenizer.directory / n for n in TOKENIZER_FILES]
-    found = {"tokenizer": {p.name: sha256_file(p) for p in files if p.is_file()}}
-    for name, path in sorted(paths.items()):
-        found[name] = json.loads((path / "meta.json").read_text())["splits"]
-    return found
-
-
-def check_same_data(tokenizer: Tokenizer, paths: dict[str, Path], dist: DistEnv) -> None:
-    """Nodes with run dirs of their own each prepared the data: refuse to train if they disagree."""
-    prints = dist_io.all_ranks(data_fingerprint(tokenizer, paths))
-    differ = [r for r, p in enumerate(prints) if p != prints[0]]
-    if differ:
-        raise UserError(f"The nodes prepared different data: rank {differ[0]}'s tokenizer or datasets differ "
-                        "from rank 0's (each node keeps its own run.dir and prepares from its own copy of the "
-                        "sources). Give every node the same sources and tokenizer, or a shared run.data_dir.")
-
-
-def setup_stream(cfg: Config, dist: DistEnv) -> tuple[Tokenizer, object, None]:
+def setup_stream(cfg: Config, dist: DistEnv, layout: LocalLayout) -> tuple[Tokenizer, object, None]:
     """data.streaming: tokenize and pack one source on the fly; no prepare step, no held-out split."""
     from smoltrain.data.recipe import resolve_asset, resolve_tokenizer
     from smoltrain.data.stream import StreamLoader
@@ -107,9 +166,8 @@ def setup_stream(cfg: Config, dist: DistEnv) -> tuple[Tokenizer, object, None]:
     def resolve() -> tuple[Tokenizer, str]:
         return resolve_tokenizer(cfg, verbose=dist.is_main), resolve_asset(ds.sources[0])
 
-    tokenizer, source = dist_io.main_first(resolve, dist.leads_dir)  # rank 0 fetches and trains first
-    if dist.separate_dirs:
-        check_same_data(tokenizer, {}, dist)
+    tokenizer, source = dist_io.main_first(resolve, layout.leads_dir)  # rank 0 fetches and trains first
+    layout.check_same_data(tokenizer, {})
     loader = StreamLoader(source, tokenizer, cfg.train.micro_batch_size, cfg.train.seq_len,
                           text_key=cfg.data.text_key, rank=dist.rank, world_size=dist.world_size,
                           name=ds.name)
@@ -122,7 +180,7 @@ def initial_model(cfg: Config, ckpt: Path | None, device: torch.device) -> SmolL
     from smoltrain.model.llama import build_model
 
     source = ckpt or cfg.train.init_from
-    if source:  # a resume checkpoint was verified by pick_resume; init_from is resolved here
+    if source:  # a resume checkpoint was verified by find_resume; init_from is resolved here
         load = interop.load_resolved if ckpt else interop.load_model
         model, _, src = load(source, device=device, need_tokenizer=False)
         if model.config != cfg.model:

@@ -18,7 +18,8 @@ from smoltrain.runinfo import environment
 from smoltrain.train.runlog import RunLog, memory_gb, model_flops_utilization
 
 if TYPE_CHECKING:
-    from smoltrain.config import Config, ModelConfig
+    from smoltrain.checkpoint.context import RunContext
+    from smoltrain.config import Config
 
 
 def print_header(cfg: Config, env: dict, num_params: int, world_size: int) -> None:
@@ -51,16 +52,9 @@ def write_run_files(run_dir: Path, cfg: Config, device: torch.device, world_size
 class StepLog:
     """Per-step records (metrics.jsonl through the RunLog) and the progress bar or line."""
 
-    def __init__(self, log: RunLog | None, model: ModelConfig, seq_len: int, max_steps: int,
-                 device: torch.device, amp_dtype: torch.dtype, world_size: int, bar: tqdm | None,
-                 tokens_seen: int):
-        self.log = log
-        self.model = model
-        self.seq_len = seq_len
-        self.max_steps = max_steps
-        self.device = device
-        self.amp_dtype = amp_dtype
-        self.world_size = world_size
+    def __init__(self, run: RunContext, log: RunLog | None, bar: tqdm | None, tokens_seen: int):
+        self.run = run
+        self.log = log  # None on ranks other than 0
         self.bar = bar
         self.busy = 0.0  # seconds in train_step since the last logged step
         self.last_tokens = tokens_seen
@@ -80,10 +74,11 @@ class StepLog:
             return
         loss = float(loss)
         grad_norm = float(grad_norm)
-        mfu = model_flops_utilization(self.model, self.seq_len, tokens_per_sec, self.device, self.amp_dtype,
-                                      self.world_size)
+        run = self.run
+        mfu = model_flops_utilization(run.cfg.model, run.cfg.train.seq_len, tokens_per_sec, run.device,
+                                      run.amp_dtype, run.dist.world_size)
         rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
-               "mfu": mfu, "tokens": tokens_seen, "mem_gb": memory_gb(self.device),
+               "mfu": mfu, "tokens": tokens_seen, "mem_gb": memory_gb(run.device),
                "tokens_per_source": tokens_per_source}
         self.log.log(rec)
         msg = f"loss {loss:.4f} lr {lr:.2e} {tokens_per_sec:,.0f} tok/s"
@@ -92,7 +87,7 @@ class StepLog:
         if self.bar is not None:
             self.bar.set_postfix_str(msg)
         else:
-            print(f"step {step}/{self.max_steps} {msg}", flush=True)
+            print(f"step {step}/{run.cfg.train.max_steps} {msg}", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -102,8 +97,8 @@ class StepLog:
 def summary(run_dir: Path, step: int, tokens_seen: int, seconds: float, tensorboard: bool, prompt: str,
             eval_data: Path | None) -> str:
     """Where everything is, the final held-out scores, and what to run next (rank 0)."""
+    from smoltrain.checkpoint.discovery import newest_valid
     from smoltrain.history import History
-    from smoltrain.storage import newest_valid
 
     val = History.load(run_dir).last(evals=True) or {}
     newest = newest_valid(run_dir)

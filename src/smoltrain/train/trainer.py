@@ -1,10 +1,11 @@
 """The training loop: Trainer.train() -> train_step() -> forward_backward().
 
-Every stateful part (model, optimizer, loader, RNG, loop counters) is saved in each checkpoint and
-restored on resume, so a killed run continues bit-identically on CPU. The learning rate is a pure
-function of the step (optim.lr_at), so it needs no state. Evaluation (evaluator.InLoopEval), saving
-(checkpointer.Checkpointer) and step logging (steplog.StepLog) are collaborators with their own state;
-the data comes from trainsetup.
+Every stateful part (model, optimizer, loader, scaler, RNG, and the loop counters: the Trainer's own
+state_dict) is registered with the checkpointer, saved in each checkpoint and restored on resume, so a
+killed run continues bit-identically on CPU. The learning rate is a pure function of the step
+(optim.lr_at), so it needs no state. Evaluation (inloop.InLoopEval), saving (checkpoint.Checkpointer)
+and step logging (steplog.StepLog) are collaborators that share one RunContext; the data comes from
+train.setup, and where the run's files live from checkpoint.layout.
 """
 
 from __future__ import annotations
@@ -16,47 +17,61 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm import tqdm
 
 from smoltrain import distributed as dist_io
 from smoltrain.checkpoint.checkpointer import Checkpointer
-from smoltrain.checkpoint.remote import RunMirror, node_remote
+from smoltrain.checkpoint.context import RunContext
+from smoltrain.checkpoint.layout import open_run_dir
+from smoltrain.checkpoint.optimizer import OptimizerState
 from smoltrain.checkpoint.resume import find_resume
-from smoltrain.checkpoint.rundir import own_run_dir
 from smoltrain.checkpoint.signals import StopRequest
+from smoltrain.checkpoint.state import RNGState
 from smoltrain.config import Config
-from smoltrain.device import amp_dtype, autocast, pick_device
+from smoltrain.device import amp_dtype, pick_device
 from smoltrain.errors import TrainingError
 from smoltrain.faults import fault_point
 from smoltrain.model.llama import IGNORE_INDEX
 from smoltrain.train.inloop import InLoopEval, in_loop_tasks
 from smoltrain.train.optim import build_optimizer, lr_at, rewarm_factor, set_lr
 from smoltrain.train.runlog import RunLog
-from smoltrain.train.setup import apply_global_batch, check_inputs, initial_model, setup_data
+from smoltrain.train.setup import (
+    check_data_budget,
+    check_inputs,
+    cpu_fallback,
+    initial_model,
+    setup_data,
+    with_global_batch,
+)
 from smoltrain.train.steplog import StepLog, summary, write_run_files
 
 
 class Trainer:
-    """One training run in one run dir: setup (here and in trainsetup), the loop, and the stop glue."""
+    """One training run in one run dir: setup (here and in train.setup), the loop, and the stop glue.
+
+    It is the checkpoint's `train` part: state_dict() holds the loop counters (step, tokens_seen,
+    rewarm_from), registered with the checkpointer beside the loader, optimizer, scaler and RNG.
+    """
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.device = pick_device(cfg.train.device)
-        self.dist = dist_io.setup(cfg.parallel.strategy, self.device.type)
-        if self.device.type == "cuda" and self.dist.enabled:
-            self.device = torch.device("cuda", self.dist.local_rank)
+        device = pick_device(cfg.train.device)
+        self.dist = dist_io.setup(cfg.parallel.strategy, device.type)
+        if device.type == "cuda" and self.dist.enabled:
+            device = torch.device("cuda", self.dist.local_rank)
+        self.device = device
+        cfg = cpu_fallback(cfg, self.device, self.dist.is_main)  # before anything is written or built
         self.amp_dtype = amp_dtype(self.device, cfg.train.dtype)
-        self._autocast = autocast(self.device, self.amp_dtype)
-        apply_global_batch(cfg.train, self.dist.world_size)
+        self.cfg = cfg = with_global_batch(cfg, self.dist.world_size)  # a new Config; the caller's is unchanged
         check_inputs(cfg)  # before the run dir is touched or any asset fetched
+        check_data_budget(cfg, self.dist.world_size)  # data prepared earlier: its passes are known now
+        self.run = RunContext(cfg, self.dist, self.device, self.amp_dtype, self._print)
         self.run_dir = Path(cfg.run.dir)
         self.step = 0
         self.tokens_seen = 0
-        self.resume_changes: list[str] = []
         self.rewarm_from = None  # the step this run was last extended from (optim.rewarmup_steps ramps from it)
         self.stop = StopRequest()
-        self.lock = own_run_dir(self.run_dir, self.dist, separate_ok=bool(cfg.checkpoint.remote))
+        self.layout = open_run_dir(cfg, self.dist)  # the lock, the mirror, and where files live: chosen once
         try:
             self._setup(cfg)
         except BaseException:
@@ -65,67 +80,54 @@ class Trainer:
 
     def _setup(self, cfg: Config) -> None:
         torch.manual_seed(cfg.train.seed)
-        self.mirror = dist_io.all_or_none(lambda: RunMirror.from_config(cfg) if self.dist.is_main else None)
-        self.node_remote = dist_io.all_or_none(lambda: node_remote(cfg, self.dist, self.mirror))  # stores checked now
-        self.tokenizer, self.loader, self.val_paths = setup_data(cfg, self.dist)
-        ckpt = self._find_resume()
-        self._setup_model(ckpt)
+        self.tokenizer, self.loader, self.val_paths = setup_data(cfg, self.dist, self.layout)
+        self.resume = find_resume(cfg, self.layout, self.run.global_batch)
+        self._setup_model(self.resume.path)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
-        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, self.dist, self.device,
-                                         model=self.raw_model, optimizer=self.optimizer, scaler=self.scaler,
-                                         loader=self.loader, tokenizer=self.tokenizer, mirror=self.mirror,
-                                         stop=self.stop, config_yaml=cfg.to_yaml(),
-                                         global_batch=self.global_batch, streaming=cfg.data.streaming,
-                                         remote=self.node_remote)
-        if ckpt is not None:
-            self._restore(ckpt)
-        tasks = in_loop_tasks(cfg, self.dist, self.val_paths)
-        self.evaluator = InLoopEval(cfg.eval, cfg.train, self.raw_model, self.tokenizer, self.val_paths,
-                                    tasks, self.device, self._autocast, self.dist, self._print)
+        states = {"train": self, "loader": self.loader, "optimizer": OptimizerState(self.raw_model, self.optimizer),
+                  "scaler": self.scaler, "rng": RNGState()}
+        self.checkpointer = Checkpointer(self.run, self.layout, self.raw_model, self.tokenizer, states, self.stop)
+        if self.resume.path is not None:
+            self._restore(self.resume.path)
+        self.tasks = in_loop_tasks(cfg, self.dist, self.val_paths)  # loaded before step 1
         self.log: RunLog | None = None  # opened by train(): a run with nothing to do writes nothing
 
     def close(self) -> None:
         """Release the run dir (the kernel would at exit; in-process callers get it back now)."""
-        if self.lock is not None:
-            self.lock.release()
+        self.layout.close()
 
     def _setup_model(self, ckpt: Path | None) -> None:
         """Weights are loaded before any wrapping; FSDP swaps in sharded parameters, so the optimizer
         is built after the wrap."""
         cfg = self.cfg
-        self.raw_model = initial_model(cfg, ckpt, self.device)  # unwrapped: what we save and sample from
+        self.raw_model = initial_model(cfg, ckpt, self.device)  # FSDP shards it in place: what we save and sample
         self.model = dist_io.wrap(self.raw_model, self.dist, self.device)
         self.optimizer = build_optimizer(self.raw_model, cfg.optim, self.device)
         if cfg.train.compile:
             self.model = torch.compile(self.model)
 
-    def _find_resume(self) -> Path | None:
-        """Rank 0 picks the checkpoint (quarantining corrupt ones) and checks it fits; all ranks use it."""
-        found, self.resume_changes = find_resume(self.cfg, self.dist, self.global_batch, self.mirror, self.node_remote)
-        return found
+    def state_dict(self) -> dict:
+        """The loop counters a checkpoint holds (the learning rate is a function of the step)."""
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "rewarm_from": self.rewarm_from}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.tokens_seen = state["tokens_seen"]
+        self.rewarm_from = state.get("rewarm_from")
 
     def _restore(self, ckpt: Path) -> None:
-        """The checkpointer restores optimizer, scaler, loader and RNG; the loop counters are set here."""
-        state = self.checkpointer.restore(ckpt)
-        ts = state["train_state"]
-        self.step = ts["step"]
-        self.tokens_seen = ts["tokens_seen"]
-        saved_max = (yaml.safe_load(state["config_yaml"]).get("train") or {}).get("max_steps", self.step)
-        # raising max_steps past the saved run's starts an extension here; otherwise keep the saved one
-        self.rewarm_from = self.step if self.cfg.train.max_steps > saved_max else ts.get("rewarm_from")
+        """Every registered part from the checkpoint; raising max_steps past the saved run's extends it."""
+        self.checkpointer.restore(ckpt)
+        if self.cfg.train.max_steps > self.resume.saved_max_steps:
+            self.rewarm_from = self.step
         if not self.dist.is_main:
             return
-        origin = getattr(self.mirror, "restored_from", None)
+        origin = getattr(self.layout.mirror, "restored_from", None)
         remote = f", downloaded from {origin} and verified against its manifest" if origin else ""
         print(f"Resuming from {ckpt} (step {self.step}){remote}", flush=True)
-        if self.resume_changes:
-            print(f"Settings changed since step {self.step}: " + "; ".join(self.resume_changes)
+        if self.resume.changes:
+            print(f"Settings changed since step {self.step}: " + "; ".join(self.resume.changes)
                   + f" (each segment's settings are kept in {self.run_dir}/config_history.jsonl)", flush=True)
-
-    @property
-    def global_batch(self) -> int:
-        t = self.cfg.train
-        return t.micro_batch_size * t.grad_accum_steps * self.dist.world_size
 
     def train(self) -> int:
         """Train to train.max_steps; 0 when done, 128 + the signal's number when a signal stopped it."""
@@ -194,7 +196,7 @@ class Trainer:
         batch = batch.to(self.device, non_blocking=True)
         x = batch[:, :-1]
         y = batch[:, 1:]
-        with self._autocast():
+        with self.run.autocast():
             loss = self.model(x, labels=y, loss_chunk=self.cfg.train.loss_chunk, reduction="sum") / num_tokens
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         return loss.detach()
@@ -225,7 +227,7 @@ class Trainer:
 
     def save(self) -> Path | None:
         """This step's checkpoint (every rank calls it; rank 0 gets the path)."""
-        return self.checkpointer.save(self.step, self.tokens_seen, self.rewarm_from)
+        return self.checkpointer.save()
 
     def _nothing_to_do(self) -> int:
         if self.dist.is_main:
@@ -240,24 +242,23 @@ class Trainer:
         if self.dist.is_main:
             self.log = RunLog(self.run_dir, self.step, cfg.log.tensorboard, cfg.log.wandb_project, cfg.to_dict(),
                               cfg.log.trackio_project)
-            self.evaluator.log = self.log
-            write_run_files(self.run_dir, cfg, self.device, self.dist.world_size, self.step, self.resume_changes,
+            write_run_files(self.run_dir, cfg, self.device, self.dist.world_size, self.step, self.resume.changes,
                             self.raw_model.num_params())
             self.checkpointer.check_disk()
-            if self.mirror is not None:
-                self.mirror.run_started(self.run_dir)
+            if self.layout.mirror is not None:
+                self.layout.mirror.run_started(self.run_dir)
+        self.evaluator = InLoopEval(self.run, self.raw_model, self.tokenizer, self.val_paths, self.tasks, self.log)
         self.stop.install()
         bar = None
         if self.dist.is_main and cfg.log.progress:
             bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
-        self.steplog = StepLog(self.log, cfg.model, cfg.train.seq_len, cfg.train.max_steps, self.device,
-                               self.amp_dtype, self.dist.world_size, bar, self.tokens_seen)
+        self.steplog = StepLog(self.run, self.log, bar, self.tokens_seen)
 
     def _end(self) -> None:
         self.stop.restore()
         self.steplog.close()
-        if self.mirror is not None:
-            self.mirror.finish()  # the pending upload ends before exit (bounded by checkpoint.remote_timeout)
+        if self.layout.mirror is not None:
+            self.layout.mirror.finish()  # the pending upload ends before exit (bounded by checkpoint.remote_timeout)
         if self.log is not None:
             self.log.close()
 
