@@ -75,9 +75,7 @@ def test_generate_cli_int8_and_bad_weights(tiny_ckpt):
 def test_int8_is_refused_off_the_cpu_before_loading():
     from smoltrain.errors import UserError
     from smoltrain.model.generate import decode_weights
-    from smoltrain.model.int8 import fast_here
-
-    assert decode_weights("auto", torch.device("cpu")) == ("int8" if fast_here() else "fp32")
+    assert decode_weights("auto", torch.device("cpu")) == "fp32"  # int8 missed the argmax bar (BENCHMARKS.md)
     assert decode_weights("auto", torch.device("meta")) == "fp32"
     with pytest.raises(UserError, match="CPU"):
         decode_weights("int8", torch.device("meta"))

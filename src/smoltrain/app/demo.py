@@ -83,8 +83,7 @@ class CheckpointSource:
 
 class ModelCache:
     """Loaded models by directory, the least recently used dropped beyond `size` (two panes: two), prepared
-    for decoding with `weights` ("auto": int8 on a CPU where torch's int8 kernel is vectorised, see int8.fast_here;
-    it holds the quality bars of BENCHMARKS.md)."""
+    for decoding with `weights` ("auto" is fp32: see generate.WEIGHTS)."""
 
     def __init__(self, device: torch.device, size: int = 2, weights: str = "auto"):
         self.device = device

@@ -158,7 +158,7 @@ def add_show_commands(sub) -> None:
     p.add_argument("--port", type=ranged(domain.interval(1, 65535, high_open=False)), default=7860)
     p.add_argument("--device", default="auto", type=DEVICE, help="auto (cuda > mps > cpu), cpu, cuda, mps")
     p.add_argument("--weights", choices=["auto", "fp32", "int8"], default="auto",
-                   help="auto (default): int8 weight-only decoding on CPUs where it is faster (AVX-512, ARM), else fp32")
+                   help="auto (default, fp32) or int8: weight-only int8 decoding on the CPU (see BENCHMARKS.md)")
     p.set_defaults(func=demo_cli)
 
 

@@ -47,7 +47,7 @@ def space_settings(src: Path, num_params: int) -> dict:
     return {"title": card_title(src), "examples": list(run_eval.get("prompts") or DEFAULT_EXAMPLES),
             "description": f"A {num_params / 1e6:.1f}M-parameter SmolLM2-architecture language model, {made}.",
             "short_description": f"A {num_params / 1e6:.0f}M-parameter SmolLM2 model, {made}"[:60],
-            "max_new_tokens": int(run_eval.get("sample_tokens") or 64), "weights": "auto"}
+            "max_new_tokens": int(run_eval.get("sample_tokens") or 64), "weights": "fp32"}
 
 
 def space_readme(settings: dict, src: Path) -> str:

@@ -7,7 +7,7 @@ int8 w (N, K)^T, times scales (N,)): it widens the int8 weights in registers, so
 written back to memory. torchao's int8 weight-only layout on CPU either reaches the same kernel (compiled)
 or dequantises to fp32 per call (eager), so it would add a dependency and a tensor subclass for nothing.
 Where it pays: the kernel is vectorised for AVX-512 (and ARM); on an AVX2-only x86 CPU it ran at ~1 GMAC/s
-(BENCHMARKS.md), slower than the fp32 products, which is what `fast_here` tells callers choosing a default.
+(BENCHMARKS.md), slower than the fp32 products.
 
 Symmetric per-row quantisation: scale = max |w_row| / 127, q = round(w / scale) in [-127, 127]. A fused
 product (q/k/v, gate/up) quantises the same rows as its parts would, so fusing changes nothing.
@@ -15,8 +15,6 @@ The embedding stays fp32: a lookup reads one row per token. The tied LM head get
 """
 
 from __future__ import annotations
-
-import platform
 
 import torch
 from torch import nn
@@ -35,12 +33,6 @@ def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def supported(device: torch.device | str) -> bool:
     """int8 decoding runs where torch's weight-only int8 kernel does: on the CPU."""
     return torch.device(device).type == "cpu"
-
-
-def fast_here() -> bool:
-    """Whether int8 should beat fp32 on this CPU: torch's kernel has vectorised paths for AVX-512 and ARM (not
-    measured here); on the AVX2-only AMD EPYC of BENCHMARKS.md it ran at ~1 GMAC/s, slower than fp32 via BLAS."""
-    return torch.backends.cpu.get_cpu_capability().startswith("AVX512") or platform.machine() in ("arm64", "aarch64")
 
 
 class Int8Linear(nn.Module):
