@@ -3,17 +3,15 @@
 It runs on its own: `pip install -r requirements.txt && python app.py` (torch, transformers and gradio; no
 smoltrain). The model is the HF folder beside it (`model/`), the page's settings are in `space.json`.
 It listens on 127.0.0.1 (this machine only) unless GRADIO_SERVER_NAME says otherwise (Hugging Face Spaces
-set it to 0.0.0.0 themselves); GRADIO_SERVER_PORT picks the port (7860). It decodes on the CPU from int8
+set it to 0.0.0.0 themselves); GRADIO_SERVER_PORT picks the port (7860). WEIGHTS=int8 decodes from int8
 weights (weight-only, one scale per output channel, torch's own int8 kernel; the same quantisation as
-`smoltrain generate --weights int8`: a quarter of the bytes per token) where that kernel is vectorised
-(AVX-512, ARM), else fp32; WEIGHTS=int8 or WEIGHTS=fp32 decides.
+`smoltrain generate --weights int8`); the default is fp32 (space.json).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import platform
 import threading
 from pathlib import Path
 
@@ -107,11 +105,8 @@ def main() -> None:
     host = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")  # loopback unless told otherwise
     port = int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
     weights = os.environ.get("WEIGHTS", SETTINGS["weights"])
-    if weights == "auto":  # torch's int8 kernel is vectorised for AVX-512 and ARM; elsewhere fp32 is faster
-        fast = torch.backends.cpu.get_cpu_capability().startswith("AVX512") or platform.machine() in ("arm64", "aarch64")
-        weights = "int8" if fast else "fp32"
     if weights not in ("int8", "fp32"):
-        raise SystemExit(f"WEIGHTS must be auto, int8 or fp32, not {weights!r}.")
+        raise SystemExit(f"WEIGHTS must be int8 or fp32, not {weights!r}.")
     model, tok = load(weights)
     build(model, tok, weights).queue().launch(server_name=host, server_port=port, share=False, ssr_mode=False)
 
