@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from smoltrain.hf.interop import _unpermute, load_model
+from smoltrain.hf.gguf import _unpermute
+from smoltrain.hf.interop import load_model
 
 from .conftest import assert_user_error, run_cli
 

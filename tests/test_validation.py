@@ -221,7 +221,7 @@ def test_cli_refuses_before_any_work(files, tmp_path, monkeypatch, command, need
 def test_gguf_missing_fields_named():
     from pathlib import Path
 
-    from smoltrain.hf.interop import _gguf_config
+    from smoltrain.hf.gguf import _gguf_config
 
     class Field:  # what GGUFReader's fields hold: .contents() gives the value
         def __init__(self, value):

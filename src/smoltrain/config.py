@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,8 @@ class DataConfig:
     # passes over each dataset's training split a run may make; train refuses a recipe that needs more
     max_epochs: float = checked(1.0, positive)
     streaming: bool = False  # tokenize and pack on the fly from the sources, no prepare step
+    # streaming: worker processes per dataset that tokenize ahead of the step (0: in the training process)
+    num_workers: int = checked(1, nonneg("in the training process"))
     num_proc: int = checked(0, nonneg("all cores"))  # prepare workers
 
 
@@ -226,6 +229,28 @@ def flatten_dotted(tree: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+MAX_CONFIG_CHARS = 1 << 20  # a recipe is a few KiB; this bounds what parsing it can cost
+
+
+class AliasError(yaml.YAMLError):
+    """A YAML alias: refused (never read as a plain string, as other unparsable --set values are)."""
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader without aliases: a 1 KB "billion laughs" file expands them without bound, and a recipe
+    has no need for them (--set and presets are how values are shared)."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001, ANN201 (PyYAML's signature)
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise AliasError(f"YAML aliases (*{event.anchor}) are not accepted in a smoltrain config "
+                                 f"({event.start_mark}); write the value out")
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load without aliases (bounded: the result is no larger than the text)."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -245,7 +270,9 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
             raise UserError(f"--set expects KEY=VALUE (e.g. train.max_steps=100), got {pair!r}")
         key, raw = pair.split("=", 1)
         try:
-            out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+            out.append((key.strip(), load_yaml(raw) if raw.strip() else ""))
+        except AliasError as e:
+            raise UserError(f"--set {key.strip()}: {e}.") from None
         except yaml.YAMLError:
             out.append((key.strip(), raw))
     return out
@@ -282,8 +309,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise UserError(f"Cannot read config file {path}: {e.strerror}.") from None
         except UnicodeDecodeError as e:
             raise UserError(f"Config file {path} is not UTF-8 text ({e.reason} at byte {e.start}).") from None
+        if len(text) > MAX_CONFIG_CHARS:
+            raise UserError(f"Config file {path} is {len(text):,} characters; a recipe is a few KiB (the limit is "
+                            f"{MAX_CONFIG_CHARS:,}). Is it the right file?")
         try:
-            tree = yaml.safe_load(text) or {}
+            tree = load_yaml(text) or {}
         except yaml.YAMLError as e:
             raise UserError(f"Malformed YAML in {path}: {str(e).replace(chr(10), ' ')}") from None
         if not isinstance(tree, dict):
@@ -296,6 +326,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 def validate(cfg: Config) -> list[str]:
     """Every field's domain (declared with `checked` on the dataclasses), then cross-field checks."""
     p = cfg.model.validate()
+    p += _fits_in_memory(cfg.model) if not p else []
     for section in dataclasses.fields(cfg):
         if section.name != "model":
             p += domain_problems(getattr(cfg, section.name), section.name)
@@ -320,15 +351,49 @@ def validate(cfg: Config) -> list[str]:
             p.append(f"dataset {d.name!r}: val_documents needs sources (a prepared path is already split)")
         if any(not g for g in d.val_documents):
             p.append(f"dataset {d.name!r}: val_documents holds an empty glob")
-    if cfg.data.datasets and all(d.eval_only(cfg.data.val_fraction) for d in cfg.data.datasets):
+    trained = [d for d in cfg.data.datasets if not d.eval_only(cfg.data.val_fraction)]
+    if cfg.data.datasets and not trained:
         p.append("every dataset is evaluation-only (val_fraction 1.0): at least one must be trained on")
+    elif trained and not 0 < _total([d.weight for d in trained]) < math.inf:
+        p.append("the trained datasets' weights must sum to a positive finite number (all 0, or too large)")
+    if cfg.data.train_tokenizer_vocab_size > cfg.model.vocab_size:
+        p.append(f"data.train_tokenizer_vocab_size ({cfg.data.train_tokenizer_vocab_size}) exceeds model.vocab_size "
+                 f"({cfg.model.vocab_size}): token ids would index past the embedding")
     p += _stage_problems(cfg.data.stages, names)
     for spec in cfg.eval.tasks:
         if spec.startswith("next-line:") and spec.split(":", 1)[1] not in names:
             p.append(f"eval.tasks {spec!r} names no dataset (datasets: {', '.join(names) or 'none'})")
     if cfg.checkpoint.remote:
         p += check_remote_url(cfg.checkpoint.remote)
+        p += _remote_overlaps(cfg)
+    if not str(cfg.run.dir).strip():
+        p.append("run.dir is empty (it would train into the current directory); name a run directory")
+    if any(not isinstance(q, str) or not q.strip() for q in cfg.eval.prompts):
+        p.append("eval.prompts holds an empty prompt (sampling needs some text to continue)")
     return p
+
+
+def _remote_overlaps(cfg: Config) -> list[str]:
+    """A file:// store may not lie in or around the run dir, the data dir or any input: its uploads and
+    retention delete what they find there (a store at the run dir deleted each new checkpoint's manifest)."""
+    scheme, _, rest = cfg.checkpoint.remote.partition("://")
+    if scheme not in ("file", "local"):
+        return []
+    store = Path(rest).expanduser().resolve()
+    places = [("run.dir", cfg.run.dir), ("run.data_dir", str(cfg.data_dir)), ("train.init_from", cfg.train.init_from),
+              ("train.resume_from", cfg.train.resume_from), ("data.tokenizer", cfg.data.tokenizer)]
+    for ds in cfg.data.datasets:
+        places += [(f"data.datasets[{ds.name}].path", ds.path)]
+        places += [(f"data.datasets[{ds.name}].sources", src) for src in ds.sources]
+    places += [("eval.tasks", t) for t in cfg.eval.tasks]
+    for key, value in places:
+        if not value or not isinstance(value, str) or ":" in value.split("/", 1)[0]:  # hf:, assets:, URLs
+            continue
+        where = Path(value).expanduser().resolve()
+        if where == store or store in where.parents or where in store.parents:
+            return [f"checkpoint.remote {cfg.checkpoint.remote} overlaps {key} {value}: the store's uploads and "
+                    "retention delete files there; give the store a directory of its own"]
+    return []
 
 
 def _stage_problems(stages: list[StageConfig], names: list[str]) -> list[str]:
@@ -345,9 +410,32 @@ def _stage_problems(stages: list[StageConfig], names: list[str]) -> list[str]:
         bad = {k: w for k, w in st.weights.items() if not is_number(w) or not math.isfinite(w) or w < 0}
         if bad:
             p.append(f"{where}.weights must be finite numbers >= 0 (got {bad})")
+        elif st.weights and not 0 < _total(list(st.weights.values())) < math.inf:
+            p.append(f"{where}.weights must sum to a positive finite number (all 0, or too large)")
         if i and st.start_step <= stages[i - 1].start_step:
             p.append(f"{where}.start_step ({st.start_step}) must be greater than the previous stage's")
     return p
+
+
+def _fits_in_memory(m: ModelConfig) -> list[str]:
+    """A shape whose fp32 weights alone exceed this machine's memory cannot even be built: say so now
+    rather than let the allocation fail (a traceback) after the data was prepared."""
+    kv = m.num_key_value_heads * m.head_dim
+    layer = 2 * m.hidden_size * m.hidden_size + 2 * m.hidden_size * kv + 3 * m.hidden_size * m.intermediate_size
+    params = m.vocab_size * m.hidden_size * (1 if m.tie_word_embeddings else 2) + m.num_hidden_layers * layer
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return []
+    if params * 4 <= memory:
+        return []
+    return [f"model sizes give {params:,} parameters ({params * 4 / 2**30:,.1f} GiB in fp32), more than this "
+            f"machine's {memory / 2**30:,.1f} GiB of memory"]
+
+
+def _total(weights: list) -> float:
+    """Sum of the valid weights (the others are reported on their own); inf when it overflows."""
+    return sum(float(w) for w in weights if is_number(w) and math.isfinite(w) and w >= 0)
 
 
 def check_remote_url(url: str) -> list[str]:

@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from smoltrain.errors import TrainingError, UserError
 
@@ -110,6 +112,34 @@ def _files(directory: Path, skip: str) -> list[Path]:
     return sorted(p for p in Path(directory).rglob("*") if p.is_file() and p.name != skip)
 
 
+class Escape(UserError):
+    """A name read from a file points outside its directory: hostile or damaged, never skipped quietly."""
+
+
+def contained(root: str | Path, name: object, what: str = "entry") -> Path:
+    """`root / name` for a name read from a file (a manifest, a store listing, meta.json), refused unless it
+    stays inside `root`: no absolute path, no `..`, no symlink on the way that leads out. Whoever writes such
+    a file chooses the names, and a sha256 check does not help (they write the sums too)."""
+    text = name if isinstance(name, str) else ""
+    parts = PurePosixPath(text.replace("\\", "/")).parts
+    if not text or "\0" in text or Path(text).is_absolute() or ".." in parts:
+        raise Escape(f"{what} {shown(name)} in {root} is not a plain relative name inside that directory; "
+                        "refusing to read or write it (a file naming paths outside its own directory is hostile "
+                        "or damaged). Nothing was written.")
+    target = Path(root) / text
+    base = Path(root).resolve()
+    if not _inside(target.resolve(), base):
+        raise Escape(f"{what} {shown(name)} in {root} leads outside that directory (through a symlink); "
+                        "refusing to read or write it. Nothing was written.")
+    return target
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """A value from a file, for an error message: its repr cut to `limit` characters (never unbounded)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...(cut)"
+
+
 def write_manifest(directory: Path, command: str, info: dict | None = None, hashed: bool = True) -> None:
     """The record of what `command` wrote into `directory`, written last (with sha256 when `hashed`)."""
     directory = Path(directory)
@@ -134,9 +164,12 @@ def matches_record(path: Path, rec: dict) -> bool:
 
 def read_manifest(directory: Path) -> dict:
     try:
-        return json.loads((Path(directory) / MANIFEST).read_text())
+        doc = json.loads((Path(directory) / MANIFEST).read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"Checkpoint {directory} has a missing or unreadable {MANIFEST} ({e}).") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"Checkpoint {directory} has a {MANIFEST} that is not a JSON object.")
+    return doc
 
 
 def verify_manifest(directory: Path) -> dict:
@@ -146,7 +179,9 @@ def verify_manifest(directory: Path) -> dict:
     if not isinstance(files, dict):
         raise UserError(f"Checkpoint {directory} has a {MANIFEST} without a file list.")
     for name, rec in files.items():
-        path = Path(directory) / name
+        path = contained(directory, name, f"{MANIFEST} entry")
+        if not isinstance(rec, dict):
+            raise UserError(f"Checkpoint {directory} has a {MANIFEST} whose entry for {shown(name)} is not a record.")
         if not path.is_file():
             raise UserError(f"Checkpoint {directory} is incomplete: {name} is missing.")
         if not matches_record(path, rec):
@@ -220,17 +255,86 @@ def check_target(out: str | Path, command: str, force: bool, inputs: Iterable[st
                         f"to replace it, or choose another {flag}.")
 
 
+def check_file_target(out: str | Path, command: str, force: bool, inside: Iterable[str | Path] = (),
+                      ours: Callable[[Path], bool] = lambda p: False, flag: str = "--out") -> None:
+    """check_target for a command whose output is one file (export --format gguf): refuse (exit 2) an `out`
+    that lies inside one of `inside` (the run dir, the checkpoint: a foreign file there breaks their
+    manifests), a directory, or an existing file that `ours` does not recognise as an earlier output of
+    `command` (replaced only with --force)."""
+    out_path = Path(out).expanduser()
+    for d in inside:
+        if _inside(_resolved(out_path), _resolved(d)):
+            raise UserError(f"{flag} {out_path} lies inside {d}, this command's own input; a file written there "
+                            f"would be foreign to it. Choose an {flag} outside it.")
+    if out_path.is_dir():
+        raise UserError(f"{flag} {out_path} is a directory; smoltrain {command} writes one file there. Name the "
+                        "file instead.")
+    if not out_path.exists():
+        return
+    if not ours(out_path):
+        raise UserError(f"{flag} {out_path} already exists and is not an earlier output of smoltrain {command}; it "
+                        f"is never replaced, even with --force. Choose another {flag}, or move it away yourself.")
+    if not force:
+        raise UserError(f"{flag} {out_path} already exists (an earlier output of smoltrain {command}); pass --force "
+                        f"to replace it, or choose another {flag}.")
+
+
+@contextlib.contextmanager
+def staged_file(final: str | Path, replace: bool = False,
+                ours: Callable[[Path], bool] = lambda p: False) -> Iterator[Path]:
+    """publish_file for a file a library writes itself (the GGUF writer): yield a private staging path
+    beside `final`; on success fsync it and rename it onto `final` (the commit point: a file with the final name is always complete). An existing `final` is replaced only with
+    `replace` and while `ours` still recognises it. On any exception the staging file is removed."""
+    final = Path(final).expanduser()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = private_name("staging", final)
+    try:
+        yield staging
+        fsync_path(staging)
+        if final.exists() and not (replace and ours(final)):
+            raise UserError(f"{final} appeared while it was being written, or is no longer ours; it was left alone.")
+        os.replace(staging, final)
+        fsync_path(final.parent)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
 def private_name(kind: str, final: Path) -> Path:
     """`.<kind>-<name>-<pid>-<hex>` beside `final`: no other process ever picks the same name."""
     return final.parent / f".{kind}-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+STAGING_LOCK = ".smoltrain-staging.lock"  # flocked by the writer while a staging dir is being filled
+LOCKLESS_GRACE_S = 3600  # a staging dir without its lock file is left alone this long after its last change
+_held: dict[Path, int] = {}  # staging dir -> the fd of its held lock
+
+
 def make_staging(final: Path) -> Path:
+    """A private staging dir beside `final`, locked (flock) by this process until commit or drop_staging:
+    a cleaner in another PID namespace (a container sharing the disk) cannot see our PID, but it sees the lock."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = private_name("staging", final)
     staging.mkdir()
+    fd = os.open(staging / STAGING_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    _held[staging] = fd
     return staging
+
+
+def _unlock(staging: Path, unlink: bool) -> None:
+    fd = _held.pop(Path(staging), None)
+    if unlink:
+        with contextlib.suppress(OSError):
+            os.unlink(Path(staging) / STAGING_LOCK)
+    if fd is not None:
+        os.close(fd)
+
+
+def drop_staging(staging: Path) -> None:
+    """Remove a staging dir this process made (a failed or abandoned write), releasing its lock last."""
+    shutil.rmtree(staging, ignore_errors=True)
+    _unlock(staging, unlink=False)
 
 
 def commit(staging: Path, final: Path, command: str, info: dict | None = None, hashed: bool = True,
@@ -243,12 +347,14 @@ def commit(staging: Path, final: Path, command: str, info: dict | None = None, h
     """
     staging = Path(staging)
     final = Path(final)
+    with contextlib.suppress(OSError):  # not one of the output's files; the fd keeps the lock until the rename
+        os.unlink(staging / STAGING_LOCK)
     write_manifest(staging, command, info, hashed)
     fsync_tree(staging)  # before an earlier output is moved aside: that window stays one rename long
     old = None
     if final.exists():
         if keep_existing:
-            shutil.rmtree(staging, ignore_errors=True)
+            drop_staging(staging)
             return final
         if final.is_dir() and not any(final.iterdir()):
             final.rmdir()
@@ -259,6 +365,7 @@ def commit(staging: Path, final: Path, command: str, info: dict | None = None, h
             old = private_name("old", final)
             os.replace(final, old)
     rename_synced(staging, final, synced=True)
+    _unlock(staging, unlink=False)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -286,7 +393,7 @@ def publish(final: str | Path, command: str, info: dict | None = None, hashed: b
         yield staging
         commit(staging, final, command, info, hashed, replace, keep_existing)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        drop_staging(staging)
 
 
 def pid_alive(pid: int) -> bool:
@@ -299,20 +406,59 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def _idle(p: Path) -> float:
+    """Seconds since `p` last changed (0 when it cannot be read: never old enough to remove)."""
+    try:
+        return time.time() - p.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def staging_dead(p: Path, pid: int) -> bool:
+    """A private dir's writer is provably gone: its staging lock can be taken (the kernel drops an flock when
+    its holder dies, whatever PID namespace it ran in). A dir without a lock file (one being committed, or
+    from an older smoltrain) counts as dead only when its PID is gone here too and it has not changed for
+    LOCKLESS_GRACE_S: a PID lookup alone cannot see a writer in another container sharing the disk."""
+    try:
+        fd = os.open(p / STAGING_LOCK, os.O_RDWR)
+    except FileNotFoundError:
+        try:
+            idle = time.time() - p.stat().st_mtime
+            empty = not any(p.iterdir())  # a writer killed between mkdir and its lock: nothing to lose
+        except OSError:
+            return False
+        return (empty or idle > LOCKLESS_GRACE_S) and not pid_alive(pid)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def clean_stale(parent: Path, name: str | None = None) -> list[Path]:
-    """Remove `.staging-`/`.old-`/`.deleting-` dirs in `parent` (for `name` only, if given) whose process
-    is gone. Anything else, and the private dirs of live processes, is left alone."""
+    """Remove `.staging-`/`.old-`/`.deleting-` dirs (and single-file staging files) in `parent` (for `name`
+    only, if given) whose writer is provably gone (staging_dead; a staging file: its PID gone and it has not
+    changed for LOCKLESS_GRACE_S). Anything else, and the private dirs of live writers, is left alone."""
     removed = []
     parent = Path(parent)
     if not parent.is_dir():
         return removed
     for p in parent.iterdir():
         m = PRIVATE.match(p.name)
-        if m is None or not p.is_dir() or (name is not None and m["name"] != name):
+        if m is None or (name is not None and m["name"] != name):
             continue
         pid = int(m["pid"])
-        if pid != os.getpid() and not pid_alive(pid):
+        if p in _held or pid == os.getpid():
+            continue
+        if p.is_dir() and staging_dead(p, pid):
             shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+        elif p.is_file() and not pid_alive(pid) and _idle(p) > LOCKLESS_GRACE_S:
+            p.unlink(missing_ok=True)
             removed.append(p)
     return removed
 

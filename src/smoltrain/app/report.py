@@ -75,14 +75,18 @@ def open_run(path: str | Path) -> Run:
         config = yaml.safe_load(config_text) or {}
     except yaml.YAMLError:
         config = {}
-    env = json.loads(_read_text(d / "env.json") or "{}")
+    try:
+        env = json.loads(_read_text(d / "env.json") or "{}")
+    except ValueError:  # torn by a kill mid-write (older smoltrain wrote it in place): the report goes on
+        env = {}
+    env = env if isinstance(env, dict) else {}
     return Run(d, config if isinstance(config, dict) else {}, config_text, env, History.load(d), checkpoints)
 
 
 def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         return ""
 
 

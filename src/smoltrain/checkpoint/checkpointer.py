@@ -55,6 +55,7 @@ class Checkpointer:
         """Every registered part from `ckpt` (the optimizer resharded to this world size)."""
         state = ckpt_io.load_train_state(ckpt)
         load_optimizer(ckpt, self.optimizer)
+        ckpt_io.check_finite(ckpt, self.optimizer.optimizer)
         if self.states["scaler"] is not None and state["extra"].get("scaler"):
             self.states["scaler"].load_state_dict(state["extra"]["scaler"])
         self.states["loader"].load_state_dict(self._rank_loader_state(state["train_state"]["loader"]))

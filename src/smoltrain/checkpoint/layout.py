@@ -11,7 +11,6 @@ is the model), so the one-process save reads straight through.
 from __future__ import annotations
 
 import contextlib
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -113,7 +112,7 @@ class NodeLayout(LocalLayout):
         own = storage.make_staging(step_dir(self.run_dir, step))
         with ckpt_io.discard_on_error(own):
             yield own / OPTIMIZER_DIR
-        shutil.rmtree(own, ignore_errors=True)
+        storage.drop_staging(own)
 
     def gather_parts(self, step: int, part: Path | None, staging: Path) -> list[str]:
         """Each rank on another node uploads its part to the store, then rank 0 fetches every such part
@@ -132,7 +131,7 @@ class NodeLayout(LocalLayout):
         def fetch() -> str | None:
             try:
                 for name, rec in records:
-                    self.remote.get_part(step, name, staging / name, rec)
+                    self.remote.get_part(step, name, storage.contained(staging, name, "node part"), rec)
             except Exception as e:  # every store raises its own classes
                 return f"rank 0 could not fetch the other nodes' parts of step {step} from {self.remote.url} ({e})"
             return None
@@ -200,13 +199,13 @@ def data_fingerprint(tokenizer: Tokenizer, paths: dict[str, Path]) -> dict:
     return found
 
 
-def open_run_dir(cfg: Config, dist: DistEnv) -> LocalLayout:
+def open_run_dir(cfg: Config, dist: DistEnv, recipe: str | Path | None = None) -> LocalLayout:
     """Lock the run dir, open the mirror (rank 0) and choose the layout, once, before anything is read.
 
     Every store is checked here (exit 2 before data prep or training); a refusal releases the lock.
     """
     run_dir = Path(cfg.run.dir)
-    lock, sees_main_dir, separate = own_run_dir(run_dir, dist, separate_ok=bool(cfg.checkpoint.remote))
+    lock, sees_main_dir, separate = own_run_dir(run_dir, dist, separate_ok=bool(cfg.checkpoint.remote), recipe=recipe)
     try:
         mirror = dist_io.all_or_none(lambda: RunMirror.from_config(cfg) if dist.is_main else None)
         if not separate:

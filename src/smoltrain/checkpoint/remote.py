@@ -16,8 +16,8 @@ and on resume every other node fetches the chosen checkpoint into its own run di
 from __future__ import annotations
 
 import json
+import os
 import posixpath
-import shutil
 import sys
 import threading
 import time
@@ -114,8 +114,9 @@ class Remote:
         if not uploaded:  # re-saving a step: invalidate the old copy first (with parts: done before they went up)
             self.invalidate(step)
         self.upload_logs(run_dir)
-        for i, name in enumerate(n for n in sorted(manifest["files"]) if n not in uploaded):
-            self.fs.put_file(str(ckpt / name), posixpath.join(dest, name))
+        local = self._targets(manifest, ckpt, str(ckpt))
+        for i, name in enumerate(n for n in sorted(local) if n not in uploaded):
+            self.fs.put_file(str(local[name]), posixpath.join(dest, name))
             if i == 0:
                 fault_point("in_upload", step)  # crash tests: die with a half-uploaded checkpoint
         self.fs.put_file(str(ckpt / storage.MANIFEST), posixpath.join(dest, storage.MANIFEST))
@@ -193,6 +194,8 @@ class Remote:
             print(f"{why}: downloading {self.url_of(step)}...", flush=True)
             try:
                 local = self._download(step, Path(run_dir))
+            except storage.Escape as e:
+                raise UserError(f"checkpoint.remote {self.url} is unsafe: {e} Check who writes that store.") from None
             except UserError as e:
                 print(f"remote: skipping {self.url_of(step)}: {e}", file=sys.stderr, flush=True)
                 continue
@@ -202,23 +205,34 @@ class Remote:
 
     def _download(self, step: int, run_dir: Path) -> Path:
         final = step_dir(run_dir, step)
-        staging = storage.private_name("staging", final)  # private to this process (debris rules)
+        staging = storage.make_staging(final)  # private to this process and locked (debris rules)
         src = self._path("checkpoints", final.name)
         try:
             raw = self.fs.cat_file(posixpath.join(src, storage.MANIFEST))
-            manifest = json.loads(raw)
-            for name in manifest["files"]:
-                target = staging / name
+            targets = self._targets(json.loads(raw), staging, self.url_of(step))
+            for name, target in targets.items():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 self.fs.get_file(posixpath.join(src, name), str(target))
             (staging / storage.MANIFEST).write_bytes(raw)
             storage.verify_manifest(staging)
+            os.unlink(staging / storage.STAGING_LOCK)  # not a checkpoint file; our fd holds the lock to the end
             storage.rename_synced(staging, final)  # durable before it is named a checkpoint, as commit does
+        except storage.Escape:
+            raise
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"download failed ({_explain(e)})") from None
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            storage.drop_staging(staging)
         return final
+
+    @staticmethod
+    def _targets(manifest: object, staging: Path, where: str) -> dict[str, Path]:
+        """Where each file a store's manifest lists goes, every name checked before anything is written:
+        whoever writes the store writes the manifest and its sums, so only containment protects the disk."""
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(files, dict):
+            raise UserError(f"{where}/{storage.MANIFEST} is not a smoltrain manifest (no file list)")
+        return {name: storage.contained(staging, name, f"{where}/{storage.MANIFEST} entry") for name in files}
 
     def restore_logs(self, run_dir: Path) -> None:
         """The remote's log files replace local ones, so history reads as if the machine never changed."""
@@ -323,6 +337,8 @@ class RunMirror:
             raise UserError(f"checkpoint.remote {self.remote.url}: uploading {ckpt} failed: {_explain(e)}.") from None
 
     def run_started(self, run_dir: Path) -> None:
+        """Queue an upload of the run's log files (at the start, and after the final evaluation and samples,
+        which come after the final checkpoint's upload took its snapshot of them)."""
         if self.remote is not None:
             self.uploads.submit("the upload of the run's log files", lambda: self.remote.upload_logs(run_dir))
 

@@ -21,6 +21,7 @@ from smoltrain import distributed as dist_io
 from smoltrain import storage
 from smoltrain.config import flatten_dotted
 from smoltrain.errors import UserError
+from smoltrain.storage import output_record
 
 if TYPE_CHECKING:
     from smoltrain.distributed import DistEnv
@@ -88,6 +89,33 @@ class RunLock:
         return self._finalizer is not None and self._finalizer.alive
 
 
+def check_run_dir(run_dir: Path, recipe: str | Path | None = None) -> None:
+    """Refuse (exit 2) a run.dir that exists and is not a smoltrain run dir but holds files: train writes
+    config.yaml, env.json and metrics.jsonl there and would overwrite or rewind a user's files of those names.
+    A run dir is recognised by what every train leaves in it (its lock file, config history, checkpoints);
+    the recipe itself (--config RUN/config.yaml) does not count: it is never rewritten."""
+    path = Path(run_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"run.dir {path} is a file, not a directory; choose another run.dir.")
+    if not path.is_dir() or any((path / m).exists() for m in (LOCK_NAME, HISTORY_NAME, "checkpoints")):
+        return
+    skip = Path(recipe).expanduser().resolve() if recipe else None
+    try:
+        foreign = sorted(p.name for p in path.iterdir() if p.resolve() != skip and not _smoltrain_output(p))
+    except OSError as e:
+        raise UserError(f"run.dir {path} cannot be read ({e.strerror}); fix its permissions or choose another.") from None
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UserError(f"run.dir {path} exists and holds files smoltrain did not write ({shown}); train never "
+                        "writes into such a directory (it would overwrite or rewind files named config.yaml, "
+                        "env.json, metrics.jsonl). Choose a new or empty run.dir, or move those files away.")
+
+
+def _smoltrain_output(p: Path) -> bool:
+    """A directory another smoltrain command published (e.g. `prepare --out RUN/data` before training)."""
+    return p.is_dir() and output_record(p) is not None
+
+
 def sees_lock(run_dir: Path, token: str) -> bool:
     """True when this process reads the lock record rank 0 just wrote (the run dir is shared with it)."""
     try:
@@ -114,7 +142,8 @@ def record_segment(run_dir: Path, start_step: int, config: dict, changes: list[s
     storage.rewrite_jsonl(Path(run_dir) / HISTORY_NAME, lambda r: r["start_step"] < start_step, [entry])
 
 
-def own_run_dir(run_dir: Path, dist: DistEnv, separate_ok: bool) -> tuple[RunLock, bool, bool]:
+def own_run_dir(run_dir: Path, dist: DistEnv, separate_ok: bool,
+                recipe: str | Path | None = None) -> tuple[RunLock, bool, bool]:
     """Rank 0 locks the run dir before anything in it is read or cleaned; every rank checks it sees it.
 
     A rank on a node that does not (no shared filesystem) is refused, unless `separate_ok`
@@ -123,6 +152,7 @@ def own_run_dir(run_dir: Path, dist: DistEnv, separate_ok: bool) -> tuple[RunLoc
     nodes keep run dirs of their own). A refusal on any rank is raised on every rank.
     """
     lock = RunLock(run_dir)
+    dist_io.on_main(lambda: check_run_dir(run_dir, recipe))
     token = dist_io.on_main(lambda: lock.acquire().token)
     if dist.world_size == 1:
         return lock, True, False

@@ -15,10 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from smoltrain import storage
-from smoltrain.checkpoint.discovery import list_checkpoints, quarantine, step_dir
+from smoltrain.checkpoint.discovery import STEP_DIR, list_checkpoints, quarantine, step_dir, step_of
 from smoltrain.data.tokenizer import Tokenizer
 from smoltrain.errors import UserError
 from smoltrain.faults import fault_point
@@ -98,7 +99,7 @@ def discard_on_error(staging: Path | None) -> Iterator[None]:
         yield
     except BaseException:
         if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+            storage.drop_staging(staging)
         raise
 
 
@@ -137,12 +138,54 @@ def load_train_state(ckpt: Path) -> dict:
         rng_tensors = load_file(str(ckpt / RNG_TENSORS))
         rng_plain = json.loads((ckpt / RNG_JSON).read_text())
         _check_rng(rng_tensors, rng_plain)
-        return {"train_state": json.loads((ckpt / TRAIN_STATE).read_text()),
-                "rng": {"tensors": rng_tensors, "plain": rng_plain},
-                "extra": json.loads((ckpt / EXTRA).read_text()), "config_yaml": (ckpt / RUN_CONFIG).read_text()}
+        state = {"train_state": json.loads((ckpt / TRAIN_STATE).read_text()),
+                 "rng": {"tensors": rng_tensors, "plain": rng_plain},
+                 "extra": json.loads((ckpt / EXTRA).read_text()), "config_yaml": (ckpt / RUN_CONFIG).read_text()}
+        if not isinstance(state["extra"], dict) or not isinstance(yaml.safe_load(state["config_yaml"]), dict):
+            raise ValueError("extra.json or config.yaml is not a mapping")
     except Exception as e:  # safetensors raises its own error type for a damaged file
         raise UserError(f"{ckpt} is not a training checkpoint that can be resumed: its trainer state is missing "
                         f"or unreadable ({type(e).__name__}: {str(e)[:200]}).") from None
+    check_train_state(ckpt, state["train_state"])
+    return state
+
+
+COUNTERS = ("step", "tokens_seen")  # non-negative integers a resume sets the loop to
+
+
+def check_train_state(ckpt: Path, ts: object) -> None:
+    """The loop counters are what their checkpoint says they are: a step -5 (or one that differs from the
+    directory's name) would train with a negative learning rate and set valid checkpoints aside."""
+    def bad(why: str) -> UserError:
+        return UserError(f"{ckpt} has an inconsistent {TRAIN_STATE}: {why}; it cannot be resumed. Resume from "
+                         "another checkpoint (train.resume_from) or move this one out of the run dir.")
+
+    if not isinstance(ts, dict):
+        raise bad(f"it holds {type(ts).__name__}, not an object")
+    for key in COUNTERS:
+        value = ts.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise bad(f"{key} is {storage.shown(value)}, not an integer >= 0")
+    rewarm = ts.get("rewarm_from")
+    if rewarm is not None and (not isinstance(rewarm, int) or isinstance(rewarm, bool) or not 0 <= rewarm <= ts["step"]):
+        raise bad(f"rewarm_from is {storage.shown(rewarm)}, not a step between 0 and {ts['step']}")
+    if not isinstance(ts.get("loader"), dict):
+        raise bad("it has no loader position")
+    if STEP_DIR.match(Path(ckpt).name) and step_of(ckpt) != ts["step"]:
+        raise bad(f"its step {ts['step']} is not its directory's ({Path(ckpt).name})")
+
+
+def check_finite(ckpt: Path, optimizer: torch.optim.Optimizer) -> None:
+    """Optimizer moments with NaN or Inf would make the first step non-finite on every rerun: name the
+    problem and the way out (the previous checkpoint) instead of "lower optim.lr"."""
+    for state in optimizer.state.values():
+        for name, t in state.items():
+            if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                older = [p.name for p in list_checkpoints(Path(ckpt).parent.parent) if p.name < Path(ckpt).name]
+                way = (f"move it out of {Path(ckpt).parent} and run the same command again: it resumes from the "
+                       f"previous checkpoint, {older[-1]}" if older else "start a new run.dir (no older checkpoint is left)")
+                raise UserError(f"The optimizer state in {ckpt} holds NaN or Inf values (in {name!r}); training "
+                                f"from it would fail at its first step. The checkpoint is damaged: {way}.")
 
 
 def _check_rng(tensors: dict[str, torch.Tensor], plain: dict) -> None:

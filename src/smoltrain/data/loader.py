@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from smoltrain.data.shards import check_vocab, load_meta, read_shard
+from smoltrain.data.shards import check_vocab, load_meta, read_shard, split_shards
 from smoltrain.errors import UserError
 
-__all__ = ["PackedLoader", "check_vocab", "eval_spans", "eval_windows", "ordered_batches"]
+__all__ = ["Mixture", "PackedLoader", "check_vocab", "eval_spans", "eval_windows", "ordered_batches"]
 
 _MIX = 0x6D6978  # generator purposes, so the mixture and the shuffles never share draws
 _PERM = 0x7065726D
@@ -41,7 +41,7 @@ class TokenSource:
         splits = self.meta["splits"]
         if split not in splits:
             raise UserError(f"{self.directory} has no {split!r} split (it has {', '.join(splits)}).")
-        self.shards = [read_shard(self.directory / s["file"]) for s in splits[split]["shards"]]
+        self.shards = [read_shard(p) for p in split_shards(self.directory, self.meta, split)]
         self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
         self.num_tokens = int(self.offsets[-1])
         self.num_windows = max(0, (self.num_tokens - 1) // seq_len)
@@ -64,7 +64,7 @@ class TokenSource:
             i = i + 1
 
 
-def _named(datasets: Mapping[str, str | Path] | str | Path | list) -> dict[str, str | Path]:
+def named_datasets(datasets: Mapping[str, str | Path] | str | Path | list) -> dict[str, str | Path]:
     if isinstance(datasets, (str, Path)):
         datasets = [datasets]
     if isinstance(datasets, Mapping):
@@ -103,6 +103,27 @@ def _stages(stages: list | None, weights: Mapping[str, float] | None, names: lis
     return out
 
 
+class Mixture:
+    """Which dataset fills each row of a global batch: drawn from the weights in force at a step by a
+    generator seeded from (seed, step), so every rank, every resume and every loader kind draws the same."""
+
+    def __init__(self, names: list[str], weights: Mapping[str, float] | None, stages: list | None, seed: int):
+        self.names = names
+        self.stages = _stages(stages, weights, names)
+        self.seed = seed
+
+    def weights_at(self, step: int) -> dict[str, float]:
+        w = next(w for start, w in reversed(self.stages) if start <= step)
+        return dict(zip(self.names, map(float, w)))
+
+    def draw(self, step: int, size: int) -> np.ndarray:
+        """The dataset index of each of `size` rows at optimizer step `step`."""
+        if len(self.names) == 1:
+            return np.zeros(size, np.int64)
+        w = np.array([self.weights_at(step)[n] for n in self.names])
+        return np.random.default_rng([self.seed, _MIX, step]).choice(len(self.names), size=size, p=w)
+
+
 class PackedLoader:
     """Packed (B, T+1) LongTensor windows: inputs = w[:, :-1], labels = w[:, 1:] (see the module docstring)."""
 
@@ -115,7 +136,7 @@ class PackedLoader:
                             f"world_size {world_size}, grad_accum_steps {grad_accum_steps}.")
         if not isinstance(seed, int) or seed < 0:
             raise UserError(f"The data seed must be a non-negative integer, got {seed!r}.")
-        named = _named(datasets)
+        named = named_datasets(datasets)
         if not named:
             raise UserError("No datasets given to the loader.")
         self.batch_size = batch_size
@@ -128,7 +149,8 @@ class PackedLoader:
         self.sources = [TokenSource(n, d, split, seq_len) for n, d in named.items()]
         self.names = [s.name for s in self.sources]
         self._check_sources()
-        self.stages = _stages(stages, weights, self.names)
+        self.mixture = Mixture(self.names, weights, stages, seed)
+        self.stages = self.mixture.stages
         self._step = 0
         self._micro = 0
         self._cursors = [(0, 0)] * len(self.sources)  # (epoch, position in that epoch's order) per source
@@ -159,8 +181,7 @@ class PackedLoader:
         return self.batch_size * self.world_size * self.grad_accum_steps
 
     def weights_at(self, step: int) -> dict[str, float]:
-        w = next(w for start, w in reversed(self.stages) if start <= step)
-        return dict(zip(self.names, map(float, w)))
+        return self.mixture.weights_at(step)
 
     def _perm(self, k: int, epoch: int) -> np.ndarray:
         key = (k, epoch)
@@ -198,9 +219,7 @@ class PackedLoader:
         """(source of each global row, window of each global row, cursors after this step)."""
         g = self.global_batch
         names = self.names
-        w = np.array([self.weights_at(self._step)[n] for n in names])
-        rng = np.random.default_rng([self.seed, _MIX, self._step])
-        src = rng.choice(len(names), size=g, p=w) if len(names) > 1 else np.zeros(g, np.int64)
+        src = self.mixture.draw(self._step, g)
         win = np.zeros(g, np.int64)
         after = list(self._cursors)
         for k in range(len(names)):

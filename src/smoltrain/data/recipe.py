@@ -55,6 +55,42 @@ def token_cap(cfg: Config, ds: DatasetConfig) -> int | None:
     total = sum(x.weight for x in trained) or len(trained)
     share = (ds.weight if total else 1.0) / total
     return max(1, int(d.max_tokens * share))
+def all_held_out(cfg: Config) -> list[str]:
+    """Trained datasets whose val_documents globs match every file of their (local) sources: the train split
+    would be empty, which used to be found only after the tokenizer and the data were made."""
+    from smoltrain.data.sources import resolve_sources
+
+    found = []
+    for ds in cfg.data.datasets:
+        local = all(not s.startswith(("hf:", "assets:")) and "://" not in s for s in ds.sources)
+        if ds.val_documents and ds.sources and local and _holdout(cfg, ds).holds_out_every_file(resolve_sources(ds.sources)):
+            found.append(f"dataset {ds.name!r}: val_documents {', '.join(ds.val_documents)} match every file of its "
+                         "sources, so nothing is left to train on; narrow the globs")
+    return found
+
+
+def stale_datasets(cfg: Config) -> list[str]:
+    """Prepared datasets whose recorded recipe differs from the config in a setting that does not depend on
+    the tokenizer (max_documents, text_key, held-out choice): prepare would refuse them, so refuse now,
+    before a tokenizer is trained for nothing."""
+    problems = []
+    for ds in cfg.data.datasets:
+        path = dataset_path(cfg, ds.name, ds.path)
+        try:
+            recipe = json.loads((path / "meta.json").read_text()).get("recipe")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if not ds.sources or not isinstance(recipe, dict):
+            continue
+        want = {"text_key": cfg.data.text_key, "val_fraction": ds.held_out_fraction(cfg.data.val_fraction),
+                "max_documents": cfg.data.max_documents}
+        if ds.val_documents:
+            want["val_documents"] = list(ds.val_documents)
+        differs = [f"{k} ({recipe.get(k)!r} there, {v!r} now)" for k, v in want.items() if recipe.get(k) != v]
+        if differs:
+            problems.append(f"dataset {ds.name!r}: {path} holds data prepared with another " + ", ".join(differs)
+                            + "; set it back, or move that directory away to prepare it again")
+    return problems
 
 
 def dataset_path(cfg: Config, name: str, path: str) -> Path:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from smoltrain.errors import UserError
+from smoltrain.storage import contained, shown
 
 MAGIC = b"SMOLTOK\x00"
 VERSION = 1
@@ -125,6 +126,15 @@ def load_meta(directory: str | Path) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != META_FORMAT or meta.get("version") != VERSION:
         raise UserError(f"{path} is not a smoltrain prepared dataset of format version {VERSION}.")
     return meta
+
+
+def split_shards(directory: str | Path, meta: dict, split: str) -> list[Path]:
+    """The shard files of one split, each name meta.json gives checked to stay inside the directory."""
+    shards = meta.get("splits", {}).get(split, {}).get("shards") if isinstance(meta.get("splits"), dict) else None
+    if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
+        raise UserError(f"{directory}/meta.json has no shard list for its {split!r} split; re-run smoltrain "
+                        f"prepare --force. (got {shown(shards)})")
+    return [contained(directory, s.get("file"), "meta.json shard") for s in shards]
 
 
 def check_vocab(data: dict | str | Path | object, model_vocab_size: int) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -94,11 +95,24 @@ def is_catalogue(path: Path, probe: int = 8192) -> bool:
     return sections >= 2 and all(_INI_LINE.fullmatch(ln) for ln in lines)
 
 
+def _walk(directory: Path) -> list[Path]:
+    """Every path under `directory`, sorted; a subdirectory that cannot be read is an error, not skipped
+    (rglob skips it silently, and its documents would be missing from the dataset)."""
+    def refuse(e: OSError) -> None:
+        raise UserError(f"Cannot read {e.filename} under source {directory} ({e.strerror}); fix its permissions "
+                        "or leave it out of the source.")
+
+    found = []
+    for root, dirs, files in os.walk(directory, onerror=refuse):  # symlinked dirs not followed, as rglob
+        found += [Path(root) / n for n in dirs + files]
+    return sorted(found)
+
+
 def _files_under(directory: Path) -> list[Path]:
     found = []
     skipped = []
     catalogues = []
-    for p in sorted(directory.rglob("*")):
+    for p in _walk(directory):
         if not p.is_file() or any(part.startswith(".") for part in p.relative_to(directory).parts):
             continue
         if not file_kind(p):
@@ -207,7 +221,18 @@ def _iter_parquet(path: Path, text_key: str) -> Iterator[str]:
 
 
 def iter_file(path: Path, text_key: str = "text") -> Iterator[str]:
-    """Documents of one local file."""
+    """Documents of one local file; a file that cannot be read (permissions, a corrupt gzip or parquet) is
+    a user error naming it, never a traceback from the library that tripped on it."""
+    try:
+        yield from _iter_file(path, text_key)
+    except UserError:
+        raise
+    except Exception as e:  # OSError, EOFError, zlib.error, pyarrow's ArrowException: all about this file
+        raise UserError(f"Source file {path} cannot be read ({type(e).__name__}: {str(e)[:200]}); fix it or leave it "
+                        "out of the source.") from None
+
+
+def _iter_file(path: Path, text_key: str) -> Iterator[str]:
     kind = file_kind(path)
     if kind == ".txt":
         yield _decode(path.read_bytes(), str(path))

@@ -65,6 +65,13 @@ class Holdout:
         if missing:
             raise_unmatched(missing, [d.name for d in units])
 
+    def holds_out_every_file(self, sources: list[Source]) -> bool:
+        """Every file of these local sources matches a glob: nothing would be left to train on."""
+        if not self.globs or any(s.kind == "hf" for s in sources):
+            return False
+        units = [Document(s.unit_name(p), s.unit_name(p), "") for s in sources for p in s.files]
+        return bool(units) and all(any(self._match(d, g) for g in self.globs) for d in units)
+
     def train_texts(self, docs: Iterable[Document]) -> Iterator[str]:
         """The texts of the training side only (what a tokenizer may be trained on)."""
         for i, doc in enumerate(docs):

@@ -185,8 +185,15 @@ def train_bpe(documents, vocab_size: int, out_dir: str | Path, *, min_frequency:
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=special,
                                   initial_alphabet=alphabet, show_progress=show_progress)
-    backend.train_from_iterator(documents, trainer)
-    if backend.get_vocab_size() == len(special):
+    texts = [0]  # documents with any text: the alphabet alone (no merges) is not a trained tokenizer
+
+    def counted():
+        for doc in documents:
+            texts[0] += bool(doc.strip())
+            yield doc
+
+    backend.train_from_iterator(counted(), trainer)
+    if not texts[0] or backend.get_vocab_size() == len(special):
         raise NoText("The documents hold no text to train a tokenizer on.")
 
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 8192, "bos_token": EOT,

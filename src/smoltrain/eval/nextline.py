@@ -16,15 +16,16 @@ from pathlib import Path
 import numpy as np
 
 from smoltrain.errors import UserError
-from smoltrain.storage import publish_file
+from smoltrain.storage import check_inputs, publish_file
 
+ORIGIN = "smoltrain tasks next-line"  # every item carries it: the record that the file is ours to replace
 MIN_CHARS = 20  # shorter lines ("Well, what then?") are guessable from length alone
 FAR = 50  # distractors come from at least this many lines away
 
 
 def held_out_documents(data: str | Path) -> list[str]:
     """The texts of the held-out documents of a prepared directory, in stored order."""
-    from smoltrain.data.shards import load_meta, read_shard
+    from smoltrain.data.shards import load_meta, read_shard, split_shards
     from smoltrain.data.tokenizer import load_tokenizer
 
     meta = load_meta(data)
@@ -32,7 +33,7 @@ def held_out_documents(data: str | Path) -> list[str]:
     if not val.get("num_tokens"):
         raise UserError(f"{data} has no held-out documents to build a task from (its val split is empty).")
     tok = load_tokenizer(Path(data) / "tokenizer")
-    tokens = np.concatenate([read_shard(Path(data) / s["file"]) for s in val["shards"]])
+    tokens = np.concatenate([read_shard(p) for p in split_shards(data, meta, "val")])
     ends = np.flatnonzero(tokens == meta["eot_id"])
     starts = np.concatenate([[0], ends[:-1] + 1])
     return [tok.decode(tokens[s:e].tolist()) for s, e in zip(starts, ends) if e > s]
@@ -74,7 +75,7 @@ def build_items(docs: list[str], num_items: int, context_lines: int = 4, num_cho
         label = rng.randrange(num_choices)
         choices = distractors[:label] + [answer] + distractors[label:]
         context = "\n".join(lines[d][i - context_lines:i]) + "\n"
-        items.append({"context": context, "choices": choices, "label": label})
+        items.append({"context": context, "choices": choices, "label": label, "origin": ORIGIN})
     return items
 
 
@@ -85,6 +86,37 @@ def write_task(items: list[dict], out: str | Path) -> Path:
     return publish_file(out, "".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items))
 
 
+def written_by_us(path: Path, legacy_ok: bool = False) -> bool:
+    """Every line of the file is a next-line item this command wrote (its origin says so); with `legacy_ok`
+    (the trainer's own data_dir/tasks/) also items written before they carried an origin."""
+    try:
+        lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    legacy = {"context", "choices", "label"}
+    return bool(lines) and all(isinstance(x, dict) and (x.get("origin") == ORIGIN or legacy_ok and set(x) == legacy)
+                               for x in lines)
+
+
+def check_task_out(out: str | Path, data: str | Path, force: bool, legacy_ok: bool = False) -> None:
+    """Before any work: `out` is not the prepared data or inside it, and an existing file there is replaced
+    only when it is an earlier next-line task (never a user's file, even with --force)."""
+    out = Path(out).expanduser()
+    check_inputs(out, [data])
+    if Path(data).expanduser().resolve() in out.resolve().parents:
+        raise UserError(f"--out {out} lies inside the prepared dataset {data}, which this command reads; writing "
+                        "there would add a file to it. Choose another --out.")
+    if not out.exists():
+        return
+    if not written_by_us(out, legacy_ok):
+        raise UserError(f"--out {out} exists and is not a next-line task smoltrain wrote; it is never replaced, "
+                        "even with --force. Choose another --out, or move that file away yourself.")
+    if not force:
+        raise UserError(f"--out {out} exists (an earlier next-line task); pass --force to replace it, or choose "
+                        "another --out.")
+
+
 def make_next_line_task(data: str | Path, out: str | Path, num_items: int = 500, seed: int = 0,
-                        context_lines: int = 4) -> Path:
+                        context_lines: int = 4, force: bool = True, legacy_ok: bool = False) -> Path:
+    check_task_out(out, data, force, legacy_ok)
     return write_task(build_items(held_out_documents(data), num_items, context_lines, seed=seed), out)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from smoltrain.data.tokenizer import Tokenizer
 from smoltrain.errors import UserError
+from smoltrain.storage import shown
 
 SUITES = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "openbookqa", "commonsense_qa", "mmlu")
 HUB_HOST = "huggingface.co"
@@ -67,9 +68,9 @@ def _item_from_line(obj, where: str) -> Item:
     if not isinstance(context, str):
         raise UserError(f"{where}: context must be a string, got {type(context).__name__}.")
     if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
-        raise UserError(f"{where}: choices must be a list of at least two non-empty strings, got {choices!r}.")
+        raise UserError(f"{where}: choices must be a list of at least two non-empty strings, got {shown(choices)}.")
     if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
-        raise UserError(f"{where}: label must be an integer index into the {len(choices)} choices, got {label!r}.")
+        raise UserError(f"{where}: label must be an integer index into the {len(choices)} choices, got {shown(label)}.")
     return Item([(context, c) for c in choices], [len(c) for c in choices], label)
 
 

@@ -31,12 +31,20 @@ def check_token(repo_id: str) -> None:
                         "`hf auth login` first.")
 
 
+def _network_error(e: BaseException) -> bool:
+    """The Hub said no, or could not be reached: HTTP errors, OSError, and the HTTP client's transport errors
+    (huggingface_hub's client is an httpx fork whose classes are named, not imported, here)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    names = {c.__name__ for c in type(e).__mro__}
+    return isinstance(e, (HfHubHTTPError, OSError)) or bool(names & {"HTTPError", "TransportError", "RequestError"})
+
+
 def push_folder(folder: Path, repo_id: str, revision: str | None = None, private: bool = False,
                 message: str = "Upload from smoltrain", repo_type: str = "model") -> str:
     """Create the repo (and branch) if needed, then upload `folder` as one commit; returns the commit URL.
     repo_type "space" creates a Gradio Space (export --space)."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi()
     try:
@@ -46,7 +54,9 @@ def push_folder(folder: Path, repo_id: str, revision: str | None = None, private
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type=repo_type)
         info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision, repo_type=repo_type,
                                  commit_message=message, ignore_patterns=["manifest.json"])
-    except (HfHubHTTPError, OSError) as e:
+    except Exception as e:
+        if not _network_error(e):
+            raise
         raise UserError(f"Pushing to {repo_id} on {api.endpoint} failed: {_first_line(e)}") from None
     return str(info.commit_url)
 
@@ -80,7 +90,6 @@ def retain_branches(repo_id: str, keep_last: int, pushed: str) -> list[str]:
     if keep_last <= 0:
         return []
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi()
     deleted: list[str] = []
@@ -89,7 +98,9 @@ def retain_branches(repo_id: str, keep_last: int, pushed: str) -> list[str]:
         for name in stale_branches([b.name for b in refs.branches], keep_last, pushed):
             api.delete_branch(repo_id, branch=name, repo_type="model")
             deleted.append(name)
-    except (HfHubHTTPError, OSError) as e:
+    except Exception as e:
+        if not _network_error(e):
+            raise
         done = f" after deleting {', '.join(deleted)}" if deleted else ""
         where = f"{repo_id} on {api.endpoint}"
         raise UserError(f"deleting old branches of {where} failed{done}: {_first_line(e)}") from None

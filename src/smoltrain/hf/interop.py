@@ -1,8 +1,9 @@
-"""Weights in and out: HF directories and GGUF files <-> model state <-> HF directories.
+"""Weights in and out: HF directories and GGUF files <-> model state <-> HF directories and GGUF files.
 
 A smoltrain checkpoint is also an HF model directory (config.json + model.safetensors with HF names +
 tokenizer files), so one reader serves checkpoints, run dirs (their newest valid checkpoint), imported
 models and HF downloads. Nothing here knows about training state: checkpoint.py adds that beside it.
+The GGUF format itself (names, permutation, quantisation, tokenizer metadata) lives in hf/gguf.py.
 """
 
 from __future__ import annotations
@@ -11,18 +12,18 @@ import json
 from pathlib import Path
 from typing import TypeVar
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from smoltrain import storage
-from smoltrain.checkpoint.discovery import newest_valid
+from smoltrain.checkpoint.discovery import STEP_DIR, newest_valid
 from smoltrain.data.tokenizer import Tokenizer, load_tokenizer
 from smoltrain.errors import UserError
-from smoltrain.hf.modelcard import ORIGIN, model_card, model_kind
+from smoltrain.hf.gguf import DTYPES, gguf_origin, gguf_problems, is_our_export, read_gguf, write_gguf
+from smoltrain.hf.modelcard import ORIGIN, card_title, model_card, model_kind, read_origin
 from smoltrain.model.config import ModelConfig, eos_ids
 from smoltrain.model.llama import SmolLM2
-from smoltrain.storage import check_target, publish
+from smoltrain.storage import check_file_target, check_target, publish, staged_file
 
 WEIGHTS = "model.safetensors"
 TIED_HEAD = "lm_head.weight"  # with tie_word_embeddings it is the embedding: HF stores only that
@@ -150,7 +151,25 @@ def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: s
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                need_tokenizer: bool = True) -> tuple[SmolLM2, Tokenizer | None, Path]:
     """Model (+ tokenizer) from a checkpoint dir, run dir or HF dir; returns the directory used."""
-    return load_resolved(resolve_checkpoint(path), device, dtype, need_tokenizer)
+    return load_retrying(path, resolve_checkpoint(path), device, dtype, need_tokenizer)
+
+
+LOAD_TRIES = 3
+
+
+def load_retrying(path: str | Path, directory: Path, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32, need_tokenizer: bool = True
+                  ) -> tuple[SmolLM2, Tokenizer | None, Path]:
+    """load_resolved(directory); when `path` is a run dir still training, its retention may delete that
+    checkpoint while it is read (export RUN during training): then the newest one is resolved and read again."""
+    for _ in range(LOAD_TRIES - 1):
+        try:
+            return load_resolved(directory, device, dtype, need_tokenizer)
+        except (UserError, OSError):
+            if directory.exists() or directory == Path(path).expanduser():
+                raise
+        directory = resolve_checkpoint(path)  # retention removed it meanwhile: the run's newest one now
+    return load_resolved(directory, device, dtype, need_tokenizer)
 
 
 def load_causal_lm(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, Tokenizer, Path]:
@@ -158,8 +177,7 @@ def load_causal_lm(path: str | Path, device: torch.device) -> tuple[torch.nn.Mod
     ours for Llama (a SmolLM2), transformers' AutoModelForCausalLM for anything else."""
     directory = resolve_checkpoint(path)
     if hf_config(directory).get("model_type") == "llama":
-        model, tok, _ = load_resolved(directory, device=device)
-        return model, tok, directory
+        return load_retrying(path, directory, device=device)
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -183,97 +201,6 @@ def load_resolved(directory: Path, device: str | torch.device = "cpu", dtype: to
             raise UserError(f"{directory} holds no tokenizer.json; import it again with --tokenizer.")
         tokenizer = load_tokenizer(directory)
     return model.eval(), tokenizer, directory
-
-
-# GGUF (llama.cpp) tensor names -> HF Llama names; "{i}" is the layer index.
-GGUF_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
-    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
-    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
-    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
-    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
-    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
-    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
-    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
-    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
-}
-
-
-def _hf_name(gguf_name: str) -> str | None:
-    parts = gguf_name.split(".")
-    if parts[0] == "blk":
-        key = ".".join(["blk", "{i}", *parts[2:]])
-        return GGUF_NAMES[key].format(i=parts[1]) if key in GGUF_NAMES else None
-    return GGUF_NAMES.get(gguf_name)
-
-
-def _unpermute(w: np.ndarray, num_heads: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row permutation (it stores RoPE pairs interleaved; HF uses rotate-half)."""
-    rows = w.shape[0]
-    return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-GGUF_REQUIRED = ("llama.attention.head_count", "llama.embedding_length", "llama.feed_forward_length",
-                 "llama.block_count")
-
-
-def _gguf_config(fields: dict, tensor_names: list[str], path: Path) -> ModelConfig:
-    def get(key, default=None):
-        f = fields.get(key)
-        return default if f is None else f.contents()
-
-    arch = get("general.architecture")
-    if arch != "llama":
-        raise UserError(f"{path} holds a {arch!r} model; smoltrain imports Llama/SmolLM2 GGUF files only.")
-    missing = [k for k in GGUF_REQUIRED if get(k) is None]
-    if get("llama.vocab_size") is None and "tokenizer.ggml.tokens" not in fields:
-        missing.append("llama.vocab_size (or tokenizer.ggml.tokens)")
-    if missing:
-        raise UserError(f"{path} lacks the GGUF fields {', '.join(missing)}, so it does not describe a model.")
-    heads = int(get("llama.attention.head_count"))
-    vocab = get("llama.vocab_size")
-    cfg = ModelConfig(
-        vocab_size=int(vocab if vocab is not None else len(fields["tokenizer.ggml.tokens"].data)),
-        hidden_size=int(get("llama.embedding_length")), intermediate_size=int(get("llama.feed_forward_length")),
-        num_hidden_layers=int(get("llama.block_count")), num_attention_heads=heads,
-        num_key_value_heads=int(get("llama.attention.head_count_kv", heads)),
-        max_position_embeddings=int(get("llama.context_length", 2048)),
-        rope_theta=float(get("llama.rope.freq_base", 10000.0)),
-        rms_norm_eps=float(get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        tie_word_embeddings="output.weight" not in tensor_names,
-        bos_token_id=get("tokenizer.ggml.bos_token_id"), eos_token_id=get("tokenizer.ggml.eos_token_id"),
-    )
-    problems = cfg.validate()
-    if problems:
-        raise UserError(f"{path} has an invalid Llama shape: " + "; ".join(problems) + ".")
-    return cfg
-
-
-def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Config and fp32 (dequantised) HF-named tensors of a llama GGUF file."""
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:
-        raise UserError(f"{path} is not a readable GGUF file ({e}).") from None
-    cfg = _gguf_config(dict(reader.fields), [t.name for t in reader.tensors], path)
-    state = {}
-    for t in reader.tensors:
-        name = _hf_name(t.name)
-        if name is None:
-            continue  # e.g. rope_freqs: recomputed from the config
-        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        w = w.reshape(tuple(reversed([int(d) for d in t.shape])))  # GGUF lists dims innermost-first
-        if name.endswith("q_proj.weight"):
-            w = _unpermute(w, cfg.num_attention_heads)
-        elif name.endswith("k_proj.weight"):
-            w = _unpermute(w, cfg.num_key_value_heads)
-        state[name] = torch.from_numpy(np.ascontiguousarray(w))
-    return cfg, state
 
 
 def import_model(src: str | Path, out: str | Path, tokenizer: str | None = None, force: bool = False) -> Path:
@@ -300,24 +227,6 @@ def import_model(src: str | Path, out: str | Path, tokenizer: str | None = None,
         save_model_files(d, model_state(model), cfg, tok)
         (d / ORIGIN).write_text(json.dumps(origin, indent=2))
     return out
-
-
-def gguf_origin(path: Path) -> dict:
-    """Where a GGUF came from, from its general.* metadata: name, organisation, base or instruct."""
-    import gguf
-
-    fields = gguf.GGUFReader(str(path)).fields
-
-    def get(key: str) -> str | None:
-        f = fields.get(key)
-        return str(f.contents()) if f is not None else None
-
-    stem = path.name.split(".")[0]  # SmolLM2-135M-Instruct.Q4_1.gguf -> SmolLM2-135M-Instruct
-    org = get("general.organization")
-    name = f"{org}/{stem}" if org else stem
-    names = [stem, get("general.name"), get("general.finetune")]
-    kind = model_kind(names, get("tokenizer.chat_template") is not None)
-    return {"source": str(path), "name": name, "kind": kind, "license": get("general.license")}
 
 
 def hf_origin(directory: Path) -> dict:
@@ -351,7 +260,7 @@ def export_hf(ckpt: str | Path, out: str | Path, force: bool = False, card: str 
     src = resolve_checkpoint(ckpt)
     out = Path(out).expanduser()
     check_target(out, "export", force, inputs=[ckpt, src])  # never over the run dir or the checkpoint
-    model, tok, _ = load_resolved(src)  # resolve_checkpoint above verified the manifest
+    model, tok, src = load_retrying(ckpt, src)  # resolve_checkpoint above verified the manifest
     with publish(out, "export", {"kind": "export", "source": str(src)}, replace=force) as d:
         save_model_files(d, model_state(model), model.config, tok)
         write_hf_extras(d, model.config, src, card)
@@ -362,3 +271,39 @@ def write_hf_extras(d: Path, cfg: ModelConfig, src: Path, card: str | None = Non
     """generation_config.json and the model card beside the weights of an HF folder."""
     (d / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2))
     (d / "README.md").write_text(card or model_card(cfg, src, d))
+
+
+def export_gguf(ckpt: str | Path, out: str | Path, dtype: str = "f32", force: bool = False) -> Path:
+    """One llama GGUF file (llama.cpp, Ollama, LM Studio) of a checkpoint, in `dtype` (f32, f16, bf16, q8_0).
+
+    Refused before any work: an unknown dtype, an --out inside the checkpoint or its run dir, an existing
+    file we did not write (or did, without --force), a model or tokenizer GGUF cannot express. The file
+    is written under a private staging name beside --out, fsynced and renamed into place."""
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r} is not one GGUF export writes; choose one of {', '.join(DTYPES)}.")
+    src = resolve_checkpoint(ckpt)
+    out = Path(out).expanduser()
+    if out.suffix != ".gguf":
+        raise UserError(f"--out {out} should name a .gguf file (llama.cpp, Ollama and LM Studio look for it).")
+    check_file_target(out, "export", force, inside=[ckpt, src, *_run_dir(src)], ours=is_our_export)
+    model, tok, _ = load_resolved(src)
+    problems = gguf_problems(model.config, tok)
+    if problems:
+        raise UserError(f"GGUF cannot express this checkpoint ({src}): {'; '.join(problems)}. Nothing was written.")
+    storage.clean_stale(out.parent, out.name)
+    origin = read_origin(src) or {}
+    meta = {"name": card_title(src), "license": origin.get("license"), "version": _version()}
+    with staged_file(out, replace=force, ours=is_our_export) as staging:
+        write_gguf(staging, model_state(model), model.config, tok, dtype, meta)
+    return out
+
+
+def _run_dir(ckpt: Path) -> list[Path]:
+    """The run dir a checkpoint lives in (RUN/checkpoints/step_N), if it does."""
+    return [ckpt.parent.parent] if ckpt.parent.name == "checkpoints" and STEP_DIR.match(ckpt.name) else []
+
+
+def _version() -> str:
+    from smoltrain import __version__
+
+    return __version__

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from smoltrain import distributed as dist_io
-from smoltrain.data.recipe import missing_inputs
+from smoltrain.data.recipe import all_held_out, missing_inputs, stale_datasets
 from smoltrain.errors import UserError
+from smoltrain.storage import shown
 
 if TYPE_CHECKING:
     import torch
@@ -32,6 +33,48 @@ def check_inputs(cfg: Config) -> None:
     missing = missing_inputs(cfg)
     if missing:
         raise UserError("The config names inputs that are not there: " + "; ".join(missing) + ".")
+    blocked = [f"{key} {p} ({q} is a file)" for key, p in _output_dirs(cfg)
+               for q in (p, *p.parents) if q.exists() and not q.is_dir()][:1]
+    if blocked:
+        raise UserError(f"A directory the run writes is blocked by a file: {blocked[0]}; choose another path.")
+    stale = all_held_out(cfg) + stale_datasets(cfg)
+    if stale:
+        raise UserError("The config's data cannot be used: " + "; ".join(stale) + ".")
+    from smoltrain.eval.configured import check_eval_tasks
+
+    check_eval_tasks(cfg)
+    check_init_from(cfg)
+
+
+def _output_dirs(cfg: Config) -> list[tuple[str, Path]]:
+    """The directories a run creates: run.dir, run.data_dir and the datasets it prepares."""
+    dirs = [("run.dir", Path(cfg.run.dir).expanduser()), ("run.data_dir", cfg.data_dir.expanduser())]
+    return dirs + [(f"data.datasets[{d.name}].path", Path(d.path).expanduser()) for d in cfg.data.datasets
+                   if d.path and d.sources]
+
+
+def check_init_from(cfg: Config) -> None:
+    """train.init_from must have the config's model shape: read from its config.json now, before any work."""
+    from smoltrain.hf.interop import read_hf_config, resolve_checkpoint
+
+    src = cfg.train.init_from
+    if not src or "://" in src or not Path(src).expanduser().is_dir():
+        return
+    shape = read_hf_config(resolve_checkpoint(src))
+    if shape != cfg.model:
+        raise UserError(f"train.init_from {src} has another shape than the config's model section; set model to "
+                        f"match it: {shape}")
+
+
+def check_prompts(cfg: Config, tokenizer: Tokenizer) -> None:
+    """eval.prompts are sampled at the end of the run: each must encode to something that leaves room in
+    the model's context for at least one new token. Checked before step 1, never after training."""
+    limit = cfg.model.max_position_embeddings
+    for prompt in cfg.eval.prompts:
+        n = len(tokenizer.encode(prompt))
+        if n == 0 or n >= limit:
+            raise UserError(f"eval.prompts {shown(prompt, 60)} is {n} tokens; a prompt must be 1 to {limit - 1} tokens "
+                            f"(model.max_position_embeddings {limit}). Nothing was trained.")
 
 
 def check_data_budget(cfg: Config, world_size: int, verbose: bool = False) -> None:
@@ -155,22 +198,28 @@ def setup_data(cfg: Config, dist: DistEnv, layout: LocalLayout) -> tuple[Tokeniz
 
 
 def setup_stream(cfg: Config, dist: DistEnv, layout: LocalLayout) -> tuple[Tokenizer, object, None]:
-    """data.streaming: tokenize and pack one source on the fly; no prepare step, no held-out split."""
+    """data.streaming: tokenize, mix and pack the sources on the fly, in data.num_workers processes per
+    dataset; no prepare step, no held-out split."""
     from smoltrain.data.recipe import resolve_asset, resolve_tokenizer
     from smoltrain.data.stream import StreamLoader
 
-    if len(cfg.data.datasets) != 1 or len(cfg.data.datasets[0].sources) != 1:
-        raise UserError("data.streaming trains from exactly one dataset with one source; prepare the data "
-                        "(data.streaming: false) to mix several.")
-    ds = cfg.data.datasets[0]
-    def resolve() -> tuple[Tokenizer, str]:
-        return resolve_tokenizer(cfg, verbose=dist.is_main), resolve_asset(ds.sources[0])
+    several = [d.name for d in cfg.data.datasets if len(d.sources) != 1]
+    if several:
+        raise UserError(f"data.streaming reads exactly one source per dataset (a directory or an hf: id may hold "
+                        f"many files); {', '.join(several)} must name one. Give each source a dataset of its own "
+                        "(their weights mix them), or prepare the data.")
+    def resolve() -> tuple[Tokenizer, dict[str, str]]:
+        return (resolve_tokenizer(cfg, verbose=dist.is_main),
+                {d.name: resolve_asset(d.sources[0]) for d in cfg.data.datasets})
 
-    tokenizer, source = dist_io.main_first(resolve, layout.leads_dir)  # rank 0 fetches and trains first
+    tokenizer, sources = dist_io.main_first(resolve, layout.leads_dir)  # rank 0 fetches and trains first
     layout.check_same_data(tokenizer, {})
-    loader = StreamLoader(source, tokenizer, cfg.train.micro_batch_size, cfg.train.seq_len,
-                          text_key=cfg.data.text_key, rank=dist.rank, world_size=dist.world_size,
-                          name=ds.name)
+    t = cfg.train
+    stages = cfg.to_dict()["data"]["stages"]  # plain dicts, as the loader takes them
+    loader = StreamLoader(sources, tokenizer, t.micro_batch_size, t.seq_len, text_key=cfg.data.text_key,
+                          rank=dist.rank, world_size=dist.world_size, seed=t.seed,
+                          weights={d.name: d.weight for d in cfg.data.datasets}, stages=stages or None,
+                          grad_accum_steps=t.grad_accum_steps, num_workers=cfg.data.num_workers)
     return tokenizer, loader, None  # a stream has no held-out split: evaluations are skipped
 
 

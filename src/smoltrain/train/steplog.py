@@ -39,14 +39,24 @@ def print_header(cfg: Config, env: dict, num_params: int, world_size: int) -> No
 
 
 def write_run_files(run_dir: Path, cfg: Config, device: torch.device, world_size: int, step: int,
-                    resume_changes: list[str], num_params: int) -> None:
-    """config.yaml, env.json and this segment's config history, then the run header."""
+                    resume_changes: list[str], num_params: int, recipe: str | Path | None = None) -> None:
+    """config.yaml (unless it is the recipe itself: that is never rewritten; the resolved config is still in
+    config_history.jsonl and every checkpoint), env.json and this segment's config history, then the run header."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    resolved = run_dir / "config.yaml"
+    if recipe is None or Path(recipe).expanduser().resolve() != resolved.resolve():
+        write_atomic(resolved, cfg.to_yaml())
     env = environment(device, world_size)
-    (run_dir / "env.json").write_text(json.dumps(env, indent=2))
+    write_atomic(run_dir / "env.json", json.dumps(env, indent=2))
     record_segment(run_dir, step, cfg.to_dict(), resume_changes)
     print_header(cfg, env, num_params, world_size)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """A run file replaced whole (a temp name, then rename): a kill never leaves a torn env.json for report."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 class StepLog:

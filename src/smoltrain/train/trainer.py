@@ -38,6 +38,7 @@ from smoltrain.train.runlog import RunLog
 from smoltrain.train.setup import (
     check_data_budget,
     check_inputs,
+    check_prompts,
     cpu_fallback,
     initial_model,
     setup_data,
@@ -53,7 +54,7 @@ class Trainer:
     rewarm_from), registered with the checkpointer beside the loader, optimizer, scaler and RNG.
     """
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, recipe: str | Path | None = None):
         self.cfg = cfg
         device = pick_device(cfg.train.device)
         self.dist = dist_io.setup(cfg.parallel.strategy, device.type)
@@ -71,7 +72,8 @@ class Trainer:
         self.tokens_seen = 0
         self.rewarm_from = None  # the step this run was last extended from (optim.rewarmup_steps ramps from it)
         self.stop = StopRequest()
-        self.layout = open_run_dir(cfg, self.dist)  # the lock, the mirror, and where files live: chosen once
+        self.recipe = recipe  # the --config file: never rewritten, even when it is RUN/config.yaml
+        self.layout = open_run_dir(cfg, self.dist, recipe)  # the lock, the mirror, where files live: chosen once
         try:
             self._setup(cfg)
         except BaseException:
@@ -80,8 +82,9 @@ class Trainer:
 
     def _setup(self, cfg: Config) -> None:
         torch.manual_seed(cfg.train.seed)
+        self.resume = find_resume(cfg, self.layout, self.run.global_batch)  # before data: refused before any work
         self.tokenizer, self.loader, self.val_paths = setup_data(cfg, self.dist, self.layout)
-        self.resume = find_resume(cfg, self.layout, self.run.global_batch)
+        check_prompts(cfg, self.tokenizer)  # the end of the run samples them: refuse a bad one now
         self._setup_model(self.resume.path)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         states = {"train": self, "loader": self.loader, "optimizer": OptimizerState(self.raw_model, self.optimizer),
@@ -213,16 +216,21 @@ class Trainer:
                             "last good checkpoint is kept. Lower optim.lr or check the data.")
 
     def _maybe_eval_sample_save(self) -> None:
-        """The periodic work, in this order: held-out eval, tasks, samples, save."""
+        """The periodic work, in this order: held-out eval, tasks, samples, save; at the end the save comes
+        first, so nothing that fails in the final evaluation or sampling can cost the run its weights."""
         cfg = self.cfg
         step = self.step
         done = step == cfg.train.max_steps
+        if done:
+            self.save()
         if done or (cfg.eval.every and step % cfg.eval.every == 0):
             self.evaluator.evaluate(step)
             self.evaluator.evaluate_tasks(step)
         if cfg.eval.prompts and (done or (cfg.eval.sample_every and step % cfg.eval.sample_every == 0)):
             self.evaluator.samples(step)
-        if done or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+        if done and self.layout.mirror is not None:
+            self.layout.mirror.run_started(self.run_dir)  # the final records reach the store too
+        if not done and cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             self.save()
 
     def save(self) -> Path | None:
@@ -243,7 +251,7 @@ class Trainer:
             self.log = RunLog(self.run_dir, self.step, cfg.log.tensorboard, cfg.log.wandb_project, cfg.to_dict(),
                               cfg.log.trackio_project)
             write_run_files(self.run_dir, cfg, self.device, self.dist.world_size, self.step, self.resume.changes,
-                            self.raw_model.num_params())
+                            self.raw_model.num_params(), self.recipe)
             self.checkpointer.check_disk()
             if self.layout.mirror is not None:
                 self.layout.mirror.run_started(self.run_dir)
