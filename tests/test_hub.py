@@ -18,7 +18,7 @@ from .conftest import DEBUG_TINY
 ENDPOINT = "http://hub.test"
 
 
-ROUTE = re.compile(r"/api/models/([^/]+/[^/]+)/(refs|branch|preupload|commit)(?:/(.+))?")
+ROUTE = re.compile(r"/api/(?:models|spaces)/([^/]+/[^/]+)/(refs|branch|preupload|commit)(?:/(.+))?")
 
 
 class FakeHub:

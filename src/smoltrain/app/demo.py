@@ -23,7 +23,7 @@ from smoltrain.device import amp_dtype
 from smoltrain.errors import UserError
 from smoltrain.hf.interop import load_model, resolve_checkpoint
 from smoltrain.history import History
-from smoltrain.model.generate import SamplingConfig, generate, prepare_for_decode, stream_text
+from smoltrain.model.generate import SamplingConfig, decode_weights, generate, prepare_for_decode, stream_text
 
 PANES = ("A", "B")
 SAMPLING = SamplingConfig()  # the shared defaults (generate and in-training samples start from them too)
@@ -96,12 +96,14 @@ class CheckpointSource:
 
 
 class ModelCache:
-    """Loaded models by directory, the least recently used dropped beyond `size` (two panes: two)."""
+    """Loaded models by directory, the least recently used dropped beyond `size` (two panes: two), prepared
+    for decoding with `weights` ("auto" is fp32: see generate.WEIGHTS)."""
 
-    def __init__(self, device: torch.device, size: int = 2):
+    def __init__(self, device: torch.device, size: int = 2, weights: str = "auto"):
         self.device = device
         self.size = size
         self.dtype = amp_dtype(device)
+        self.weights = decode_weights(weights, device)
         self.models: OrderedDict[str, tuple] = OrderedDict()
         self.lock = threading.Lock()  # requests load from several threads; a model is only read once loaded
 
@@ -110,7 +112,7 @@ class ModelCache:
         with self.lock:
             if key not in self.models:
                 model, tok, _ = load_model(path, device=self.device, dtype=self.dtype)
-                self.models[key] = (prepare_for_decode(model), tok)
+                self.models[key] = (prepare_for_decode(model, self.weights), tok)
                 while len(self.models) > self.size:
                     self.models.popitem(last=False)
             self.models.move_to_end(key)
@@ -181,7 +183,8 @@ def build_app(source: CheckpointSource, cache: ModelCache):
     first, last = source.defaults()
     context = cache.get(source.path(last))[0].config.max_position_embeddings
     with gr.Blocks(title="smoltrain demo", analytics_enabled=False) as app:
-        gr.Markdown(f"## smoltrain demo\n`{source.name}`: pick a checkpoint for each pane, type a prompt, and "
+        gr.Markdown(f"## smoltrain demo\n`{source.name}` ({cache.weights} weights): pick a checkpoint for each "
+                    "pane, type a prompt, and "
                     "generate. Both panes use the same settings and seed, so what differs is the checkpoint.")
         prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt", placeholder=source.placeholder())
         with gr.Row():

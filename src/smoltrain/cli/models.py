@@ -33,6 +33,8 @@ def _cmd_import(a: argparse.Namespace) -> int:
 def _cmd_export(a: argparse.Namespace) -> int:
     from smoltrain.hf.interop import export_hf
 
+    if a.space is not None:
+        return _export_space(a)
     if a.format == "gguf":
         return _export_gguf(a)
     if a.dtype is not None:
@@ -43,7 +45,7 @@ def _cmd_export(a: argparse.Namespace) -> int:
 
         check_token(a.push_to_hub)  # before any work
     elif a.out is None:
-        raise UserError("export needs --out DIR (or --push-to-hub REPO_ID).")
+        raise UserError("export needs --out DIR, --space DIR or --push-to-hub REPO_ID.")
     if a.out is None:
         import tempfile
 
@@ -57,6 +59,26 @@ def _cmd_export(a: argparse.Namespace) -> int:
             url = push_folder(out, a.push_to_hub, a.revision, a.private, f"smoltrain export of {a.ckpt}")
     if a.push_to_hub:
         print(f"Pushed {a.ckpt} to {a.push_to_hub} (revision {a.revision or 'main'}): {url}")
+    return 0
+
+
+def _export_space(a: argparse.Namespace) -> int:
+    """`export CKPT --space DIR [--push-to-hub USER/NAME]`: the Space folder, then (optionally) a Space repo."""
+    from smoltrain.hf.space import export_space
+
+    if a.out is not None:
+        raise UserError("--space DIR writes a Space folder (the HF model inside it, in DIR/model); drop --out.")
+    if a.push_to_hub:
+        from smoltrain.hf.hub import check_token
+
+        check_token(a.push_to_hub)  # before any work
+    out = export_space(a.ckpt, a.space, force=a.force)
+    print(f"Wrote the Space folder {out}: run it with `pip install -r requirements.txt && python app.py` there")
+    if a.push_to_hub:
+        from smoltrain.hf.hub import push_folder
+
+        url = push_folder(out, a.push_to_hub, a.revision, a.private, f"smoltrain Space of {a.ckpt}", "space")
+        print(f"Pushed the Space to {a.push_to_hub} (revision {a.revision or 'main'}): {url}")
     return 0
 
 
@@ -87,15 +109,20 @@ def add_model_commands(sub) -> None:
 
     p = sub.add_parser("export", help="export a checkpoint (or a run's newest) as an HF directory or a GGUF file")
     p.add_argument("ckpt", help="checkpoint directory or run directory")
+    p.add_argument("--space", default=None, type=out_dir, metavar="DIR",
+                   help="write a Hugging Face Space folder instead (app.py, requirements.txt, README, the model): "
+                        "`pip install -r requirements.txt && python app.py` runs it without smoltrain")
     p.add_argument("--out", default=None, type=out_path,
                    help="HF directory to write (optional with --push-to-hub), or with --format gguf the .gguf file")
     p.add_argument("--format", choices=("hf", "gguf"), default="hf",
                    help="hf: a transformers directory (default); gguf: one file for llama.cpp, Ollama, LM Studio")
     p.add_argument("--dtype", choices=("f32", "f16", "bf16", "q8_0"), default=None,
                    help="with --format gguf: the weights' type (default f32; norms stay f32)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out (only an earlier export)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out or --space (only an earlier export of the same kind)")
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
-                   help="upload the export to this Hub model repo (HF_TOKEN, HF_ENDPOINT honoured)")
+                   help="upload the export to this Hub model repo, or with --space to this Space repo "
+                        "(HF_TOKEN, HF_ENDPOINT honoured)")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo as private")
     p.add_argument("--revision", default=None, metavar="BRANCH", help="with --push-to-hub: branch (default main)")
     p.set_defaults(func=_cmd_export)
@@ -115,6 +142,9 @@ def add_model_commands(sub) -> None:
     p.add_argument("--seed", type=ranged(domain.seed), default=None, help="sampling seed (default: a random one)")
     p.add_argument("--device", default="auto", type=DEVICE, help="auto (cuda > mps > cpu), cpu, cuda, mps")
     p.add_argument("--no-stream", action="store_true", help="print when done instead of token by token")
+    p.add_argument("--weights", choices=["fp32", "int8"], default="fp32",
+                   help="int8: weight-only int8 decoding on the CPU (per-channel scales; ~4x fewer bytes per "
+                        "token, faster; see BENCHMARKS.md for its quality); default fp32")
     p.set_defaults(func=generate_cli)
 
 
@@ -140,14 +170,15 @@ def generate_cli(a: argparse.Namespace) -> int:
     its prompts in batches of PROMPT_BATCH, each checked before any work."""
     from smoltrain.device import amp_dtype, pick_device
     from smoltrain.hf.interop import load_model
-    from smoltrain.model.generate import SamplingConfig, prepare_for_decode
+    from smoltrain.model.generate import SamplingConfig, decode_weights, prepare_for_decode
 
     cfg = SamplingConfig(a.temperature, a.top_k, a.top_p, a.repetition_penalty)
     cfg.validate()
     prompts = _read_prompts(a)
     device = pick_device(a.device)
+    weights = decode_weights(a.weights, device)
     model, tok, _ = load_model(a.ckpt, device=device, dtype=amp_dtype(device))
-    prepare_for_decode(model)
+    prepare_for_decode(model, weights)
     if len(prompts) == 1:
         _generate_one(model, tok, prompts[0], cfg, a)
     else:

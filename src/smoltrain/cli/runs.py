@@ -169,7 +169,7 @@ def demo_cli(a: argparse.Namespace) -> int:
 
     source = CheckpointSource(a.ckpt)
     check_port(a.host, a.port)
-    cache = ModelCache(pick_device(a.device))
+    cache = ModelCache(pick_device(a.device), weights=a.weights)
     _, last = source.defaults()
     cache.get(source.path(last))  # a broken checkpoint fails here, not on the first click
     return serve(source, cache, a.host, a.port)
@@ -200,6 +200,8 @@ def add_show_commands(sub) -> None:
     p.add_argument("--port", type=ranged(domain.interval(1, 65535, high_open=False)), default=7860,
                    help="port to listen on")
     p.add_argument("--device", default="auto", type=DEVICE, help="auto (cuda > mps > cpu), cpu, cuda, mps")
+    p.add_argument("--weights", choices=["auto", "fp32", "int8"], default="auto",
+                   help="auto (default, fp32) or int8: weight-only int8 decoding on the CPU (see BENCHMARKS.md)")
     p.set_defaults(func=demo_cli)
 
 

@@ -41,16 +41,18 @@ def _network_error(e: BaseException) -> bool:
 
 
 def push_folder(folder: Path, repo_id: str, revision: str | None = None, private: bool = False,
-                message: str = "Upload from smoltrain") -> str:
-    """Create the repo (and branch) if needed, then upload `folder` as one commit; returns the commit URL."""
+                message: str = "Upload from smoltrain", repo_type: str = "model") -> str:
+    """Create the repo (and branch) if needed, then upload `folder` as one commit; returns the commit URL.
+    repo_type "space" creates a Gradio Space (export --space)."""
     from huggingface_hub import HfApi
 
     api = HfApi()
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        sdk = {"space_sdk": "gradio"} if repo_type == "space" else {}
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type=repo_type, **sdk)
         if revision and revision != "main":
-            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
-        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision, repo_type="model",
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type=repo_type)
+        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision, repo_type=repo_type,
                                  commit_message=message, ignore_patterns=["manifest.json"])
     except Exception as e:
         if not _network_error(e):

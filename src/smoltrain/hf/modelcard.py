@@ -99,6 +99,11 @@ def _template(name: str) -> Template:
     return _environment().get_template(name)
 
 
+def render(name: str, values: dict) -> str:
+    """One of smoltrain/templates rendered with `values` (Markdown rules: no escaping, missing values fail)."""
+    return _template(name).render(values)
+
+
 def _architecture(cfg: ModelConfig) -> dict:
     from smoltrain.model.llama import SmolLM2
 

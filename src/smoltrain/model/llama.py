@@ -95,8 +95,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.num_kv_heads * e, bias=False)
         self.v_proj = nn.Linear(d, self.num_kv_heads * e, bias=False)
         self.o_proj = nn.Linear(self.num_heads * e, d, bias=False)
-        # (D, H*E + 2*K*E), inference only (to_inference_layout); a buffer so .to() converts it too
-        self.register_buffer("fused_qkv", None, persistent=False)
+        # q, k and v as one product (D -> H*E + 2*K*E), inference only (to_inference_layout, int8.to_int8)
+        self.fused_qkv: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
                 kv: LayerKV | None = None, start: int = 0) -> torch.Tensor:
@@ -107,7 +107,7 @@ class Attention(nn.Module):
         kh = self.num_kv_heads
         e = self.head_dim
         if self.fused_qkv is not None:  # inference: one matmul, and RoPE on q and k together
-            qkv = blas.matmul(x, self.fused_qkv).view(b, t, h + 2 * kh, e)  # (B, T, H+2K, E)
+            qkv = self.fused_qkv(x).view(b, t, h + 2 * kh, e)  # (B, T, H+2K, E)
             qk = apply_rope(qkv[:, :, : h + kh], cos, sin)  # (B, T, H+K, E)
             q = qk[:, :, :h]
             k = qk[:, :, h:]
@@ -134,11 +134,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.register_buffer("fused_gate_up", None, persistent=False)  # (D, 2F), as fused_qkv
+        self.fused_gate_up: nn.Module | None = None  # D -> 2F, as fused_qkv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_gate_up is not None:
-            gate, up = blas.matmul(x, self.fused_gate_up).chunk(2, dim=-1)
+            gate, up = self.fused_gate_up(x).chunk(2, dim=-1)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
@@ -270,11 +270,16 @@ class SmolLM2(nn.Module):
 
 class KMajorLinear(nn.Module):
     """Inference stand-in for a bias-free nn.Linear: same `weight` (out, in) values and state-dict key, but
-    backed by a k-major (in, out) contiguous tensor, multiplied through numpy's BLAS on CPU (blas.py)."""
+    backed by a k-major (in, out) contiguous tensor, multiplied through numpy's BLAS on CPU (blas.py).
+    A fused product (q/k/v, gate/up) holds its weight as a non-persistent buffer: no state-dict key."""
 
-    def __init__(self, weight: nn.Parameter):
+    def __init__(self, weight: torch.Tensor, persistent: bool = True):
         super().__init__()
-        self.weight = weight  # (out, in), the transpose of a contiguous (in, out) tensor; shared where tied
+        # (out, in), the transpose of a contiguous (in, out) tensor; shared where tied
+        if persistent:
+            self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        else:
+            self.register_buffer("weight", weight, persistent=False)
 
     @property
     def weight_km(self) -> torch.Tensor:
@@ -313,8 +318,8 @@ def to_inference_layout(model: SmolLM2) -> SmolLM2:
     for layer in model.model.layers:
         a = layer.self_attn
         m = layer.mlp
-        a.fused_qkv = fuse([a.q_proj, a.k_proj, a.v_proj])
-        m.fused_gate_up = fuse([m.gate_proj, m.up_proj])
+        a.fused_qkv = KMajorLinear(fuse([a.q_proj, a.k_proj, a.v_proj]).t(), persistent=False)
+        m.fused_gate_up = KMajorLinear(fuse([m.gate_proj, m.up_proj]).t(), persistent=False)
         a.o_proj = KMajorLinear(kmajor(a.o_proj.weight))
         m.down_proj = KMajorLinear(kmajor(m.down_proj.weight))
     emb = model.model.embed_tokens

@@ -1,0 +1,112 @@
+"""int8 weight-only decoding: exact products of the quantised weights, the same CLI, its refusals, and the
+quality bars on the real SmolLM2-135M (slow)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from smoltrain.model.generate import SamplingConfig, generate, prepare_for_decode
+from smoltrain.model.int8 import Int8Linear, quantize
+from smoltrain.model.llama import build_model
+from smoltrain.presets import get_preset
+
+from .conftest import assert_user_error, run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+GREEDY = SamplingConfig(temperature=0)
+
+
+def _lively(seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model(get_preset("tiny").replace(eos_token_id=None, initializer_range=0.2)).eval()
+
+
+def test_quantize_is_per_output_channel_and_within_half_a_step():
+    torch.manual_seed(0)
+    w = torch.randn(48, 32) * torch.logspace(-3, 1, 48)[:, None]  # rows of very different magnitude
+    q, scales = quantize(w)
+    assert q.dtype == torch.int8 and scales.shape == (48,)
+    assert torch.equal(q.abs().amax(1), torch.full((48,), 127, dtype=torch.int8))  # each row uses its range
+    err = (q.float() * scales[:, None] - w).abs()
+    assert bool((err <= scales[:, None] / 2 + 1e-7).all())
+
+
+def test_int8_logits_equal_fp32_on_the_dequantised_weights():
+    """Every projection and the head multiply by exactly their quantised weights (fused or not): the int8
+    model equals an fp32 model holding the dequantised values, up to summation order."""
+    ref = _lively()
+    q8 = prepare_for_decode(_lively(), "int8")
+    with torch.no_grad():
+        for name, mod in q8.named_modules():
+            if isinstance(mod, Int8Linear) and "fused" not in name:  # a new Parameter: the head is untied
+                ref.get_submodule(name).weight = torch.nn.Parameter(mod.dequantized())
+    assert isinstance(q8.model.layers[0].self_attn.fused_qkv, Int8Linear)
+    x = torch.randint(0, ref.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        assert torch.allclose(q8(x), ref(x), atol=1e-4, rtol=1e-4)
+    # the fp32 projection weights are gone: a quarter of the bytes is what makes it fast
+    assert not any("proj" in k or "lm_head" in k for k in q8.state_dict())
+    assert q8.model.embed_tokens.weight.dtype == torch.float32  # the lookup stays fp32
+
+
+def test_int8_kv_cache_decode_equals_its_no_cache_greedy():
+    model = prepare_for_decode(_lively(1), "int8")
+    prompt = [5, 17, 200, 3, 99]
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(20):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert list(generate(model, prompt, 20, GREEDY)) == ids[len(prompt):]
+
+
+def test_generate_cli_int8_and_bad_weights(tiny_ckpt):
+    args = ("generate", tiny_ckpt, "--prompt", "To be", "--temperature", "0", "--max-new-tokens", "12")
+    proc = run_cli(*args, "--weights", "int8")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("To be") and run_cli(*args, "--weights", "int8").stdout == proc.stdout
+    assert_user_error(run_cli(*args, "--weights", "int4"), "--weights", "int8")
+
+
+def test_int8_is_refused_off_the_cpu_before_loading():
+    from smoltrain.errors import UserError
+    from smoltrain.model.generate import decode_weights
+    assert decode_weights("auto", torch.device("cpu")) == "fp32"  # int8 missed the argmax bar (BENCHMARKS.md)
+    assert decode_weights("auto", torch.device("meta")) == "fp32"
+    with pytest.raises(UserError, match="CPU"):
+        decode_weights("int8", torch.device("meta"))
+
+
+def test_demo_decodes_int8_when_asked(tiny_ckpt):
+    from smoltrain.app.demo import ModelCache
+
+    cache = ModelCache(torch.device("cpu"), weights="int8")
+    model, _ = cache.get(tiny_ckpt)
+    assert cache.weights == "int8" and isinstance(model.lm_head, Int8Linear)
+    assert ModelCache(torch.device("cpu"), weights="fp32").weights == "fp32"
+
+
+def _bench(name: str):
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="per-row int8 misses the argmax bar on the real SmolLM2-135M (95.2% < 98%; "
+                   "bpb within 0.08% holds): issue #26 item 2 stays open, and int8 stays opt-in")
+def test_real_smollm2_int8_holds_the_quality_bars(real_assets, tmp_path):
+    """Held-out Shakespeare (Macbeth, SmolLM2's tokenizer): bpb within 1% of fp32, argmax equal at >= 98%."""
+    q = _bench("int8_quality")
+    ckpt = tmp_path / "ckpt"
+    assert run_cli("import", real_assets["gguf"], "--out", ckpt).returncode == 0
+    r = q.compare(ckpt, q.heldout_data(ckpt, tmp_path / "heldout"), max_tokens=8192)
+    assert r["positions"] >= 8000
+    assert abs(r["bpb_rel_change"]) <= 0.01, r
+    assert r["argmax_agreement"] >= 0.98, r
