@@ -79,7 +79,7 @@ def test_135m_at_2048_trains_saves_is_killed_and_resumes_exactly(tmp_path, parqu
 
 def test_360m_at_2048_trains_one_step(tmp_path, parquet_corpus, smollm2_gguf):
     run = tmp_path / "r"
-    proc = _train("smollm2-360m.yaml", _sets(run, parquet_corpus, smollm2_gguf, 1))
+    proc = _train("smollm2-360m.yaml", _sets(run, parquet_corpus, smollm2_gguf, 1, "eval.max_tokens=256"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert (run / "checkpoints" / "step_00000001" / "manifest.json").exists() and len(_losses(run)) == 1
 

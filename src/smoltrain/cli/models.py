@@ -31,8 +31,6 @@ def _cmd_import(a: argparse.Namespace) -> int:
 
 
 def _cmd_export(a: argparse.Namespace) -> int:
-    from smoltrain.hf.interop import export_hf
-
     if a.space is not None:
         return _export_space(a)
     if a.format == "gguf":
@@ -46,6 +44,8 @@ def _cmd_export(a: argparse.Namespace) -> int:
         check_token(a.push_to_hub)  # before any work
     elif a.out is None:
         raise UserError("export needs --out DIR, --space DIR or --push-to-hub REPO_ID.")
+    from smoltrain.hf.interop import export_hf  # torch: after the checks above, so they answer at once
+
     if a.out is None:
         import tempfile
 
