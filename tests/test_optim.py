@@ -94,3 +94,43 @@ def test_muon_state_dict_is_plain_tensors_and_round_trips():
     step(model, opt)
     step(twin, twin_opt)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+@pytest.mark.parametrize("adjust", [None, "match_rms_adamw"])
+def test_cpu_muon_is_torchs_muon_with_an_fp32_newton_schulz(adjust):
+    """In bf16 CpuMuon's update is torch.optim.Muon's bit for bit (so the rest of the step is torch's); in
+    fp32 (what CPU runs use) it is the same update to bf16's precision, and its state loads into torch's."""
+    import copy
+
+    import torch
+
+    from smoltrain.train.optim import CpuMuon
+
+    class Bf16Muon(CpuMuon):
+        ns_dtype = torch.bfloat16
+
+    torch.manual_seed(0)
+    weights = [torch.randn(96, 32), torch.randn(32, 80)]  # a tall and a wide matrix (the former is transposed)
+    grads = [[torch.randn_like(w) for w in weights] for _ in range(3)]
+
+    def run(cls):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        opt = cls(params, lr=0.02, momentum=0.95, weight_decay=0.1, nesterov=True, adjust_lr_fn=adjust)
+        for gs in grads:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.step()
+        return params, opt
+
+    ref, _ = run(torch.optim.Muon)
+    same, _ = run(Bf16Muon)
+    assert all(torch.equal(a, b) for a, b in zip(ref, same))
+    fp32, fp32_opt = run(CpuMuon)
+    moved = [(a - w).norm() for a, w in zip(ref, weights)]
+    gaps = [(a - b).norm() / m for a, b, m in zip(ref, fp32, moved)]
+    assert all(0 < g < 0.02 for g in gaps), gaps  # differs (it is fp32), by bf16's rounding only
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in fp32]
+    torch_opt = torch.optim.Muon(twin, lr=0.02, momentum=0.95, weight_decay=0.1, nesterov=True, adjust_lr_fn=adjust)
+    torch_opt.load_state_dict(copy.deepcopy(fp32_opt.state_dict()))
+    assert all(torch.equal(torch_opt.state[t]["momentum_buffer"], fp32_opt.state[p]["momentum_buffer"])
+               for t, p in zip(twin, fp32))

@@ -113,7 +113,8 @@ class OptimConfig:
     eight_bit: bool = False  # bitsandbytes AdamW8bit (CUDA only)
     # when a run is extended (train.max_steps raised on resume), ramp the LR up over this many steps
     rewarmup_steps: int = checked(0, nonneg("no re-warmup"))
-    # muon: torch.optim.Muon for the decoder's hidden matrices, AdamW (the fields above) for the rest
+    # muon: torch.optim.Muon (CpuMuon on CPU: fp32 Newton-Schulz) for the decoder's hidden matrices, AdamW
+    # (the fields above) for the rest
     name: str = checked("adamw", one_of("adamw", "muon"))
     muon_lr: float = checked(0.02, positive)  # peak lr of the hidden matrices; the schedule scales it like lr
     muon_momentum: float = checked(0.95, interval(0, 1))  # Nesterov momentum of the hidden matrices
