@@ -168,13 +168,21 @@ def _optimizer_peak(model_cfg: ModelConfig, optim: OptimConfig) -> int:
             for _ in range(2):
                 for p in model.parameters():
                     p.grad = torch.zeros_like(p)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                tracker.reset_peak()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                peak = tracker.peak
-            state = sum(t.nbytes for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor))
-    return peak + (eight_bit_state(model) - state if optim.eight_bit else 0)
+                peak = _optimizer_step(model, optimizer, tracker)
+    return peak + (eight_bit_state(model) - _state_bytes(optimizer) if optim.eight_bit else 0)
+
+
+def _optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tracker: LiveBytes) -> int:
+    """The trainer's clip + step + zero_grad; returns the peak bytes while the step ran."""
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    tracker.reset_peak()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return tracker.peak
+
+
+def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(t.nbytes for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor))
 
 
 def _measure(model_cfg: ModelConfig, optim: OptimConfig, micro_batch: int, seq_len: int, amp: bool,
@@ -201,12 +209,8 @@ def _measure(model_cfg: ModelConfig, optim: OptimConfig, micro_batch: int, seq_l
                 peak_fb, kept = _fwd_bwd(model, tracker, micro_batch, seq_len, amp, chunk)
                 peaks.append(peak_fb)
                 grads = sum(p.grad.nbytes for p in model.parameters())
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                tracker.reset_peak()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                peak_opt = tracker.peak
-            state = sum(t.nbytes for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor))
+                peak_opt = _optimizer_step(model, optimizer, tracker)
+            state = _state_bytes(optimizer)
             runs = []
             for i, ac in enumerate(checkpointing):
                 model.gradient_checkpointing = ac

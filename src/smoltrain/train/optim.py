@@ -44,6 +44,14 @@ def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
     return p.ndim == 2 and "embed_tokens" not in name and not name.startswith("lm_head")
 
 
+def run_closure(closure) -> torch.Tensor | None:  # noqa: ANN001 (torch's closure type)
+    """An optimizer's optional closure, run with gradients on (torch's step protocol)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def orthogonalize(update: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
                   dtype: torch.dtype) -> torch.Tensor:
     """Muon's quintic Newton-Schulz iteration (torch.optim.Muon's, Keller Jordan's) in `dtype`: the nearest
@@ -73,10 +81,7 @@ class CpuMuon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 (torch's signature)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
             params, grads, bufs = [], [], []
             self._init_group(group, params, grads, bufs)
@@ -130,10 +135,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 (torch's signature)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for part in self._parts:
             part.step()
         return loss
