@@ -83,7 +83,9 @@ class CpuMuon(torch.optim.Muon):
     def step(self, closure=None):  # noqa: ANN001 (torch's signature)
         loss = run_closure(closure)
         for group in self.param_groups:
-            params, grads, bufs = [], [], []
+            params: list[torch.Tensor] = []
+            grads: list[torch.Tensor] = []
+            bufs: list[torch.Tensor] = []
             self._init_group(group, params, grads, bufs)
             for p, g, buf in zip(params, grads, bufs):
                 buf.lerp_(g, 1 - group["momentum"])
