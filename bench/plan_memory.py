@@ -21,8 +21,8 @@ import sys
 SHAPES = {  # name: (preset overrides, micro batch, seq_len, optimizer, activation checkpointing)
     "135m-6layers-b4x512": ({"num_hidden_layers": 6}, 4, 512, "adamw", False),
     "135m-b1x1024": ({}, 1, 1024, "adamw", False),
-    # AdamW, not Muon: Muon's Newton-Schulz runs in bf16, hundreds of times slower on CPU (the real step took
-    # over 45 minutes); the optimizer's state is measured by the first two shapes, checkpointing by this one
+    # AdamW, not Muon: when Muon's Newton-Schulz still ran in bf16 on CPU (before CpuMuon) its real step took
+    # over 45 minutes; BENCHMARKS.md's figures are for this shape
     "135m-12layers-b4x1024-ac": ({"num_hidden_layers": 12}, 4, 1024, "adamw", True),
 }
 

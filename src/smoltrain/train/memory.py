@@ -121,6 +121,10 @@ def measure_step(model_cfg: ModelConfig, optim: OptimConfig, micro_batch: int, s
     return measure_steps(model_cfg, optim, micro_batch, seq_len, amp, (activation_checkpointing,), loss_chunk)[0]
 
 
+SMALL_DEPTHS = (2, 3)  # the depths measured whole when a deeper model is extrapolated
+AFFINE = ("weights", "grads", "optimizer", "activations", "peak_fwd_bwd", "per_row", "root")  # linear in depth
+
+
 def measure_steps(model_cfg: ModelConfig, optim: OptimConfig, micro_batch: int, seq_len: int, amp: bool,
                   checkpointing: tuple[bool, ...], loss_chunk: int | str) -> list[StepMemory]:
     """measure_step for each activation checkpointing setting in `checkpointing`.
@@ -141,15 +145,10 @@ def measure_steps(model_cfg: ModelConfig, optim: OptimConfig, micro_batch: int, 
     left = lo.peak_opt - _optimizer_peak(model_cfg.replace(num_hidden_layers=SMALL_DEPTHS[0]), optim)
     grown = {f: getattr(lo, f) + (getattr(hi, f) - getattr(lo, f)) * (depth - SMALL_DEPTHS[0]) for f in AFFINE}
     plain = replace(lo, **grown, peak_opt=_optimizer_peak(model_cfg, optim) + left)
-    ac = [True] if any(checkpointing) else []
-    whole = iter(_measure(model_cfg, optim, micro_batch, seq_len, amp, tuple(ac), loss_chunk) if ac else [])
-    return [next(whole) if c else plain for c in checkpointing]
-
-
-SMALL_DEPTHS = (2, 3)  # the depths measured whole when a deeper model is extrapolated
-
-
-AFFINE = ("weights", "grads", "optimizer", "activations", "peak_fwd_bwd", "per_row", "root")
+    whole = None
+    if any(checkpointing):
+        whole = _measure(model_cfg, optim, micro_batch, seq_len, amp, (True,), loss_chunk)[0]
+    return [whole if c else plain for c in checkpointing]
 
 
 def _optimizer_peak(model_cfg: ModelConfig, optim: OptimConfig) -> int:

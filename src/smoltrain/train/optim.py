@@ -112,8 +112,8 @@ class MuonAdamW(torch.optim.Optimizer):
 
     Muon (Keller Jordan, https://kellerjordan.github.io/posts/muon/, used by the modded-nanogpt speedrun)
     takes SGD-momentum's update (Nesterov) and replaces it by the nearest semi-orthogonal matrix (5
-    Newton-Schulz steps in bf16 on GPU, fp32 on CPU: CpuMuon), scaled by sqrt(max(1, rows / cols)). The two torch optimizers share
-    this object's param groups (the same dicts) and its `state`, so the trainer, GradScaler and DCP's
+    Newton-Schulz steps in bf16 on GPU, fp32 on CPU: CpuMuon), scaled by sqrt(max(1, rows / cols)). The
+    two torch optimizers share this object's param groups (the same dicts) and its `state`, so the trainer, GradScaler and DCP's
     get/set_optimizer_state_dict see one ordinary optimizer whose state_dict() holds only tensors per
     parameter (Muon: momentum_buffer; AdamW: step, exp_avg, exp_avg_sq) and numbers per group.
     Groups of the Muon part carry "muon": True, which set_lr reads.
