@@ -42,6 +42,15 @@ class StopRequest:
             signal.signal(sig, handler)
         self._previous.clear()
 
+    def leave(self) -> None:
+        """Last thing a stopped run does: ignore further signals. Python's own teardown puts back the
+        default handlers, so a second signal landing there killed the finished process (exit -2 or -15
+        instead of 130 or 143, seen in CI); an ignored signal stays ignored through that teardown."""
+        if self.signum is None:
+            return
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
     def _handle(self, signum: int, _frame) -> None:
         name = signal.Signals(signum).name
         if self.signum is None:

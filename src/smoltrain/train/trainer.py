@@ -144,6 +144,7 @@ class Trainer:
                 self._end()
         finally:
             self.close()
+            self.stop.leave()
 
     def _loop(self) -> int:
         cfg = self.cfg
