@@ -106,3 +106,27 @@ def test_plan_prints_the_1_7b_memory_per_gpu_for_1_4_and_8_gpus():
     assert proc.returncode == 0, proc.stderr
     line = next(x for x in proc.stdout.splitlines() if "peak per GPU by GPU count (fsdp" in x)
     assert all(f"{n} GPU" in line for n in (1, 4, 8))
+
+
+def test_plan_estimates_an_unprepared_local_source_from_the_files_prepare_reads(tmp_path, tiny_tokenizer_dir):
+    """Text size over bytes per token, counting what prepare would read: .txt (plus --data-ext's), never a
+    catalogue file; the estimate grows with the files it is allowed to read."""
+    from tests.conftest import SAMPLE_TEXT
+
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "a.txt").write_text(SAMPLE_TEXT * 100)  # 0.64 MB
+    (corpus / "sub" / "b.txt").write_text(SAMPLE_TEXT * 200)
+    (corpus / "notes.md").write_text(SAMPLE_TEXT * 400)
+    (corpus / "metadata.txt").write_text("[a]\ntitle = A\nauthor = B\n\n[b]\ntitle = C\nauthor = D\n")
+    sets = ["--set", f"run.data_dir={tmp_path / 'data'}", "--set", f"data.tokenizer={tiny_tokenizer_dir}",
+            "--set", "data.train_tokenizer_vocab_size=0", "--set", f"data.datasets=[{{name: c, sources: ['{corpus}']}}]"]
+    megabytes = {}
+    for ext in ([], ["--set", "data.text_extensions=[.txt, .md]"]):
+        proc = run_cli("plan", "--config", DEBUG_TINY, *sets, *ext)
+        assert proc.returncode == 0, proc.stderr
+        line = next(x for x in proc.stdout.splitlines() if "estimated:" in x)
+        assert "bytes per token measured" in line, line
+        megabytes[bool(ext)] = float(re.search(r"estimated: ([\d.]+) MB of text", line).group(1))
+    assert megabytes[False] == round(300 * len(SAMPLE_TEXT.encode()) / 1e6, 1)
+    assert megabytes[True] == round(700 * len(SAMPLE_TEXT.encode()) / 1e6, 1)

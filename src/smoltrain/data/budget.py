@@ -59,7 +59,8 @@ def _text_bytes(path: Path, text_key: str) -> tuple[float, int | None]:
     return float(path.stat().st_size), 1 if name.endswith(".txt") else None
 
 
-def _bytes_per_token(files: list[Path], text_key: str, tokenizer) -> tuple[float, str]:
+def _bytes_per_token(files: list[Path], text_key: str, tokenizer,
+                     extensions: tuple[str, ...]) -> tuple[float, str]:
     if tokenizer is None:
         return DEFAULT_BYTES_PER_TOKEN, f"an assumed {DEFAULT_BYTES_PER_TOKEN} bytes per token (no tokenizer at hand)"
     from smoltrain.data.sources import iter_file
@@ -67,7 +68,7 @@ def _bytes_per_token(files: list[Path], text_key: str, tokenizer) -> tuple[float
     texts = []
     chars = 0
     for f in files:
-        for text in iter_file(f, text_key):
+        for text in iter_file(f, text_key, extensions):
             texts.append(text[:SAMPLE_CHARS])
             chars += len(texts[-1])
             if chars >= SAMPLE_CHARS:
@@ -81,17 +82,18 @@ def _bytes_per_token(files: list[Path], text_key: str, tokenizer) -> tuple[float
 
 
 def _estimate_local(cfg: Config, ds: DatasetConfig, sources: list[str], tokenizer) -> Available:
-    from smoltrain.data.sources import _files_under, resolve_sources
+    from smoltrain.data.recipe import text_extensions
+    from smoltrain.data.sources import resolve_sources
 
-    paths = [Path(s.spec) for s in resolve_sources(sources)]
-    files = [f for p in paths for f in (_files_under(p) if p.is_dir() else [p])]
+    extensions = text_extensions(cfg)
+    files = [f for src in resolve_sources(sources, extensions) for f in src.files]  # the files prepare reads
     sizes = [_text_bytes(f, cfg.data.text_key) for f in files]
     text = sum(s for s, _ in sizes)
     docs = sum(d for _, d in sizes) if all(d is not None for _, d in sizes) else None
     if cfg.data.max_documents and docs and docs > cfg.data.max_documents:
         text = text * cfg.data.max_documents / docs
         docs = cfg.data.max_documents
-    bpt, how = _bytes_per_token(files, cfg.data.text_key, tokenizer)
+    bpt, how = _bytes_per_token(files, cfg.data.text_key, tokenizer, extensions)
     tokens = text / bpt + (docs or 0)
     return Available(ds.name, int(tokens), False, f"estimated: {text / 1e6:,.1f} MB of text at {how}")
 
