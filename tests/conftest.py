@@ -9,7 +9,32 @@ import uuid
 from pathlib import Path
 
 import pytest
-import torch
+
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # One share of the cores per xdist worker, for its own torch and every process it starts: two workers of
+    # two threads each on two cores thrash (the suite took 25:12 that way on AMD EPYC, 20:16 with one each).
+    _share = len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
+
+import torch  # noqa: E402  (after OMP_NUM_THREADS, which torch reads once)
+
+# The files that take longest, slowest first (seconds on 2 cores under `-n auto`, 2026-12-07): xdist hands
+# files out in collection order (reordering by test count is turned off below), so these start first and the short
+# ones fill in around them, instead of a rehearsal starting last and running alone.
+SLOWEST_FILES = ("test_rehearsal.py", "test_trainer.py", "test_space.py", "test_run_ownership.py",
+                 "test_torchrun_faults.py", "test_distributed.py", "test_nodes.py", "test_gguf.py",
+                 "test_storage.py", "test_data_stream.py", "test_int8.py", "test_tasks.py", "test_plan.py",
+                 "test_real_smollm2.py", "test_gpu_check.py")
+
+
+def pytest_configure(config) -> None:
+    if hasattr(config.option, "loadscopereorder"):  # xdist's default puts files with few tests last
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 SAMPLE_TEXT = (
     "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and "
@@ -84,6 +109,40 @@ def real_assets() -> dict[str, Path]:
     from smoltrain.data.assets import fetch_assets
 
     return fetch_assets(Path(os.environ.get("SMOLTRAIN_ASSETS", Path.home() / ".cache" / "smoltrain" / "assets")))
+
+
+def _shared_dir(tmp_path_factory) -> Path:
+    """A directory every xdist worker of this session sees (their temp dirs' common parent)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def real_ckpt(real_assets, tmp_path_factory) -> Path:
+    """The real SmolLM2-135M-Instruct through `smoltrain import`, once per session: five test files read it
+    and each import takes half a minute, so the workers share one copy (a lock, then whoever comes first
+    imports). Tests only read it."""
+    from filelock import FileLock
+
+    ckpt = _shared_dir(tmp_path_factory) / "real-smollm2-ckpt"
+    with FileLock(f"{ckpt}.lock"):
+        if not ckpt.exists():
+            proc = run_cli("import", real_assets["gguf"], "--out", ckpt, timeout=1200)
+            assert proc.returncode == 0, proc.stderr
+    return ckpt
+
+
+@pytest.fixture(scope="session")
+def real_hf(real_ckpt, tmp_path_factory) -> Path:
+    """`smoltrain export` of real_ckpt (the HF folder transformers and lm-eval load), shared the same way."""
+    from filelock import FileLock
+
+    hf_dir = _shared_dir(tmp_path_factory) / "real-smollm2-hf"
+    with FileLock(f"{hf_dir}.lock"):
+        if not hf_dir.exists():
+            proc = run_cli("export", real_ckpt, "--out", hf_dir, timeout=1200)
+            assert proc.returncode == 0, proc.stderr
+    return hf_dir
 
 
 # --- data pipeline fixtures (owned by the data pipeline: tokenizer training, corpora, real tokenizer) ---

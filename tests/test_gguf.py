@@ -290,11 +290,10 @@ def test_llama_cpp_runs_our_gguf_of_a_trained_checkpoint(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_real_smollm2_reexported(smollm2_gguf, tmp_path):
+def test_real_smollm2_reexported(real_ckpt, tmp_path):
     """The real SmolLM2-135M-Instruct (4-bit GGUF) imported, re-exported as q8_0 and imported again writes
     the original's greedy text; where llama-cpp-python is installed, llama.cpp runs our f32/f16/q8_0."""
-    ckpt = tmp_path / "smollm2"
-    assert run_cli("import", smollm2_gguf, "--out", ckpt, timeout=1200).returncode == 0
+    ckpt = real_ckpt  # `smoltrain import` of the original GGUF
     q8 = export_gguf(ckpt, tmp_path / "smollm2-q8_0.gguf", "q8_0")
     assert run_cli("import", q8, "--out", tmp_path / "again", timeout=1200).returncode == 0
     print(f"SmolLM2-135M q8_0 max weight error (relative to each tensor's max): "

@@ -13,8 +13,10 @@ ROOT = Path(__file__).parent.parent
 
 
 @pytest.mark.slow
-def test_gpu_check_dry_run_on_cpu(tmp_path, smollm2_gguf):
+def test_gpu_check_dry_run_on_cpu(tmp_path, smollm2_gguf, real_ckpt):
     out = tmp_path / "out"
+    out.mkdir()
+    (out / "smollm2-ckpt").symlink_to(real_ckpt)  # the session's import (greedy_text imports only when absent)
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--tiny",
                            "--out", str(out), "--assets", str(smollm2_gguf.parent)],
                           capture_output=True, text=True, timeout=1200)

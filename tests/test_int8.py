@@ -101,11 +101,10 @@ def _bench(name: str):
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="per-row int8 misses the argmax bar on the real SmolLM2-135M (95.2% < 98%; "
                    "bpb within 0.08% holds): issue #26 item 2 stays open, and int8 stays opt-in")
-def test_real_smollm2_int8_holds_the_quality_bars(real_assets, tmp_path):
+def test_real_smollm2_int8_holds_the_quality_bars(real_ckpt, tmp_path):
     """Held-out Shakespeare (Macbeth, SmolLM2's tokenizer): bpb within 1% of fp32, argmax equal at >= 98%."""
     q = _bench("int8_quality")
-    ckpt = tmp_path / "ckpt"
-    assert run_cli("import", real_assets["gguf"], "--out", ckpt).returncode == 0
+    ckpt = real_ckpt
     r = q.compare(ckpt, q.heldout_data(ckpt, tmp_path / "heldout"), max_tokens=4096)
     assert r["positions"] >= 4000
     assert abs(r["bpb_rel_change"]) <= 0.01, r

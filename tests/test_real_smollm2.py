@@ -22,13 +22,11 @@ def reference(real_assets):
 
 
 @pytest.mark.slow
-def test_gguf_import_export_matches_transformers(real_assets, reference, tmp_path):
+def test_gguf_import_export_matches_transformers(real_ckpt, real_hf, reference):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ref, ref_tok = reference
-    ckpt, hf_dir = tmp_path / "ckpt", tmp_path / "hf"
-    assert run_cli("import", real_assets["gguf"], "--out", ckpt).returncode == 0
-    assert run_cli("export", ckpt, "--out", hf_dir).returncode == 0
+    ckpt, hf_dir = real_ckpt, real_hf  # `smoltrain import` of the GGUF, then `smoltrain export`
     ours = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, local_files_only=True).eval()
     tok = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
     assert ours.num_parameters() == 134_515_008

@@ -136,7 +136,8 @@ def _fresh_venv(space: Path, where: Path) -> Path:
     """A venv with nothing but the Space's requirements.txt (no smoltrain, no system site-packages)."""
     subprocess.run([sys.executable, "-m", "venv", str(where)], check=True, timeout=300)
     python = where / "bin" / "python"
-    proc = subprocess.run([str(python), "-m", "pip", "install", "-q", "-r", str(space / "requirements.txt")],
+    # --no-compile: the same packages, without byte-compiling every file of torch and gradio up front
+    proc = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-compile", "-r", str(space / "requirements.txt")],
                           capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     probe = subprocess.run([str(python), "-c", "import smoltrain"], capture_output=True, text=True,

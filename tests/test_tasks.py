@@ -387,12 +387,10 @@ def lm_eval_reference(hf_dir, task_file) -> tuple[dict, list[list[float]]]:
 
 
 @pytest.mark.slow
-def test_real_smollm2_scores_equal_lm_evals(real_assets, tmp_path):
+def test_real_smollm2_scores_equal_lm_evals(real_ckpt, real_hf, tmp_path):
     from smoltrain.eval.tasks import item_loglikelihoods, load_jsonl_task, load_scorer
 
-    ckpt, hf_dir = tmp_path / "ckpt", tmp_path / "hf"
-    assert run_cli("import", real_assets["gguf"], "--out", ckpt).returncode == 0
-    assert run_cli("export", ckpt, "--out", hf_dir).returncode == 0
+    ckpt, hf_dir = real_ckpt, real_hf
     task = write_jsonl(tmp_path / "parity.jsonl", PARITY_ITEMS)
     proc = run_cli("eval", ckpt, "--tasks", task, "--json", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr

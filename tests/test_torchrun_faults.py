@@ -73,7 +73,7 @@ def test_sigkilled_worker_restarts_and_resumes_3_of_3(tmp_path, tiny_data, refer
         os.kill(rng.choice(workers(proc.pid)), signal.SIGKILL)
         out, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, (trial, err[-4000:])
-        assert out.count("Resuming from") == 1, (trial, out[-2000:])
+        assert out.count("Resuming from") == 1, (trial, out[-3000:], err[-5000:])
         assert curve(run) == reference, trial
 
 
