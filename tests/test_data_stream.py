@@ -166,15 +166,16 @@ def stream_args(tmp_path_factory, tiny_tokenizer_dir):
             "--set", f"data.datasets={datasets}", "--set", "data.streaming=true"]
 
 
-@pytest.mark.slow  # three training runs with spawned workers: 8-9 min each on this host under load 27
-@pytest.mark.parametrize("workers", [1, 2])
-def test_streaming_run_resumes_exactly_after_kill_9(tmp_path, stream_args, workers):
-    args = [*stream_args, "--set", f"data.num_workers={workers}"]
-    straight = train(tmp_path / "a", args)
+@pytest.mark.slow  # three training runs with spawned workers
+def test_streaming_run_resumes_exactly_after_kill_9(tmp_path, stream_args):
+    """One worker uninterrupted; two workers killed at step 14 and resumed with one: the same losses, so the
+    stream is one stream whatever the worker count, and its position survives both kill and count change."""
+    straight = train(tmp_path / "a", [*stream_args, "--set", "data.num_workers=1"])
     assert straight.returncode == 0, straight.stderr
-    killed = train(tmp_path / "b", args, env={"SMOLTRAIN_FAULT": "after_step=14"})
+    killed = train(tmp_path / "b", [*stream_args, "--set", "data.num_workers=2"],
+                   env={"SMOLTRAIN_FAULT": "after_step=14"})
     assert killed.returncode == -signal.SIGKILL
-    resumed = train(tmp_path / "b", [*stream_args, "--set", f"data.num_workers={3 - workers}"])  # 2 -> 1, 1 -> 2
+    resumed = train(tmp_path / "b", [*stream_args, "--set", "data.num_workers=1"])
     assert resumed.returncode == 0, resumed.stderr
     assert "step_00000010 (step 10)" in resumed.stdout
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
