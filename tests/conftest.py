@@ -13,7 +13,8 @@ import pytest
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     # One share of the cores per xdist worker, for its own torch and every process it starts: two workers of
     # two threads each on two cores thrash (the suite took 25:12 that way on AMD EPYC, 20:16 with one each).
-    _share = len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS
+    _share = _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
 
 import torch  # noqa: E402  (after OMP_NUM_THREADS, which torch reads once)
