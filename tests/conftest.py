@@ -19,7 +19,7 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
 
 import torch  # noqa: E402  (after OMP_NUM_THREADS, which torch reads once)
 
-# The files that take longest, slowest first (seconds on 2 cores under `-n auto`, 2026-12-07): xdist hands
+# The files that take longest, slowest first (as measured on 2 cores under `-n auto`, 2026-12-07): xdist hands
 # files out in collection order (reordering by test count is turned off below), so these start first and the short
 # ones fill in around them, instead of a rehearsal starting last and running alone.
 SLOWEST_FILES = ("test_rehearsal.py", "test_trainer.py", "test_space.py", "test_run_ownership.py",
@@ -118,32 +118,30 @@ def _shared_dir(tmp_path_factory) -> Path:
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
-@pytest.fixture(scope="session")
-def real_ckpt(real_assets, tmp_path_factory) -> Path:
-    """The real SmolLM2-135M-Instruct through `smoltrain import`, once per session: five test files read it
-    and each import takes half a minute, so the workers share one copy (a lock, then whoever comes first
-    imports). Tests only read it."""
+def _made_once(tmp_path_factory, name: str, *command: str | Path) -> Path:
+    """`smoltrain COMMAND --out DIR` once per session, DIR shared by every xdist worker (a lock, then whoever
+    comes first runs it; the command publishes DIR whole, so its existence means it is complete)."""
     from filelock import FileLock
 
-    ckpt = _shared_dir(tmp_path_factory) / "real-smollm2-ckpt"
-    with FileLock(f"{ckpt}.lock"):
-        if not ckpt.exists():
-            proc = run_cli("import", real_assets["gguf"], "--out", ckpt, timeout=1200)
+    out = _shared_dir(tmp_path_factory) / name
+    with FileLock(f"{out}.lock"):
+        if not out.exists():
+            proc = run_cli(*command, "--out", out, timeout=1200)
             assert proc.returncode == 0, proc.stderr
-    return ckpt
+    return out
+
+
+@pytest.fixture(scope="session")
+def real_ckpt(real_assets, tmp_path_factory) -> Path:
+    """The real SmolLM2-135M-Instruct through `smoltrain import`: five test files read it and each import
+    takes half a minute, so it is made once. Tests only read it."""
+    return _made_once(tmp_path_factory, "real-smollm2-ckpt", "import", real_assets["gguf"])
 
 
 @pytest.fixture(scope="session")
 def real_hf(real_ckpt, tmp_path_factory) -> Path:
-    """`smoltrain export` of real_ckpt (the HF folder transformers and lm-eval load), shared the same way."""
-    from filelock import FileLock
-
-    hf_dir = _shared_dir(tmp_path_factory) / "real-smollm2-hf"
-    with FileLock(f"{hf_dir}.lock"):
-        if not hf_dir.exists():
-            proc = run_cli("export", real_ckpt, "--out", hf_dir, timeout=1200)
-            assert proc.returncode == 0, proc.stderr
-    return hf_dir
+    """`smoltrain export` of real_ckpt (the HF folder transformers and lm-eval load), made once the same way."""
+    return _made_once(tmp_path_factory, "real-smollm2-hf", "export", real_ckpt)
 
 
 # --- data pipeline fixtures (owned by the data pipeline: tokenizer training, corpora, real tokenizer) ---
