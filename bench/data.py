@@ -2,6 +2,7 @@
 
     python bench/data.py [--sizes-mb 1024 4096] [--root /work/bench-data] [--num-proc 2]
                          [--stream-tokens 4000000] [--workers 0 1 2] [--out bench/results.jsonl] [--keep]
+                         [--prepare-only]
 
 For each size, a corpus is generated under --root (deterministic: many parquet files of ~64 MB with a
 `text` column; documents are runs of consecutive lines of the Shakespeare texts at seeded offsets, with
@@ -13,7 +14,9 @@ lognormal lengths around SmolLM-Corpus's ~3,000 characters), then measured with 
   would write it (tokens kept in the dataset's arrow cache on disk);
 - streaming (`StreamLoader`, batches of 8 x 2048) with 0, 1 and 2 worker processes, and reading the same
   windows back from the prepared shards (`PackedLoader`), each for --stream-tokens tokens.
-The generated corpora and outputs are deleted at the end unless --keep.
+The generated corpora and outputs are deleted at the end unless --keep. --prepare-only measures prepare alone
+at every size (the memory question: does prepare's peak RSS grow with the corpus?), without the peer and the
+streams, which take longer than prepare itself at 1 GB on 2 cores.
 """
 
 from __future__ import annotations
@@ -227,6 +230,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default="bench/results.jsonl")
     ap.add_argument("--keep", action="store_true", help="keep the generated corpora and outputs")
+    ap.add_argument("--prepare-only", action="store_true", help="only prepare, at every size (no peer, no streams)")
     a = ap.parse_args()
     tok = tokenizer_dir()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # workers inherit it: one thread each, counted per core
@@ -237,7 +241,7 @@ def main() -> None:
             prepared = a.root / f"prepared-{mb}mb"
             emit({"bench": "data", "what": "prepare", "impl": "smoltrain", "size_mb": mb, "num_proc": a.num_proc,
                   **run_prepare(corpus, tok, prepared, a.num_proc)}, a.out)
-            if i:
+            if i or a.prepare_only:
                 shutil.rmtree(prepared, ignore_errors=True)
                 continue
             emit({"bench": "data", "what": "prepare", "impl": "datasets.map", "size_mb": mb, "num_proc": a.num_proc,

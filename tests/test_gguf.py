@@ -283,7 +283,7 @@ def test_llama_cpp_runs_our_gguf_of_a_trained_checkpoint(tiny_data, tmp_path):
     proc = run_cli("train", "--config", DEBUG_TINY, "--set", f"run.dir={run}", *tiny_data, "--set",
                    "eval.every=0", "--set", "eval.prompts=[]")
     assert proc.returncode == 0, proc.stderr
-    from smoltrain.hf.interop import resolve_checkpoint
+    from smoltrain.checkpoint.discovery import resolve_checkpoint
 
     agree = check_in_llama_cpp(resolve_checkpoint(run), tmp_path, ["The king and the queen", "Numbers 12 and"])
     print(f"tiny trained: llama.cpp q8_0 greedy tokens equal to ours (f32): {agree['q8_0']:.0%}")

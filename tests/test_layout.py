@@ -89,7 +89,7 @@ MAY_IMPORT = {
     "smoltrain.model": (),
     "smoltrain.data": (),
     "smoltrain.hf": ("smoltrain.model", "smoltrain.data", "smoltrain.checkpoint.discovery"),
-    "smoltrain.eval": ("smoltrain.model", "smoltrain.data", "smoltrain.hf"),
+    "smoltrain.eval": ("smoltrain.model", "smoltrain.data", "smoltrain.hf", "smoltrain.checkpoint.discovery"),
     "smoltrain.checkpoint": ("smoltrain.model", "smoltrain.data", "smoltrain.hf"),
     "smoltrain.train": ("smoltrain.model", "smoltrain.data", "smoltrain.hf", "smoltrain.eval", "smoltrain.checkpoint"),
     "smoltrain.app": ("smoltrain.model", "smoltrain.data", "smoltrain.hf", "smoltrain.eval", "smoltrain.checkpoint",

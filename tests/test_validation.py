@@ -233,3 +233,34 @@ def test_gguf_missing_fields_named():
     fields = {"general.architecture": Field("llama"), "llama.block_count": Field(2)}
     with pytest.raises(UserError, match="lacks the GGUF fields llama.attention.head_count, llama.embedding_length"):
         _gguf_config(fields, [], Path("model.gguf"))
+
+
+WRONG_PATHS = [
+    ("generate {missing} --prompt hi", "does not exist"),
+    ("generate {ckpt} --prompt hi --top-p 0", "--top-p"),
+    ("export {missing} --out {out}", "does not exist"),
+    ("export {empty} --format gguf --out {out}.gguf", "not a smoltrain checkpoint"),
+    ("export {norun} --space {out}", "no valid checkpoint yet"),
+    ("eval {ckpt} {missing} --data {out}", "does not exist"),
+]
+
+
+@pytest.mark.parametrize("command,needle", WRONG_PATHS, ids=[c.split()[0] + str(i) for i, (c, _) in
+                                                            enumerate(WRONG_PATHS)])
+def test_a_wrong_model_path_is_refused_before_torch_is_imported(tiny_ckpt, tmp_path, command, needle):
+    """Importing torch takes seconds; a mistyped path or flag answers without it (every model of `eval`
+    checked before any work)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "norun" / "checkpoints").mkdir(parents=True)
+    args = command.format(missing=tmp_path / "missing", ckpt=tiny_ckpt, out=tmp_path / "out", empty=tmp_path / "empty",
+                          norun=tmp_path / "norun").split()
+    probe = ("import runpy, sys\nsys.argv = ['smoltrain', *sys.argv[1:]]\ntry:\n"
+             "    runpy.run_module('smoltrain', run_name='__main__')\nfinally:\n"
+             "    print('torch imported:', 'torch' in sys.modules, file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+    assert "torch imported: False" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()

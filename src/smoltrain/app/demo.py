@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from smoltrain.checkpoint.discovery import STEP_DIR, list_checkpoints, step_of
+from smoltrain.checkpoint.discovery import STEP_DIR, list_checkpoints, resolve_checkpoint, step_of
 from smoltrain.device import amp_dtype
 from smoltrain.errors import UserError
-from smoltrain.hf.interop import load_model, resolve_checkpoint
+from smoltrain.hf.interop import load_model
 from smoltrain.history import History
 from smoltrain.model.generate import SamplingConfig, decode_weights, generate, prepare_for_decode, stream_text
 

@@ -23,9 +23,9 @@ import torch
 import yaml
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-from smoltrain.checkpoint.discovery import list_checkpoints, newest_valid, step_of
+from smoltrain.checkpoint.discovery import list_checkpoints, newest_valid, resolve_checkpoint, step_of
 from smoltrain.errors import UserError
-from smoltrain.hf.interop import load_model, resolve_checkpoint
+from smoltrain.hf.interop import load_model
 from smoltrain.history import History, plot_loss, plot_series, plot_tasks, read_jsonl
 from smoltrain.storage import MANIFEST, check_target, publish
 

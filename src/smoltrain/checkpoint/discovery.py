@@ -1,8 +1,9 @@
-"""How a run's checkpoints are named and found: RUN/checkpoints/step_NNNNNNNN, the newest that verifies.
+"""How a run's checkpoints are named and found: RUN/checkpoints/step_NNNNNNNN, the newest that verifies,
+and what a model path given to a command stands for (a checkpoint, a run's newest, an HF directory).
 
 The one place that knows the step-name rule and walks a run's checkpoints. It imports only the core
-modules, so the HF formats (interop resolves a run dir to its newest valid checkpoint) may import it
-without reaching into the rest of the checkpoint package.
+modules and never torch, so the HF formats, evaluation and the CLI (which refuses a wrong path before
+torch's import) may import it without reaching into the rest of the checkpoint package.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import warnings
 from pathlib import Path
 
 from smoltrain.errors import UserError
-from smoltrain.storage import verify_manifest
+from smoltrain.storage import MANIFEST, verify_manifest
 
 CHECKPOINTS = "checkpoints"
 STEP_DIR = re.compile(r"^step_(\d{8})$")  # RUN/checkpoints/step_NNNNNNNN
@@ -69,3 +70,34 @@ def quarantined(run_dir: Path) -> list[Path]:
     """Checkpoints moved aside as corrupt by an earlier resume, oldest name first."""
     root = Path(run_dir) / CHECKPOINTS
     return sorted(p for p in root.iterdir() if p.name.startswith(".corrupt-")) if root.is_dir() else []
+
+
+def check_model_path(path: str | Path) -> Path:
+    """What resolve_checkpoint refuses without reading the weights: a path that does not exist, a run dir
+    without checkpoints, anything but a checkpoint, run or HF model directory. Commands that read a model
+    call it before importing torch (seconds), so a mistyped path answers at once."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"{p} does not exist.")
+    if (p / MANIFEST).exists() or (p.is_dir() and (p / "config.json").exists()):
+        return p
+    if (p / CHECKPOINTS).is_dir():
+        if not list_checkpoints(p):
+            raise UserError(f"Run directory {p} has no valid checkpoint yet.")
+        return p
+    raise UserError(f"{p} is not a smoltrain checkpoint, a run directory or a Hugging Face model directory.")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir (verified against its manifest), a run dir (-> its newest valid checkpoint) or an
+    HF model dir."""
+    p = check_model_path(path)
+    if (p / MANIFEST).exists():
+        verify_manifest(p)
+        return p
+    if (p / CHECKPOINTS).is_dir():
+        ckpt = newest_valid(p)
+        if ckpt is None:
+            raise UserError(f"Run directory {p} has no valid checkpoint yet.")
+        return ckpt
+    return p

@@ -10,11 +10,16 @@ import yaml
 
 from smoltrain import distributed as dist_io
 from smoltrain.checkpoint import state as ckpt_io
-from smoltrain.checkpoint.discovery import list_checkpoints, newest_valid, quarantined, step_of
+from smoltrain.checkpoint.discovery import (
+    list_checkpoints,
+    newest_valid,
+    quarantined,
+    resolve_checkpoint,
+    step_of,
+)
 from smoltrain.checkpoint.rundir import settings_diff
 from smoltrain.config import Config, DatasetConfig
 from smoltrain.errors import UserError
-from smoltrain.hf.interop import resolve_checkpoint
 from smoltrain.recipefile import get_dotted
 
 if TYPE_CHECKING:

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from smoltrain import domain
+from smoltrain.checkpoint.discovery import check_model_path
 from smoltrain.cli.args import DEVICE, POSITIVE, out_dir, out_path, ranged
 from smoltrain.errors import UserError
 from smoltrain.model.config import SamplingConfig
@@ -44,6 +45,7 @@ def _cmd_export(a: argparse.Namespace) -> int:
         check_token(a.push_to_hub)  # before any work
     elif a.out is None:
         raise UserError("export needs --out DIR, --space DIR or --push-to-hub REPO_ID.")
+    check_model_path(a.ckpt)
     from smoltrain.hf.interop import export_hf  # torch: after the checks above, so they answer at once
 
     if a.out is None:
@@ -64,14 +66,15 @@ def _cmd_export(a: argparse.Namespace) -> int:
 
 def _export_space(a: argparse.Namespace) -> int:
     """`export CKPT --space DIR [--push-to-hub USER/NAME]`: the Space folder, then (optionally) a Space repo."""
-    from smoltrain.hf.space import export_space
-
     if a.out is not None:
         raise UserError("--space DIR writes a Space folder (the HF model inside it, in DIR/model); drop --out.")
     if a.push_to_hub:
         from smoltrain.hf.hub import check_token
 
         check_token(a.push_to_hub)  # before any work
+    check_model_path(a.ckpt)
+    from smoltrain.hf.space import export_space  # torch: after the checks above
+
     out = export_space(a.ckpt, a.space, force=a.force)
     print(f"Wrote the Space folder {out}: run it with `pip install -r requirements.txt && python app.py` there")
     if a.push_to_hub:
@@ -84,12 +87,12 @@ def _export_space(a: argparse.Namespace) -> int:
 
 def _export_gguf(a: argparse.Namespace) -> int:
     """`export CKPT --format gguf --out FILE.gguf [--dtype f32|f16|bf16|q8_0]`: one file for llama.cpp/Ollama."""
-    from smoltrain.hf.interop import export_gguf
-
     if a.push_to_hub:
         raise UserError("--push-to-hub uploads HF directories; upload a .gguf with `hf upload REPO FILE.gguf`.")
     if a.out is None:
         raise UserError("export --format gguf needs --out FILE.gguf.")
+    check_model_path(a.ckpt)
+    from smoltrain.hf.interop import export_gguf  # torch: after the checks above
     out = export_gguf(a.ckpt, a.out, dtype=a.dtype or "f32", force=a.force)
     print(f"Exported {a.ckpt} -> {out} (GGUF, {a.dtype or 'f32'}: runs in llama.cpp, Ollama, LM Studio)")
     return 0
@@ -168,13 +171,14 @@ def _read_prompts(a: argparse.Namespace) -> list[str]:
 def generate_cli(a: argparse.Namespace) -> int:
     """`smoltrain generate CKPT --prompt TEXT` streams one continuation; `--prompt-file FILE` decodes
     its prompts in batches of PROMPT_BATCH, each checked before any work."""
-    from smoltrain.device import amp_dtype, pick_device
-    from smoltrain.hf.interop import load_model
-    from smoltrain.model.generate import SamplingConfig, decode_weights, prepare_for_decode
-
     cfg = SamplingConfig(a.temperature, a.top_k, a.top_p, a.repetition_penalty)
     cfg.validate()
     prompts = _read_prompts(a)
+    check_model_path(a.ckpt)  # these checks before torch's import (seconds)
+    from smoltrain.device import amp_dtype, pick_device
+    from smoltrain.hf.interop import load_model
+    from smoltrain.model.generate import decode_weights, prepare_for_decode
+
     device = pick_device(a.device)
     weights = decode_weights(a.weights, device)
     model, tok, _ = load_model(a.ckpt, device=device, dtype=amp_dtype(device))

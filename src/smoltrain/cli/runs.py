@@ -8,6 +8,7 @@ import os
 import sys
 
 from smoltrain import domain
+from smoltrain.checkpoint.discovery import check_model_path
 from smoltrain.cli.args import DEVICE, POSITIVE, out_dir, ranged, text_extensions
 from smoltrain.errors import UserError
 
@@ -67,6 +68,8 @@ def eval_cli(a: argparse.Namespace) -> int:
     if (a.data is None) == (not a.tasks):
         raise UserError("smoltrain eval needs exactly one of --data DIR (held-out loss and bits per byte) "
                         "or --tasks FILE_OR_NAME (multiple-choice accuracy).")
+    for model in a.models:  # every model before any work, and before torch's import (seconds)
+        check_model_path(model)
     if a.tasks:
         return _eval_tasks(a)
     return _eval_data(a)

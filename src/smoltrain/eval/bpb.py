@@ -171,8 +171,8 @@ def evaluate_models(paths: list[str], data: str | Path, split: str = "val", seq_
                     device: torch.device | str = "cpu") -> list[dict]:
     """One row (model, loss, ppl, bpb, tokens, seq_len) per model on a prepared split: the whole split by
     default, every token predicted once with windows of the model's training length (see default_shape)."""
+    from smoltrain.checkpoint.discovery import resolve_checkpoint
     from smoltrain.data.shards import load_meta
-    from smoltrain.hf.interop import resolve_checkpoint
 
     device = torch.device(device)
     meta = load_meta(data)

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from smoltrain import storage
-from smoltrain.checkpoint.discovery import STEP_DIR, newest_valid
+from smoltrain.checkpoint.discovery import STEP_DIR, resolve_checkpoint
 from smoltrain.data.tokenizer import Tokenizer, load_tokenizer
 from smoltrain.errors import UserError
 from smoltrain.hf.gguf import DTYPES, gguf_origin, gguf_problems, is_our_export, read_gguf, write_gguf
@@ -65,24 +65,6 @@ def save_model_files(directory: Path, state: dict[str, torch.Tensor], cfg: Model
     (directory / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
     if tokenizer is not None:
         tokenizer.save(directory)
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir, a run dir (-> its newest valid checkpoint) or an HF model dir."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise UserError(f"{p} does not exist.")
-    if (p / storage.MANIFEST).exists():
-        storage.verify_manifest(p)
-        return p
-    if (p / "checkpoints").is_dir():
-        ckpt = newest_valid(p)
-        if ckpt is None:
-            raise UserError(f"Run directory {p} has no valid checkpoint yet.")
-        return ckpt
-    if p.is_dir() and (p / "config.json").exists():
-        return p
-    raise UserError(f"{p} is not a smoltrain checkpoint, a run directory or a Hugging Face model directory.")
 
 
 def hf_config(directory: Path) -> dict:

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import yaml
 
+from smoltrain.checkpoint.discovery import resolve_checkpoint
 from smoltrain.hf.interop import (
     load_resolved,
     model_state,
-    resolve_checkpoint,
     save_model_files,
     write_hf_extras,
 )

@@ -55,7 +55,8 @@ def _output_dirs(cfg: Config) -> list[tuple[str, Path]]:
 
 def check_init_from(cfg: Config) -> None:
     """train.init_from must have the config's model shape: read from its config.json now, before any work."""
-    from smoltrain.hf.interop import read_hf_config, resolve_checkpoint
+    from smoltrain.checkpoint.discovery import resolve_checkpoint
+    from smoltrain.hf.interop import read_hf_config
 
     src = cfg.train.init_from
     if not src or "://" in src or not Path(src).expanduser().is_dir():
