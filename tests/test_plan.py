@@ -94,18 +94,15 @@ def test_gpu_recipe_on_cpu_warns_and_falls_back_or_is_refused(tmp_path, tiny_dat
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["smollm2-135m", "smollm2-360m", "smollm2-1.7b", "quickstart", "debug-tiny"])
 def test_plan_runs_offline_on_every_shipped_config(name):
-    proc = run_cli("plan", "--config", ROOT / "configs" / f"{name}.yaml", timeout=600)
+    """Every shipped recipe plans offline; the 1.7B one (planned, never run, #23) is planned the way its
+    README section does, on 8 H100s, and prints its memory per GPU for 1, 4 and 8 GPUs."""
+    gpus = ["--gpus", "8", "--gpu", "H100"] if name == "smollm2-1.7b" else []
+    proc = run_cli("plan", "--config", ROOT / "configs" / f"{name}.yaml", *gpus, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "peak" in proc.stdout and "passes" in proc.stdout
-
-
-@pytest.mark.slow
-def test_plan_prints_the_1_7b_memory_per_gpu_for_1_4_and_8_gpus():
-    proc = run_cli("plan", "--config", ROOT / "configs" / "smollm2-1.7b.yaml", "--gpus", "8", "--gpu", "H100",
-                   timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    line = next(x for x in proc.stdout.splitlines() if "peak per GPU by GPU count (fsdp" in x)
-    assert all(f"{n} GPU" in line for n in (1, 4, 8))
+    if gpus:
+        line = next(x for x in proc.stdout.splitlines() if "peak per GPU by GPU count (fsdp" in x)
+        assert all(f"{n} GPU" in line for n in (1, 4, 8))
 
 
 def test_plan_estimates_an_unprepared_local_source_from_the_files_prepare_reads(tmp_path, tiny_tokenizer_dir):
