@@ -90,10 +90,71 @@ def tiny_ckpt(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     return out
 
 
+# Commands that read and write files and end: run_cli runs them through the CLI's own main() in this process.
+IN_PROCESS = frozenset({"eval", "generate", "export", "import", "report", "plan", "prepare", "tasks", "tokenizer",
+                        "config"})
+# Python's own warning filters (what a fresh `python -m smoltrain` shows), in the order -W would add them
+DEFAULT_WARNINGS = (("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, ""),
+                    ("ignore", PendingDeprecationWarning, ""), ("ignore", ImportWarning, ""),
+                    ("ignore", ResourceWarning, ""))
+
+
 def run_cli(*args: str, cwd: str | Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run `python -m smoltrain ARGS` as a user would; returns the completed process (text output)."""
-    return subprocess.run([sys.executable, "-m", "smoltrain", *map(str, args)], capture_output=True, text=True,
+    """`smoltrain ARGS` as a user would run it; returns the completed process (text output).
+
+    Training, the demo and anything run with a fault to inject get their own `python -m smoltrain` process
+    (signals, servers, process groups, exits). The commands in IN_PROCESS run through the same main() in
+    this process, their stdout, stderr and warnings captured, the environment and working directory put
+    back: a fresh Python that imports torch again costs 2-5 s a call, which was a fifth of the suite.
+    tests/test_validation.py checks in real processes that refusals come before torch's import."""
+    argv = [str(a) for a in args]
+    if argv and argv[0] in IN_PROCESS and "SMOLTRAIN_FAULT" not in os.environ:
+        return _run_in_process(argv, cwd)
+    return subprocess.run([sys.executable, "-m", "smoltrain", *argv], capture_output=True, text=True,
                           cwd=cwd, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _warning_to_stderr(message, category, filename, lineno, file=None, line=None) -> None:
+    """What Python prints for a warning, on the stderr of the moment (pytest would otherwise collect it)."""
+    import warnings
+
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _run_in_process(argv: list[str], cwd: str | Path | None) -> subprocess.CompletedProcess:
+    import contextlib
+    import io
+    import logging
+    import warnings
+
+    from smoltrain.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    env = dict(os.environ)
+    here = os.getcwd()
+    logger = logging.getLogger("smoltrain")  # its warnings reach stderr as in a fresh process (logging's last resort)
+    handler = logging.StreamHandler(err)
+    handler.setLevel(logging.WARNING)
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        os.chdir(cwd or here)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.resetwarnings()
+            for action, category, module in reversed(DEFAULT_WARNINGS):
+                warnings.filterwarnings(action, category=category, module=module)
+            warnings.showwarning = _warning_to_stderr
+            try:
+                code = main(argv)
+            except SystemExit as e:  # argparse: --help, a usage error
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+        os.chdir(here)
+        os.environ.clear()
+        os.environ.update(env)
+    return subprocess.CompletedProcess(["smoltrain", *argv], code, out.getvalue(), err.getvalue())
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
