@@ -136,6 +136,7 @@ def _run_in_process(argv: list[str], cwd: str | Path | None) -> subprocess.Compl
     handler = logging.StreamHandler(err)
     handler.setLevel(logging.WARNING)
     logger.addHandler(handler)
+    propagate = logger.propagate
     logger.propagate = False
     try:
         os.chdir(cwd or here)
@@ -150,7 +151,7 @@ def _run_in_process(argv: list[str], cwd: str | Path | None) -> subprocess.Compl
                 code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
     finally:
         logger.removeHandler(handler)
-        logger.propagate = True
+        logger.propagate = propagate
         os.chdir(here)
         os.environ.clear()
         os.environ.update(env)

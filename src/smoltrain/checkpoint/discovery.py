@@ -72,32 +72,43 @@ def quarantined(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.name.startswith(".corrupt-")) if root.is_dir() else []
 
 
+def _model_kind(p: Path) -> str:
+    """What `p` holds, from file names alone: "checkpoint", "run" or "hf"; anything else is refused."""
+    if not p.exists():
+        raise UserError(f"{p} does not exist.")
+    if (p / MANIFEST).exists():
+        return "checkpoint"
+    if (p / CHECKPOINTS).is_dir():
+        return "run"
+    if p.is_dir() and (p / "config.json").exists():
+        return "hf"
+    raise UserError(f"{p} is not a smoltrain checkpoint, a run directory or a Hugging Face model directory.")
+
+
+def _no_checkpoint(run_dir: Path) -> UserError:
+    return UserError(f"Run directory {run_dir} has no valid checkpoint yet.")
+
+
 def check_model_path(path: str | Path) -> Path:
     """What resolve_checkpoint refuses without reading the weights: a path that does not exist, a run dir
     without checkpoints, anything but a checkpoint, run or HF model directory. Commands that read a model
     call it before importing torch (seconds), so a mistyped path answers at once."""
     p = Path(path).expanduser()
-    if not p.exists():
-        raise UserError(f"{p} does not exist.")
-    if (p / MANIFEST).exists() or (p.is_dir() and (p / "config.json").exists()):
-        return p
-    if (p / CHECKPOINTS).is_dir():
-        if not list_checkpoints(p):
-            raise UserError(f"Run directory {p} has no valid checkpoint yet.")
-        return p
-    raise UserError(f"{p} is not a smoltrain checkpoint, a run directory or a Hugging Face model directory.")
+    if _model_kind(p) == "run" and not list_checkpoints(p):
+        raise _no_checkpoint(p)
+    return p
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint dir (verified against its manifest), a run dir (-> its newest valid checkpoint) or an
     HF model dir."""
-    p = check_model_path(path)
-    if (p / MANIFEST).exists():
+    p = Path(path).expanduser()
+    kind = _model_kind(p)
+    if kind == "checkpoint":
         verify_manifest(p)
+    if kind != "run":
         return p
-    if (p / CHECKPOINTS).is_dir():
-        ckpt = newest_valid(p)
-        if ckpt is None:
-            raise UserError(f"Run directory {p} has no valid checkpoint yet.")
-        return ckpt
-    return p
+    ckpt = newest_valid(p)
+    if ckpt is None:
+        raise _no_checkpoint(p)
+    return ckpt

@@ -93,6 +93,7 @@ def _export_gguf(a: argparse.Namespace) -> int:
         raise UserError("export --format gguf needs --out FILE.gguf.")
     check_model_path(a.ckpt)
     from smoltrain.hf.interop import export_gguf  # torch: after the checks above
+
     out = export_gguf(a.ckpt, a.out, dtype=a.dtype or "f32", force=a.force)
     print(f"Exported {a.ckpt} -> {out} (GGUF, {a.dtype or 'f32'}: runs in llama.cpp, Ollama, LM Studio)")
     return 0
