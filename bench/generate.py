@@ -131,8 +131,9 @@ def decode_products(model) -> list[torch.nn.Module]:
 
 def product_shape(p: torch.nn.Module) -> tuple[int, int]:
     """(in_features, bytes of weights read per token) of a decode product."""
-    if hasattr(p, "qweight"):  # int8: the weights and their fp32 scales
-        return p.qweight.shape[1], p.qweight.numel() + p.scales.numel() * p.scales.element_size()
+    if hasattr(p, "qweight"):  # int8: the 8-bit weights and their fp32 scales and minima per block
+        extra = (p.scales.numel() + p.mins.numel()) * p.scales.element_size()
+        return p.qweight.shape[1], p.qweight.numel() + extra
     return p.weight.shape[1], p.weight.numel() * p.weight.element_size()
 
 

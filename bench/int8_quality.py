@@ -40,15 +40,13 @@ def heldout_data(ckpt: Path, out: Path) -> Path:
 @torch.no_grad()
 def dequantized(model):
     """The fp32 model holding exactly the values `--weights int8` multiplies by (every Linear, the head untied
-    from the fp32 embedding). tests/test_int8.py checks that the int8 model's logits equal such a model's; it
-    scores long windows through fp32 GEMM, where torch's int8 kernel (built for decoding) would take hours
-    on a CPU without AVX-512."""
-    from smoltrain.model.int8 import quantize
+    from the fp32 embedding). tests/test_int8.py checks that the int8 model's logits equal such a model's; a
+    window of many rows is multiplied this way by `--weights int8` too (the one-row kernel is for decoding)."""
+    from smoltrain.model.int8 import Int8Linear
 
     for mod in list(model.modules()):
         if isinstance(mod, torch.nn.Linear):
-            q, scales = quantize(mod.weight)
-            mod.weight = torch.nn.Parameter(q.float() * scales[:, None], requires_grad=False)
+            mod.weight = torch.nn.Parameter(Int8Linear.of(mod.weight).dequantized(), requires_grad=False)
     return model
 
 

@@ -67,14 +67,14 @@ def test_space_folder_has_the_space_header_pins_and_the_runs_prompts(space, ckpt
     assert meta["sdk_version"] == gradio.__version__
     reqs = (space / "requirements.txt").read_text().split()
     assert reqs == ["torch==2.13.0", f"transformers=={__import__('transformers').__version__}",
-                    f"gradio=={gradio.__version__}"]
+                    f"gradio=={gradio.__version__}", f"numba=={__import__('numba').__version__}"]
     assert json.loads((space / "space.json").read_text())["examples"] == ["ROMEO:", "To be, or not"]
     assert (space / "model" / "README.md").read_text().startswith("---\nlibrary_name: transformers")  # the card
     AutoModelForCausalLM.from_pretrained(space / "model", local_files_only=True)
     tree = ast.parse((space / "app.py").read_text())
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert "smoltrain" not in imported and {"gradio", "torch", "transformers"} <= imported
+    assert "smoltrain" not in imported and {"gradio", "torch", "transformers", "numba"} <= imported
 
 
 def _app(space: Path):
@@ -85,17 +85,18 @@ def _app(space: Path):
 
 
 def test_the_apps_int8_and_fp32_models_compute_smoltrains_logits(space):
-    """app.py's plain-torch int8 (transformers' Llama with its Linears swapped) equals `--weights int8`."""
+    """app.py's int8 (transformers' Llama with its Linears swapped) equals `--weights int8`, for a prompt (the
+    dequantised weights) and for one token (the one-row kernel)."""
     from smoltrain.hf.interop import load_model
     from smoltrain.model.generate import prepare_for_decode
 
     app = _app(space)
-    x = torch.randint(0, 512, (1, 20))
     for weights in ("fp32", "int8"):
         theirs, _ = app.load(weights)
         ours = prepare_for_decode(load_model(space / "model")[0], weights)
-        with torch.no_grad():
-            assert torch.allclose(theirs(x).logits, ours(x), atol=1e-4), weights
+        for x in (torch.randint(0, 512, (1, 20)), torch.randint(0, 512, (1, 1))):
+            with torch.no_grad():
+                assert torch.allclose(theirs(x).logits, ours(x), atol=1e-4), (weights, x.shape)
 
 
 def test_space_refuses_a_foreign_dir_and_replaces_its_own_only_with_force(space, ckpt, tmp_path):

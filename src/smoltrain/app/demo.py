@@ -97,7 +97,7 @@ class CheckpointSource:
 
 class ModelCache:
     """Loaded models by directory, the least recently used dropped beyond `size` (two panes: two), prepared
-    for decoding with `weights` ("auto" is fp32: see generate.WEIGHTS)."""
+    for decoding with `weights` ("auto" is int8 on a CPU: see generate.WEIGHTS)."""
 
     def __init__(self, device: torch.device, size: int = 2, weights: str = "auto"):
         self.device = device

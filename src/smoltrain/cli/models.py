@@ -147,8 +147,8 @@ def add_model_commands(sub) -> None:
     p.add_argument("--device", default="auto", type=DEVICE, help="auto (cuda > mps > cpu), cpu, cuda, mps")
     p.add_argument("--no-stream", action="store_true", help="print when done instead of token by token")
     p.add_argument("--weights", choices=["fp32", "int8"], default="fp32",
-                   help="int8: weight-only int8 decoding on the CPU (per-channel scales; ~4x fewer bytes per "
-                        "token, faster; see BENCHMARKS.md for its quality); default fp32")
+                   help="int8: weight-only 8-bit decoding on the CPU (a scale and minimum per 32 weights; 1.25 "
+                        "bytes per weight instead of 4, faster; its quality and speed: BENCHMARKS.md); default fp32")
     p.set_defaults(func=generate_cli)
 
 

@@ -206,7 +206,8 @@ def add_show_commands(sub) -> None:
                    help="port to listen on")
     p.add_argument("--device", default="auto", type=DEVICE, help="auto (cuda > mps > cpu), cpu, cuda, mps")
     p.add_argument("--weights", choices=["auto", "fp32", "int8"], default="auto",
-                   help="auto (default, fp32) or int8: weight-only int8 decoding on the CPU (see BENCHMARKS.md)")
+                   help="auto (default: int8 on a CPU, fp32 elsewhere), fp32, or int8: weight-only 8-bit "
+                        "decoding on the CPU (its quality and speed: BENCHMARKS.md)")
     p.set_defaults(func=demo_cli)
 
 

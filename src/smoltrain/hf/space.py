@@ -1,7 +1,7 @@
 """`smoltrain export CKPT --space DIR`: a Hugging Face Space folder that runs without smoltrain.
 
 DIR holds README.md (the Space's metadata header: sdk gradio, app_file app.py), app.py (space_app.py,
-copied: torch, transformers and gradio only), requirements.txt pinned to the versions installed here (those
+copied: torch, transformers, gradio and numba only), requirements.txt pinned to the versions installed here (those
 the suite tests it with), space.json (title, example prompts from the run's eval.prompts, defaults) and
 model/ (the HF export with its model card). A stranger runs it with `pip install -r requirements.txt &&
 python app.py`; `--push-to-hub USER/NAME` uploads it as a Space repo.
@@ -28,7 +28,7 @@ from smoltrain.storage import check_target, publish
 
 COMMAND = "export --space"  # the marker that tells an earlier Space export of ours from anything else
 APP = Path(__file__).with_name("space_app.py")
-REQUIREMENTS = ("torch", "transformers", "gradio")  # what app.py imports; the rest comes with them
+REQUIREMENTS = ("torch", "transformers", "gradio", "numba")  # what app.py imports; the rest comes with them
 DEFAULT_EXAMPLES = ["Once upon a time,"]
 
 
@@ -47,7 +47,7 @@ def space_settings(src: Path, num_params: int) -> dict:
     return {"title": card_title(src), "examples": list(run_eval.get("prompts") or DEFAULT_EXAMPLES),
             "description": f"A {num_params / 1e6:.1f}M-parameter SmolLM2-architecture language model, {made}.",
             "short_description": f"A {num_params / 1e6:.0f}M-parameter SmolLM2 model, {made}"[:60],
-            "max_new_tokens": int(run_eval.get("sample_tokens") or 64), "weights": "fp32"}
+            "max_new_tokens": int(run_eval.get("sample_tokens") or 64), "weights": "int8"}
 
 
 def space_readme(settings: dict, src: Path) -> str:

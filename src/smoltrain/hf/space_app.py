@@ -1,21 +1,24 @@
 """A Gradio app for a small language model, written by `smoltrain export CKPT --space DIR` as DIR/app.py.
 
-It runs on its own: `pip install -r requirements.txt && python app.py` (torch, transformers and gradio; no
-smoltrain). The model is the HF folder beside it (`model/`), the page's settings are in `space.json`.
+It runs on its own: `pip install -r requirements.txt && python app.py` (torch, transformers, gradio and
+numba; no smoltrain). The model is the HF folder beside it (`model/`), the page's settings are in `space.json`.
 It listens on 127.0.0.1 (this machine only) unless GRADIO_SERVER_NAME says otherwise (Hugging Face Spaces
-set it to 0.0.0.0 themselves); GRADIO_SERVER_PORT picks the port (7860). WEIGHTS=int8 decodes from int8
-weights (weight-only, one scale per output channel, torch's own int8 kernel; the same quantisation as
-`smoltrain generate --weights int8`); the default is fp32 (space.json).
+set it to 0.0.0.0 themselves); GRADIO_SERVER_PORT picks the port (7860). WEIGHTS=int8 decodes from 8-bit
+weights (weight-only, a scale and a minimum per block of 32 inputs, a numba kernel; the same
+quantisation and kernel as `smoltrain generate --weights int8`, copied because smoltrain is not installed
+here); WEIGHTS=fp32 from the fp32 weights; the default is space.json's.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
@@ -23,19 +26,64 @@ HERE = Path(__file__).resolve().parent
 SETTINGS = json.loads((HERE / "space.json").read_text(encoding="utf-8"))
 
 
+GROUP = 32  # weights per block along the input (the whole row when it does not divide it)
+KERNEL_ROWS = 64  # up to this many rows (a token, a prompt) through the kernel
+
+
+@functools.cache
+def _kernel():
+    """out (M, N) = x (M, K) @ dequant(q, s, lo)^T, compiled by numba on first use (a second or two; not cached
+    on disk, which would write files into this folder). Each weight is read once for all M rows."""
+    import numba
+
+    @numba.njit(parallel=True, fastmath=True)
+    def gemm(x, q, s, lo):
+        n_out, k_in = q.shape
+        rows = x.shape[0]
+        groups = s.shape[1]
+        g = k_in // groups
+        xsum = x.reshape(rows, groups, g).sum(axis=2)
+        out = np.empty((rows, n_out), dtype=np.float32)
+        for n in numba.prange(n_out):
+            for m in range(rows):
+                acc = np.float32(0.0)
+                for j in range(groups):
+                    part = np.float32(0.0)
+                    base = j * g
+                    for i in range(g):
+                        part += x[m, base + i] * np.float32(q[n, base + i])
+                    acc += part * s[n, j] + lo[n, j] * xsum[m, j]
+                out[m, n] = acc
+        return out
+
+    return gemm
+
+
 class Int8Linear(torch.nn.Module):
-    """A bias-free nn.Linear with int8 weights: q = round(w / s), s = max |w_row| / 127 per output row."""
+    """A bias-free nn.Linear with 8-bit weights: per block of GROUP inputs, w ~ lo + s * q, q in 0..255."""
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         w = weight.detach().float()
-        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-        self.register_buffer("qweight", torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scales", scales)
+        n, k = w.shape
+        g = GROUP if k % GROUP == 0 else k
+        blocks = w.reshape(n, k // g, g)
+        lo = blocks.amin(dim=2)
+        scales = ((blocks.amax(dim=2) - lo) / 255).clamp(min=1e-12)
+        q = torch.round((blocks - lo[..., None]) / scales[..., None]).clamp(0, 255).to(torch.uint8)
+        self.register_buffer("qweight", q.reshape(n, k).contiguous())
+        self.register_buffer("scales", scales.contiguous())
+        self.register_buffer("mins", lo.contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), self.qweight, self.scales)
-        return y.view(*x.shape[:-1], self.qweight.shape[0])
+        n, k = self.qweight.shape
+        rows = x.reshape(-1, k).detach().float()
+        if rows.shape[0] > KERNEL_ROWS:  # a long input: the dequantised weight through torch's GEMM
+            blocks = self.qweight.reshape(n, self.scales.shape[1], -1).float()
+            weight = (blocks * self.scales[..., None] + self.mins[..., None]).reshape(n, k)
+            return (rows @ weight.t()).view(*x.shape[:-1], n)
+        out = _kernel()(rows.contiguous().numpy(), self.qweight.numpy(), self.scales.numpy(), self.mins.numpy())
+        return torch.from_numpy(out).view(*x.shape[:-1], n)
 
 
 def to_int8(model: torch.nn.Module) -> torch.nn.Module:
@@ -51,7 +99,11 @@ def load(weights: str):
     """(model, tokenizer) from ./model, fp32 or int8 (int8 only on the CPU)."""
     tok = AutoTokenizer.from_pretrained(HERE / "model")
     model = AutoModelForCausalLM.from_pretrained(HERE / "model", dtype=torch.float32).eval()
-    return (to_int8(model) if weights == "int8" else model), tok
+    if weights == "int8":
+        model = to_int8(model)
+        with torch.inference_mode():
+            model(torch.zeros(1, 1, dtype=torch.long))  # compiles the kernel now, not in the first request
+    return model, tok
 
 
 def make_generate(model, tok):
