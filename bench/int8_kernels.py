@@ -3,7 +3,8 @@
     python bench/int8_kernels.py [--rows 98304] [--cols 576] [--out bench/results.jsonl]
 
 A (rows x cols) weight, large enough not to stay in cache (the default is twice SmolLM2-135M's LM head),
-times one fp32 vector, best of 10 calls, with one and with two threads: numpy's OpenBLAS on the fp32
+times one fp32 vector, best of 10 calls, with one and with two numba threads (OpenBLAS takes its count
+from OPENBLAS_NUM_THREADS, recorded; run once per count to compare like with like): numpy's OpenBLAS on the fp32
 weight (k-major, as `generate` stores it) and smoltrain.model.int8's numba kernel on the same weight
 quantised. It shows whether 8-bit decoding can be faster than fp32 on this CPU: only if the kernel
 multiplies more weights per second than OpenBLAS streams fp32 (BENCHMARKS.md).
@@ -12,6 +13,7 @@ multiplies more weights per second than OpenBLAS streams fp32 (BENCHMARKS.md).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -54,6 +56,7 @@ def main() -> None:
         int8 = best_ms(kernel, x[None], q, s, lo)  # one row, as a decoded token
         n = a.rows * a.cols
         emit({"bench": "int8_kernels", "rows": a.rows, "cols": a.cols, "numba_threads": threads,
+              "openblas_threads_env": os.environ.get("OPENBLAS_NUM_THREADS"),
               "fp32_ms": round(fp32, 2), "int8_ms": round(int8, 2), "fp32_gweights_per_s": round(n / fp32 / 1e6, 2),
               "int8_gweights_per_s": round(n / int8 / 1e6, 2), "int8_vs_fp32": round(fp32 / int8, 2)}, a.out)
 

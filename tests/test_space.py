@@ -85,8 +85,8 @@ def _app(space: Path):
 
 
 def test_the_apps_int8_and_fp32_models_compute_smoltrains_logits(space):
-    """app.py's int8 (transformers' Llama with its Linears swapped) equals `--weights int8`, for a prompt (the
-    dequantised weights) and for one token (the one-row kernel)."""
+    """app.py's int8 (transformers' Llama with its Linears swapped) equals `--weights int8`, for one token and
+    a prompt (the kernel) and for a long input (the dequantised weights)."""
     from smoltrain.hf.interop import load_model
     from smoltrain.model.generate import prepare_for_decode
 
@@ -94,7 +94,7 @@ def test_the_apps_int8_and_fp32_models_compute_smoltrains_logits(space):
     for weights in ("fp32", "int8"):
         theirs, _ = app.load(weights)
         ours = prepare_for_decode(load_model(space / "model")[0], weights)
-        for x in (torch.randint(0, 512, (1, 20)), torch.randint(0, 512, (1, 1))):
+        for x in (torch.randint(0, 512, (1, 20)), torch.randint(0, 512, (1, 1)), torch.randint(0, 512, (1, 80))):
             with torch.no_grad():
                 assert torch.allclose(theirs(x).logits, ours(x), atol=1e-4), (weights, x.shape)
 
@@ -153,11 +153,11 @@ def test_space_runs_from_a_fresh_venv_and_answers_like_smoltrain_generate(space,
 
     python = _fresh_venv(space, tmp_path / "venv")
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "GRADIO_SERVER_NAME")}
+    # no WEIGHTS: space.json's default (int8) is what a stranger gets
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "GRADIO_SERVER_NAME", "WEIGHTS")}
     log = open(tmp_path / "app.log", "w")
     app = subprocess.Popen([str(python), "app.py"], cwd=space, stdout=log, stderr=subprocess.STDOUT,
-                           env={**env, "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False",
-                                "WEIGHTS": "int8"})
+                           env={**env, "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False"})
     try:
         deadline = time.monotonic() + 600
         while True:

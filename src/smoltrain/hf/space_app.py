@@ -28,6 +28,7 @@ SETTINGS = json.loads((HERE / "space.json").read_text(encoding="utf-8"))
 
 GROUP = 32  # weights per block along the input (the whole row when it does not divide it)
 KERNEL_ROWS = 64  # up to this many rows (a token, a prompt) through the kernel
+_NUMBA = threading.Lock()  # one numba parallel call at a time (a left-over generation may overlap a new one)
 
 
 @functools.cache
@@ -82,7 +83,8 @@ class Int8Linear(torch.nn.Module):
             blocks = self.qweight.reshape(n, self.scales.shape[1], -1).float()
             weight = (blocks * self.scales[..., None] + self.mins[..., None]).reshape(n, k)
             return (rows @ weight.t()).view(*x.shape[:-1], n)
-        out = _kernel()(rows.contiguous().numpy(), self.qweight.numpy(), self.scales.numpy(), self.mins.numpy())
+        with _NUMBA:
+            out = _kernel()(rows.contiguous().numpy(), self.qweight.numpy(), self.scales.numpy(), self.mins.numpy())
         return torch.from_numpy(out).view(*x.shape[:-1], n)
 
 

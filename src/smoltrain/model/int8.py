@@ -24,6 +24,7 @@ read once for all of them; more rows (an evaluation window) through BLAS on the 
 from __future__ import annotations
 
 import functools
+import threading
 
 import numpy as np
 import torch
@@ -34,6 +35,9 @@ from smoltrain.model.llama import SmolLM2
 
 GROUP = 32  # weights per block along the input dimension (the whole row when it does not divide it)
 KERNEL_ROWS = 64  # up to this many rows (a prompt, a batch of prompts) go through the kernel, more through BLAS
+# one numba parallel call at a time: without an OpenMP or TBB runtime numba's workqueue layer aborts the
+# process on concurrent calls (the demo decodes for two panes in two threads); each call uses every core
+_NUMBA = threading.Lock()
 
 
 def group_size(k: int) -> int:
@@ -128,12 +132,14 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, k)
         if rows.shape[0] > KERNEL_ROWS or not blas.usable(rows):
             return blas.matmul(rows, self.dequantized().t()).view(*x.shape[:-1], n)
-        out = _kernel()(rows.contiguous().numpy(), self.qweight.numpy(), self.scales.numpy(), self.mins.numpy())
+        with _NUMBA:
+            out = _kernel()(rows.contiguous().numpy(), self.qweight.numpy(), self.scales.numpy(), self.mins.numpy())
         return torch.from_numpy(out).view(*x.shape[:-1], n)
 
     def dequantized(self) -> torch.Tensor:
         """The fp32 weight (N, K) this layer multiplies by."""
-        return torch.from_numpy(_dequantize()(self.qweight.numpy(), self.scales.numpy(), self.mins.numpy()))
+        with _NUMBA:
+            return torch.from_numpy(_dequantize()(self.qweight.numpy(), self.scales.numpy(), self.mins.numpy()))
 
     def extra_repr(self) -> str:
         return f"in_features={self.qweight.shape[1]}, out_features={self.qweight.shape[0]}, int8"
