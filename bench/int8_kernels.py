@@ -37,7 +37,7 @@ def best_ms(f, *args, calls: int = 10) -> float:
 
 
 def main() -> None:
-    from smoltrain.model.int8 import _kernel, quantize
+    from smoltrain.model.int8_linear import _kernel, quantize
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=98304)

@@ -42,7 +42,7 @@ def dequantized(model):
     """The fp32 model holding exactly the values `--weights int8` multiplies by (every Linear, the head untied
     from the fp32 embedding). tests/test_int8.py checks that the int8 model's logits equal such a model's; a
     window of many rows is multiplied this way by `--weights int8` too (the one-row kernel is for decoding)."""
-    from smoltrain.model.int8 import Int8Linear
+    from smoltrain.model.int8_linear import Int8Linear
 
     for mod in list(model.modules()):
         if isinstance(mod, torch.nn.Linear):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from smoltrain.model.generate import SamplingConfig, generate, prepare_for_decode
-from smoltrain.model.int8 import GROUP, KERNEL_ROWS, Int8Linear, quantize
+from smoltrain.model.int8_linear import GROUP, KERNEL_ROWS, Int8Linear, quantize
 from smoltrain.model.llama import build_model
 from smoltrain.presets import get_preset
 

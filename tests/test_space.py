@@ -17,6 +17,8 @@ import pytest
 import torch
 import yaml
 
+from smoltrain.model import int8_linear
+
 from .conftest import DEBUG_TINY, assert_user_error, run_cli
 from .test_demo import free_port
 from .test_hub import hub  # noqa: F401  (the fake Hub fixture)
@@ -71,10 +73,13 @@ def test_space_folder_has_the_space_header_pins_and_the_runs_prompts(space, ckpt
     assert json.loads((space / "space.json").read_text())["examples"] == ["ROMEO:", "To be, or not"]
     assert (space / "model" / "README.md").read_text().startswith("---\nlibrary_name: transformers")  # the card
     AutoModelForCausalLM.from_pretrained(space / "model", local_files_only=True)
-    tree = ast.parse((space / "app.py").read_text())
-    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    imported = set()
+    for code in ("app.py", "int8_linear.py"):  # the app and the 8-bit layer the export copies beside it
+        tree = ast.parse((space / code).read_text())
+        imported |= {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert "smoltrain" not in imported and {"gradio", "torch", "transformers", "numba"} <= imported
+    assert (space / "int8_linear.py").read_bytes() == Path(int8_linear.__file__).read_bytes()
 
 
 def _app(space: Path):

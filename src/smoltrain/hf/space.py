@@ -1,7 +1,8 @@
 """`smoltrain export CKPT --space DIR`: a Hugging Face Space folder that runs without smoltrain.
 
 DIR holds README.md (the Space's metadata header: sdk gradio, app_file app.py), app.py (space_app.py,
-copied: torch, transformers, gradio and numba only), requirements.txt pinned to the versions installed here (those
+copied: torch, transformers, gradio and numba only) and int8_linear.py (its 8-bit layer, copied from
+smoltrain.model), requirements.txt pinned to the versions installed here (those
 the suite tests it with), space.json (title, example prompts from the run's eval.prompts, defaults) and
 model/ (the HF export with its model card). A stranger runs it with `pip install -r requirements.txt &&
 python app.py`; `--push-to-hub USER/NAME` uploads it as a Space repo.
@@ -24,10 +25,12 @@ from smoltrain.hf.interop import (
     write_hf_extras,
 )
 from smoltrain.hf.modelcard import card_title, read_origin, render
+from smoltrain.model import int8_linear
 from smoltrain.storage import check_target, publish
 
 COMMAND = "export --space"  # the marker that tells an earlier Space export of ours from anything else
 APP = Path(__file__).with_name("space_app.py")
+INT8 = Path(int8_linear.__file__)  # app.py's 8-bit layer: the same file smoltrain decodes with
 REQUIREMENTS = ("torch", "transformers", "gradio", "numba")  # what app.py imports; the rest comes with them
 DEFAULT_EXAMPLES = ["Once upon a time,"]
 
@@ -73,6 +76,7 @@ def export_space(ckpt: str | Path, out: str | Path, force: bool = False) -> Path
         save_model_files(d / "model", model_state(model), model.config, tok)
         write_hf_extras(d / "model", model.config, src)
         (d / "app.py").write_text(APP.read_text(encoding="utf-8"), encoding="utf-8")
+        (d / INT8.name).write_text(INT8.read_text(encoding="utf-8"), encoding="utf-8")
         (d / "requirements.txt").write_text("".join(pinned(p) + "\n" for p in REQUIREMENTS))
         (d / "space.json").write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         (d / "README.md").write_text(space_readme(settings, src), encoding="utf-8")

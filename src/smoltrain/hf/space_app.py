@@ -4,88 +4,28 @@ It runs on its own: `pip install -r requirements.txt && python app.py` (torch, t
 numba; no smoltrain). The model is the HF folder beside it (`model/`), the page's settings are in `space.json`.
 It listens on 127.0.0.1 (this machine only) unless GRADIO_SERVER_NAME says otherwise (Hugging Face Spaces
 set it to 0.0.0.0 themselves); GRADIO_SERVER_PORT picks the port (7860). WEIGHTS=int8 decodes from 8-bit
-weights (weight-only, a scale and a minimum per block of 32 inputs, a numba kernel; the same
-quantisation and kernel as `smoltrain generate --weights int8`, copied because smoltrain is not installed
-here); WEIGHTS=fp32 from the fp32 weights; the default is space.json's.
+weights (weight-only, a scale and a minimum per block of 32 inputs, a numba kernel: int8_linear.py beside
+this file, the same file `smoltrain generate --weights int8` runs); WEIGHTS=fp32 from the fp32 weights; the
+default is space.json's.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
+import sys
 import threading
 from pathlib import Path
 
 import gradio as gr
-import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # int8_linear.py, beside this file (also when this file is imported from elsewhere)
+from int8_linear import Int8Linear  # noqa: E402  (smoltrain's own 8-bit layer, copied here by the export)
+
 SETTINGS = json.loads((HERE / "space.json").read_text(encoding="utf-8"))
-
-
-GROUP = 32  # weights per block along the input (the whole row when it does not divide it)
-KERNEL_ROWS = 64  # up to this many rows (a token, a prompt) through the kernel
-_NUMBA = threading.Lock()  # one numba parallel call at a time (a left-over generation may overlap a new one)
-
-
-@functools.cache
-def _kernel():
-    """out (M, N) = x (M, K) @ dequant(q, s, lo)^T, compiled by numba on first use (a second or two; not cached
-    on disk, which would write files into this folder). Each weight is read once for all M rows."""
-    import numba
-
-    @numba.njit(parallel=True, fastmath=True)
-    def gemm(x, q, s, lo):
-        n_out, k_in = q.shape
-        rows = x.shape[0]
-        groups = s.shape[1]
-        g = k_in // groups
-        xsum = x.reshape(rows, groups, g).sum(axis=2)
-        out = np.empty((rows, n_out), dtype=np.float32)
-        for n in numba.prange(n_out):
-            for m in range(rows):
-                acc = np.float32(0.0)
-                for j in range(groups):
-                    part = np.float32(0.0)
-                    base = j * g
-                    for i in range(g):
-                        part += x[m, base + i] * np.float32(q[n, base + i])
-                    acc += part * s[n, j] + lo[n, j] * xsum[m, j]
-                out[m, n] = acc
-        return out
-
-    return gemm
-
-
-class Int8Linear(torch.nn.Module):
-    """A bias-free nn.Linear with 8-bit weights: per block of GROUP inputs, w ~ lo + s * q, q in 0..255."""
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        w = weight.detach().float()
-        n, k = w.shape
-        g = GROUP if k % GROUP == 0 else k
-        blocks = w.reshape(n, k // g, g)
-        lo = blocks.amin(dim=2)
-        scales = ((blocks.amax(dim=2) - lo) / 255).clamp(min=1e-12)
-        q = torch.round((blocks - lo[..., None]) / scales[..., None]).clamp(0, 255).to(torch.uint8)
-        self.register_buffer("qweight", q.reshape(n, k).contiguous())
-        self.register_buffer("scales", scales.contiguous())
-        self.register_buffer("mins", lo.contiguous())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, k = self.qweight.shape
-        rows = x.reshape(-1, k).detach().float()
-        if rows.shape[0] > KERNEL_ROWS:  # a long input: the dequantised weight through torch's GEMM
-            blocks = self.qweight.reshape(n, self.scales.shape[1], -1).float()
-            weight = (blocks * self.scales[..., None] + self.mins[..., None]).reshape(n, k)
-            return (rows @ weight.t()).view(*x.shape[:-1], n)
-        with _NUMBA:
-            out = _kernel()(rows.contiguous().numpy(), self.qweight.numpy(), self.scales.numpy(), self.mins.numpy())
-        return torch.from_numpy(out).view(*x.shape[:-1], n)
 
 
 def to_int8(model: torch.nn.Module) -> torch.nn.Module:
@@ -93,7 +33,7 @@ def to_int8(model: torch.nn.Module) -> torch.nn.Module:
     for module in list(model.modules()):
         for child, linear in list(module.named_children()):
             if isinstance(linear, torch.nn.Linear) and linear.bias is None:
-                setattr(module, child, Int8Linear(linear.weight))
+                setattr(module, child, Int8Linear.of(linear.weight))
     return model
 
 

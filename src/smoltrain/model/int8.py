@@ -1,148 +1,20 @@
-"""Weight-only 8-bit weights for CPU decoding: uint8 with an fp32 scale and minimum per 32-weight block.
-
-Why: decoding one token at a time streams every weight once per token, so its speed on a CPU is bounded
-by bytes of weights / memory bandwidth, and its memory by the weights. 8 bits and a scale and a minimum per
-32 weights are 1.25 bytes per weight against fp32's 4 (SmolLM2-135M: 168 MB per token instead of 538 MB).
-
-Why 32-weight blocks with a minimum: the teacher-forced next-token argmax on held-out text must agree with
-fp32's at >= 98% of positions (BENCHMARKS.md, bench/int8_quality.py). On the real SmolLM2-135M one
-symmetric scale per output row gave 95.2%, symmetric 32-weight blocks 97.3%, a scale and a minimum per
-64-weight block 97.1%, and a scale and a minimum per 32-weight block (w ~ lo + s * q, q in 0..255: an
-8-bit grid over each block's own range) 98.8%. 32 is also the block of llama.cpp's formats.
-
-Why numba: torch has no vectorised int8 weight-only product for x86 CPUs without AVX-512
-(`aten._weight_int8pack_mm` and an inductor-compiled reduction both ran at ~1 GMAC/s on an AVX2 EPYC).
-numba's LLVM turns the loop in `_kernel` into vector code that widens the bytes in registers (no fp32 copy
-of a weight is written), output rows spread over the cores; it is compiled once per machine (cache=True).
-On that EPYC it multiplies ~5 G weights/s per core (about what OpenBLAS streams in fp32), and one prompt
-decodes 1.4x faster than fp32, 2.1x transformers (BENCHMARKS.md): compute-bound, short of the bandwidth
-bound.
-Up to KERNEL_ROWS rows (a decoded token, a prompt, a batch of prompts) go through the kernel, each weight
-read once for all of them; more rows (an evaluation window) through BLAS on the dequantised weight.
+"""Weight-only 8-bit decoding of a SmolLM2 on the CPU: every projection and the LM head as an Int8Linear
+(model/int8_linear.py: the format, why 32-weight blocks with a minimum, the numba kernel, measured),
+q/k/v and gate/up fused. The embedding lookup stays fp32.
 """
 
 from __future__ import annotations
 
-import functools
-import threading
-
-import numpy as np
 import torch
 from torch import nn
 
-from smoltrain.model import blas
+from smoltrain.model.int8_linear import Int8Linear
 from smoltrain.model.llama import SmolLM2
-
-GROUP = 32  # weights per block along the input dimension (the whole row when it does not divide it)
-KERNEL_ROWS = 64  # up to this many rows (a prompt, a batch of prompts) go through the kernel, more through BLAS
-# one numba parallel call at a time: without an OpenMP or TBB runtime numba's workqueue layer aborts the
-# process on concurrent calls (the demo decodes for two panes in two threads); each call uses every core
-_NUMBA = threading.Lock()
-
-
-def group_size(k: int) -> int:
-    return GROUP if k % GROUP == 0 else k
-
-
-def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(uint8 q (N, K), fp32 scales (N, G), fp32 minima (N, G)) of a weight (N, K), G = K / group_size(K):
-    w[n, k] ~ mins[n, g] + scales[n, g] * q[n, k] for k in block g, rounded to the nearest of 256 levels."""
-    w = w.detach().float()
-    n, k = w.shape
-    blocks = w.reshape(n, k // group_size(k), group_size(k))
-    lo = blocks.amin(dim=2)
-    scales = ((blocks.amax(dim=2) - lo) / 255).clamp(min=1e-12)  # a constant block keeps a finite scale
-    q = torch.round((blocks - lo[..., None]) / scales[..., None]).clamp(0, 255).to(torch.uint8)
-    return q.reshape(n, k).contiguous(), scales.contiguous(), lo.contiguous()
 
 
 def supported(device: torch.device | str) -> bool:
     """int8 decoding runs where its kernel does: on the CPU."""
     return torch.device(device).type == "cpu"
-
-
-@functools.cache
-def _dequantize():
-    """The fp32 weight (N, K) of (q, s, lo) in one parallel pass, compiled by numba on first use: inputs of
-    more than KERNEL_ROWS rows multiply it through BLAS (torch's elementwise ops would take four passes)."""
-    import numba
-
-    @numba.njit(parallel=True, fastmath=True, cache=True)
-    def dequantize(q, s, lo):  # pragma: no cover  (compiled; its results are tested)
-        n_out, k_in = q.shape
-        groups = s.shape[1]
-        g = k_in // groups
-        w = np.empty((n_out, k_in), dtype=np.float32)
-        for n in numba.prange(n_out):
-            for j in range(groups):
-                base = j * g
-                for i in range(g):
-                    w[n, base + i] = np.float32(q[n, base + i]) * s[n, j] + lo[n, j]
-        return w
-
-    return dequantize
-
-
-@functools.cache
-def _kernel():
-    """The product out (M, N) = x (M, K) @ dequant(q, s, lo)^T, compiled by numba on first use: each output
-    row's weights are read once (they stay in L1 for the M rows), so a few rows cost little more memory
-    traffic than one."""
-    import numba
-
-    @numba.njit(parallel=True, fastmath=True, cache=True)
-    def gemm(x, q, s, lo):  # pragma: no cover  (compiled; its results are tested)
-        n_out, k_in = q.shape
-        rows = x.shape[0]
-        groups = s.shape[1]
-        g = k_in // groups
-        xsum = x.reshape(rows, groups, g).sum(axis=2)  # the minima's share: lo[n, j] * sum of block j of x
-        out = np.empty((rows, n_out), dtype=np.float32)
-        for n in numba.prange(n_out):
-            for m in range(rows):
-                acc = np.float32(0.0)
-                for j in range(groups):
-                    part = np.float32(0.0)
-                    base = j * g
-                    for i in range(g):
-                        part += x[m, base + i] * np.float32(q[n, base + i])
-                    acc += part * s[n, j] + lo[n, j] * xsum[m, j]
-                out[m, n] = acc
-        return out
-
-    return gemm
-
-
-class Int8Linear(nn.Module):
-    """A bias-free nn.Linear with 8-bit weights; its tensors are non-persistent buffers (no state-dict key):
-    an int8 model is for decoding, not for saving."""
-
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor):
-        super().__init__()
-        self.register_buffer("qweight", qweight, persistent=False)  # (N, K) uint8
-        self.register_buffer("scales", scales, persistent=False)  # (N, G) fp32
-        self.register_buffer("mins", mins, persistent=False)  # (N, G) fp32
-
-    @classmethod
-    def of(cls, weight: torch.Tensor) -> Int8Linear:
-        return cls(*quantize(weight))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, k = self.qweight.shape
-        rows = x.reshape(-1, k)
-        if rows.shape[0] > KERNEL_ROWS or not blas.usable(rows):
-            return blas.matmul(rows, self.dequantized().t()).view(*x.shape[:-1], n)
-        with _NUMBA:
-            out = _kernel()(rows.contiguous().numpy(), self.qweight.numpy(), self.scales.numpy(), self.mins.numpy())
-        return torch.from_numpy(out).view(*x.shape[:-1], n)
-
-    def dequantized(self) -> torch.Tensor:
-        """The fp32 weight (N, K) this layer multiplies by."""
-        with _NUMBA:
-            return torch.from_numpy(_dequantize()(self.qweight.numpy(), self.scales.numpy(), self.mins.numpy()))
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.qweight.shape[1]}, out_features={self.qweight.shape[0]}, int8"
 
 
 def _fuse(linears: list[nn.Module]) -> tuple[Int8Linear, list[Int8Linear]]:
