@@ -44,17 +44,18 @@ def test_quantize_uses_each_blocks_own_range_within_half_a_step():
 
 
 def test_kernel_and_blas_paths_equal_the_dequantised_product():
-    """A token, a prompt or a batch (up to KERNEL_ROWS rows) takes numba's kernel, more rows take BLAS on the
-    dequantised weight: the same product up to summation order."""
+    """A token (one row: 32 accumulators), a prompt or a batch (up to KERNEL_ROWS rows: 4 at a time, then the
+    rest) takes numba's kernel, more rows take BLAS on the dequantised weight: the same product up to
+    summation order, whichever loop a row count takes."""
     torch.manual_seed(0)
     lin = Int8Linear.of(torch.randn(300, 4 * GROUP) * 0.05)
     with torch.inference_mode():
-        for rows in (1, 3, KERNEL_ROWS, KERNEL_ROWS + 1):
+        for rows in (1, 2, 3, 4, 7, KERNEL_ROWS, KERNEL_ROWS + 1):
             x = torch.randn(1, rows, 4 * GROUP)
             assert torch.allclose(lin(x), x @ lin.dequantized().t(), atol=1e-5, rtol=1e-5), rows
         w = torch.randn(7, GROUP + 8)  # an input width the block does not divide: one block per row
         odd = Int8Linear.of(w)
-        for rows in (1, KERNEL_ROWS + 1):
+        for rows in (1, 5, KERNEL_ROWS + 1):
             x = torch.randn(rows, GROUP + 8)
             assert torch.allclose(odd(x), x @ w.t(), atol=0.02 * (GROUP + 8) ** 0.5), rows  # within the grid
             assert torch.allclose(odd(x), x @ odd.dequantized().t(), atol=1e-5, rtol=1e-5), rows

@@ -14,12 +14,13 @@ symmetric scale per output row gave 95.2%, symmetric 32-weight blocks 97.3%, a s
 
 Why numba: torch has no vectorised int8 weight-only product for x86 CPUs without AVX-512
 (`aten._weight_int8pack_mm` and an inductor-compiled reduction both ran at ~1 GMAC/s on an AVX2 EPYC).
-numba's LLVM turns the loop in `_kernel` into vector code that widens the bytes in registers (no fp32 copy
-of a weight is written), output rows spread over the cores; it is compiled once per machine (_CACHE).
-On that EPYC it multiplies ~5 G weights/s per core (about what OpenBLAS streams in fp32), and one prompt
-decodes 1.4x faster than fp32, 2.1x transformers (BENCHMARKS.md): compute-bound, short of the bandwidth
-bound. Up to KERNEL_ROWS rows (a decoded token, a prompt, a batch of prompts) go through the kernel, each weight
+numba's LLVM turns the loops in `_kernel` into vector code that widens the bytes in registers (no fp32 copy
+of a weight goes to memory), output rows spread over the cores; it is compiled once per machine (_CACHE).
+Up to KERNEL_ROWS rows (a decoded token, a prompt, a batch of prompts) go through the kernel, each weight
 read once for all of them; more rows (an evaluation window) through BLAS on the dequantised weight.
+Measured (BENCHMARKS.md): on an AVX-512 EPYC one row streams the weights at ~23 GB/s on 2 cores (the memory
+bound) and one prompt decodes 4.4x faster than transformers, 2.3x our fp32; on an AVX2 EPYC an earlier
+version of the kernel was compute-bound at ~5 G weights/s per core (2.1x transformers).
 """
 
 from __future__ import annotations
@@ -83,9 +84,14 @@ def _dequantize():
 
 @functools.cache
 def _kernel():
-    """The product out (M, N) = x (M, K) @ dequant(q, s, lo)^T, compiled by numba on first use: each output
-    row's weights are read once (they stay in L1 for the M rows), so a few rows cost little more memory
-    traffic than one."""
+    """The product out (M, N) = x (M, K) @ dequant(q, s, lo)^T, compiled by numba on first use; two loops
+    because one row and several rows are bound by different things (bench/int8_kernels.py):
+    - one row (a decoded token) in 32-weight blocks: weights are read once and multiplied straight from
+      their bytes; the products of a block go into 32 accumulators scaled by the block's scale, summed
+      across lanes once per output (a sum per block cost ~25% more time);
+    - several rows (a prompt, a batch), or a row the block does not divide: output row n's weights are
+      dequantised once into an fp32 row that stays in L1, then dotted with 4 input rows at a time (which
+      share each weight load): converting the bytes again for every input row cost up to 1.9x the time."""
     import numba
 
     @numba.njit(parallel=True, fastmath=True, cache=_CACHE)
@@ -94,18 +100,50 @@ def _kernel():
         rows = x.shape[0]
         groups = s.shape[1]
         g = k_in // groups
-        xsum = x.reshape(rows, groups, g).sum(axis=2)  # the minima's share: lo[n, j] * sum of block j of x
         out = np.empty((rows, n_out), dtype=np.float32)
-        for n in numba.prange(n_out):
-            for m in range(rows):
-                acc = np.float32(0.0)
+        if rows == 1 and g == GROUP:
+            xsum = x.reshape(groups, GROUP).sum(axis=1)  # the minima's share: lo[n, j] * sum of block j of x
+            for n in numba.prange(n_out):
+                lanes = np.zeros(GROUP, dtype=np.float32)
+                shift = np.float32(0.0)
                 for j in range(groups):
-                    part = np.float32(0.0)
-                    base = j * g
-                    for i in range(g):
-                        part += x[m, base + i] * np.float32(q[n, base + i])
-                    acc += part * s[n, j] + lo[n, j] * xsum[m, j]
-                out[m, n] = acc
+                    base = j * GROUP
+                    sj = s[n, j]
+                    for i in range(GROUP):
+                        lanes[i] += x[0, base + i] * np.float32(q[n, base + i]) * sj
+                    shift += lo[n, j] * xsum[j]
+                out[0, n] = lanes.sum() + shift
+            return out
+        for n in numba.prange(n_out):
+            w = np.empty(k_in, dtype=np.float32)
+            for j in range(groups):
+                base = j * g
+                sj = s[n, j]
+                lj = lo[n, j]
+                for i in range(g):
+                    w[base + i] = np.float32(q[n, base + i]) * sj + lj
+            m = 0
+            while m + 4 <= rows:
+                a0 = np.float32(0.0)
+                a1 = np.float32(0.0)
+                a2 = np.float32(0.0)
+                a3 = np.float32(0.0)
+                for k in range(k_in):
+                    wk = w[k]
+                    a0 += x[m, k] * wk
+                    a1 += x[m + 1, k] * wk
+                    a2 += x[m + 2, k] * wk
+                    a3 += x[m + 3, k] * wk
+                out[m, n] = a0
+                out[m + 1, n] = a1
+                out[m + 2, n] = a2
+                out[m + 3, n] = a3
+                m += 4
+            for r in range(m, rows):
+                acc = np.float32(0.0)
+                for k in range(k_in):
+                    acc += x[r, k] * w[k]
+                out[r, n] = acc
         return out
 
     return gemm
@@ -120,23 +158,30 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", qweight, persistent=False)  # (N, K) uint8
         self.register_buffer("scales", scales, persistent=False)  # (N, G) fp32
         self.register_buffer("mins", mins, persistent=False)  # (N, G) fp32
+        self._arrays: tuple[np.ndarray, ...] | None = None  # numpy views of the three, made on first use
+
+    def _apply(self, fn, recurse=True):
+        self._arrays = None  # the buffers may be new tensors (module.to(...)): views of the old ones are stale
+        return super()._apply(fn, recurse)
 
     @classmethod
     def of(cls, weight: torch.Tensor) -> Int8Linear:
         return cls(*quantize(weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, k = self.qweight.shape
-        rows = x.reshape(-1, k)
-        if rows.requires_grad:  # autograd wanted (decoding never asks): torch's product keeps the graph
-            return (rows @ self.dequantized().t()).view(*x.shape[:-1], n)
-        rows = rows.float().contiguous().numpy()
+        if x.requires_grad:  # autograd wanted (decoding never asks): torch's product keeps the graph
+            return x @ self.dequantized().t()
+        if self._arrays is None:  # torch -> numpy views cost microseconds a call: a decoded token makes 121 calls
+            self._arrays = (self.qweight.numpy(), self.scales.numpy(), self.mins.numpy())
+        q, scales, mins = self._arrays
+        n, k = q.shape
+        rows = np.ascontiguousarray(x.float().numpy().reshape(-1, k))
         if rows.shape[0] > KERNEL_ROWS:  # a long input: numpy's BLAS on the dequantised weight
             out = np.matmul(rows, self.dequantized().numpy().T)
         else:
             with _NUMBA:
-                out = _kernel()(rows, self.qweight.numpy(), self.scales.numpy(), self.mins.numpy())
-        return torch.from_numpy(out).view(*x.shape[:-1], n)
+                out = _kernel()(rows, q, scales, mins)
+        return torch.from_numpy(out.reshape(*x.shape[:-1], n))
 
     def dequantized(self) -> torch.Tensor:
         """The fp32 weight (N, K) this layer multiplies by."""
