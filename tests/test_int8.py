@@ -132,3 +132,20 @@ def test_real_smollm2_int8_holds_the_quality_bars(real_ckpt, tmp_path):
     assert r["positions"] >= 4000
     assert abs(r["bpb_rel_change"]) <= 0.01, r
     assert r["argmax_agreement"] >= 0.98, r
+
+
+def test_compiles_without_a_writable_cache_place(monkeypatch):
+    """A read-only install and HOME leave numba no place for its disk cache, where it refuses `cache=True`
+    outright: the kernels compile in memory instead."""
+    import numpy as np
+    from numba.core import caching
+
+    from smoltrain.model import int8_linear
+
+    monkeypatch.setattr(caching.CacheImpl, "_locator_classes", [])
+    monkeypatch.setattr(int8_linear, "_CACHE", True)
+
+    def double(a):
+        return a * 2
+
+    assert int8_linear._jit(double)(np.arange(3.0)).tolist() == [0.0, 2.0, 4.0]

@@ -60,13 +60,27 @@ def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 _CACHE = __package__ == "smoltrain.model"
 
 
+def _jit(fn):
+    """numba's parallel, fast-math compilation of `fn`, cached on disk where numba finds a writable place
+    (beside this file, else the user's cache dir): without one (a read-only install and HOME) numba refuses
+    to cache at all, so compile in memory on every start instead of failing."""
+    import numba
+
+    try:
+        return numba.njit(parallel=True, fastmath=True, cache=_CACHE)(fn)
+    except RuntimeError as e:  # "cannot cache function ...: no locator available"
+        if "no locator" not in str(e):
+            raise
+        return numba.njit(parallel=True, fastmath=True)(fn)
+
+
 @functools.cache
 def _dequantize():
     """The fp32 weight (N, K) of (q, s, lo) in one parallel pass, compiled by numba on first use: inputs of
     more than KERNEL_ROWS rows multiply it through BLAS (torch's elementwise ops would take four passes)."""
     import numba
 
-    @numba.njit(parallel=True, fastmath=True, cache=_CACHE)
+    @_jit
     def dequantize(q, s, lo):  # pragma: no cover  (compiled; its results are tested)
         n_out, k_in = q.shape
         groups = s.shape[1]
@@ -94,7 +108,7 @@ def _kernel():
       share each weight load): converting the bytes again for every input row cost up to 1.9x the time."""
     import numba
 
-    @numba.njit(parallel=True, fastmath=True, cache=_CACHE)
+    @_jit
     def gemm(x, q, s, lo):  # pragma: no cover  (compiled; its results are tested)
         n_out, k_in = q.shape
         rows = x.shape[0]
