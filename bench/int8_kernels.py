@@ -38,7 +38,7 @@ def best_ms(f, *args, calls: int = 10) -> float:
 
 
 def main() -> None:
-    from smoltrain.model.int8_linear import _kernel, quantize
+    from smoltrain.model.int8_linear import product, quantize
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=98304)
@@ -52,7 +52,7 @@ def main() -> None:
     k_major = np.ascontiguousarray(w.t().numpy())
     x = np.random.default_rng(0).standard_normal(a.cols, dtype=np.float32)
     prompt = np.random.default_rng(1).standard_normal((a.prompt, a.cols), dtype=np.float32)
-    kernel = _kernel()
+    kernel = product
     for threads in (1, 2):
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         fp32 = best_ms(np.matmul, x, k_major)  # OpenBLAS: its own threads (OPENBLAS_NUM_THREADS caps them)

@@ -14,7 +14,7 @@ symmetric scale per output row gave 95.2%, symmetric 32-weight blocks 97.3%, a s
 
 Why numba: torch has no vectorised int8 weight-only product for x86 CPUs without AVX-512
 (`aten._weight_int8pack_mm` and an inductor-compiled reduction both ran at ~1 GMAC/s on an AVX2 EPYC).
-numba's LLVM turns the loops in `_kernel` into vector code that widens the bytes in registers (no fp32 copy
+numba's LLVM turns the loops of `product` into vector code that widens the bytes in registers (no fp32 copy
 of a weight goes to memory), output rows spread over the cores; it is compiled once per machine (_CACHE).
 Up to KERNEL_ROWS rows (a decoded token, a prompt, a batch of prompts) go through the kernel, each weight
 read once for all of them; more rows (an evaluation window) through BLAS on the dequantised weight.
@@ -96,46 +96,61 @@ def _dequantize():
     return dequantize
 
 
+def product(x: np.ndarray, q: np.ndarray, s: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    """out (M, N) = x (M, K) @ dequant(q, s, lo)^T through numba; two loops because one row and several rows
+    are bound by different things (BENCHMARKS.md, bench/int8_kernels.py). Callers hold _NUMBA."""
+    if x.shape[0] == 1 and q.shape[1] == s.shape[1] * GROUP:
+        return _one_row()(x, q, s, lo)
+    return _rows()(x, q, s, lo)
+
+
 @functools.cache
-def _kernel():
-    """The product out (M, N) = x (M, K) @ dequant(q, s, lo)^T, compiled by numba on first use; two loops
-    because one row and several rows are bound by different things (bench/int8_kernels.py):
-    - one row (a decoded token) in 32-weight blocks: weights are read once and multiplied straight from
-      their bytes; the products of a block go into 32 accumulators scaled by the block's scale, summed
-      across lanes once per output (a sum per block cost ~25% more time);
-    - several rows (a prompt, a batch), or a row the block does not divide: output row n's weights are
-      dequantised once into an fp32 row that stays in L1, then dotted with 4 input rows at a time (which
-      share each weight load): converting the bytes again for every input row cost up to 1.9x the time."""
+def _one_row():
+    """A decoded token in 32-weight blocks: weights are read once and multiplied straight from their bytes;
+    a block's products go into 32 accumulators scaled by the block's scale, summed across lanes once per
+    output (one sum per block took ~30% more time on an AVX-512 EPYC, 1.5x the compute in AVX2 code)."""
     import numba
 
     @_jit
-    def gemm(x, q, s, lo):  # pragma: no cover  (compiled; its results are tested)
+    def one_row(x, q, s, lo):  # pragma: no cover  (compiled; its results are tested)
+        n_out, k_in = q.shape
+        groups = s.shape[1]
+        xsum = x.reshape(groups, GROUP).sum(axis=1)  # the minima's share: lo[n, j] * sum of block j of x
+        out = np.empty((1, n_out), dtype=np.float32)
+        for n in numba.prange(n_out):
+            lanes = np.zeros(GROUP, dtype=np.float32)
+            shift = np.float32(0.0)
+            for j in range(groups):
+                base = j * GROUP
+                sj = s[n, j]
+                for i in range(GROUP):
+                    lanes[i] += x[0, base + i] * np.float32(q[n, base + i]) * sj
+                shift += lo[n, j] * xsum[j]
+            out[0, n] = lanes.sum() + shift
+        return out
+
+    return one_row
+
+
+@functools.cache
+def _rows():
+    """Several rows (a prompt, a batch), or a row the block does not divide: output row n's weights are
+    dequantised once into an fp32 row that stays in L1, then dotted with 4 input rows at a time (which share
+    each weight load); converting the bytes again for every input row took 1.8x the time for 19 rows."""
+    import numba
+
+    @_jit
+    def rows_product(x, q, s, lo):  # pragma: no cover  (compiled; its results are tested)
         n_out, k_in = q.shape
         rows = x.shape[0]
         groups = s.shape[1]
         g = k_in // groups
         out = np.empty((rows, n_out), dtype=np.float32)
-        if rows == 1 and g == GROUP:
-            xsum = x.reshape(groups, GROUP).sum(axis=1)  # the minima's share: lo[n, j] * sum of block j of x
-            for n in numba.prange(n_out):
-                lanes = np.zeros(GROUP, dtype=np.float32)
-                shift = np.float32(0.0)
-                for j in range(groups):
-                    base = j * GROUP
-                    sj = s[n, j]
-                    for i in range(GROUP):
-                        lanes[i] += x[0, base + i] * np.float32(q[n, base + i]) * sj
-                    shift += lo[n, j] * xsum[j]
-                out[0, n] = lanes.sum() + shift
-            return out
         for n in numba.prange(n_out):
             w = np.empty(k_in, dtype=np.float32)
             for j in range(groups):
-                base = j * g
-                sj = s[n, j]
-                lj = lo[n, j]
-                for i in range(g):
-                    w[base + i] = np.float32(q[n, base + i]) * sj + lj
+                for i in range(j * g, (j + 1) * g):
+                    w[i] = np.float32(q[n, i]) * s[n, j] + lo[n, j]
             m = 0
             while m + 4 <= rows:
                 a0 = np.float32(0.0)
@@ -143,11 +158,10 @@ def _kernel():
                 a2 = np.float32(0.0)
                 a3 = np.float32(0.0)
                 for k in range(k_in):
-                    wk = w[k]
-                    a0 += x[m, k] * wk
-                    a1 += x[m + 1, k] * wk
-                    a2 += x[m + 2, k] * wk
-                    a3 += x[m + 3, k] * wk
+                    a0 += x[m, k] * w[k]
+                    a1 += x[m + 1, k] * w[k]
+                    a2 += x[m + 2, k] * w[k]
+                    a3 += x[m + 3, k] * w[k]
                 out[m, n] = a0
                 out[m + 1, n] = a1
                 out[m + 2, n] = a2
@@ -160,7 +174,7 @@ def _kernel():
                 out[r, n] = acc
         return out
 
-    return gemm
+    return rows_product
 
 
 class Int8Linear(nn.Module):
@@ -194,7 +208,7 @@ class Int8Linear(nn.Module):
             out = np.matmul(rows, self.dequantized().numpy().T)
         else:
             with _NUMBA:
-                out = _kernel()(rows, q, scales, mins)
+                out = product(rows, q, scales, mins)
         return torch.from_numpy(out.reshape(*x.shape[:-1], n))
 
     def dequantized(self) -> torch.Tensor:
