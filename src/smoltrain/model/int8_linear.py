@@ -149,8 +149,11 @@ def _rows():
         for n in numba.prange(n_out):
             w = np.empty(k_in, dtype=np.float32)
             for j in range(groups):
-                for i in range(j * g, (j + 1) * g):
-                    w[i] = np.float32(q[n, i]) * s[n, j] + lo[n, j]
+                base = j * g
+                sj = s[n, j]
+                lj = lo[n, j]
+                for i in range(g):
+                    w[base + i] = np.float32(q[n, base + i]) * sj + lj
             m = 0
             while m + 4 <= rows:
                 a0 = np.float32(0.0)
@@ -158,10 +161,11 @@ def _rows():
                 a2 = np.float32(0.0)
                 a3 = np.float32(0.0)
                 for k in range(k_in):
-                    a0 += x[m, k] * w[k]
-                    a1 += x[m + 1, k] * w[k]
-                    a2 += x[m + 2, k] * w[k]
-                    a3 += x[m + 3, k] * w[k]
+                    wk = w[k]
+                    a0 += x[m, k] * wk
+                    a1 += x[m + 1, k] * wk
+                    a2 += x[m + 2, k] * wk
+                    a3 += x[m + 3, k] * wk
                 out[m, n] = a0
                 out[m + 1, n] = a1
                 out[m + 2, n] = a2
