@@ -19,7 +19,7 @@ of a weight goes to memory), output rows spread over the cores; it is compiled o
 Up to KERNEL_ROWS rows (a decoded token, a prompt, a batch of prompts) go through the kernel, each weight
 read once for all of them; more rows (an evaluation window) through BLAS on the dequantised weight.
 Measured (BENCHMARKS.md): on an AVX-512 EPYC one row streams the weights at ~23 GB/s on 2 cores (the memory
-bound) and one prompt decodes 4.4x faster than transformers, 2.3x our fp32; on an AVX2 EPYC an earlier
+bound) and one prompt decodes 4.0-4.4x faster than transformers, 2.1-2.3x our fp32; on an AVX2 EPYC an earlier
 version of the kernel was compute-bound at ~5 G weights/s per core (2.1x transformers).
 """
 
