@@ -5,10 +5,10 @@
 A (rows x cols) weight, large enough not to stay in cache (the default is twice SmolLM2-135M's LM head),
 times one fp32 vector, best of 10 calls, with one and with two numba threads (OpenBLAS takes its count
 from OPENBLAS_NUM_THREADS, recorded; run once per count to compare like with like): numpy's OpenBLAS on the fp32
-weight (k-major, as `generate` stores it) and smoltrain.model.int8's numba kernel on the same weight
-quantised. It shows whether 8-bit decoding can be faster than fp32 on this CPU: only if the kernel
+weight (k-major, as `generate` stores it) and smoltrain.model.int8_linear.product (numba) on the same
+weight quantised. It shows whether 8-bit decoding can be faster than fp32 on this CPU: only if the kernel
 multiplies more weights per second than OpenBLAS streams fp32 (BENCHMARKS.md). The same for --prompt
-input rows at once (a prompt being read in): OpenBLAS's matrix product vs the kernel's several-row loop.
+input rows at once (a prompt being read in), best of 3: OpenBLAS's matrix product vs the several-row loop.
 """
 
 from __future__ import annotations

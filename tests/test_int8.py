@@ -142,10 +142,55 @@ def test_compiles_without_a_writable_cache_place(monkeypatch):
 
     from smoltrain.model import int8_linear
 
-    monkeypatch.setattr(caching.CacheImpl, "_locator_classes", [])
-    monkeypatch.setattr(int8_linear, "_CACHE", True)
-
     def double(a):
         return a * 2
 
-    assert int8_linear._jit(double)(np.arange(3.0)).tolist() == [0.0, 2.0, 4.0]
+    monkeypatch.setattr(int8_linear, "_CACHE", True)
+    assert isinstance(int8_linear._jit(double)._cache, caching.FunctionCache)  # normally: cached on disk
+    monkeypatch.setattr(caching.CacheImpl, "_locator_classes", [])
+    in_memory = int8_linear._jit(double)
+    assert isinstance(in_memory._cache, caching.NullCache)
+    assert in_memory(np.arange(3.0)).tolist() == [0.0, 2.0, 4.0]
+
+
+def test_one_row_takes_its_own_loop_and_autograd_keeps_a_graph(monkeypatch):
+    """A decoded token goes through the one-row loop (the fast one), a prompt through the several-row one;
+    an input that wants gradients gets torch's product on the dequantised weight, in its own dtype."""
+    from smoltrain.model import int8_linear
+
+    lin = Int8Linear.of(torch.randn(40, 2 * GROUP))
+    calls = []
+    one_row = int8_linear._one_row()
+    monkeypatch.setattr(int8_linear, "_one_row", lambda: lambda *a: calls.append(len(a[0])) or one_row(*a))
+    with torch.inference_mode():
+        lin(torch.randn(1, 1, 2 * GROUP))
+        lin(torch.randn(1, 5, 2 * GROUP))
+    assert calls == [1]
+    x = torch.randn(2, 3, 2 * GROUP, requires_grad=True)
+    y = lin(x)
+    y.sum().backward()
+    assert y.shape == (2, 3, 40) and x.grad.shape == x.shape
+    assert torch.allclose(x.grad[0, 0], lin.dequantized().sum(0), atol=1e-5)
+    assert lin(x.detach().bfloat16().requires_grad_()).dtype == torch.bfloat16
+
+
+def test_replaced_or_copied_buffers_are_the_ones_multiplied():
+    """The layer keeps numpy views of its buffers for speed; an assigned buffer, .to() or a deep copy must not
+    leave it multiplying by stale weights."""
+    import copy
+
+    def fresh(layer: Int8Linear) -> Int8Linear:  # the same values in new tensors: views made from scratch
+        return Int8Linear(layer.qweight.clone(), layer.scales.clone(), layer.mins.clone())
+
+    torch.manual_seed(0)
+    lin = Int8Linear.of(torch.randn(16, GROUP))
+    x = torch.randn(1, GROUP)
+    with torch.inference_mode():
+        before = lin(x)
+        twin = copy.deepcopy(lin)
+        twin.qweight.zero_()  # the copy's own buffer: the original is untouched
+        assert torch.equal(lin(x), before)
+        assert torch.allclose(twin(x), fresh(twin)(x), atol=1e-5)
+        lin.qweight = torch.full_like(lin.qweight, 255)  # a new tensor assigned
+        assert torch.allclose(lin(x), fresh(lin)(x), atol=1e-4)
+        assert not torch.allclose(lin(x), before, atol=1e-2)

@@ -44,7 +44,8 @@ def load(weights: str):
     if weights == "int8":
         model = to_int8(model)
         with torch.inference_mode():
-            model(torch.zeros(1, 1, dtype=torch.long))  # compiles the kernel now, not in the first request
+            for tokens in (1, 2):  # compiles both loops (a token; a prompt) now, not in the first request
+                model(torch.zeros(1, tokens, dtype=torch.long))
     return model, tok
 
 

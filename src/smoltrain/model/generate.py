@@ -23,7 +23,8 @@ __all__ = ["SamplingConfig", "generate", "generate_batch", "prepare_for_decode",
 
 # what `--weights` may ask for. "auto" (the demo's default) is int8 on a CPU: it holds the quality bars on the
 # real SmolLM2-135M (argmax equal to fp32's at 98.8% of held-out positions, bpb within 0.02%) and decodes one
-# prompt 2.1-2.3x faster than fp32 (BENCHMARKS.md); fp32 elsewhere. `generate` and the evaluations stay fp32
+# prompt 2.1-2.3x faster than fp32 on an AVX-512 EPYC, 1.4x on an AVX2 one with an earlier kernel
+# (BENCHMARKS.md); fp32 elsewhere. `generate` and the evaluations stay fp32
 WEIGHTS = ("fp32", "int8")
 
 

@@ -14,12 +14,14 @@ symmetric scale per output row gave 95.2%, symmetric 32-weight blocks 97.3%, a s
 
 Why numba: torch has no vectorised int8 weight-only product for x86 CPUs without AVX-512
 (`aten._weight_int8pack_mm` and an inductor-compiled reduction both ran at ~1 GMAC/s on an AVX2 EPYC).
-numba's LLVM turns the loops of `product` into vector code that widens the bytes in registers (no fp32 copy
-of a weight goes to memory), output rows spread over the cores; it is compiled once per machine (_CACHE).
+numba's LLVM turns the loops of `product` into vector code that widens the bytes in registers (for one row
+no fp32 copy of a weight is written; for several, one output row's at a time, in L1), output rows spread
+over the cores; it is compiled once per machine (_CACHE). It keeps the GIL (nogil=True cost ~3% a token
+here, and the demo's two panes take turns on the kernel anyway).
 Up to KERNEL_ROWS rows (a decoded token, a prompt, a batch of prompts) go through the kernel, each weight
 read once for all of them; more rows (an evaluation window) through BLAS on the dequantised weight.
-Measured (BENCHMARKS.md): on an AVX-512 EPYC one row streams the weights at ~23 GB/s on 2 cores (the memory
-bound) and one prompt decodes 4.0-4.4x faster than transformers, 2.1-2.3x our fp32; on an AVX2 EPYC an earlier
+Measured (BENCHMARKS.md): on an AVX-512 EPYC a decoded token's products stream their 168 MB at 21-23 GB/s on
+2 cores (about fp32's rate: the memory bound) and one prompt decodes 4.0-4.4x faster than transformers, 2.1-2.3x our fp32; on an AVX2 EPYC an earlier
 version of the kernel was compute-bound at ~5 G weights/s per core (2.1x transformers).
 """
 
@@ -108,7 +110,8 @@ def product(x: np.ndarray, q: np.ndarray, s: np.ndarray, lo: np.ndarray) -> np.n
 def _one_row():
     """A decoded token in 32-weight blocks: weights are read once and multiplied straight from their bytes;
     a block's products go into 32 accumulators scaled by the block's scale, summed across lanes once per
-    output (one sum per block took ~30% more time on an AVX-512 EPYC, 1.5x the compute in AVX2 code)."""
+    output (one sum per block took ~30% more time on an AVX-512 EPYC; compiled for AVX2, in cache, 8.8 vs 5.9 G
+    weights/s per core: BENCHMARKS.md)."""
     import numba
 
     @_jit
@@ -190,11 +193,20 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", qweight, persistent=False)  # (N, K) uint8
         self.register_buffer("scales", scales, persistent=False)  # (N, G) fp32
         self.register_buffer("mins", mins, persistent=False)  # (N, G) fp32
-        self._arrays: tuple[np.ndarray, ...] | None = None  # numpy views of the three, made on first use
+        self._views: tuple = ()  # ((the three buffers), (their numpy views)), made on first use
 
-    def _apply(self, fn, recurse=True):
-        self._arrays = None  # the buffers may be new tensors (module.to(...)): views of the old ones are stale
-        return super()._apply(fn, recurse)
+    def _arrays(self) -> tuple[np.ndarray, ...]:
+        """numpy views of the buffers (torch -> numpy costs microseconds a call; a decoded token makes 121
+        calls), remade whenever a buffer is no longer the tensor they view (module.to(), an assignment)."""
+        buffers = (self._buffers["qweight"], self._buffers["scales"], self._buffers["mins"])
+        views = getattr(self, "_views", ())
+        if not views or any(a is not b for a, b in zip(views[0], buffers)):
+            views = (buffers, tuple(t.numpy() for t in buffers))
+            self._views = views
+        return views[1]
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_views": ()}  # a copy's views must be of its own buffers
 
     @classmethod
     def of(cls, weight: torch.Tensor) -> Int8Linear:
@@ -202,10 +214,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad:  # autograd wanted (decoding never asks): torch's product keeps the graph
-            return x @ self.dequantized().t()
-        if self._arrays is None:  # torch -> numpy views cost microseconds a call: a decoded token makes 121 calls
-            self._arrays = (self.qweight.numpy(), self.scales.numpy(), self.mins.numpy())
-        q, scales, mins = self._arrays
+            return x @ self.dequantized().to(x.dtype).t()
+        q, scales, mins = self._arrays()
         n, k = q.shape
         rows = np.ascontiguousarray(x.float().numpy().reshape(-1, k))
         if rows.shape[0] > KERNEL_ROWS:  # a long input: numpy's BLAS on the dequantised weight
@@ -218,7 +228,7 @@ class Int8Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         """The fp32 weight (N, K) this layer multiplies by."""
         with _NUMBA:
-            return torch.from_numpy(_dequantize()(self.qweight.numpy(), self.scales.numpy(), self.mins.numpy()))
+            return torch.from_numpy(_dequantize()(*self._arrays()))
 
     def extra_repr(self) -> str:
         return f"in_features={self.qweight.shape[1]}, out_features={self.qweight.shape[0]}, int8"
