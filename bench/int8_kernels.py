@@ -52,13 +52,12 @@ def main() -> None:
     k_major = np.ascontiguousarray(w.t().numpy())
     x = np.random.default_rng(0).standard_normal(a.cols, dtype=np.float32)
     prompt = np.random.default_rng(1).standard_normal((a.prompt, a.cols), dtype=np.float32)
-    kernel = product
     for threads in (1, 2):
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         fp32 = best_ms(np.matmul, x, k_major)  # OpenBLAS: its own threads (OPENBLAS_NUM_THREADS caps them)
-        int8 = best_ms(kernel, x[None], q, s, lo)  # one row, as a decoded token
+        int8 = best_ms(product, x[None], q, s, lo)  # one row, as a decoded token
         fp32_prompt = best_ms(np.matmul, prompt, k_major, calls=3)
-        int8_prompt = best_ms(kernel, prompt, q, s, lo, calls=3)
+        int8_prompt = best_ms(product, prompt, q, s, lo, calls=3)
         n = a.rows * a.cols
         emit({"bench": "int8_kernels", "rows": a.rows, "cols": a.cols, "numba_threads": threads,
               "openblas_threads_env": os.environ.get("OPENBLAS_NUM_THREADS"),

@@ -151,6 +151,7 @@ def _rows():
         out = np.empty((rows, n_out), dtype=np.float32)
         for n in numba.prange(n_out):
             w = np.empty(k_in, dtype=np.float32)
+            # _dequantize's loop, written again: a shared @njit row helper measured 10-25% slower here
             for j in range(groups):
                 base = j * g
                 sj = s[n, j]
